@@ -1,0 +1,3 @@
+from loraplex.lora_request import LoRARequest
+
+__all__ = ["LoRARequest"]

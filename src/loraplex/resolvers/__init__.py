@@ -1,0 +1,3 @@
+from loraplex.resolvers.base import LoRAResolver, LoRAResolverRegistry
+
+__all__ = ["LoRAResolver", "LoRAResolverRegistry"]

@@ -1,0 +1,33 @@
+"""Adapter-name safety checks, applied before any I/O."""
+
+from __future__ import annotations
+
+from loraplex.errors import AdapterNameError
+
+MAX_ADAPTER_NAME_LENGTH = 255
+
+
+def check_adapter_name(lora_name: object) -> str:
+    """Return `lora_name` if it is safe to use as a directory name or URL part.
+
+    Rejects what could escape a cache dir or bucket prefix: '..' components,
+    absolute paths, backslashes, NUL and other control characters, and names
+    longer than MAX_ADAPTER_NAME_LENGTH. A single '/' is allowed between
+    normal components (HF-style 'org/repo' names).
+    """
+    if not isinstance(lora_name, str) or not lora_name:
+        raise AdapterNameError(f"adapter name must be a non-empty string, got {lora_name!r}")
+    if len(lora_name) > MAX_ADAPTER_NAME_LENGTH:
+        raise AdapterNameError(f"adapter name is {len(lora_name)} characters long; "
+                               f"the limit is {MAX_ADAPTER_NAME_LENGTH}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in lora_name):
+        raise AdapterNameError(f"adapter name {lora_name!r} contains NUL or control characters")
+    if "\\" in lora_name:
+        raise AdapterNameError(f"adapter name {lora_name!r} contains a backslash; use plain names")
+    if lora_name.startswith("/") or lora_name.startswith("~") or (len(lora_name) > 1 and lora_name[1] == ":"):
+        raise AdapterNameError(f"adapter name {lora_name!r} looks like an absolute path; "
+                               f"give the adapter's name, not its location")
+    parts = lora_name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise AdapterNameError(f"adapter name {lora_name!r} has an empty, '.' or '..' path component")
+    return lora_name
