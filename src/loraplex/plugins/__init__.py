@@ -1,0 +1,3 @@
+from loraplex.plugins.hookspecs import hookimpl
+
+__all__ = ["hookimpl"]
