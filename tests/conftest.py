@@ -1,6 +1,8 @@
 import os
 
-# Triton kernels run on the CPU through Triton's interpreter; the variable must be
-# set before any kernel is defined (i.e. before loraplex.kernels is imported).
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+# Without a GPU, Triton kernels run through Triton's interpreter; the variable must
+# be set before any kernel is defined (i.e. before loraplex.kernels is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
