@@ -46,7 +46,8 @@ def validate_adapter_dir(path: str | os.PathLike, *, allow_pickle: bool = False)
             raise AdapterInvalidError(
                 f"adapter {str(path)!r} has only pickle weights ({PICKLE_FILE}); pickle can run "
                 f"arbitrary code, so it is refused. Convert it to {SAFETENSORS_FILE}, or allow "
-                f"it explicitly (allow_pickle_weights=True / --allow-pickle-lora-weights)")
+                f"it explicitly (LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS=1 for resolvers, "
+                f"--allow-pickle-lora-weights for the engine)")
         weights = path / PICKLE_FILE
     else:
         raise AdapterInvalidError(f"adapter {str(path)!r} has no weights file; expected {SAFETENSORS_FILE}")
