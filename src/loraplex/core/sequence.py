@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
+
+from loraplex.lora_request import LoRARequest
 
 
 class SequenceStatus(enum.Enum):
@@ -28,6 +31,19 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     # Device slot of this sequence's LoRA adapter for the current step; -1 = base model.
     lora_slot: int = -1
+    # Engine-side state (set by LLMEngine; the runner ignores these).
+    request_id: str = ""
+    sample_index: int = 0               # which of the request's n samples this is
+    arrival_index: int = 0              # FCFS order; preemption picks the largest
+    lora_request: LoRARequest | None = None
+    sampling_params: Any = None         # SamplingParams
+    generator: Any = None               # torch.Generator of a seeded request, else None
+    detokenizer: Any = None             # IncrementalDetokenizer, None without a tokenizer
+    cumulative_logprob: float = 0.0
+    logprobs: list | None = None        # one {token_id: Logprob} dict per output token
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -36,6 +52,14 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
 
 
 @dataclass

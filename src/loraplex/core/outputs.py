@@ -1,0 +1,50 @@
+"""What generation returns: RequestOutput holding one CompletionOutput per sample (vLLM-like).
+
+Outputs are snapshots: the engine builds fresh objects every step, so a consumer
+on another thread may keep them while the engine goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loraplex.lora_request import LoRARequest
+
+
+@dataclass
+class Logprob:
+    """Log-probability of one token at one position; rank 1 is the most likely token."""
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request.
+
+    text and token_ids are cumulative. finish_reason is None while running, then
+    "stop" (EOS, a stop token id or a stop string), "length" (max_tokens or
+    max_model_len) or "abort". stop_reason is the stop string or stop token id
+    that ended it (None for EOS and length).
+    """
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    lora_request: LoRARequest | None = field(default=None, repr=False)
