@@ -1,0 +1,87 @@
+"""The filesystem resolver (plugin `lora_filesystem_resolver`).
+
+VLLM_LORA_RESOLVER_CACHE_DIR names a directory; the adapter `name` is the
+PEFT LoRA adapter in `<dir>/<name>/` (for `org/name`, `<dir>/org/name/`).
+The request points at that directory itself: nothing is copied.
+
+- no such directory: None (not found; the chain asks the next resolver)
+- the directory exists but is unusable (bad adapter_config.json, peft_type
+  other than LORA, missing / truncated / non-safetensors weights, pickle
+  weights while LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS is off, trained on a
+  different base model): AdapterInvalidError naming the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from loraplex.errors import AdapterInvalidError, ConfigError
+from loraplex.lora_request import LoRARequest, lora_id_for_name
+from loraplex.plugins.hookspecs import hookimpl
+from loraplex.resolvers.base import LoRAResolver
+from loraplex.resolvers.env import allow_pickle_lora_weights
+from loraplex.resolvers.names import check_adapter_name
+from loraplex.resolvers.validation import base_model_compatible, validate_adapter_dir
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "lora_filesystem_resolver"
+CACHE_DIR_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"
+
+
+class FilesystemResolver(LoRAResolver):
+    """Adapters stored as `<lora_cache_dir>/<lora_name>/` (PEFT format)."""
+
+    def __init__(self, lora_cache_dir: str | os.PathLike, *, allow_pickle: bool | None = None) -> None:
+        self.lora_cache_dir = Path(lora_cache_dir)
+        if not self.lora_cache_dir.is_dir():
+            raise ConfigError(f"LoRA cache directory {str(self.lora_cache_dir)!r} does not exist "
+                              f"or is not a directory")
+        self.allow_pickle = allow_pickle_lora_weights() if allow_pickle is None else allow_pickle
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        check_adapter_name(lora_name)
+        # Stat and header reads can block on network filesystems; keep the event loop free.
+        return await asyncio.to_thread(self._resolve, base_model_name, lora_name)
+
+    def _resolve(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        adapter_dir = self.lora_cache_dir / lora_name
+        if not adapter_dir.is_dir():
+            return None
+        files = validate_adapter_dir(adapter_dir, allow_pickle=self.allow_pickle)
+        adapter_base = files.config.get("base_model_name_or_path")
+        if not adapter_base:
+            logger.warning("Adapter %r (%s) does not say which base model it was trained on "
+                           "(base_model_name_or_path is empty); serving it on %r unchecked",
+                           lora_name, adapter_dir, base_model_name)
+        elif not base_model_compatible(adapter_base, base_model_name):
+            raise AdapterInvalidError(
+                f"adapter {lora_name!r} in {str(adapter_dir)!r} was trained on {adapter_base!r}, "
+                f"which does not match the served model {base_model_name!r} (neither the same "
+                f"path nor the same final name component); serve it with that base model")
+        return LoRARequest(lora_name=lora_name, lora_int_id=lora_id_for_name(lora_name),
+                           lora_path=str(adapter_dir), base_model_name=base_model_name)
+
+    def __repr__(self) -> str:
+        return f"FilesystemResolver({str(self.lora_cache_dir)!r})"
+
+
+@hookimpl
+def register_lora_resolvers(register):
+    """Register the filesystem resolver when VLLM_LORA_RESOLVER_CACHE_DIR is set.
+
+    Unset or blank: nothing is registered. Set to a missing directory: ConfigError,
+    which the plugin loader reports with this plugin's name (and `loraplex
+    plugins` shows and exits non-zero), since a typo there would otherwise make
+    every adapter silently "not found".
+    """
+    cache_dir = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if not cache_dir:
+        return
+    if not os.path.isdir(cache_dir):
+        raise ConfigError(f"{CACHE_DIR_ENV}={cache_dir!r} does not exist or is not a directory; "
+                          f"create it, fix the path, or unset {CACHE_DIR_ENV}")
+    register(PLUGIN_NAME, FilesystemResolver(cache_dir))
