@@ -1,0 +1,43 @@
+"""The `loraplex` command. Each subcommand is a parser plus a function taking the
+parsed args and returning the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from loraplex.plugins.loader import load_plugins, missing_plugins, resolver_order
+    from loraplex.plugins.report import format_plugin_report, plugin_report_json
+
+    records = load_plugins()
+    report = plugin_report_json if args.json else format_plugin_report
+    print(report(records, resolver_order(), missing_plugins()))
+    failed = [r.name for r in records if r.error]
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-LoRA LLM serving engine.")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    plugins = subcommands.add_parser(
+        "plugins", help="list discovered plugins and the resolver chain",
+        description="Load plugins as the server would (honouring VLLM_PLUGINS) and show each "
+                    "plugin, whether it loaded, and the resolvers it registered, in chain order. "
+                    "Exits with status 1 if a selected plugin failed to load.")
+    plugins.add_argument("--json", action="store_true", help="print the report as JSON")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
