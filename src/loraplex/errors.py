@@ -44,3 +44,7 @@ class ResolverError(AdapterError):
 
 class AdapterCapacityError(AdapterError):
     """No device slot or CPU cache entry can be freed (all pinned or in use)."""
+
+
+class KernelArgumentError(LoraplexError, ValueError):
+    """A kernel launcher got tensors of the wrong shape, dtype, device or layout."""
