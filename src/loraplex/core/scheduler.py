@@ -1,0 +1,181 @@
+"""Scheduler: decides, each step, which sequences compute how many tokens.
+
+One step mixes decodes (one token each), prompt chunks and whole prompts under
+two caps: max_num_seqs running sequences and max_num_batched_tokens tokens.
+
+Phase 1 serves running sequences oldest first. Each gets its remaining tokens
+(1 for a decode, the rest of a prompt for a chunked prefill) up to the token
+budget. When its blocks cannot be allocated, the newest running sequence is
+preempted by recompute: its blocks are freed and it goes back to the front of
+the waiting queue with num_computed_tokens=0, keeping its generated tokens,
+which are recomputed as part of its next "prompt". If no other victim is left,
+the sequence preempts itself.
+
+Phase 2 (only when nothing was preempted, so that admission does not take the
+blocks preemption just freed) admits waiting sequences in FCFS order while the
+budget, max_num_seqs and the KV cache allow. A prompt larger than the remaining
+budget is chunked. Admission stops at the first sequence whose blocks do not
+fit (no overtaking on memory: the oldest request gets memory first). An
+AdmissionPolicy may refuse a sequence for other reasons (the LoRA slot cap);
+then later sequences may pass it, as the policy allows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loraplex.core.block_manager import BlockManager
+from loraplex.core.sequence import ScheduledSeq, Sequence, SequenceStatus
+
+
+class AdmissionPolicy(Protocol):
+    def begin_step(self, running: list[Sequence]) -> None:
+        """Called once per step with the running sequences that stay scheduled."""
+
+    def can_admit(self, seq: Sequence) -> bool:
+        """Whether the waiting `seq` may start now; called in FCFS order, once per step each."""
+
+
+class AdmitAll:
+    def begin_step(self, running: list[Sequence]) -> None:
+        pass
+
+    def can_admit(self, seq: Sequence) -> bool:
+        return True
+
+
+class MaxLorasAdmission:
+    """At most max_loras distinct adapters among running sequences.
+
+    A sequence whose adapter would exceed the cap waits. So that it is not
+    starved by later requests of adapters already running, once one adapter
+    sequence is refused in a step, no later adapter sequence is admitted in that
+    step; base-model sequences still are. The running adapter sequences then
+    drain, and the refused one gets the freed slot.
+    """
+
+    def __init__(self, max_loras: int) -> None:
+        self.max_loras = max_loras
+        self._active: set[int] = set()
+        self._blocked = False
+
+    def begin_step(self, running: list[Sequence]) -> None:
+        self._active = {s.lora_request.lora_int_id for s in running if s.lora_request is not None}
+        self._blocked = False
+
+    def can_admit(self, seq: Sequence) -> bool:
+        if seq.lora_request is None:
+            return True
+        lora_id = seq.lora_request.lora_int_id
+        if not self._blocked and (lora_id in self._active or len(self._active) < self.max_loras):
+            self._active.add(lora_id)
+            return True
+        self._blocked = True
+        return False
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
+                 max_num_batched_tokens: int, admission: AdmissionPolicy | None = None) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.admission = admission or AdmitAll()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []     # oldest first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        # Phase 1: running sequences, oldest first; preempt from the newest end.
+        pending = deque(self.running)
+        kept: list[Sequence] = []
+        while pending:
+            seq = pending.popleft()
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                kept.append(seq)            # budget spent: it waits this step, keeps its blocks
+                continue
+            target = seq.num_computed_tokens + num_new
+            while not self.block_manager.can_allocate(seq, target):
+                victim = pending.pop() if pending else seq
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self.block_manager.allocate(seq, target)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            kept.append(seq)
+        self.running = kept
+
+        # Phase 2: admit waiting sequences, FCFS.
+        if not out.preempted:
+            self.admission.begin_step(self.running)
+            still_waiting: deque[Sequence] = deque()
+            while self.waiting:
+                seq = self.waiting[0]
+                if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                    break
+                if not self.admission.can_admit(seq):
+                    still_waiting.append(self.waiting.popleft())
+                    continue
+                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                target = seq.num_computed_tokens + num_new
+                if not self.block_manager.can_allocate(seq, target):
+                    break
+                self.waiting.popleft()
+                self.block_manager.allocate(seq, target)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+            self.waiting.extendleft(reversed(still_waiting))
+
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Victims come newest first, so each goes in front of the previous one: FCFS holds.
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out of the queues and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
