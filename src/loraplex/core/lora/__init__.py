@@ -1,0 +1,1 @@
+"""Multi-LoRA: adapter loading and validation, device slot stacks, the LRU caches."""

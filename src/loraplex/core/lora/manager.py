@@ -1,0 +1,195 @@
+"""LoRAManager: which adapters are loaded on the CPU, which sit in device slots, which are pinned.
+
+Two LRU caches:
+- CPU: up to max_cpu_loras validated adapters (LoRAAdapter), loaded by add_lora or on demand;
+- device: max_loras slots of LoRASlotStacks; activate() puts a step's adapters into slots,
+  evicting the least recently used slot that the step does not need.
+An adapter in a slot whose CPU copy was evicted keeps working (the slot is a full copy); it
+is reloaded from its path only if it needs a slot again. A pinned adapter stays in both
+caches until removed. Nothing the step in progress uses is evicted. When no room can be
+made the error says so (AdapterCapacityError).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from loraplex.core.lora.adapter import LoRAAdapter, load_lora_adapter
+from loraplex.core.lora.slots import LoRASlotStacks
+from loraplex.errors import AdapterCapacityError, AdapterInvalidError, AdapterNotFoundError
+from loraplex.lora_request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+
+class LoRAManager:
+    def __init__(self, stacks: LoRASlotStacks, *, max_cpu_loras: int, served_model_name: str | None = None,
+                 served_aliases: tuple[str, ...] = (), allow_pickle: bool = False):
+        self.stacks = stacks
+        self.max_loras = stacks.max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self._load_options = dict(max_lora_rank=stacks.max_lora_rank, served_model_name=served_model_name,
+                                  served_aliases=served_aliases, allow_pickle=allow_pickle)
+        self._cpu: OrderedDict[int, LoRAAdapter] = OrderedDict()   # LRU first
+        self._slot_of: OrderedDict[int, int] = OrderedDict()        # lora_int_id -> slot, LRU first
+        self._pinned: set[int] = set()
+        self._step_ids: set[int] = set()                           # adapters of the latest step
+        self._in_step = False                                      # between activate() and end_step()
+        self._lock = threading.RLock()
+
+    # ---- the user-facing operations (LLM.add_lora, pin_lora, remove_lora, list_loras)
+
+    def add_lora(self, request: LoRARequest) -> bool:
+        """Load and validate an adapter into the CPU cache; False if it was already there."""
+        with self._lock:
+            cached = self._cpu.get(request.lora_int_id)
+            if cached is not None:
+                self._check_same_adapter(cached.request, request)
+                self._cpu.move_to_end(request.lora_int_id)
+                return False
+            for other in self._cpu.values():
+                if other.request.lora_name == request.lora_name:
+                    raise AdapterInvalidError(
+                        f"adapter {request.lora_name!r} is already loaded with lora_int_id "
+                        f"{other.request.lora_int_id}, not {request.lora_int_id}; use one id per adapter")
+            adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
+            self._make_cpu_room(request)
+            self._cpu[request.lora_int_id] = adapter
+            logger.info("loaded LoRA adapter %r (id %d, rank %d, %.1f KiB)", request.lora_name,
+                        request.lora_int_id, adapter.rank, adapter.num_bytes / 1024)
+            return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Drop an adapter from its device slot and the CPU cache (its memory is released)."""
+        with self._lock:
+            if self._in_step and lora_int_id in self._step_ids:
+                raise AdapterCapacityError(f"adapter id {lora_int_id} is used by the step now running; "
+                                           f"retry once the step has finished")
+            self._pinned.discard(lora_int_id)
+            self._free_slot(lora_int_id)
+            return self._cpu.pop(lora_int_id, None) is not None
+
+    def pin_lora(self, lora_int_id: int) -> bool:
+        """Keep an adapter in the CPU cache and a device slot until it is removed."""
+        with self._lock:
+            if lora_int_id not in self._cpu:
+                raise AdapterNotFoundError(f"adapter id {lora_int_id} is not loaded; add_lora() it before pinning")
+            if lora_int_id in self._pinned:
+                return False
+            if len(self._pinned) >= self.max_loras:
+                raise AdapterCapacityError(
+                    f"cannot pin adapter id {lora_int_id}: all {self.max_loras} device slots are pinned; "
+                    f"remove a pinned adapter or start the engine with a larger max_loras")
+            self._pinned.add(lora_int_id)
+            if lora_int_id not in self._slot_of:
+                # Takes a slot now unless that would evict an adapter of the latest step (its
+                # sequences are probably still running); otherwise at the next step that needs it.
+                slot = self._find_slot(needed=self._step_ids | {lora_int_id}, raise_if_none=False)
+                if slot is not None:
+                    self._fill_slot(slot, self._cpu[lora_int_id])
+            return True
+
+    def list_loras(self) -> set[int]:
+        with self._lock:
+            return set(self._cpu) | set(self._slot_of)
+
+    def get_request(self, lora_int_id: int) -> LoRARequest | None:
+        with self._lock:
+            adapter = self._cpu.get(lora_int_id)
+            return adapter.request if adapter else None
+
+    def is_pinned(self, lora_int_id: int) -> bool:
+        return lora_int_id in self._pinned
+
+    def slot_of(self, lora_int_id: int) -> int | None:
+        return self._slot_of.get(lora_int_id)
+
+    # ---- per step (the model runner)
+
+    def can_run_together(self, lora_int_ids: Iterable[int]) -> bool:
+        """Whether a step using these adapters fits in the slots next to the pinned adapters."""
+        needed = set(lora_int_ids)
+        pinned_elsewhere = {i for i in self._pinned if i in self._slot_of and i not in needed}
+        return len(needed) + len(pinned_elsewhere) <= self.max_loras
+
+    def activate(self, requests: Iterable[LoRARequest]) -> dict[int, int]:
+        """Put every adapter of a step into a device slot; return lora_int_id -> slot."""
+        with self._lock:
+            by_id = {r.lora_int_id: r for r in requests}
+            if not self.can_run_together(by_id):
+                raise AdapterCapacityError(
+                    f"one step needs {len(by_id)} adapters but only {self.max_loras} device slots exist "
+                    f"({len(self._pinned)} pinned); the scheduler must cap a step at max_loras adapters")
+            self._step_ids = set(by_id)
+            self._in_step = True
+            try:
+                for lora_id, request in by_id.items():
+                    if lora_id in self._slot_of:
+                        self._slot_of.move_to_end(lora_id)
+                        if lora_id in self._cpu:
+                            self._cpu.move_to_end(lora_id)
+                        continue
+                    self.add_lora(request)   # a no-op unless it was evicted: then it is reloaded from disk
+                    self._fill_slot(self._find_slot(needed=self._step_ids), self._cpu[lora_id])
+            except BaseException:
+                self._in_step = False
+                raise
+            return {lora_id: self._slot_of[lora_id] for lora_id in by_id}
+
+    def end_step(self) -> None:
+        """The step's forward pass is done: its adapters may be evicted or removed again.
+
+        Requests still running keep their LoRARequest, so an adapter removed or evicted
+        between their steps is reloaded from its path on their next step.
+        """
+        with self._lock:
+            self._in_step = False
+
+    # ---- internals
+
+    def _make_cpu_room(self, incoming: LoRARequest) -> None:
+        while len(self._cpu) >= self.max_cpu_loras:
+            busy = self._step_ids if self._in_step else set()
+            victim = next((i for i in self._cpu if i not in self._pinned and i not in busy), None)
+            if victim is None:
+                raise AdapterCapacityError(
+                    f"cannot load adapter {incoming.lora_name!r}: all {self.max_cpu_loras} CPU cache entries "
+                    f"hold pinned adapters or adapters of the step in progress; remove a pinned adapter "
+                    f"or raise max_cpu_loras (--max-cpu-loras)")
+            del self._cpu[victim]
+            logger.debug("evicted LoRA adapter id %d from the CPU cache", victim)
+
+    def _find_slot(self, *, needed: set[int], raise_if_none: bool = True) -> int | None:
+        used = set(self._slot_of.values())
+        for slot in range(self.max_loras):
+            if slot not in used:
+                return slot
+        for lora_id, slot in self._slot_of.items():   # least recently used first
+            if lora_id not in needed and lora_id not in self._pinned:
+                self._free_slot(lora_id)
+                return slot
+        if raise_if_none:
+            raise AdapterCapacityError(
+                f"all {self.max_loras} device slots hold pinned adapters or adapters the running step uses; "
+                f"unpin an adapter or start the engine with a larger max_loras (--max-loras)")
+        return None
+
+    def _fill_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+        self.stacks.write_slot(slot, adapter)
+        self._slot_of[adapter.lora_int_id] = slot
+
+    def _free_slot(self, lora_int_id: int) -> None:
+        slot = self._slot_of.pop(lora_int_id, None)
+        if slot is not None:
+            self.stacks.clear_slot(slot)
+
+    @staticmethod
+    def _check_same_adapter(loaded: LoRARequest, request: LoRARequest) -> None:
+        if loaded.lora_name != request.lora_name:
+            raise AdapterInvalidError(
+                f"lora_int_id {request.lora_int_id} is already used by adapter {loaded.lora_name!r}, "
+                f"not {request.lora_name!r}; give each adapter its own id "
+                f"(loraplex.lora_request.lora_id_for_name(name))")

@@ -1,0 +1,84 @@
+"""Which linear layers of a Llama-family model take LoRA, and how PEFT names map onto them.
+
+PEFT names the projections of the Hugging Face model (q_proj, k_proj, ...); our model
+fuses some of them (qkv_proj = q|k|v, gate_up_proj = gate|up). A LoRATarget describes one
+of our linear layers: its input width and the output widths of its slices, each slice
+being one PEFT module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# PEFT module name -> (our packed module, slice index inside it).
+PEFT_MODULE_TO_PACKED: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+}
+# Parent module of each PEFT module in the Hugging Face layout (model.layers.N.<parent>.<module>).
+PEFT_MODULE_PARENT: dict[str, str] = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+SUPPORTED_PEFT_MODULES = tuple(PEFT_MODULE_TO_PACKED)
+# Modules that exist in the model but that loraplex does not adapt.
+KNOWN_UNSUPPORTED_MODULES = ("embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm",
+                             "norm", "rotary_emb")
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One LoRA-capable linear layer (per decoder layer), e.g. qkv_proj with slices q, k, v."""
+    name: str                        # our module name: qkv_proj, o_proj, gate_up_proj, down_proj
+    peft_modules: tuple[str, ...]    # PEFT module of each slice, in output order
+    in_features: int
+    slice_sizes: tuple[int, ...]     # output width of each slice
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_sizes)
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.slice_sizes)
+
+    @property
+    def slice_offsets(self) -> tuple[int, ...]:
+        """Output column where each slice starts, plus the total: (0, q, q+k, q+k+v)."""
+        offsets = [0]
+        for size in self.slice_sizes:
+            offsets.append(offsets[-1] + size)
+        return tuple(offsets)
+
+
+@dataclass(frozen=True)
+class LoRAModelSpec:
+    """The LoRA targets of a model: the same in every decoder layer."""
+    num_layers: int
+    targets: tuple[LoRATarget, ...]
+
+    def target(self, name: str) -> LoRATarget:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def peft_module_shape(self, peft_module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a PEFT module, e.g. k_proj -> (hidden, kv_heads*head_dim)."""
+        packed, index = PEFT_MODULE_TO_PACKED[peft_module]
+        t = self.target(packed)
+        return t.in_features, t.slice_sizes[index]
+
+
+def llama_lora_spec(*, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int,
+                    head_dim: int, intermediate_size: int) -> LoRAModelSpec:
+    """The LoRA targets of a Llama/Mistral/Qwen2 decoder (they share the projection layout)."""
+    q_out, kv_out = num_heads * head_dim, num_kv_heads * head_dim
+    return LoRAModelSpec(num_layers=num_layers, targets=(
+        LoRATarget("qkv_proj", ("q_proj", "k_proj", "v_proj"), hidden_size, (q_out, kv_out, kv_out)),
+        LoRATarget("o_proj", ("o_proj",), q_out, (hidden_size,)),
+        LoRATarget("gate_up_proj", ("gate_proj", "up_proj"), hidden_size, (intermediate_size, intermediate_size)),
+        LoRATarget("down_proj", ("down_proj",), intermediate_size, (hidden_size,)),
+    ))

@@ -1,0 +1,169 @@
+"""Loading a PEFT adapter directory: layout, scaling, and every validation rule."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters import write_peft_adapter
+from loraplex.core.lora.adapter import load_lora_adapter
+from loraplex.core.lora.targets import llama_lora_spec
+from loraplex.errors import AdapterInvalidError
+from loraplex.lora_request import LoRARequest
+
+# Matches tests/adapters.py TINY_SHAPES: q 64, k/v 32, intermediate 128, 2 layers.
+SPEC = llama_lora_spec(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128)
+
+
+def load(path, *, max_lora_rank=16, served="tiny-base", allow_pickle=False, base_model_name=None):
+    request = LoRARequest("a", 1, str(path), base_model_name=base_model_name)
+    return load_lora_adapter(request, SPEC, max_lora_rank=max_lora_rank, served_model_name=served,
+                             allow_pickle=allow_pickle)
+
+
+def edit_config(path, **changes):
+    config_path = path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+
+
+def edit_tensors(path, change):
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+def test_packs_slices_and_folds_scaling(tmp_path):
+    path = write_peft_adapter(tmp_path / "a", rank=4, alpha=8, target_modules=("k_proj", "up_proj"))
+    raw = load_file(str(path / "adapter_model.safetensors"))
+    adapter = load(path)
+    assert adapter.rank == 4
+    assert set(adapter.weights) == {(0, "qkv_proj"), (1, "qkv_proj"), (0, "gate_up_proj"), (1, "gate_up_proj")}
+    qkv = adapter.weights[(1, "qkv_proj")]
+    assert qkv.lora_a[0] is None and qkv.lora_a[2] is None          # q and v not adapted
+    prefix = "base_model.model.model.layers.1.self_attn.k_proj"
+    torch.testing.assert_close(qkv.lora_a[1], raw[f"{prefix}.lora_A.weight"])
+    torch.testing.assert_close(qkv.lora_b[1], raw[f"{prefix}.lora_B.weight"] * (8 / 4))
+    up = adapter.weights[(0, "gate_up_proj")]
+    assert up.lora_a[0] is None and up.lora_b[1].shape == (128, 4)
+
+
+def test_rslora_scaling(tmp_path):
+    path = write_peft_adapter(tmp_path / "a", rank=16, alpha=8, target_modules=("o_proj",), use_rslora=True)
+    raw = load_file(str(path / "adapter_model.safetensors"))
+    b = load(path).weights[(0, "o_proj")].lora_b[0]
+    torch.testing.assert_close(b, raw["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"] * (8 / math.sqrt(16)))
+
+
+def test_rank_and_alpha_pattern(tmp_path):
+    path = write_peft_adapter(tmp_path / "a", rank=4, alpha=4, target_modules=("q_proj", "v_proj"))
+    # Give layer 1's v_proj rank 8 and alpha 32, the way PEFT writes rank_pattern adapters.
+    key = "base_model.model.model.layers.1.self_attn.v_proj"
+    gen = torch.Generator().manual_seed(1)
+    a8, b8 = torch.randn(8, 64, generator=gen), torch.randn(32, 8, generator=gen)
+    edit_tensors(path, lambda t: t.update({f"{key}.lora_A.weight": a8, f"{key}.lora_B.weight": b8}))
+    edit_config(path, rank_pattern={"layers.1.self_attn.v_proj": 8}, alpha_pattern={"v_proj": 32})
+    adapter = load(path)
+    assert adapter.rank == 8
+    torch.testing.assert_close(adapter.weights[(1, "qkv_proj")].lora_b[2], b8 * (32 / 8))
+    # layer 0's v_proj: rank 4 from r, alpha 32 from the pattern
+    assert adapter.weights[(0, "qkv_proj")].lora_a[2].shape == (4, 64)
+    raw0 = load_file(str(path / "adapter_model.safetensors"))["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
+    torch.testing.assert_close(adapter.weights[(0, "qkv_proj")].lora_b[2], raw0 * (32 / 4))
+    assert adapter.weights[(0, "qkv_proj")].lora_b[0].abs().sum() > 0
+
+
+def test_pickle_weights_need_opt_in(tmp_path):
+    path = write_peft_adapter(tmp_path / "a", rank=4)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, path / "adapter_model.bin")
+    with pytest.raises(AdapterInvalidError, match="pickle"):
+        load(path)
+    assert load(path, allow_pickle=True).rank == 4
+
+
+@pytest.mark.parametrize("case, match", [
+    ("rank", "above max_lora_rank=16"),
+    ("dora", "DoRA"),
+    ("modules_to_save", "modules_to_save"),
+    ("bias", "bias='none'"),
+    ("lora_bias", "lora_bias"),
+    ("target_unsupported", "'lm_head', which loraplex does not adapt"),
+    ("target_missing", "'c_attn', which does not exist in this model"),
+    ("shape", r"has shape \[32, 4\], expected \[64, 4\]"),
+    ("nan", "NaN or infinite"),
+    ("base_model", "trained for base model 'org/other-model'"),
+    ("request_base_model", "trained for base model 'yet-another'"),
+    ("layers", "is for layer 2, but the model has 2 layers"),
+    ("unexpected_name", "unexpected tensor 'base_model.model.model.layers.0.self_attn.q_proj.magnitude'"),
+    ("embed_tensor", "adapts 'embed_tokens'"),
+    ("missing_b", "has no lora_B weight"),
+    ("wrong_parent", "mlp.q_proj, which does not exist"),
+    ("r_zero", "r must be a positive integer"),
+    ("not_lora", "peft_type 'IA3'"),
+])
+def test_invalid_adapters_are_rejected(tmp_path, case, match):
+    path = write_peft_adapter(tmp_path / "a", rank=4, target_modules=("q_proj", "v_proj"))
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+    request_base = None
+    if case == "rank":
+        path = write_peft_adapter(tmp_path / "b", rank=32)
+    elif case == "dora":
+        edit_config(path, use_dora=True)
+    elif case == "modules_to_save":
+        edit_config(path, modules_to_save=["lm_head"])
+    elif case == "bias":
+        edit_config(path, bias="lora_only")
+    elif case == "lora_bias":
+        edit_config(path, lora_bias=True)
+    elif case == "target_unsupported":
+        edit_config(path, target_modules=["q_proj", "lm_head"])
+    elif case == "target_missing":
+        edit_config(path, target_modules=["c_attn"])
+    elif case == "shape":
+        edit_tensors(path, lambda t: t.update({f"{q0}.lora_B.weight": torch.ones(32, 4)}))
+    elif case == "nan":
+        def poison(t):
+            t[f"{q0}.lora_A.weight"][1, 3] = float("nan")
+        edit_tensors(path, poison)
+    elif case == "base_model":
+        edit_config(path, base_model_name_or_path="org/other-model")
+    elif case == "request_base_model":
+        request_base = "yet-another"
+    elif case == "layers":
+        path = write_peft_adapter(tmp_path / "b", rank=4, num_layers=3)
+    elif case == "unexpected_name":
+        edit_tensors(path, lambda t: t.update({f"{q0}.magnitude": torch.ones(64)}))
+    elif case == "embed_tensor":
+        edit_tensors(path, lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 10)}))
+    elif case == "missing_b":
+        edit_tensors(path, lambda t: t.pop(f"{q0}.lora_B.weight"))
+    elif case == "wrong_parent":
+        edit_tensors(path, lambda t: t.update({"base_model.model.model.layers.0.mlp.q_proj.lora_A.weight": torch.ones(4, 64)}))
+    elif case == "r_zero":
+        edit_config(path, r=0)
+    elif case == "not_lora":
+        edit_config(path, peft_type="IA3")
+    with pytest.raises(AdapterInvalidError, match=match):
+        load(path, base_model_name=request_base)
+
+
+def test_missing_directory_and_files(tmp_path):
+    with pytest.raises(AdapterInvalidError, match="does not exist"):
+        load(tmp_path / "nowhere")
+    path = write_peft_adapter(tmp_path / "a", rank=4)
+    (path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(AdapterInvalidError, match="not a safetensors file|truncated"):
+        load(path)
+
+
+def test_base_model_matches_by_final_component(tmp_path):
+    path = write_peft_adapter(tmp_path / "a", rank=4, base_model_name_or_path="meta-llama/tiny-base")
+    assert load(path, served="/models/tiny-base").rank == 4
