@@ -48,3 +48,7 @@ class AdapterCapacityError(AdapterError):
 
 class KernelArgumentError(LoraplexError, ValueError):
     """A kernel launcher got tensors of the wrong shape, dtype, device or layout."""
+
+
+class EngineDeadError(LoraplexError, RuntimeError):
+    """The engine loop stopped (after an error, or shut down); in-flight and new requests fail."""
