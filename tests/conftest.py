@@ -6,3 +6,23 @@ import torch
 # be set before any kernel is defined (i.e. before loraplex.kernels is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """`tiny_checkpoint(arch="llama", **kwargs) -> Path`: a tiny HF checkpoint from
+    tests/models.py make_tiny_checkpoint, built once per session for each set of arguments."""
+    from models import make_tiny_checkpoint
+
+    built: dict[tuple, object] = {}
+
+    def get(arch: str = "llama", **kwargs):
+        key = (arch, repr(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, **kwargs)
+        return built[key]
+
+    return get
