@@ -190,7 +190,7 @@ def _call_pluggy_plugin(plugin: object, record: PluginRecord) -> None:
     manager = _state.manager
     unknown = [n for n in _hookimpl_names(plugin) if not _is_known_hook(manager, n)]
     if unknown:
-        known = ", ".join(sorted(n for n in dir(hookspecs) if _is_known_hook(manager, n)))
+        known = ", ".join(sorted(n for n in vars(manager.hook) if _is_known_hook(manager, n)))
         raise TypeError(f"it implements unknown hook(s) {', '.join(unknown)}; known hooks: {known}")
     manager.register(plugin, name=record.name)
     try:
@@ -223,8 +223,7 @@ def _hookimpl_names(plugin: object) -> list[str]:
 
 
 def _is_known_hook(manager: pluggy.PluginManager, name: str) -> bool:
-    caller = getattr(manager.hook, name, None)
-    return caller is not None and caller.spec is not None
+    return getattr(getattr(manager.hook, name, None), "spec", None) is not None
 
 
 def _registry_snapshot() -> dict[str, LoRAResolver]:
