@@ -1,0 +1,171 @@
+"""Device slot stacks and the two LRU caches: layout, eviction, pinning, capacity, removal."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from adapters import write_peft_adapter
+from loraplex.core.lora.manager import LoRAManager
+from loraplex.core.lora.slots import LoRASlotStacks
+from loraplex.core.lora.targets import llama_lora_spec
+from loraplex.errors import AdapterCapacityError, AdapterInvalidError, AdapterNotFoundError
+from loraplex.lora_request import LoRARequest
+
+SPEC = llama_lora_spec(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128)
+MAX_RANK = 16
+
+
+def make_manager(max_loras=2, max_cpu_loras=3):
+    stacks = LoRASlotStacks(SPEC, max_loras=max_loras, max_lora_rank=MAX_RANK, dtype=torch.float32, device="cpu")
+    return LoRAManager(stacks, max_cpu_loras=max_cpu_loras, served_model_name="tiny-base")
+
+
+@pytest.fixture
+def requests(tmp_path):
+    """Five adapters of different ranks and targets, ids 1..5."""
+    shapes = [(4, ("q_proj", "v_proj")), (8, ("k_proj", "o_proj")), (16, ("gate_proj", "down_proj")),
+              (4, ("up_proj",)), (8, ("q_proj", "k_proj", "v_proj", "o_proj"))]
+    return [LoRARequest(f"a{i}", i, str(write_peft_adapter(tmp_path / f"a{i}", rank=r, target_modules=t, seed=i)))
+            for i, (r, t) in enumerate(shapes, start=1)]
+
+
+def test_write_slot_layout_and_zeroing(requests):
+    manager = make_manager()
+    stacks = manager.stacks
+    slots = manager.activate([requests[4]])     # rank 8 on q, k, v, o
+    slot = slots[5]
+    adapter = manager._cpu[5]
+    qkv = stacks.stack(1, "qkv_proj")
+    w = adapter.weights[(1, "qkv_proj")]
+    for i in range(3):
+        torch.testing.assert_close(qkv.lora_a[slot, i * MAX_RANK: i * MAX_RANK + 8], w.lora_a[i])
+        assert qkv.lora_a[slot, i * MAX_RANK + 8: (i + 1) * MAX_RANK].abs().sum() == 0   # padding rows
+    # k's B lands in the k output columns (64:96), padded to MAX_RANK with zeros
+    torch.testing.assert_close(qkv.lora_b[slot, 64:96, :8], w.lora_b[1])
+    assert qkv.lora_b[slot, :, 8:].abs().sum() == 0
+    assert stacks.slot_rank(slot) == 8 and int(stacks.slot_ranks[slot]) == 8
+    manager.end_step()
+
+    # Reusing the slot for an adapter with other targets leaves nothing of the old one behind.
+    manager.remove_lora(5)
+    manager.activate([requests[2]])              # rank 16 on gate, down
+    assert manager.slot_of(3) == slot
+    assert qkv.lora_a[slot].abs().sum() == 0 and qkv.lora_b[slot].abs().sum() == 0
+    assert stacks.stack(0, "down_proj").lora_b[slot].abs().sum() > 0
+    assert stacks.slot_rank(slot) == 16
+
+
+def test_device_lru_eviction_keeps_the_step(requests):
+    manager = make_manager(max_loras=2, max_cpu_loras=5)
+    first = manager.activate([requests[0], requests[1]])
+    manager.end_step()
+    manager.activate([requests[0]])             # a1 is now more recent than a2
+    manager.end_step()
+    slots = manager.activate([requests[0], requests[2]])
+    manager.end_step()
+    assert manager.slot_of(2) is None           # a2 was the least recently used
+    assert slots[3] == first[2] and slots[1] == first[1]
+    with pytest.raises(AdapterCapacityError, match="max_loras"):
+        manager.activate(requests[:3])
+
+
+def test_cpu_lru_and_reload(requests):
+    manager = make_manager(max_loras=2, max_cpu_loras=3)
+    for r in requests[:4]:
+        manager.add_lora(r)
+    assert manager.list_loras() == {2, 3, 4}    # a1 evicted from the CPU cache
+    assert manager.add_lora(requests[3]) is False
+    slots = manager.activate([requests[0]])     # reloaded from disk on demand
+    manager.end_step()
+    assert 1 in manager.list_loras() and slots[1] in (0, 1)
+
+
+def test_pinning_survives_pressure(requests):
+    manager = make_manager(max_loras=2, max_cpu_loras=3)
+    manager.add_lora(requests[0])
+    manager.pin_lora(1)
+    assert manager.slot_of(1) is not None       # a pinned adapter takes a slot at once
+    for r in requests[1:]:
+        manager.add_lora(r)
+        manager.activate([r])
+        manager.end_step()
+    assert 1 in manager.list_loras() and manager.slot_of(1) is not None
+    assert not manager.can_run_together([2, 3])      # one slot is the pinned adapter's
+    assert manager.can_run_together([1, 3])
+    with pytest.raises(AdapterCapacityError, match="2 device slots exist"):
+        manager.activate([requests[1], requests[2]])
+    manager.add_lora(requests[1])
+    manager.pin_lora(2)
+    # The other slot holds a5, used by the latest step: the pinned a2 waits for its next step.
+    assert manager.slot_of(2) is None and manager.slot_of(5) is not None
+    manager.activate([requests[1]])
+    manager.end_step()
+    assert manager.slot_of(5) is None
+    manager.add_lora(requests[2])
+    with pytest.raises(AdapterCapacityError, match="all 2 device slots are pinned"):
+        manager.pin_lora(3)
+    with pytest.raises(AdapterCapacityError, match="max_loras"):
+        manager.activate([requests[3]])
+    with pytest.raises(AdapterNotFoundError, match="add_lora"):
+        manager.pin_lora(99)
+
+
+def test_cpu_capacity_error_when_all_pinned(requests):
+    manager = make_manager(max_loras=2, max_cpu_loras=2)
+    for r in requests[:2]:
+        manager.add_lora(r)
+        manager.pin_lora(r.lora_int_id)
+    with pytest.raises(AdapterCapacityError, match="max_cpu_loras"):
+        manager.add_lora(requests[2])
+    assert manager.list_loras() == {1, 2}
+
+
+def test_remove_frees_slot_and_memory(requests):
+    manager = make_manager(max_loras=2, max_cpu_loras=3)
+    manager.add_lora(requests[2])
+    manager.pin_lora(3)
+    slot = manager.slot_of(3)
+    cpu_tensor = weakref.ref(manager._cpu[3].weights[(0, "down_proj")].lora_b[0])
+    assert manager.stacks.stack(0, "down_proj").lora_b[slot].abs().sum() > 0
+    assert manager.remove_lora(3) is True
+    gc.collect()
+    assert cpu_tensor() is None                  # the CPU copy is gone
+    assert 3 not in manager.list_loras() and manager.slot_of(3) is None and not manager.is_pinned(3)
+    assert manager.stacks.stack(0, "down_proj").lora_b[slot].abs().sum() == 0
+    assert manager.stacks.slot_rank(slot) == 0
+    assert manager.remove_lora(3) is False
+    # Both slots are usable again, including the one freed.
+    assert set(manager.activate(requests[:2]).values()) == {0, 1}
+
+
+def test_remove_during_step_is_refused(requests):
+    manager = make_manager()
+    manager.activate([requests[0]])
+    with pytest.raises(AdapterCapacityError, match="step now running"):
+        manager.remove_lora(1)
+    manager.end_step()
+    assert manager.remove_lora(1)
+
+
+def test_id_and_name_clashes(requests, tmp_path):
+    manager = make_manager()
+    manager.add_lora(requests[0])
+    with pytest.raises(AdapterInvalidError, match="already used by adapter 'a1'"):
+        manager.add_lora(LoRARequest("other", 1, requests[1].lora_path))
+    with pytest.raises(AdapterInvalidError, match="already loaded with lora_int_id 1"):
+        manager.add_lora(LoRARequest("a1", 7, requests[0].lora_path))
+
+
+def test_invalid_adapter_leaves_caches_untouched(requests, tmp_path):
+    manager = make_manager(max_loras=2, max_cpu_loras=2)
+    manager.add_lora(requests[0])
+    manager.add_lora(requests[1])
+    bad = write_peft_adapter(tmp_path / "bad", rank=4, use_dora=True)
+    with pytest.raises(AdapterInvalidError, match="DoRA"):
+        manager.add_lora(LoRARequest("bad", 9, str(bad)))
+    assert manager.list_loras() == {1, 2}    # nothing was evicted for the rejected adapter
