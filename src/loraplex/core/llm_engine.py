@@ -101,6 +101,10 @@ class LLMEngine:
             raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if lora_request is not None and not isinstance(lora_request, LoRARequest):
             raise InvalidRequestError(f"lora_request must be a LoRARequest or None, got {lora_request!r}")
+        if lora_request is not None and not self.config.enable_lora:
+            raise InvalidRequestError(
+                f"request {request_id!r} asks for LoRA adapter {lora_request.lora_name!r} but LoRA is "
+                f"not enabled; start the engine with enable_lora=True")
         text, token_ids = self._tokenize(prompt)
         self._check_fits(len(token_ids), params)
         return Request(request_id, text, token_ids, params, lora_request)

@@ -1,0 +1,182 @@
+"""AsyncEngine: LLMEngine for asyncio code (the server), many requests in flight.
+
+Threading model: one dedicated engine thread owns the LLMEngine and runs
+step() in a loop; the model never runs on the event loop. Callers on the
+event loop talk to it through a thread-safe inbox (new requests, aborts) and a
+condition variable that wakes it when idle. Each request has an asyncio.Queue
+on the loop of the caller that submitted it; the engine thread puts outputs
+there with loop.call_soon_threadsafe. Validation and tokenization happen in
+the caller's thread (LLMEngine.process_request only reads immutable state), so
+a bad request raises at generate() and never reaches the engine thread.
+
+If step() raises, the engine is dead: every waiting consumer gets the error
+(wrapped in EngineDeadError), and later generate() calls raise it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from loraplex.core.config import EngineConfig
+from loraplex.core.llm_engine import LLMEngine
+from loraplex.core.outputs import RequestOutput
+from loraplex.core.sampling_params import SamplingParams
+from loraplex.errors import EngineDeadError, InvalidRequestError
+from loraplex.lora_request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._streams: dict[str, _Stream] = {}
+        self._new: list = []                 # processed Requests for the engine thread
+        self._aborts: list[str] = []
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._dead is None
+
+    # ---- caller side (event loop) ------------------------------------------------------
+
+    async def generate(self, prompt, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its cumulative outputs; the last one has finished=True.
+
+        Leaving the iteration early (break, cancellation of the consuming task)
+        aborts the request and frees its KV-cache blocks.
+        """
+        self._check_alive()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request = self.engine.process_request(request_id, prompt, sampling_params, lora_request)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._wakeup:
+            self._check_alive()
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+            self._new.append(request)
+            self._wakeup.notify()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._request_abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its consumer gets a last output with finish_reason "abort"."""
+        self._request_abort(request_id)
+
+    def _request_abort(self, request_id: str) -> None:
+        with self._wakeup:
+            self._aborts.append(request_id)
+            self._wakeup.notify()
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead!r}; restart it")
+        if self._stopping:
+            raise EngineDeadError("the engine is shut down")
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the engine thread and wait for it; unfinished consumers get EngineDeadError."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wakeup:
+                    while not (self._stopping or self._new or self._aborts
+                               or self.engine.has_unfinished_requests()):
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                    new, self._new = self._new, []
+                    aborts, self._aborts = self._aborts, []
+                for request in new:
+                    try:
+                        self.engine.add_processed_request(request)
+                    except InvalidRequestError as exc:
+                        self._fail(request.request_id, exc)
+                for output in self.engine.abort_request(aborts):
+                    self._deliver(output.request_id, output)
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as exc:  # noqa: BLE001 - every consumer must hear about it
+            logger.exception("engine step failed; failing all in-flight requests")
+            self._dead = exc
+        with self._wakeup:
+            streams, self._streams = self._streams, {}
+            self._stopping = True
+        error = EngineDeadError(f"the engine stopped: {self._dead!r}" if self._dead is not None
+                                else "the engine was shut down")
+        if self._dead is not None:
+            error.__cause__ = self._dead
+        for stream in streams.values():
+            self._put(stream, error)
+
+    def _deliver(self, request_id: str, output: RequestOutput) -> None:
+        with self._wakeup:
+            stream = self._streams.get(request_id)
+            if stream is not None and output.finished:
+                del self._streams[request_id]
+        if stream is not None:
+            self._put(stream, output)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        with self._wakeup:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._put(stream, error)
+
+    @staticmethod
+    def _put(stream: _Stream, item) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the consumer's loop is closed: nobody is listening any more

@@ -1,0 +1,114 @@
+"""LLM: the offline API. Load a checkpoint once, then generate for batches of prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from tqdm.auto import tqdm
+
+from loraplex.core.config import EngineConfig
+from loraplex.core.llm_engine import LLMEngine
+from loraplex.core.outputs import RequestOutput
+from loraplex.core.sampling_params import SamplingParams
+from loraplex.core.tokenizer import Tokenizer
+from loraplex.errors import ConfigError, InvalidRequestError
+from loraplex.lora_request import LoRARequest
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+
+
+def _is_token_ids(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _per_prompt(value, num_prompts: int, name: str) -> list:
+    """Broadcast a single value to every prompt, or check a list has one per prompt."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_prompts:
+            raise InvalidRequestError(
+                f"{name} is a list of {len(value)} but there are {num_prompts} prompts; "
+                f"pass one {name} or one per prompt")
+        return list(value)
+    return [value] * num_prompts
+
+
+class LLM:
+    """Generate text for batches of prompts (vLLM-compatible).
+
+    Extra keyword arguments are EngineConfig fields (block_size, kv_cache_bytes,
+    max_num_batched_tokens, enforce_eager, ...).
+    """
+
+    def __init__(self, model: str, dtype: str = "auto", device: str | None = None, seed: int = 0,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int = 256, enable_lora: bool = False, max_loras: int = 4,
+                 max_lora_rank: int = 16, max_cpu_loras: int | None = None, **kwargs) -> None:
+        unknown = sorted(set(kwargs) - _CONFIG_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown LLM argument(s) {', '.join(unknown)}; valid extra arguments "
+                              f"are EngineConfig fields: {', '.join(sorted(_CONFIG_FIELDS - {'model'}))}")
+        config = EngineConfig(model=model, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
+                              gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                              enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                              max_cpu_loras=max_cpu_loras, **kwargs)
+        self.llm_engine = LLMEngine(config)
+        self._request_ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request: LoRARequest | list[LoRARequest] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Outputs in the order of `prompts`.
+
+        prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]}
+        dict, or a list of those. sampling_params and lora_request: one for all prompts,
+        or a list with one per prompt.
+        """
+        if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidRequestError("prompts must be a prompt or a non-empty list of prompts")
+        params = _per_prompt(sampling_params, len(prompts), "sampling_params")
+        loras = _per_prompt(lora_request, len(prompts), "lora_request")
+        return self._run(list(zip(prompts, params, loras)), use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             lora_request: LoRARequest | list[LoRARequest] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise InvalidRequestError("chat() needs the checkpoint's tokenizer (tokenizer.json)")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                 chat_template=chat_template)
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
+
+    def _run(self, items: list, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        # Validate everything first, so a bad prompt leaves nothing half-queued.
+        requests = [engine.process_request(f"llm-{next(self._request_ids)}", prompt, params, lora)
+                    for prompt, params, lora in items]
+        order = {r.request_id: i for i, r in enumerate(requests)}
+        results: list[RequestOutput | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            for request in requests:
+                engine.add_processed_request(request)
+            while any(r is None for r in results):
+                for output in engine.step():
+                    if output.finished:
+                        results[order[output.request_id]] = output
+                        progress.update(1)
+        finally:
+            progress.close()
+            engine.abort_request([r.request_id for r in requests if results[order[r.request_id]] is None])
+        return results
