@@ -1,0 +1,118 @@
+"""build_app: the FastAPI application of the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from loraplex.server.backend import maybe_await
+from loraplex.server.chat import create_chat_completion
+from loraplex.server.completions import create_completion
+from loraplex.server.errors import HTTPError, install_error_handlers
+from loraplex.server.middleware import APIKeyMiddleware, MetricsMiddleware
+from loraplex.server.protocol import (
+    ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
+from loraplex.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+
+def loraplex_version() -> str:
+    try:
+        return version("loraplex")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.loraplex
+
+
+def _check_not_draining(state: ServerState) -> None:
+    if state.is_draining:
+        raise HTTPError(503, "the server is shutting down and takes no new requests; retry on "
+                             "another replica")
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.backend.startup()
+        try:
+            yield
+        finally:
+            await state.backend.shutdown()
+
+    app = FastAPI(title="loraplex", version=loraplex_version(), lifespan=lifespan,
+                  description="OpenAI-compatible multi-LoRA server")
+    app.state.loraplex = state
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        engine = _state(request).backend.engine
+        check = getattr(engine, "check_health", None)
+        if check is not None:
+            await maybe_await(check())
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def get_version() -> dict:
+        return {"version": loraplex_version()}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        backend = _state(request).backend
+        base = [{"id": name, "object": "model", "created": backend.created, "owned_by": "loraplex",
+                 "root": backend.model_path, "parent": None, "max_model_len": backend.max_model_len}
+                for name in backend.served_model_names]
+        adapters = [{"id": a.lora_name, "object": "model", "created": backend.created,
+                     "owned_by": "loraplex", "root": a.lora_path,
+                     "parent": a.base_model_name or backend.base_model_name, "max_model_len": None}
+                    for a in backend.list_adapters()]
+        return {"object": "list", "data": base + adapters}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        state = _state(request)
+        _check_not_draining(state)
+        return await create_completion(body, request, state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        state = _state(request)
+        _check_not_draining(state)
+        return await create_chat_completion(body, request, state)
+
+    if state.allow_runtime_lora_updating:
+        logger.warning("runtime LoRA updating is on (VLLM_ALLOW_RUNTIME_LORA_UPDATING): "
+                       "/v1/load_lora_adapter and /v1/unload_lora_adapter are enabled")
+
+        @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
+            await _state(request).backend.load_adapter(
+                body.lora_name, body.lora_path, base_model_name=body.base_model_name,
+                load_inplace=body.load_inplace)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
+            await _state(request).backend.unload_adapter(body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    # The middleware added last runs first: metrics also count the key check's 401s.
+    if state.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    state.metrics.attach_backend(state.backend)
+    return app
+

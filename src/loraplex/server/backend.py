@@ -1,0 +1,206 @@
+"""ServingBackend: everything the HTTP layer needs from the engine, behind one small class.
+
+It wraps the async engine (generate / abort / tokenizer), the engine's LoRA
+management (add / remove) and the resolver chain, and owns the server's view of
+which names are served: the base model's names and every adapter that was
+loaded statically (--lora-modules), at runtime (/v1/load_lora_adapter) or by a
+resolver on first request. The routes never touch the engine directly, which
+is what lets the HTTP tests run against a small fake engine too.
+
+The engine object must provide:
+    generate(prompt_or_token_ids, sampling_params, request_id, lora_request=None)
+        -> async iterator of RequestOutput (cumulative text/token_ids)
+    abort(request_id)                      (sync or async)
+    add_lora(lora_request)                 (sync or async; loads and validates, raises if unusable)
+    remove_lora(lora_int_id)               (sync or async; frees the adapter's memory)
+and a tokenizer, as `engine.tokenizer` or `engine.get_tokenizer()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNotFoundError
+from loraplex.lora_request import LoRARequest, lora_id_for_name
+from loraplex.resolvers.names import check_adapter_name
+from loraplex.server.errors import HTTPError
+
+logger = logging.getLogger(__name__)
+
+
+async def maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def model_not_found(name: str) -> AdapterNotFoundError:
+    return AdapterNotFoundError(f"The model '{name}' does not exist.")
+
+
+class ServingBackend:
+    def __init__(self, engine: Any, *, served_model_names: list[str], model_path: str,
+                 resolver_chain: Any = None, allow_runtime_lora_updating: bool = False,
+                 enable_lora: bool = True, max_model_len: int | None = None) -> None:
+        if not served_model_names:
+            raise ValueError("served_model_names must name the base model at least once")
+        self.engine = engine
+        self.served_model_names = list(served_model_names)
+        self.model_path = model_path
+        self.resolver_chain = resolver_chain
+        self.allow_runtime_lora_updating = allow_runtime_lora_updating
+        self.enable_lora = enable_lora
+        self.max_model_len = max_model_len
+        self.created = int(time.time())
+        self._adapters: dict[str, LoRARequest] = {}
+        # One lock per adapter name: concurrent first requests for a new name share
+        # one resolution, and load/unload of one name never interleave.
+        self._name_locks: dict[str, asyncio.Lock] = {}
+        self.resolution_listeners: list = []   # callables(name, outcome, seconds)
+        # (name, path, base_model_name) loaded by startup(): --lora-modules.
+        self.static_adapters: list[tuple[str, str, str | None]] = []
+
+    async def startup(self) -> None:
+        """Load the static adapters; any failure stops the server from starting."""
+        for name, path, base in self.static_adapters:
+            await self.load_adapter(name, path, base_model_name=base)
+
+    async def shutdown(self) -> None:
+        stop = getattr(self.engine, "shutdown", None)
+        if callable(stop):
+            await maybe_await(stop())
+
+    # ---- names ---------------------------------------------------------------
+    @property
+    def base_model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def is_base_model(self, name: str | None) -> bool:
+        return not name or name in self.served_model_names
+
+    def list_adapters(self) -> list[LoRARequest]:
+        return list(self._adapters.values())
+
+    def get_adapter(self, name: str) -> LoRARequest | None:
+        return self._adapters.get(name)
+
+    def _lock_for(self, name: str) -> asyncio.Lock:
+        lock = self._name_locks.get(name)
+        if lock is None:
+            lock = self._name_locks[name] = asyncio.Lock()
+        return lock
+
+    def _unique_id(self, name: str) -> int:
+        used = {req.lora_int_id for n, req in self._adapters.items() if n != name}
+        lora_id = lora_id_for_name(name)
+        while lora_id in used:   # a blake2b collision between two served names
+            lora_id = lora_id % (2**31 - 1) + 1
+        return lora_id
+
+    # ---- which adapter a request uses -----------------------------------------
+    async def lora_request_for(self, model: str | None) -> LoRARequest | None:
+        """None for the base model, the adapter's LoRARequest for an adapter name.
+
+        An unknown name is resolved through the resolver chain when runtime LoRA
+        updating is allowed; otherwise (or when nothing finds it) it is a 404.
+        """
+        if self.is_base_model(model):
+            return None
+        adapter = self._adapters.get(model)
+        if adapter is not None:
+            return adapter
+        if not (self.enable_lora and self.allow_runtime_lora_updating and self.resolver_chain):
+            raise model_not_found(model)
+        check_adapter_name(model)
+        async with self._lock_for(model):
+            adapter = self._adapters.get(model)   # resolved while we waited
+            if adapter is not None:
+                return adapter
+            return await self._resolve_and_load(model)
+
+    async def _resolve_and_load(self, name: str) -> LoRARequest:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            found = await self.resolver_chain.resolve(self.base_model_name, name)
+            if found is None:
+                outcome = "not_found"
+                raise model_not_found(name)
+            request = LoRARequest(name, self._unique_id(name), found.lora_path,
+                                  found.base_model_name or self.base_model_name)
+            await self._add_to_engine(request)
+            self._adapters[name] = request
+            outcome = "loaded"
+            logger.info("resolved LoRA adapter %r to %s on first request", name, request.lora_path)
+            return request
+        except AdapterInvalidError:
+            outcome = "invalid"
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            for listener in self.resolution_listeners:
+                listener(name, outcome, seconds)
+
+    async def _add_to_engine(self, request: LoRARequest) -> None:
+        # add_lora's bool only says whether it was newly cached; failures raise.
+        try:
+            await maybe_await(self.engine.add_lora(request))
+        except AdapterError:
+            raise
+        except (ValueError, OSError, RuntimeError, KeyError) as e:
+            raise AdapterInvalidError(f"LoRA adapter {request.lora_name!r} at {request.lora_path!r} "
+                                      f"could not be loaded: {e}") from e
+
+    # ---- management ------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str, *, base_model_name: str | None = None,
+                           load_inplace: bool = False) -> LoRARequest:
+        if not self.enable_lora:
+            raise HTTPError(400, "LoRA is not enabled on this server; start it with --enable-lora")
+        check_adapter_name(name)
+        if self.is_base_model(name):
+            raise HTTPError(400, f"'{name}' is the base model's name; choose another adapter name",
+                            param="lora_name")
+        async with self._lock_for(name):
+            old = self._adapters.get(name)
+            if old is not None and not load_inplace:
+                raise HTTPError(400, f"The lora adapter '{name}' has already been loaded. If you "
+                                     f"want to load the adapter in place, set 'load_inplace' to True.",
+                                param="lora_name")
+            request = LoRARequest(name, self._unique_id(name), path, base_model_name or self.base_model_name)
+            if old is not None:
+                # In place: the engine must drop the old weights before loading the new ones.
+                await maybe_await(self.engine.remove_lora(old.lora_int_id))
+                del self._adapters[name]
+            await self._add_to_engine(request)
+            self._adapters[name] = request
+            logger.info("loaded LoRA adapter %r from %s", name, path)
+            return request
+
+    async def unload_adapter(self, name: str) -> None:
+        async with self._lock_for(name):
+            request = self._adapters.get(name)
+            if request is None:
+                raise HTTPError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
+            # False only means the engine had already evicted it from its caches.
+            await maybe_await(self.engine.remove_lora(request.lora_int_id))
+            del self._adapters[name]
+            self._name_locks.pop(name, None)
+            logger.info("unloaded LoRA adapter %r", name)
+
+    # ---- generation -------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        tok = getattr(self.engine, "tokenizer", None)
+        if tok is None and hasattr(self.engine, "get_tokenizer"):
+            tok = self.engine.get_tokenizer()
+        return tok
+
+    def generate(self, prompt: str | list[int], sampling_params: Any, request_id: str,
+                 lora_request: LoRARequest | None) -> AsyncIterator:
+        return self.engine.generate(prompt, sampling_params, request_id, lora_request=lora_request)
+
+    async def abort(self, request_id: str) -> None:
+        await maybe_await(self.engine.abort(request_id))

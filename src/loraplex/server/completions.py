@@ -1,0 +1,130 @@
+"""POST /v1/completions: one engine request per prompt of the batch, merged into one response."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+
+from loraplex.server.disconnect import unless_disconnected
+from loraplex.server.errors import HTTPError, exception_to_body
+from loraplex.server.generation import PromptRun, merge, run_prompt
+from loraplex.server.protocol import CompletionRequest
+from loraplex.server.responses import (
+    DONE_EVENT, CompletionLogprobs, TokenText, new_id, now, sse, usage)
+from loraplex.server.sampling import completion_sampling_params
+from loraplex.server.state import ServerState
+
+
+def normalize_prompts(prompt) -> list[str | list[int]]:
+    """The four prompt forms as a list of prompts (a string or a token-id list each)."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise HTTPError(400, "prompt is empty; give a string, a list of strings, a list of token "
+                             "ids or a list of token-id lists", param="prompt")
+    for p in prompts:
+        if len(p) == 0:
+            raise HTTPError(400, "a prompt is empty; every prompt needs at least one character "
+                                 "or token", param="prompt")
+    return prompts
+
+
+async def create_completion(request: CompletionRequest, raw: Request, state: ServerState):
+    backend = state.backend
+    lora_request = await backend.lora_request_for(request.model)
+    model_name = request.model or backend.base_model_name
+    prompts = normalize_prompts(request.prompt)
+    if request.echo and request.logprobs is not None:
+        raise HTTPError(400, "echo together with logprobs is not supported; drop one of them",
+                        param="echo")
+    params = completion_sampling_params(request)
+    request_id = new_id("cmpl")
+    runs = [PromptRun(i, f"{request_id}-{i}") for i in range(len(prompts))]
+    streams = [run_prompt(backend, run, prompt, params, lora_request, request.n)
+               for run, prompt in zip(runs, prompts)]
+    ctx = _Context(request, state, model_name, request_id, runs, prompts)
+    if request.stream:
+        return StreamingResponse(ctx.stream(merge(streams)), media_type="text/event-stream")
+    try:
+        body = await unless_disconnected(ctx.collect(merge(streams)), raw)
+    finally:
+        ctx.observe()
+    return JSONResponse(body)
+
+
+class _Context:
+    def __init__(self, request: CompletionRequest, state: ServerState, model_name: str,
+                 request_id: str, runs: list[PromptRun], prompts: list) -> None:
+        self.request, self.state, self.model_name = request, state, model_name
+        self.request_id, self.runs, self.prompts = request_id, runs, prompts
+        self.created = now()
+        self.token_text = TokenText(state.backend.tokenizer)
+        self.logprobs: dict[int, CompletionLogprobs] = {}
+        self.echoed: set[int] = set()
+
+    def observe(self) -> None:
+        for run in self.runs:
+            self.state.metrics.observe_prompt_run(self.model_name, run)
+
+    def _echo(self, prompt_index: int) -> str:
+        prompt = self.prompts[prompt_index]
+        if isinstance(prompt, str):
+            return prompt
+        return self.runs[prompt_index].prompt or self.state.backend.tokenizer.decode(prompt)
+
+    def _choice_piece(self, delta) -> tuple[str, dict | None]:
+        text = delta.text
+        if self.request.echo and delta.index not in self.echoed:
+            self.echoed.add(delta.index)
+            text = self._echo(delta.prompt_index) + text
+        block = None
+        if self.request.logprobs is not None:
+            lp = self.logprobs.setdefault(delta.index, CompletionLogprobs(self.token_text, self.request.logprobs))
+            block = lp.block(delta.token_ids, delta.logprobs)
+        return text, block
+
+    async def collect(self, deltas: AsyncIterator) -> dict:
+        choices: dict[int, dict] = {}
+        async for delta in deltas:
+            text, block = self._choice_piece(delta)
+            choice = choices.setdefault(delta.index, {"index": delta.index, "text": "", "logprobs": None,
+                                                      "finish_reason": None, "stop_reason": None})
+            choice["text"] += text
+            if block is not None:
+                choice["logprobs"] = CompletionLogprobs.extend(choice["logprobs"], block)
+            if delta.finish_reason is not None:
+                choice["finish_reason"], choice["stop_reason"] = delta.finish_reason, delta.stop_reason
+        return {"id": self.request_id, "object": "text_completion", "created": self.created,
+                "model": self.model_name, "choices": [choices[i] for i in sorted(choices)],
+                "usage": usage(self.runs), "system_fingerprint": None}
+
+    async def stream(self, deltas: AsyncIterator) -> AsyncIterator[bytes]:
+        options = self.request.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(include_usage and options.continuous_usage_stats)
+        try:
+            async for delta in deltas:
+                text, block = self._choice_piece(delta)
+                chunk = {"id": self.request_id, "object": "text_completion", "created": self.created,
+                         "model": self.model_name,
+                         "choices": [{"index": delta.index, "text": text, "logprobs": block,
+                                      "finish_reason": delta.finish_reason,
+                                      "stop_reason": delta.stop_reason}]}
+                if continuous:
+                    chunk["usage"] = usage(self.runs)
+                yield sse(chunk)
+            if include_usage:
+                yield sse({"id": self.request_id, "object": "text_completion", "created": self.created,
+                           "model": self.model_name, "choices": [], "usage": usage(self.runs)})
+        except Exception as e:   # the status line is sent: report the error in the stream
+            yield sse(exception_to_body(e)[1])
+        finally:
+            await deltas.aclose()
+            self.observe()
+        yield DONE_EVENT

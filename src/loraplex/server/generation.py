@@ -1,0 +1,123 @@
+"""Turning engine output streams into per-choice deltas, shared by completions and chat.
+
+The engine streams RequestOutputs whose text and token_ids are cumulative (vLLM's
+default); the HTTP layer wants what is new since the last output. One HTTP request
+with a batch of prompts becomes one engine request per prompt, run concurrently
+and merged; a request that stops early (client gone, error) is aborted in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplex.lora_request import LoRARequest
+
+
+@dataclass
+class ChoiceDelta:
+    """What one engine output added to one choice."""
+    prompt_index: int
+    index: int                       # the choice's index in the response
+    text: str
+    token_ids: list[int]
+    logprobs: list | None            # one entry per new token: {token_id: logprob-like}
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class PromptRun:
+    """Bookkeeping of one engine request (one prompt of a batch, all its n samples)."""
+    prompt_index: int
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    num_output_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+async def run_prompt(backend: Any, run: PromptRun, prompt: str | list[int], sampling_params: Any,
+                     lora_request: LoRARequest | None, n: int) -> AsyncIterator[ChoiceDelta]:
+    """Stream the deltas of one engine request; abort it if the consumer stops early."""
+    seen_chars: dict[int, int] = {}
+    seen_tokens: dict[int, int] = {}
+    finished = False
+    try:
+        async for out in backend.generate(prompt, sampling_params, run.request_id, lora_request):
+            if out.prompt_token_ids is not None:
+                run.prompt_token_ids = list(out.prompt_token_ids)
+            if getattr(out, "prompt", None) is not None:
+                run.prompt = out.prompt
+            for comp in out.outputs:
+                prev_chars = seen_chars.get(comp.index, 0)
+                prev_tokens = seen_tokens.get(comp.index, 0)
+                token_ids = list(comp.token_ids)
+                new_ids = token_ids[prev_tokens:]
+                text = comp.text or ""
+                new_text = text[prev_chars:]
+                if not new_ids and not new_text and comp.finish_reason is None:
+                    continue
+                seen_chars[comp.index] = len(text)
+                seen_tokens[comp.index] = len(token_ids)
+                run.num_output_tokens += len(new_ids)
+                if new_ids and run.first_token_at is None:
+                    run.first_token_at = time.perf_counter()
+                logprobs = None
+                if comp.logprobs is not None:
+                    logprobs = list(comp.logprobs)[prev_tokens:len(token_ids)]
+                if comp.finish_reason is not None:
+                    run.finish_reasons.append(comp.finish_reason)
+                yield ChoiceDelta(run.prompt_index, run.prompt_index * n + comp.index, new_text,
+                                  new_ids, logprobs, comp.finish_reason,
+                                  getattr(comp, "stop_reason", None))
+            finished = bool(out.finished)
+    finally:
+        run.finished_at = time.perf_counter()
+        if not finished:
+            await asyncio.shield(backend.abort(run.request_id))
+
+
+async def merge(iterators: list[AsyncIterator]) -> AsyncIterator:
+    """Items of several async iterators as they arrive; closing this closes them all."""
+    if len(iterators) == 1:
+        try:
+            async for item in iterators[0]:
+                yield item
+        finally:
+            await iterators[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(it: AsyncIterator) -> None:
+        try:
+            async for item in it:
+                await queue.put((item, None))
+            await queue.put((done, None))
+        except Exception as e:  # delivered to the consumer, which re-raises it
+            await queue.put((done, e))
+
+    tasks = [asyncio.create_task(pump(it)) for it in iterators]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+                continue
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for it in iterators:
+            await it.aclose()

@@ -1,0 +1,152 @@
+"""Prometheus metrics of one server, in a registry of the app's own (no global state).
+
+Three sources: the HTTP layer (request counts, latencies, tokens, per-adapter
+traffic), the backend's resolution listener (first-request resolutions), and a
+collector that reads the engine's counters at scrape time (running/waiting
+requests, KV-cache use, LoRA cache hits, loads, evictions, downloads).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "loraplex_"
+OTHER_ADAPTERS = "other"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class BoundedLabels:
+    """Maps adapter names to label values: the first `max_names` names seen keep their
+    own label, later ones share OTHER_ADAPTERS, so label cardinality stays bounded."""
+
+    def __init__(self, max_names: int) -> None:
+        self.max_names = max_names
+        self._names: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        if name in self._names:
+            return name
+        if len(self._names) < self.max_names:
+            self._names.add(name)
+            return name
+        return OTHER_ADAPTERS
+
+
+class EngineStatsCollector:
+    """Reads `stats_source()` (a flat dict of numbers) at scrape time.
+
+    Keys ending in `_total` become counters, the rest gauges; a key may carry one
+    label as "name{label=value}" (e.g. "lora_cache_hits_total{tier=cpu}").
+    """
+
+    def __init__(self, stats_source: Callable[[], dict]) -> None:
+        self.stats_source = stats_source
+
+    def collect(self):
+        try:
+            stats = self.stats_source() or {}
+        except Exception:   # a scrape must never fail because the engine is busy
+            logger.exception("reading engine stats for /metrics failed")
+            return
+        families: dict[str, Any] = {}
+        for key, value in sorted(stats.items()):
+            name, labels = key, {}
+            if "{" in key and key.endswith("}"):
+                name, label_text = key[:-1].split("{", 1)
+                label, _, label_value = label_text.partition("=")
+                labels = {label: label_value}
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            family = families.get(name)
+            if family is None:
+                doc = f"engine statistic {name}"
+                is_counter = name.endswith("_total")
+                cls = CounterMetricFamily if is_counter else GaugeMetricFamily
+                family_name = PREFIX + (name[: -len("_total")] if is_counter else name)
+                family = families[name] = cls(family_name, doc, labels=list(labels))
+            family.add_metric(list(labels.values()), float(value))
+        yield from families.values()
+
+
+class ServerMetrics:
+    def __init__(self, *, max_adapter_labels: int = 32) -> None:
+        self.registry = CollectorRegistry()
+        self.adapter_label = BoundedLabels(max_adapter_labels)
+        r = self.registry
+        self.http_requests = Counter(PREFIX + "http_requests", "HTTP requests by route and status",
+                                     ["route", "method", "status"], registry=r)
+        self.requests_finished = Counter(PREFIX + "request_success", "generation requests finished, "
+                                         "by finish reason", ["finish_reason"], registry=r)
+        self.in_flight = Gauge(PREFIX + "http_requests_in_flight",
+                               "generation requests being served now", registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "time to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.per_token = Histogram(PREFIX + "time_per_output_token_seconds",
+                                   "mean time between output tokens of a request",
+                                   buckets=PER_TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "request latency, end to end",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "prompt tokens processed", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "tokens generated", registry=r)
+        self.adapter_requests = Counter(PREFIX + "lora_requests", "generation requests per model "
+                                        "(base or adapter)", ["model"], registry=r)
+        self.adapter_tokens = Counter(PREFIX + "lora_generation_tokens", "tokens generated per model",
+                                      ["model"], registry=r)
+        self.resolutions = Counter(PREFIX + "lora_resolutions", "first-request adapter resolutions "
+                                   "by resolver and outcome", ["resolver", "outcome"], registry=r)
+        self.resolution_seconds = Histogram(PREFIX + "lora_resolution_seconds",
+                                            "time to resolve (and download) an adapter",
+                                            ["resolver"], buckets=LATENCY_BUCKETS, registry=r)
+        self.adapters_served = Gauge(PREFIX + "lora_adapters_served",
+                                     "adapters the server knows by name", registry=r)
+
+        self.first_request_loads = Counter(PREFIX + "lora_first_request_loads", "adapters resolved and "
+                                           "loaded on a first request, by outcome", ["outcome"], registry=r)
+
+    def attach_backend(self, backend) -> None:
+        """Listen to the backend's resolver chain and first-request loads, and read the
+        engine's counters (engine.get_stats() -> dict) at scrape time."""
+        self.adapters_served.set_function(lambda: len(backend.list_adapters()))
+        backend.resolution_listeners.append(
+            lambda name, outcome, seconds: self.first_request_loads.labels(outcome).inc())
+        chain = backend.resolver_chain
+        if chain is not None and hasattr(chain, "add_listener"):
+            chain.add_listener(self.observe_resolution)
+        get_stats = getattr(backend.engine, "get_stats", None)
+        if callable(get_stats):
+            self.registry.register(EngineStatsCollector(get_stats))
+
+    # ---- hooks called by the HTTP layer and the backend -------------------------
+    def observe_http(self, route: str, method: str, status: int) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+
+    def observe_prompt_run(self, model: str, run) -> None:
+        """Record one finished engine request (a generation.PromptRun)."""
+        label = self.adapter_label(model)
+        self.adapter_requests.labels(label).inc()
+        self.prompt_tokens.inc(len(run.prompt_token_ids))
+        self.generation_tokens.inc(run.num_output_tokens)
+        self.adapter_tokens.labels(label).inc(run.num_output_tokens)
+        for reason in run.finish_reasons:
+            self.requests_finished.labels(reason).inc()
+        end = run.finished_at or run.started
+        self.e2e.observe(end - run.started)
+        if run.first_token_at is not None:
+            self.ttft.observe(run.first_token_at - run.started)
+            if run.num_output_tokens > 1:
+                self.per_token.observe((end - run.first_token_at) / (run.num_output_tokens - 1))
+
+    def observe_resolution(self, resolver: str, outcome: str, seconds: float) -> None:
+        self.resolutions.labels(resolver, outcome).inc()
+        self.resolution_seconds.labels(resolver).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

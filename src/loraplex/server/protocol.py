@@ -1,0 +1,96 @@
+"""Request bodies of the OpenAI-compatible API (the fields vLLM accepts that loraplex serves).
+
+Responses are plain dicts built in completions.py / chat.py; only requests need
+validation. Unknown fields are ignored, as OpenAI clients send extras freely.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+MAX_LOGPROBS = 20
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields shared by /v1/completions and /v1/chat/completions."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: NonEmptyStr | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: TokenIds | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    # A string, a batch of strings, one token list, or a batch of token lists.
+    prompt: Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    echo: bool = False
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    lora_name: NonEmptyStr
+    lora_path: NonEmptyStr
+    load_inplace: bool = False
+    base_model_name: StrictStr | None = None
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    lora_name: NonEmptyStr
+    lora_int_id: int | None = None

@@ -1,0 +1,20 @@
+"""ServerState: what every route needs, kept on app.state (one per app, no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loraplex.server.backend import ServingBackend
+from loraplex.server.metrics import ServerMetrics
+
+
+@dataclass
+class ServerState:
+    backend: ServingBackend
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    api_key: str | None = None
+    # /v1/load_lora_adapter and /v1/unload_lora_adapter exist only when this is true
+    # (VLLM_ALLOW_RUNTIME_LORA_UPDATING), as does resolution on first request.
+    allow_runtime_lora_updating: bool = False
+    # Set when SIGTERM/SIGINT starts the drain: new generation requests get 503.
+    is_draining: bool = False
