@@ -1,0 +1,102 @@
+"""Load a Hugging Face safetensors checkpoint into LlamaForCausalLM.
+
+Files are memory-mapped (safe_open) and each tensor is copied straight into its slot of
+the device parameter, converting dtype on the way, so the host never holds a second copy
+of the model. Checkpoint quirks are resolved here, never in forward():
+q/k/v and gate/up matrices are written into the slices of the fused projections, tied
+embeddings need no lm_head, stale buffers (rotary_emb.inv_freq) are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loraplex.core.layers import Linear
+from loraplex.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Tensors some checkpoints carry that the model recomputes; safe to skip.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass
+class _Target:
+    param: torch.Tensor
+    start: int            # row offset inside param (fused projections)
+    shape: tuple[int, ...]
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from model.safetensors.index.json when present."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ConfigError(f"{model_dir}: shard(s) {', '.join(missing)} listed in "
+                              "model.safetensors.index.json are missing; re-download the checkpoint.")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        hint = " (it has PyTorch .bin weights; convert them to safetensors)" if any(model_dir.glob("*.bin")) else ""
+        raise ConfigError(f"{model_dir} has no *.safetensors weights{hint}.")
+    return files
+
+
+def _checkpoint_targets(model: nn.Module) -> dict[str, _Target]:
+    """Map every checkpoint tensor name the model needs to where it goes."""
+    targets: dict[str, _Target] = {}
+    for path, module in model.named_modules():  # tied lm_head is the embedding: listed once
+        if isinstance(module, Linear):
+            parent = path.rsplit(".", 1)[0]
+            for slice_name, (start, width) in zip(module.slice_names,
+                                                  (module.slice_offset(n) for n in module.slice_names)):
+                ckpt_module = f"{parent}.{slice_name}_proj" if len(module.slice_names) > 1 else path
+                targets[f"{ckpt_module}.weight"] = _Target(module.weight, start, (width, module.in_features))
+                if module.bias is not None:
+                    targets[f"{ckpt_module}.bias"] = _Target(module.bias, start, (width,))
+        elif not any(True for _ in module.children()) and hasattr(module, "weight"):
+            targets[f"{path}.weight"] = _Target(module.weight, 0, tuple(module.weight.shape))
+    return targets
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`.
+
+    Raises ConfigError naming the tensor when one is missing, unexpected or mis-shaped.
+    """
+    targets = _checkpoint_targets(model)
+    tie = getattr(model.config, "tie_word_embeddings", False)
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in checkpoint_files(model_dir):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    target = targets.get(name)
+                    if target is None:
+                        if name.endswith(_IGNORED_SUFFIXES) or (tie and name == "lm_head.weight"):
+                            continue
+                        raise ConfigError(f"checkpoint tensor {name!r} (in {file.name}) is not part of a "
+                                          f"{model.config.architecture}; the checkpoint does not match its config.json.")
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != target.shape:
+                        raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                          f"config.json implies {target.shape}; the checkpoint does not match its config.")
+                    target.param[target.start:target.start + target.shape[0]].copy_(tensor)
+                    loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"checkpoint {model_dir} lacks tensor(s) {shown}; it is incomplete or not a "
+                          f"{model.config.architecture} checkpoint.")
+    logger.info("loaded %d tensors from %s", len(loaded), model_dir)

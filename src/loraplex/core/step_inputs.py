@@ -1,0 +1,106 @@
+"""StepInputs: the flat device tensors of one model step, built once on the host with numpy.
+
+For sequences b = 0..B-1, each computing n_b new tokens from position c_b (its
+num_computed_tokens), the step holds sum(n_b) tokens laid out sequence after sequence:
+
+    input_ids, positions       [num_tokens]
+    slot_mapping               [num_tokens]  block_table[p // block_size] * block_size + p % block_size
+    query_start_loc            [B + 1]       cumulative n_b
+    seq_lens                   [B]           c_b + n_b
+    block_tables               [B, max_blocks], rows padded with block 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from loraplex.core.attention import AttentionMetadata
+from loraplex.core.sequence import ScheduledSeq
+from loraplex.errors import InvalidRequestError, LoraplexError
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor   # [num_tokens] int64
+    positions: torch.Tensor   # [num_tokens] int64
+    metadata: AttentionMetadata
+
+
+def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_kv_blocks: int,
+                        max_model_len: int, device: torch.device) -> StepInputs:
+    if not scheduled:
+        raise LoraplexError("execute() needs at least one scheduled sequence.")
+    num_seqs = len(scheduled)
+    num_new = np.fromiter((s.num_new_tokens for s in scheduled), dtype=np.int64, count=num_seqs)
+    computed = np.fromiter((s.seq.num_computed_tokens for s in scheduled), dtype=np.int64, count=num_seqs)
+    seq_lens = computed + num_new
+    max_blocks = max(len(s.seq.block_table) for s in scheduled)
+    block_tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)
+    token_ids: list[int] = []
+    for b, s in enumerate(scheduled):
+        seq = s.seq
+        if s.num_new_tokens < 1 or seq_lens[b] > seq.num_tokens:
+            raise LoraplexError(f"sequence {seq.seq_id}: cannot compute {s.num_new_tokens} token(s) from "
+                                f"position {seq.num_computed_tokens} of a {seq.num_tokens}-token sequence.")
+        if seq_lens[b] > max_model_len:
+            raise InvalidRequestError(f"sequence {seq.seq_id} reaches {seq_lens[b]} tokens, more than "
+                                      f"max_model_len={max_model_len}; shorten the prompt or max_tokens.")
+        if len(seq.block_table) * block_size < seq_lens[b]:
+            raise LoraplexError(f"sequence {seq.seq_id}: block table of {len(seq.block_table)} blocks cannot "
+                                f"hold {seq_lens[b]} tokens (block_size {block_size}); allocate blocks first.")
+        block_tables[b, :len(seq.block_table)] = seq.block_table
+        token_ids.extend(seq.token_ids[seq.num_computed_tokens:seq_lens[b]])
+    if block_tables.min() < 0 or block_tables.max() >= num_kv_blocks:
+        raise LoraplexError(f"block tables hold ids outside [0, {num_kv_blocks}); the block manager and the "
+                            "KV cache disagree on the number of blocks.")
+
+    # Per-token arrays without a Python loop over tokens.
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(num_new, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    token_seq = np.repeat(np.arange(num_seqs), num_new)                             # [num_tokens]
+    positions = np.arange(num_tokens) - np.repeat(query_start_loc[:-1] - computed, num_new)
+    slots = block_tables[token_seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
+
+    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, non_blocking=True)
+
+    metadata = AttentionMetadata(
+        slot_mapping=to_device(slots, torch.int64),
+        query_start_loc=to_device(query_start_loc, torch.int32),
+        seq_lens=to_device(seq_lens, torch.int32),
+        block_tables=to_device(block_tables, torch.int32),
+        logits_indices=to_device(query_start_loc[1:] - 1, torch.int64),
+        max_query_len=int(num_new.max()),
+        max_seq_len=int(seq_lens.max()),
+        is_decode_only=bool((num_new == 1).all()),
+    )
+    return StepInputs(to_device(np.asarray(token_ids, dtype=np.int64), torch.int64),
+                      to_device(positions, torch.int64), metadata)
+
+
+def profile_step_inputs(num_tokens: int, max_model_len: int, block_size: int,
+                        device: torch.device) -> tuple[StepInputs, int]:
+    """A worst-case prefill step of `num_tokens` tokens (prompts of max_model_len) for memory
+    profiling, writing nothing (slots -1), all sequences reading the same blocks.
+    Returns the inputs and how many cache blocks they read."""
+    num_seqs = -(-num_tokens // max_model_len)
+    num_new = np.full(num_seqs, max_model_len, dtype=np.int64)
+    num_new[-1] = num_tokens - max_model_len * (num_seqs - 1)
+    num_blocks = -(-max_model_len // block_size)
+    query_start_loc = np.concatenate([[0], np.cumsum(num_new)])
+    positions = np.arange(num_tokens) - np.repeat(query_start_loc[:-1], num_new)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(num_new, dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device).repeat(num_seqs, 1),
+        logits_indices=torch.tensor(query_start_loc[1:] - 1, dtype=torch.int64, device=device),
+        max_query_len=int(num_new.max()), max_seq_len=int(num_new.max()), is_decode_only=False,
+    )
+    inputs = StepInputs(torch.zeros(num_tokens, dtype=torch.int64, device=device),
+                        torch.tensor(positions, dtype=torch.int64, device=device), metadata)
+    return inputs, num_blocks
