@@ -1,0 +1,134 @@
+"""LoRABatchMeta: one step's token -> adapter-slot grouping, built once, read by every layer.
+
+The LoRA kernels work on tokens grouped by slot: slot s's tokens are a contiguous
+run `sorted_token_ids[slot_token_starts[s] : slot_token_starts[s] + slot_token_counts[s]]`.
+Groups are indexed by slot itself, so every per-slot array has the static length
+`max_loras` and a kernel grid never depends on how many adapters a step uses (which
+keeps launches capturable in CUDA graphs). Base-model tokens (slot -1) are sorted
+after all groups and belong to none, so no kernel program ever touches them.
+
+Building the metadata is a handful of device ops (sort, scatter-add, cumsum) with no
+host sync, so it can run inside a CUDA graph. The one check that needs the values
+(every slot in [-1, max_loras)) is done only when `token_slots` lives on the CPU,
+where it is free; the runner builds the slot map on the host and calls
+`check_token_slots` there. On an accelerator an out-of-range slot is treated as
+"no LoRA" rather than read out of bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.errors import KernelArgumentError
+
+
+@dataclass(frozen=True)
+class LoRABatchMeta:
+    num_tokens: int
+    max_loras: int
+    token_slots: torch.Tensor        # [num_tokens] int32, -1 = base model
+    slot_ranks: torch.Tensor         # [max_loras] int32, rank of each slot's adapter (0 = empty slot)
+    sorted_token_ids: torch.Tensor   # [num_tokens] int32, token indices grouped by slot, base tokens last
+    slot_token_starts: torch.Tensor  # [max_loras] int32, where slot s's group starts in sorted_token_ids
+    slot_token_counts: torch.Tensor  # [max_loras] int32, tokens of slot s this step
+    active_slots: torch.Tensor       # [max_loras] int32, slots with >= 1 token ascending, then -1
+    num_active_slots: torch.Tensor   # [] int32, on the device (no sync to read it there)
+    # (slot, start, count) of each active group, known without a sync when built on the CPU;
+    # None on accelerators (the torch reference then computes it with one sync).
+    host_groups: tuple[tuple[int, int, int], ...] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.sorted_token_ids.device
+
+
+def check_token_slots(token_slots: torch.Tensor, max_loras: int) -> None:
+    """Raise KernelArgumentError unless every slot is -1 or in [0, max_loras). Syncs on GPU."""
+    _check_token_slots_layout(token_slots)
+    if token_slots.numel() == 0:
+        return
+    low, high = int(token_slots.min()), int(token_slots.max())
+    if low < -1 or high >= max_loras:
+        bad = low if low < -1 else high
+        raise KernelArgumentError(
+            f"token_slots holds slot {bad}, but slots must be -1 (base model) or in "
+            f"[0, {max_loras}) for max_loras={max_loras}; map each token to the slot its "
+            f"adapter was loaded into")
+
+
+def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_loras: int) -> LoRABatchMeta:
+    """Group one step's tokens by LoRA slot. Call once per step, before the forward.
+
+    token_slots: [num_tokens] int32 slot per token (-1 = no LoRA).
+    slot_ranks:  [max_loras] int32 rank of the adapter in each slot (0 for an empty slot);
+                 kept by reference, so a manager updating it in place is seen by kernels.
+    """
+    _check_token_slots_layout(token_slots)
+    if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1:
+        raise KernelArgumentError(f"max_loras must be a positive int, got {max_loras!r}")
+    if slot_ranks.dtype != torch.int32 or tuple(slot_ranks.shape) != (max_loras,):
+        raise KernelArgumentError(
+            f"slot_ranks must be an int32 tensor of shape [max_loras]=[{max_loras}], got "
+            f"{slot_ranks.dtype} {list(slot_ranks.shape)}")
+    if slot_ranks.device != token_slots.device:
+        raise KernelArgumentError(
+            f"token_slots ({token_slots.device}) and slot_ranks ({slot_ranks.device}) must be "
+            f"on the same device")
+    on_host = token_slots.device.type == "cpu"
+    if on_host:
+        check_token_slots(token_slots, max_loras)
+        if slot_ranks.numel() and int(slot_ranks.min()) < 0:
+            raise KernelArgumentError(f"slot_ranks must be >= 0, got {slot_ranks.tolist()}")
+
+    num_tokens = token_slots.shape[0]
+    slots = token_slots.long()
+    # Base tokens (and, on a device, out-of-range slots) get key max_loras: sorted last.
+    is_lora = (slots >= 0) & (slots < max_loras)
+    keys = torch.where(is_lora, slots, torch.full_like(slots, max_loras))
+    # Stable, so a group keeps its tokens in their original order.
+    _, order = torch.sort(keys, stable=True)
+    counts = torch.zeros(max_loras + 1, dtype=torch.int64, device=keys.device)
+    counts.scatter_add_(0, keys, torch.ones_like(keys))
+    counts = counts[:max_loras]
+    starts = torch.cumsum(counts, 0) - counts
+    # Active slots first (ascending), then the empty ones marked -1.
+    is_active = counts > 0
+    slot_ids = torch.arange(max_loras, device=keys.device)
+    _, active_first = torch.sort((~is_active).to(torch.int8), stable=True)
+    active_slots = torch.where(is_active[active_first], slot_ids[active_first], torch.full_like(slot_ids, -1))
+
+    host_groups = None
+    if on_host:
+        host_groups = tuple((s, int(starts[s]), int(counts[s])) for s in is_active.nonzero().flatten().tolist())
+    return LoRABatchMeta(
+        num_tokens=num_tokens,
+        max_loras=max_loras,
+        token_slots=token_slots,
+        slot_ranks=slot_ranks,
+        sorted_token_ids=order.to(torch.int32),
+        slot_token_starts=starts.to(torch.int32),
+        slot_token_counts=counts.to(torch.int32),
+        active_slots=active_slots.to(torch.int32),
+        num_active_slots=is_active.sum().to(torch.int32),
+        host_groups=host_groups,
+    )
+
+
+def lora_groups(meta: LoRABatchMeta) -> tuple[tuple[int, int, int], ...]:
+    """(slot, start, count) of every active group; one host sync when built on a device."""
+    if meta.host_groups is not None:
+        return meta.host_groups
+    counts = meta.slot_token_counts.tolist()
+    starts = meta.slot_token_starts.tolist()
+    return tuple((s, starts[s], c) for s, c in enumerate(counts) if c > 0)
+
+
+def _check_token_slots_layout(token_slots: torch.Tensor) -> None:
+    if not isinstance(token_slots, torch.Tensor):
+        raise KernelArgumentError(f"token_slots must be a torch.Tensor, got {type(token_slots).__name__}")
+    if token_slots.dtype != torch.int32 or token_slots.dim() != 1:
+        raise KernelArgumentError(
+            f"token_slots must be a 1-D int32 tensor [num_tokens], got {token_slots.dtype} "
+            f"of shape {list(token_slots.shape)}")

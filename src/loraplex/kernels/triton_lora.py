@@ -1,0 +1,286 @@
+"""Triton kernels for batched multi-LoRA: a grouped shrink (x @ A^T) and expand (h @ B^T).
+
+Both kernels run over tokens grouped by adapter slot (see lora_meta.py). Their grids
+are static, a function of (num_tokens, max_loras, shapes) only, so they can be captured
+in a CUDA graph: axis 0 enumerates row tiles of all groups back to back, with the upper
+bound cdiv(num_tokens, BLOCK_M) + min(max_loras, num_tokens) (each group wastes at most
+one partial tile); each program finds its group with a prefix sum over the per-slot
+tile counts and exits at once when it is past the last one. Base-model tokens are in no
+group and slots of rank 0 get no tiles, so they cost nothing.
+
+Shrink writes split-K partial sums in float32, [split_k, num_tokens, num_slices * max_rank];
+expand adds the partials up as it loads them, so split-K needs neither atomics nor a
+memset. Expand covers all output slices in one launch: axis 1 enumerates column tiles of
+slice 0, then slice 1, ...; slice i reads only rank block i of the shrink output.
+
+Import this module only after TRITON_INTERPRET is settled (kernels are defined at import).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.kernels.lora import MAX_SLICES
+from loraplex.kernels.lora_meta import LoRABatchMeta
+
+MAX_SPLIT_K = 16
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    block_m: int
+    block_n: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@triton.jit
+def _group_tile(pid_m, counts_ptr, ranks_ptr, max_loras,
+                MAX_LORAS_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Flat row-tile index -> (slot, first row of the tile inside the slot's group).
+
+    Returns slot >= max_loras when pid_m is past the last tile of the step.
+    """
+    slots = tl.arange(0, MAX_LORAS_P2)
+    valid = slots < max_loras
+    counts = tl.load(counts_ptr + slots, mask=valid, other=0)
+    ranks = tl.load(ranks_ptr + slots, mask=valid, other=0)
+    tiles = tl.where(ranks > 0, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_ends = tl.cumsum(tiles, 0)
+    slot = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)
+    first_tile = tl.sum(tl.where(slots == slot, tile_ends - tiles, 0), 0)
+    return slot, (pid_m - first_tile) * BLOCK_M
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, partial_ptr,
+    sorted_ids_ptr, starts_ptr, counts_ptr, ranks_ptr,
+    max_loras, K, N, max_rank, k_per_split,
+    stride_xm, stride_a_slot, stride_a_n, stride_p_split, stride_p_m,
+    MAX_LORAS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    slot, m0 = _group_tile(tl.program_id(0), counts_ptr, ranks_ptr, max_loras, MAX_LORAS_P2, BLOCK_M)
+    if slot >= max_loras:
+        return
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    count = tl.load(counts_ptr + slot)
+    start = tl.load(starts_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    tokens = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    # Columns n = slice * max_rank + r; rows r >= rank of A are padding and never loaded.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = (offs_n < N) & (offs_n % max_rank < rank)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + tokens[:, None] * stride_xm                                   # [BLOCK_M, 1]
+    a_cols = a_ptr + slot.to(tl.int64) * stride_a_slot + offs_n[None, :] * stride_a_n  # [1, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k in range(k_begin, k_end, BLOCK_K):
+        ks = k + offs_k
+        if EVEN_K:
+            xt = tl.load(x_rows + ks[None, :], mask=mask_m[:, None], other=0.0)     # [BLOCK_M, BLOCK_K]
+            at = tl.load(a_cols + ks[:, None], mask=mask_n[None, :], other=0.0)     # [BLOCK_K, BLOCK_N]
+        else:
+            mask_k = ks < K
+            xt = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            at = tl.load(a_cols + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if IEEE_DOT:
+            acc = tl.dot(xt, at, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, at, acc)
+
+    p_ptrs = partial_ptr + pid_k * stride_p_split + tokens[:, None] * stride_p_m + offs_n[None, :]
+    tl.store(p_ptrs, acc, mask=mask_m[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _next_slice(pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, lo, hi, BLOCK_N: tl.constexpr):
+    """Move to the slice [lo, hi) when pid_n is past the column tiles seen so far."""
+    past = pid_n >= tiles_end
+    return (tl.where(past, slice_id + 1, slice_id), tl.where(past, lo, col_lo),
+            tl.where(past, hi, col_hi), tl.where(past, tiles_end, first_tile),
+            tiles_end + tl.cdiv(hi - lo, BLOCK_N))
+
+
+@triton.jit
+def _expand_kernel(
+    partial_ptr, b_ptr, out_ptr,
+    sorted_ids_ptr, starts_ptr, counts_ptr, ranks_ptr,
+    max_loras, max_rank, end0, end1, end2, end3,
+    stride_p_split, stride_p_m, stride_b_slot, stride_b_n, stride_out_m,
+    NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, MAX_LORAS_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    slot, m0 = _group_tile(tl.program_id(0), counts_ptr, ranks_ptr, max_loras, MAX_LORAS_P2, BLOCK_M)
+    if slot >= max_loras:
+        return
+    # Column tiles are numbered slice after slice; find this program's slice.
+    pid_n = tl.program_id(1)
+    slice_id = pid_n * 0
+    col_lo = pid_n * 0
+    col_hi = pid_n * 0 + end0
+    first_tile = pid_n * 0
+    tiles_end = tl.cdiv(end0, BLOCK_N) + pid_n * 0
+    if NUM_SLICES > 1:
+        slice_id, col_lo, col_hi, first_tile, tiles_end = _next_slice(
+            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end0, end1, BLOCK_N)
+    if NUM_SLICES > 2:
+        slice_id, col_lo, col_hi, first_tile, tiles_end = _next_slice(
+            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end1, end2, BLOCK_N)
+    if NUM_SLICES > 3:
+        slice_id, col_lo, col_hi, first_tile, tiles_end = _next_slice(
+            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end2, end3, BLOCK_N)
+
+    count = tl.load(counts_ptr + slot)
+    start = tl.load(starts_ptr + slot)
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < count
+    tokens = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_n = col_lo + (pid_n - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < col_hi
+    offs_r = tl.arange(0, BLOCK_R)
+    h_rows = partial_ptr + tokens[:, None] * stride_p_m + slice_id * max_rank       # [BLOCK_M, 1]
+    b_cols = b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_n  # [1, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The rank bounds the reduction: B's padding columns are never read.
+    for r0 in range(0, rank, BLOCK_R):
+        rs = r0 + offs_r
+        mask_r = rs < rank
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            h += tl.load(h_rows + s * stride_p_split + rs[None, :],
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)   # [BLOCK_M, BLOCK_R]
+        b = tl.load(b_cols + rs[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        if IEEE_DOT:
+            acc = tl.dot(h, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h.to(b.dtype), b, acc)
+
+    out_ptrs = out_ptr + tokens[:, None] * stride_out_m + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    y = tl.load(out_ptrs, mask=mask, other=0.0)
+    tl.store(out_ptrs, (y.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: few programs keep it fast
+
+
+def _block_m(num_tokens: int) -> int:
+    # Decode batches have few tokens per adapter; prefill has long runs of one adapter.
+    return 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
+
+
+def _max_row_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
+    return triton.cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
+
+
+def shrink_config(num_tokens: int, in_features: int, n: int, max_loras: int, num_sms: int) -> ShrinkConfig:
+    """Tiles for x[num_tokens, in] @ A^T -> [num_tokens, n]: split K until the GPU is full."""
+    block_m = _block_m(num_tokens)
+    block_n = min(max(16, triton.next_power_of_2(n)), 128)
+    block_k = 128 if block_m == 16 else 64
+    block_k = min(block_k, max(16, triton.next_power_of_2(in_features)))
+    programs = _max_row_tiles(num_tokens, max_loras, block_m) * triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(in_features, block_k)
+    # At decode sizes the work is streaming A once: spread it over ~2 programs per SM,
+    # but keep >= 4 K blocks per program so each has loads in flight.
+    split_k = max(1, min(triton.cdiv(2 * num_sms, programs), k_blocks // 4, MAX_SPLIT_K))
+    return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
+
+
+def expand_config(num_tokens: int, max_slice_width: int, max_rank: int) -> ExpandConfig:
+    """Tiles for h @ B^T added into out: wide column tiles, the rank in one block."""
+    block_m = _block_m(num_tokens)
+    block_n = 256 if block_m == 16 else 128
+    block_n = min(block_n, max(16, triton.next_power_of_2(max_slice_width)))
+    block_r = max(16, min(64, triton.next_power_of_2(max_rank)))
+    return ExpandConfig(block_m, block_n, block_r, num_warps=4, num_stages=2)
+
+
+def _max_loras_p2(max_loras: int) -> int:
+    return max(2, triton.next_power_of_2(max_loras))
+
+
+def triton_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, num_slices: int,
+                  *, zero_init: bool, config: ShrinkConfig | None = None) -> torch.Tensor:
+    """Split-K partials [split_k, num_tokens, num_slices * max_rank] float32 of x @ A[slot]^T.
+
+    Rows of tokens in no group are left unwritten unless zero_init. Inputs are checked by lora.py.
+    """
+    num_tokens, in_features = x.shape
+    max_loras, n, _ = lora_a.shape
+    max_rank = n // num_slices
+    if config is None:
+        config = shrink_config(num_tokens, in_features, n, max_loras, _num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
+    split_k = triton.cdiv(in_features, k_per_split)
+    alloc = torch.zeros if zero_init else torch.empty
+    partials = alloc((split_k, num_tokens, n), dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return partials
+    grid = (_max_row_tiles(num_tokens, max_loras, config.block_m), triton.cdiv(n, config.block_n), split_k)
+    _shrink_kernel[grid](
+        x, lora_a, partials,
+        meta.sorted_token_ids, meta.slot_token_starts, meta.slot_token_counts, meta.slot_ranks,
+        max_loras, in_features, n, max_rank, k_per_split,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0), partials.stride(1),
+        MAX_LORAS_P2=_max_loras_p2(max_loras), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, EVEN_K=in_features % config.block_k == 0,
+        IEEE_DOT=x.dtype == torch.float32, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return partials
+
+
+def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchMeta, out: torch.Tensor,
+                  slice_offsets: tuple[int, ...], *, config: ExpandConfig | None = None) -> None:
+    """out[t, slice i] += sum_k partials[k, t, rank block i] @ B[slot, slice i]^T, all slices at once."""
+    split_k, num_tokens, _ = partials.shape
+    max_loras, _, max_rank = lora_b.shape
+    num_slices = len(slice_offsets) - 1
+    widths = [hi - lo for lo, hi in zip(slice_offsets, slice_offsets[1:])]
+    if config is None:
+        config = expand_config(num_tokens, max(widths), max_rank)
+    if num_tokens == 0:
+        return
+    ends = list(slice_offsets[1:]) + [slice_offsets[-1]] * (MAX_SLICES - num_slices)
+    col_tiles = sum(triton.cdiv(w, config.block_n) for w in widths)
+    grid = (_max_row_tiles(num_tokens, max_loras, config.block_m), col_tiles)
+    _expand_kernel[grid](
+        partials, lora_b, out,
+        meta.sorted_token_ids, meta.slot_token_starts, meta.slot_token_counts, meta.slot_ranks,
+        max_loras, max_rank, *ends,
+        partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        NUM_SLICES=num_slices, SPLIT_K=split_k, MAX_LORAS_P2=_max_loras_p2(max_loras),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
+        IEEE_DOT=out.dtype == torch.float32, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
