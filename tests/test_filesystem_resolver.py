@@ -1,0 +1,186 @@
+"""The filesystem resolver: VLLM_LORA_RESOLVER_CACHE_DIR/<name>/ holding a PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters import write_peft_adapter
+from loraplex.errors import AdapterInvalidError, AdapterNameError, ConfigError
+from loraplex.lora_request import lora_id_for_name
+from loraplex.plugins import load_plugins
+from loraplex.resolvers import LoRAResolverRegistry, ResolverChain
+from loraplex.resolvers.filesystem import PLUGIN_NAME, FilesystemResolver
+from loraplex.server.cli import main as cli_main
+from plugin_helpers import isolated_plugins  # noqa: F401
+from test_names import HOSTILE_NAMES
+
+BASE = "tiny-base"
+
+
+def resolve(resolver, name, base=BASE):
+    return asyncio.run(resolver.resolve_lora(base, name))
+
+
+@pytest.fixture
+def lora_dir(tmp_path):
+    root = tmp_path / "loras"
+    root.mkdir()
+    return root
+
+
+def test_found_adapter_points_at_its_directory(lora_dir):
+    adapter = write_peft_adapter(lora_dir / "sql-lora", rank=4)
+    request = resolve(FilesystemResolver(lora_dir), "sql-lora")
+    assert request.lora_name == "sql-lora" and request.lora_int_id == lora_id_for_name("sql-lora")
+    assert request.lora_path == str(adapter) and request.base_model_name == BASE
+    # The directory is a real PEFT adapter: peft itself reads it back.
+    from peft import LoraConfig
+    config = LoraConfig.from_pretrained(request.lora_path)
+    assert config.r == 4 and set(config.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_org_slash_name_is_a_nested_directory(lora_dir):
+    write_peft_adapter(lora_dir / "acme" / "sql-lora")
+    assert resolve(FilesystemResolver(lora_dir), "acme/sql-lora").lora_path == str(lora_dir / "acme" / "sql-lora")
+
+
+def test_unknown_name_is_not_found(lora_dir):
+    assert resolve(FilesystemResolver(lora_dir), "nope") is None
+
+
+@pytest.mark.parametrize("name", [n for n in HOSTILE_NAMES if isinstance(n, str) and n])
+def test_hostile_names_rejected(tmp_path, name):
+    # An adapter outside the cache dir that a traversal would reach.
+    write_peft_adapter(tmp_path / "etc")
+    root = tmp_path / "loras" / "inner"
+    root.mkdir(parents=True)
+    with pytest.raises(AdapterNameError):
+        resolve(FilesystemResolver(root), name)
+
+
+def _break(adapter, how):
+    config_path = adapter / "adapter_config.json"
+    weights = adapter / "adapter_model.safetensors"
+    if how == "config_not_json":
+        config_path.write_text("{not json")
+    elif how == "config_not_object":
+        config_path.write_text("[1, 2]")
+    elif how == "config_missing":
+        config_path.unlink()
+    elif how == "not_lora":
+        config = json.loads(config_path.read_text())
+        config["peft_type"] = "IA3"
+        config_path.write_text(json.dumps(config))
+    elif how == "weights_missing":
+        weights.unlink()
+    elif how == "weights_truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif how == "weights_not_safetensors":
+        weights.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    elif how == "weights_empty":
+        weights.write_bytes(b"")
+
+
+BREAKAGES = {
+    "config_not_json": "is not valid JSON",
+    "config_not_object": "must hold a JSON object",
+    "config_missing": "has no adapter_config.json",
+    "not_lora": "peft_type 'IA3'",
+    "weights_missing": "has no weights file",
+    "weights_truncated": "truncated",
+    "weights_not_safetensors": "not a safetensors file",
+    "weights_empty": "truncated",
+}
+
+
+@pytest.mark.parametrize("how", sorted(BREAKAGES))
+def test_found_but_invalid_names_the_reason(lora_dir, how):
+    _break(write_peft_adapter(lora_dir / "broken"), how)
+    with pytest.raises(AdapterInvalidError, match=BREAKAGES[how]):
+        resolve(FilesystemResolver(lora_dir), "broken")
+
+
+def _pickle_only_adapter(path):
+    adapter = write_peft_adapter(path)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    torch.save(tensors, adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    return adapter
+
+
+def test_pickle_weights_refused_unless_allowed(lora_dir, monkeypatch):
+    adapter = _pickle_only_adapter(lora_dir / "old")
+    monkeypatch.delenv("LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS", raising=False)
+    with pytest.raises(AdapterInvalidError, match="LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS"):
+        resolve(FilesystemResolver(lora_dir), "old")
+    monkeypatch.setenv("LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS", "1")
+    assert resolve(FilesystemResolver(lora_dir), "old").lora_path == str(adapter)
+    monkeypatch.setenv("LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS", "maybe")
+    with pytest.raises(ConfigError, match="LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS"):
+        FilesystemResolver(lora_dir)
+
+
+@pytest.mark.parametrize("adapter_base,served", [
+    ("tiny-base", "tiny-base"),
+    ("/models/tiny-base", "/models/tiny-base/"),
+    ("acme/tiny-base", "/srv/models/tiny-base"),
+])
+def test_compatible_base_models_accepted(lora_dir, adapter_base, served):
+    write_peft_adapter(lora_dir / "a", base_model_name_or_path=adapter_base)
+    assert resolve(FilesystemResolver(lora_dir), "a", base=served) is not None
+
+
+def test_base_model_mismatch_is_invalid(lora_dir):
+    write_peft_adapter(lora_dir / "a", base_model_name_or_path="meta-llama/Llama-3-70B")
+    with pytest.raises(AdapterInvalidError, match="trained on 'meta-llama/Llama-3-70B'.*'tiny-base'"):
+        resolve(FilesystemResolver(lora_dir), "a")
+
+
+def test_empty_base_model_accepted_with_warning(lora_dir, caplog):
+    write_peft_adapter(lora_dir / "a", base_model_name_or_path="")
+    with caplog.at_level(logging.WARNING):
+        assert resolve(FilesystemResolver(lora_dir), "a") is not None
+    assert "base_model_name_or_path is empty" in caplog.text
+
+
+# Registration through the real entry point of the installed package.
+
+def test_unset_variable_registers_nothing(isolated_plugins, monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", PLUGIN_NAME)
+    record = load_plugins()[0]
+    assert record.name == PLUGIN_NAME and record.loaded and record.resolvers == []
+
+
+def test_set_variable_registers_and_resolves_through_chain(isolated_plugins, monkeypatch, lora_dir):
+    write_peft_adapter(lora_dir / "sql-lora")
+    monkeypatch.setenv("VLLM_PLUGINS", PLUGIN_NAME)
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(lora_dir))
+    chain = ResolverChain.from_registry()
+    assert chain.resolver_names == [PLUGIN_NAME]
+    assert isinstance(LoRAResolverRegistry.get_resolver(PLUGIN_NAME), FilesystemResolver)
+    assert asyncio.run(chain.resolve(BASE, "sql-lora")).lora_path == str(lora_dir / "sql-lora")
+    assert asyncio.run(chain.resolve(BASE, "missing")) is None
+
+
+def test_missing_directory_is_a_loud_startup_error(isolated_plugins, monkeypatch, tmp_path, caplog, capsys):
+    monkeypatch.setenv("VLLM_PLUGINS", PLUGIN_NAME)
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(tmp_path / "typo"))
+    with caplog.at_level(logging.ERROR):
+        record = load_plugins()[0]
+    assert not record.loaded and "ConfigError" in record.error
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" in record.error and "typo" in record.error
+    assert PLUGIN_NAME in caplog.text and "VLLM_LORA_RESOLVER_CACHE_DIR" in caplog.text
+    assert cli_main(["plugins"]) == 1
+    out = capsys.readouterr().out
+    assert "error" in out and "VLLM_LORA_RESOLVER_CACHE_DIR" in out
+
+
+def test_constructor_rejects_missing_directory(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        FilesystemResolver(tmp_path / "nope")
