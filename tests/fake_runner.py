@@ -53,3 +53,41 @@ class FakeRunner:
                        for p in range(end)]
             rows.append(self.context_logits(context))
         return torch.stack(rows)                                                # [batch, vocab]
+
+
+class ScriptedRunner(FakeRunner):
+    """Emits a fixed script of output tokens: output position i gets a one-hot-ish logit at script[i]."""
+
+    def __init__(self, script: list[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.script = script
+
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        logits = super().execute(scheduled)
+        for row, item in enumerate(scheduled):
+            seq = item.seq
+            index = item.seq.num_computed_tokens + item.num_new_tokens - seq.num_prompt_tokens
+            logits[row] = 0.0
+            logits[row, self.script[min(index, len(self.script) - 1)]] = 20.0
+        return logits
+
+
+def fake_engine(runner=None, tokenizer=None, **config_kwargs):
+    """An LLMEngine over a FakeRunner (or the given runner); config_kwargs go to EngineConfig."""
+    from loraplex.core.config import EngineConfig
+    from loraplex.core.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model="/no-such-model", **config_kwargs),
+                     runner=runner or FakeRunner(), tokenizer=tokenizer)
+
+
+def run_all(engine, requests) -> dict:
+    """Add (request_id, prompt, params[, lora_request]) tuples, step to the end, return final outputs by id."""
+    for request in requests:
+        engine.add_request(*request)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finals[output.request_id] = output
+    return finals

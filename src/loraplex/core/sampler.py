@@ -69,7 +69,7 @@ class Sampler:
                 ids = torch.tensor(sorted(t for t in stop_ids[i] if t < vocab), dtype=torch.long)
                 logits[i, ids.to(device)] = float("-inf")
 
-        logits = self._apply_penalties(logits, seqs, params)
+        logits = apply_penalties(logits, seqs)
         greedy = torch.tensor([p.is_greedy for p in params], device=device)
         tokens = logits.argmax(dim=-1)                                 # [batch]
         if not bool(greedy.all()):
@@ -78,49 +78,10 @@ class Sampler:
 
         return self._collect(tokens, raw_logprobs, params)
 
-    def _apply_penalties(self, logits, seqs, params) -> torch.Tensor:
-        batch, vocab = logits.shape
-        device = logits.device
-        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-        use_rep = bool((rep != 1.0).any())
-        if not use_rep and not bool((freq != 0).any()) and not bool((pres != 0).any()):
-            return logits
-        output_counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
-        if use_rep:
-            prompt_seen = _token_counts([s.token_ids[:s.num_prompt_tokens] for s in seqs], vocab, device) > 0
-            seen = prompt_seen | (output_counts > 0)                   # [batch, vocab]
-            penalized = torch.where(logits > 0, logits / rep, logits * rep)
-            logits = torch.where(seen, penalized, logits)
-        logits = logits - freq * output_counts - pres * (output_counts > 0).float()
-        return logits
-
     def _sample(self, logits, seqs, params) -> torch.Tensor:
         """Token per row drawn from the filtered distribution (greedy rows get a dummy value)."""
-        batch, vocab = logits.shape
-        device = logits.device
-        temp = torch.tensor([p.temperature if not p.is_greedy else 1.0 for p in params], device=device)
-        logits = logits / temp[:, None]
-
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)   # [batch, vocab]
-            rank = torch.arange(vocab, device=device)[None, :]
-            sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # Mass of strictly better tokens; the best token always survives.
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-
-        probs = logits.softmax(dim=-1)                                 # [batch, vocab]
-        min_p = torch.tensor([p.min_p for p in params], device=device)
-        if bool((min_p > 0).any()):
-            threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-
+        probs = filtered_probs(logits, params)                         # [batch, vocab]
+        vocab, device = probs.shape[1], probs.device
         # Exponential race. Seeded rows draw from their own generator, one row at a time.
         q = torch.empty_like(probs)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
@@ -150,3 +111,56 @@ class Sampler:
                 top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
             out.append(SampledToken(tokens_l[i], chosen_l[i], ranks_l[i], top))
         return out
+
+
+def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """[batch, vocab] probabilities after temperature, top-k, top-p and min-p (rows sum to 1).
+
+    top-p keeps the smallest set of most likely tokens whose mass reaches top_p;
+    min-p drops tokens less likely than min_p times the most likely one.
+    """
+    batch, vocab = logits.shape
+    device = logits.device
+    temp = torch.tensor([p.temperature if not p.is_greedy else 1.0 for p in params], device=device)
+    logits = logits / temp[:, None]
+
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)   # [batch, vocab]
+        rank = torch.arange(vocab, device=device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Mass of strictly better tokens; the best token always survives.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+    probs = logits.softmax(dim=-1)                                 # [batch, vocab]
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    if bool((min_p > 0).any()):
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    # Renormalized so each row is the distribution actually sampled from.
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition (prompt + output tokens), then frequency and presence (output tokens) penalties."""
+    params = [s.sampling_params for s in seqs]
+    batch, vocab = logits.shape
+    device = logits.device
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    use_rep = bool((rep != 1.0).any())
+    if not use_rep and not bool((freq != 0).any()) and not bool((pres != 0).any()):
+        return logits
+    output_counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
+    if use_rep:
+        prompt_seen = _token_counts([s.token_ids[:s.num_prompt_tokens] for s in seqs], vocab, device) > 0
+        seen = prompt_seen | (output_counts > 0)                   # [batch, vocab]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+    logits = logits - freq * output_counts - pres * (output_counts > 0).float()
+    return logits
