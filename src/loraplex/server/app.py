@@ -10,7 +10,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from loraplex.server.backend import maybe_await
 from loraplex.server.chat import create_chat_completion
 from loraplex.server.completions import create_completion
 from loraplex.server.errors import HTTPError, install_error_handlers
@@ -55,10 +54,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        engine = _state(request).backend.engine
-        check = getattr(engine, "check_health", None)
-        if check is not None:
-            await maybe_await(check())
+        if not _state(request).backend.is_healthy():
+            raise HTTPError(503, "the engine has stopped; see the server log and restart it")
         return Response(status_code=200)
 
     @app.get("/version")

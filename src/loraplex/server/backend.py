@@ -71,7 +71,14 @@ class ServingBackend:
     async def shutdown(self) -> None:
         stop = getattr(self.engine, "shutdown", None)
         if callable(stop):
-            await maybe_await(stop())
+            # AsyncEngine.shutdown joins the engine thread: keep the event loop free meanwhile.
+            if inspect.iscoroutinefunction(stop):
+                await stop()
+            else:
+                await asyncio.to_thread(stop)
+
+    def is_healthy(self) -> bool:
+        return bool(getattr(self.engine, "is_running", True))
 
     # ---- names ---------------------------------------------------------------
     @property

@@ -22,6 +22,7 @@ from loraplex.errors import (
     AdapterNameError,
     AdapterNotFoundError,
     ConfigError,
+    EngineDeadError,
     InvalidRequestError,
     LoraplexError,
     ResolverError,
@@ -51,6 +52,7 @@ STATUS_BY_EXCEPTION: tuple[tuple[type[BaseException], int], ...] = (
     (ResolverError, 502),          # the adapter source (S3, Hub...) failed
     (InvalidRequestError, 400),
     (ConfigError, 500),            # a server setting, not the caller's fault
+    (EngineDeadError, 503),
     (LoraplexError, 400),
     (ValueError, 400),             # engine-side validation of sampling values
     (TypeError, 400),
