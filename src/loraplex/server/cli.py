@@ -30,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exits with status 1 if a selected plugin failed to load.")
     plugins.add_argument("--json", action="store_true", help="print the report as JSON")
     plugins.set_defaults(func=cmd_plugins)
+
+    from loraplex.server.serve import add_serve_arguments, cmd_serve
+    serve = subcommands.add_parser(
+        "serve", help="run the OpenAI-compatible HTTP server",
+        description="Serve MODEL (and its LoRA adapters) over an OpenAI-compatible HTTP API. "
+                    "See docs/server.md for every flag, endpoint, variable and metric.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
