@@ -184,3 +184,15 @@ def test_missing_directory_is_a_loud_startup_error(isolated_plugins, monkeypatch
 def test_constructor_rejects_missing_directory(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         FilesystemResolver(tmp_path / "nope")
+
+
+def test_download_cache_entries_are_left_to_remote_resolvers(lora_dir):
+    """VLLM_LORA_RESOLVER_CACHE_DIR is also the remote resolvers' download cache:
+    their entries (with a manifest) and bookkeeping dirs are not served from here."""
+    downloaded = write_peft_adapter(lora_dir / "from-s3")
+    (downloaded / ".loraplex-manifest.json").write_text("{}")
+    write_peft_adapter(lora_dir / ".loraplex-tmp" / "partial")
+    resolver = FilesystemResolver(lora_dir)
+    assert resolve(resolver, "from-s3") is None
+    with pytest.raises(AdapterNameError, match="reserves"):
+        resolve(resolver, ".loraplex-tmp/partial")

@@ -5,6 +5,9 @@ PEFT LoRA adapter in `<dir>/<name>/` (for `org/name`, `<dir>/org/name/`).
 The request points at that directory itself: nothing is copied.
 
 - no such directory: None (not found; the chain asks the next resolver)
+- a directory a remote resolver downloaded into the same directory (it holds
+  the download cache's manifest): None, so the remote resolver, which keeps
+  it in step with its source and may evict it, stays its only owner
 - the directory exists but is unusable (bad adapter_config.json, peft_type
   other than LORA, missing / truncated / non-safetensors weights, pickle
   weights while LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS is off, trained on a
@@ -22,8 +25,8 @@ from loraplex.errors import AdapterInvalidError, ConfigError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.plugins.hookspecs import hookimpl
 from loraplex.resolvers.base import LoRAResolver
+from loraplex.resolvers.cache import MANIFEST_FILE, check_cache_name
 from loraplex.resolvers.env import allow_pickle_lora_weights
-from loraplex.resolvers.names import check_adapter_name
 from loraplex.resolvers.validation import base_model_compatible, validate_adapter_dir
 
 logger = logging.getLogger(__name__)
@@ -43,13 +46,13 @@ class FilesystemResolver(LoRAResolver):
         self.allow_pickle = allow_pickle_lora_weights() if allow_pickle is None else allow_pickle
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        check_adapter_name(lora_name)
+        check_cache_name(lora_name)  # also refuses the download cache's '.loraplex*' bookkeeping
         # Stat and header reads can block on network filesystems; keep the event loop free.
         return await asyncio.to_thread(self._resolve, base_model_name, lora_name)
 
     def _resolve(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         adapter_dir = self.lora_cache_dir / lora_name
-        if not adapter_dir.is_dir():
+        if not adapter_dir.is_dir() or (adapter_dir / MANIFEST_FILE).exists():
             return None
         files = validate_adapter_dir(adapter_dir, allow_pickle=self.allow_pickle)
         adapter_base = files.config.get("base_model_name_or_path")
