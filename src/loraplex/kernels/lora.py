@@ -58,9 +58,10 @@ def lora_expand(buf: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchMeta, ou
 def apply_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                meta: LoRABatchMeta, slice_offsets: tuple[int, ...], *, backend: str = "auto") -> None:
     """out += LoRA(x) for every token with a slot: shrink then expand, all slices at once."""
-    num_slices = len(slice_offsets) - 1
+    _check_tensor(out, "out", dims=2, row_major=True)
+    num_slices = _check_slice_offsets(slice_offsets, out)
     _check_shrink(x, lora_a, meta, num_slices)
-    _check_expand_weights(lora_b, lora_a, num_slices, out, slice_offsets, x)
+    _check_expand_weights(lora_b, lora_a, num_slices, out, x)
     if _use_triton(backend, x):
         from loraplex.kernels.triton_lora import triton_expand, triton_shrink
         # Expand sums the split-K partials itself; rows it reads are always written.
@@ -162,10 +163,8 @@ def _check_expand(buf, lora_b, meta, out, slice_offsets):
     _check_same_device(buf, out, "buf", "out")
 
 
-def _check_expand_weights(lora_b, lora_a, num_slices, out, slice_offsets, x):
+def _check_expand_weights(lora_b, lora_a, num_slices, out, x):
     _check_tensor(lora_b, "lora_b", dims=3, contiguous=True)
-    _check_tensor(out, "out", dims=2, row_major=True)
-    _check_slice_offsets(slice_offsets, out)
     if lora_b.shape[0] != lora_a.shape[0] or lora_b.shape[2] * num_slices != lora_a.shape[1]:
         raise KernelArgumentError(
             f"lora_a {list(lora_a.shape)} and lora_b {list(lora_b.shape)} disagree for {num_slices} slices: "

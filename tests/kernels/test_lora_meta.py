@@ -1,0 +1,62 @@
+"""build_lora_meta: tokens grouped by slot, base tokens excluded, bad slot maps rejected."""
+
+import pytest
+import torch
+
+from loraplex.errors import KernelArgumentError
+from loraplex.kernels.lora_meta import build_lora_meta, check_token_slots, lora_groups
+
+
+def _ranks(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def test_groups_tokens_by_slot_in_order_with_base_tokens_last():
+    slots = torch.tensor([2, -1, 0, 2, -1, 2, 0, 3], dtype=torch.int32)
+    meta = build_lora_meta(slots, _ranks(4, 8, 2, 16), max_loras=4)
+    assert meta.num_tokens == 8 and meta.max_loras == 4
+    assert meta.sorted_token_ids.tolist() == [2, 6, 0, 3, 5, 7, 1, 4]
+    assert meta.slot_token_counts.tolist() == [2, 0, 3, 1]
+    assert meta.slot_token_starts.tolist() == [0, 2, 2, 5]
+    assert meta.active_slots.tolist() == [0, 2, 3, -1]
+    assert int(meta.num_active_slots) == 3
+    assert lora_groups(meta) == ((0, 0, 2), (2, 2, 3), (3, 5, 1))
+    assert all(t.dtype == torch.int32 for t in (meta.sorted_token_ids, meta.slot_token_starts,
+                                                  meta.slot_token_counts, meta.active_slots))
+
+
+def test_groups_recomputed_without_host_copy_match():
+    slots = torch.tensor([1, 1, -1, 0], dtype=torch.int32)
+    meta = build_lora_meta(slots, _ranks(4, 4), max_loras=2)
+    from dataclasses import replace
+    assert lora_groups(replace(meta, host_groups=None)) == lora_groups(meta) == ((0, 0, 1), (1, 1, 2))
+
+
+def test_slot_ranks_are_kept_by_reference():
+    ranks = _ranks(4, 0)
+    meta = build_lora_meta(torch.tensor([0, 1], dtype=torch.int32), ranks, max_loras=2)
+    ranks[1] = 8  # the manager loads an adapter into slot 1 in place
+    assert meta.slot_ranks.tolist() == [4, 8]
+
+
+@pytest.mark.parametrize("bad_slot", [-2, 3, 100])
+def test_out_of_range_slot_is_rejected(bad_slot):
+    slots = torch.tensor([0, bad_slot, 1], dtype=torch.int32)
+    with pytest.raises(KernelArgumentError, match=rf"slot {bad_slot}.*\[0, 3\)"):
+        build_lora_meta(slots, _ranks(1, 1, 1), max_loras=3)
+    with pytest.raises(KernelArgumentError, match="max_loras=3"):
+        check_token_slots(slots, 3)
+
+
+@pytest.mark.parametrize("slots,ranks,max_loras,message", [
+    (torch.tensor([0, 1]), _ranks(1, 1), 2, "1-D int32"),
+    (torch.tensor([[0, 1]], dtype=torch.int32), _ranks(1, 1), 2, "1-D int32"),
+    (torch.tensor([0, 1], dtype=torch.int32), _ranks(1, 1, 1), 2, r"shape \[max_loras\]=\[2\]"),
+    (torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1, 1]), 2, "int32"),
+    (torch.tensor([0, 1], dtype=torch.int32), _ranks(1, -1), 2, "slot_ranks must be >= 0"),
+    (torch.tensor([0], dtype=torch.int32), _ranks(), 0, "max_loras must be a positive int"),
+    ([0, 1], _ranks(1, 1), 2, "must be a torch.Tensor"),
+])
+def test_bad_arguments_are_explained(slots, ranks, max_loras, message):
+    with pytest.raises(KernelArgumentError, match=message):
+        build_lora_meta(slots, ranks, max_loras)
