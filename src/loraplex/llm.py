@@ -92,11 +92,32 @@ class LLM:
                             "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, lora_request, use_tqdm)
 
+    # ---- LoRA adapters ----------------------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and validate an adapter into the CPU cache; False if it was already loaded."""
+        return self.llm_engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Free the adapter's device slot and CPU copy; False if it was not loaded."""
+        return self.llm_engine.remove_lora(lora_int_id)
+
+    def pin_lora(self, lora_int_id: int) -> bool:
+        """Keep a loaded adapter in the CPU cache and a device slot until it is removed."""
+        return self.llm_engine.pin_lora(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        """Ids of the loaded adapters."""
+        return self.llm_engine.list_loras()
+
     def _run(self, items: list, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         # Validate everything first, so a bad prompt leaves nothing half-queued.
         requests = [engine.process_request(f"llm-{next(self._request_ids)}", prompt, params, lora)
                     for prompt, params, lora in items]
+        # Load (and validate) each adapter up front: an unusable one raises here, not mid-batch.
+        for lora in {r.lora_request.lora_int_id: r.lora_request for r in requests if r.lora_request}.values():
+            engine.add_lora(lora)
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)

@@ -72,7 +72,9 @@ class LLMEngine:
         self.max_model_len = runner.max_model_len
         self.vocab_size = runner.vocab_size
         self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size)
-        admission = MaxLorasAdmission(config.max_loras) if config.enable_lora else None
+        lora_manager = self.lora_manager
+        admission = MaxLorasAdmission(config.max_loras, pinned=lora_manager.pinned_in_slots
+                                      if lora_manager is not None else None) if config.enable_lora else None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    admission=admission)
@@ -209,6 +211,34 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_blocks,
                            bm.num_free_blocks, bm.usage, self.scheduler.num_preemptions)
+
+    # ---- LoRA adapters (vLLM's add_lora / remove_lora / pin_lora / list_loras) -----------
+
+    @property
+    def lora_manager(self):
+        """The runner's LoRAManager, or None when LoRA is off."""
+        lora = getattr(self.runner, "lora", None)
+        return lora.manager if lora is not None else None
+
+    def _require_lora(self):
+        if self.lora_manager is None:
+            raise InvalidRequestError("LoRA is not enabled; start the engine with enable_lora=True")
+        return self.lora_manager
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and validate an adapter into the CPU cache (AdapterInvalidError says what is wrong)."""
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError(f"add_lora takes a LoRARequest, got {lora_request!r}")
+        return self._require_lora().add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._require_lora().remove_lora(lora_int_id)
+
+    def pin_lora(self, lora_int_id: int) -> bool:
+        return self._require_lora().pin_lora(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self._require_lora().list_loras()
 
     # ---- the step ------------------------------------------------------------------------
 

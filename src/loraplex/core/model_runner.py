@@ -62,6 +62,10 @@ class ModelRunner:
                                       dtype=self.dtype, device=self.device)
         load_weights(self.model, config.model)
         self.model.eval()
+        self.lora = None
+        if config.enable_lora:
+            from loraplex.core.lora.runtime import LoRARuntime
+            self.lora = LoRARuntime(self.model, cfg, config, dtype=self.dtype, device=self.device)
 
         block_bytes = bytes_per_block(cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         self.num_kv_blocks = num_blocks_for_budget(self._kv_cache_budget(block_bytes), block_bytes,
@@ -109,4 +113,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Compute the scheduled tokens; float32 logits [len(scheduled), vocab] of each one's last token."""
-        return self._forward(self.prepare_inputs(scheduled), self.kv_cache.layers)
+        inputs = self.prepare_inputs(scheduled)
+        if self.lora is None:
+            return self._forward(inputs, self.kv_cache.layers)
+        with self.lora.step(scheduled):   # slots filled, token -> slot metadata built once
+            return self._forward(inputs, self.kv_cache.layers)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from loraplex.core.block_manager import BlockManager
 from loraplex.core.sequence import ScheduledSeq, Sequence, SequenceStatus
@@ -56,20 +56,25 @@ class MaxLorasAdmission:
     drain, and the refused one gets the freed slot.
     """
 
-    def __init__(self, max_loras: int) -> None:
+    def __init__(self, max_loras: int, pinned: Callable[[], set[int]] | None = None) -> None:
         self.max_loras = max_loras
+        # Pinned adapters keep their device slots even in steps that do not use them.
+        self._pinned_source = pinned or set
         self._active: set[int] = set()
+        self._pinned: set[int] = set()
         self._blocked = False
 
     def begin_step(self, running: list[Sequence]) -> None:
         self._active = {s.lora_request.lora_int_id for s in running if s.lora_request is not None}
+        self._pinned = set(self._pinned_source())
         self._blocked = False
 
     def can_admit(self, seq: Sequence) -> bool:
         if seq.lora_request is None:
             return True
         lora_id = seq.lora_request.lora_int_id
-        if not self._blocked and (lora_id in self._active or len(self._active) < self.max_loras):
+        has_slot = lora_id in self._active or lora_id in self._pinned
+        if not self._blocked and (has_slot or len(self._active | self._pinned) < self.max_loras):
             self._active.add(lora_id)
             return True
         self._blocked = True

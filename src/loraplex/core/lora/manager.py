@@ -38,33 +38,31 @@ class LoRAManager:
         self._pinned: set[int] = set()
         self._step_ids: set[int] = set()                           # adapters of the latest step
         self._in_step = False                                      # between activate() and end_step()
-        self._lock = threading.RLock()
+        # Held by the runner for a whole step (activate, forward, end_step): slot writes from
+        # other threads (pin_lora, remove_lora) wait until the forward is done with the slots.
+        self.lock = threading.RLock()
 
     # ---- the user-facing operations (LLM.add_lora, pin_lora, remove_lora, list_loras)
 
     def add_lora(self, request: LoRARequest) -> bool:
         """Load and validate an adapter into the CPU cache; False if it was already there."""
-        with self._lock:
-            cached = self._cpu.get(request.lora_int_id)
-            if cached is not None:
-                self._check_same_adapter(cached.request, request)
-                self._cpu.move_to_end(request.lora_int_id)
+        with self.lock:
+            if self._is_cached(request):
                 return False
-            for other in self._cpu.values():
-                if other.request.lora_name == request.lora_name:
-                    raise AdapterInvalidError(
-                        f"adapter {request.lora_name!r} is already loaded with lora_int_id "
-                        f"{other.request.lora_int_id}, not {request.lora_int_id}; use one id per adapter")
-            adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
+        # Disk I/O and validation outside the lock: a running step is not held up by them.
+        adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
+        with self.lock:
+            if self._is_cached(request):
+                return False
             self._make_cpu_room(request)
             self._cpu[request.lora_int_id] = adapter
-            logger.info("loaded LoRA adapter %r (id %d, rank %d, %.1f KiB)", request.lora_name,
-                        request.lora_int_id, adapter.rank, adapter.num_bytes / 1024)
-            return True
+        logger.info("loaded LoRA adapter %r (id %d, rank %d, %.1f KiB)", request.lora_name,
+                    request.lora_int_id, adapter.rank, adapter.num_bytes / 1024)
+        return True
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """Drop an adapter from its device slot and the CPU cache (its memory is released)."""
-        with self._lock:
+        with self.lock:
             if self._in_step and lora_int_id in self._step_ids:
                 raise AdapterCapacityError(f"adapter id {lora_int_id} is used by the step now running; "
                                            f"retry once the step has finished")
@@ -74,7 +72,7 @@ class LoRAManager:
 
     def pin_lora(self, lora_int_id: int) -> bool:
         """Keep an adapter in the CPU cache and a device slot until it is removed."""
-        with self._lock:
+        with self.lock:
             if lora_int_id not in self._cpu:
                 raise AdapterNotFoundError(f"adapter id {lora_int_id} is not loaded; add_lora() it before pinning")
             if lora_int_id in self._pinned:
@@ -93,16 +91,21 @@ class LoRAManager:
             return True
 
     def list_loras(self) -> set[int]:
-        with self._lock:
+        with self.lock:
             return set(self._cpu) | set(self._slot_of)
 
     def get_request(self, lora_int_id: int) -> LoRARequest | None:
-        with self._lock:
+        with self.lock:
             adapter = self._cpu.get(lora_int_id)
             return adapter.request if adapter else None
 
     def is_pinned(self, lora_int_id: int) -> bool:
         return lora_int_id in self._pinned
+
+    def pinned_in_slots(self) -> set[int]:
+        """Pinned adapters holding a device slot (the scheduler counts them against max_loras)."""
+        with self.lock:
+            return {i for i in self._pinned if i in self._slot_of}
 
     def slot_of(self, lora_int_id: int) -> int | None:
         return self._slot_of.get(lora_int_id)
@@ -117,7 +120,7 @@ class LoRAManager:
 
     def activate(self, requests: Iterable[LoRARequest]) -> dict[int, int]:
         """Put every adapter of a step into a device slot; return lora_int_id -> slot."""
-        with self._lock:
+        with self.lock:
             by_id = {r.lora_int_id: r for r in requests}
             if not self.can_run_together(by_id):
                 raise AdapterCapacityError(
@@ -145,7 +148,7 @@ class LoRAManager:
         Requests still running keep their LoRARequest, so an adapter removed or evicted
         between their steps is reloaded from its path on their next step.
         """
-        with self._lock:
+        with self.lock:
             self._in_step = False
 
     # ---- internals
@@ -186,10 +189,20 @@ class LoRAManager:
         if slot is not None:
             self.stacks.clear_slot(slot)
 
-    @staticmethod
-    def _check_same_adapter(loaded: LoRARequest, request: LoRARequest) -> None:
-        if loaded.lora_name != request.lora_name:
-            raise AdapterInvalidError(
-                f"lora_int_id {request.lora_int_id} is already used by adapter {loaded.lora_name!r}, "
-                f"not {request.lora_name!r}; give each adapter its own id "
-                f"(loraplex.lora_request.lora_id_for_name(name))")
+    def _is_cached(self, request: LoRARequest) -> bool:
+        """True (and marked recently used) if the CPU cache holds it; raise on an id or name clash."""
+        cached = self._cpu.get(request.lora_int_id)
+        if cached is not None:
+            if cached.request.lora_name != request.lora_name:
+                raise AdapterInvalidError(
+                    f"lora_int_id {request.lora_int_id} is already used by adapter {cached.request.lora_name!r}, "
+                    f"not {request.lora_name!r}; give each adapter its own id "
+                    f"(loraplex.lora_request.lora_id_for_name(name))")
+            self._cpu.move_to_end(request.lora_int_id)
+            return True
+        for other in self._cpu.values():
+            if other.request.lora_name == request.lora_name:
+                raise AdapterInvalidError(
+                    f"adapter {request.lora_name!r} is already loaded with lora_int_id "
+                    f"{other.request.lora_int_id}, not {request.lora_int_id}; use one id per adapter")
+        return False

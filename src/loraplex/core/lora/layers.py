@@ -1,0 +1,46 @@
+"""LoRALinear: a model Linear plus the batched LoRA of whatever adapters this step's tokens use.
+
+It replaces the model's fused projections after the weights are loaded. It keeps the base
+layer's slice attributes (the model splits qkv_proj's output with `output_slices`), and
+reads the step's LoRABatchMeta from a LoRAStepState shared by every layer, built once
+per step by the model runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loraplex.core.layers import Linear
+from loraplex.core.lora.slots import LoRAStack
+from loraplex.kernels.lora import apply_lora
+from loraplex.kernels.lora_meta import LoRABatchMeta
+
+
+@dataclass
+class LoRAStepState:
+    """The current step's token grouping; None when no token of the step uses an adapter."""
+    meta: LoRABatchMeta | None = None
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: Linear, stack: LoRAStack, state: LoRAStepState):
+        super().__init__()
+        if tuple(base.output_slices) != tuple(stack.target.slice_sizes) or base.in_features != stack.target.in_features:
+            raise ValueError(f"LoRA target {stack.target} does not match the layer {base}")
+        self.base = base
+        self.stack = stack
+        self.state = state
+        self.in_features = base.in_features
+        self.output_slices = base.output_slices
+        self.slice_names = base.slice_names
+        self.out_features = base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)                         # [num_tokens, out_features]
+        meta = self.state.meta
+        if meta is not None:
+            apply_lora(x, out, self.stack.lora_a, self.stack.lora_b, meta, self.stack.slice_offsets)
+        return out

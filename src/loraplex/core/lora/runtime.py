@@ -1,0 +1,75 @@
+"""LoRARuntime: multi-LoRA inside the model runner.
+
+At start-up it allocates the slot stacks for the model, wraps every fused projection in a
+LoRALinear and creates the LoRAManager. Each step, `step(scheduled)` puts the step's
+adapters into slots, maps every token to its slot and builds the LoRABatchMeta once, for
+all layers. The manager's lock is held for the whole step, so pin/remove calls from
+other threads wait until the forward pass has finished with the slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from loraplex.core.config import EngineConfig
+from loraplex.core.lora.layers import LoRALinear, LoRAStepState
+from loraplex.core.lora.manager import LoRAManager
+from loraplex.core.lora.slots import LoRASlotStacks
+from loraplex.core.lora.targets import LoRAModelSpec, llama_lora_spec
+from loraplex.core.sequence import ScheduledSeq
+from loraplex.kernels.lora_meta import build_lora_meta
+
+# (parent module attribute, projection attribute) of each LoRA target in a decoder layer.
+_TARGET_PATHS = {"qkv_proj": ("self_attn", "qkv_proj"), "o_proj": ("self_attn", "o_proj"),
+                 "gate_up_proj": ("mlp", "gate_up_proj"), "down_proj": ("mlp", "down_proj")}
+
+
+def lora_spec_for(model_config) -> LoRAModelSpec:
+    cfg = model_config
+    return llama_lora_spec(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+                           num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                           intermediate_size=cfg.intermediate_size)
+
+
+class LoRARuntime:
+    def __init__(self, model: torch.nn.Module, model_config, config: EngineConfig, *,
+                 dtype: torch.dtype, device: torch.device):
+        spec = lora_spec_for(model_config)
+        self.stacks = LoRASlotStacks(spec, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                                     dtype=dtype, device=device)
+        self.manager = LoRAManager(self.stacks, max_cpu_loras=config.max_cpu_loras,
+                                   served_model_name=config.model,
+                                   allow_pickle=config.allow_pickle_lora_weights)
+        self.state = LoRAStepState()
+        self.device = device
+        for index, layer in enumerate(model.model.layers):
+            for target, (parent_name, attr) in _TARGET_PATHS.items():
+                parent = getattr(layer, parent_name)
+                setattr(parent, attr, LoRALinear(getattr(parent, attr), self.stacks.stack(index, target), self.state))
+
+    @contextmanager
+    def step(self, scheduled: list[ScheduledSeq]) -> Iterator[None]:
+        """Activate the step's adapters and publish its LoRABatchMeta for the forward pass."""
+        with self.manager.lock:
+            requests = [s.seq.lora_request for s in scheduled if s.seq.lora_request is not None]
+            slot_of = self.manager.activate(requests)
+            try:
+                slots = np.empty(len(scheduled), dtype=np.int32)
+                for i, s in enumerate(scheduled):
+                    lora = s.seq.lora_request
+                    s.seq.lora_slot = slot_of[lora.lora_int_id] if lora is not None else -1
+                    slots[i] = s.seq.lora_slot
+                if slot_of:
+                    # Tokens are laid out sequence after sequence (see step_inputs.py).
+                    token_slots = np.repeat(slots, [s.num_new_tokens for s in scheduled])   # [num_tokens]
+                    self.state.meta = build_lora_meta(
+                        torch.from_numpy(token_slots).to(self.device, non_blocking=True),
+                        self.stacks.slot_ranks, self.stacks.max_loras)
+                yield
+            finally:
+                self.state.meta = None
+                self.manager.end_step()
