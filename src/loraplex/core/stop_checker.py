@@ -92,4 +92,4 @@ class StopChecker:
         if seq.finish_reason is not None:
             return text
         hold = _held_back(seq.sampling_params)
-        return text[:len(text) - hold] if hold else text
+        return text[:max(0, len(text) - hold)]

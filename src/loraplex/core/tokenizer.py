@@ -93,8 +93,9 @@ class Tokenizer:
             has_bos = bool(ids) and ids[0] == self.bos_token_id
             if self.add_bos_token and not has_bos:
                 ids = [self.bos_token_id] + ids
-            elif not self.add_bos_token and has_bos:
-                ids = ids[1:]
+            elif not self.add_bos_token and has_bos and \
+                    len(ids) > len(self._tok.encode(text, add_special_tokens=False).ids):
+                ids = ids[1:]   # the post-processor added it, not the text
         return ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
