@@ -161,7 +161,8 @@ class AdapterCache:
         manifest = self._intact_manifest(entry)
         if manifest is not None and time.time() - manifest.checked_at < self.revalidate_s:
             return self._use(entry, manifest, base_model_name)
-        if entry.exists() and read_manifest(entry) is None:
+        ours = read_manifest(entry) is not None
+        if entry.is_dir() and not ours and any(p.is_file() for p in entry.iterdir()):
             raise ResolverError(
                 f"{str(entry)!r} exists but was not downloaded by loraplex (no {MANIFEST_FILE}); it is "
                 f"never overwritten. Remove it to let the remote resolver download {lora_name!r}, or "
@@ -176,13 +177,18 @@ class AdapterCache:
             self._mark_checked(entry, manifest)
             return self._use(entry, manifest, base_model_name)
         if remote is None:
-            if entry.exists():
+            if ours:
                 logger.warning("adapter %r is gone from its source; removing the cached copy", lora_name)
                 self._remove_entry(entry)
             return None
         if manifest is not None and manifest.fingerprint == remote.fingerprint():
             self._mark_checked(entry, manifest)
             return self._use(entry, manifest, base_model_name)
+        if entry.exists() and not ours:
+            raise ResolverError(
+                f"{str(entry)!r} is the parent directory of other cached adapters, so {lora_name!r} cannot "
+                f"be cached at that path (an adapter at a Hub repo's root and adapters in its subfolders "
+                f"cannot share one cache dir); give this resolver its own {CACHE_DIR_ENV}")
         if manifest is not None:
             logger.info("adapter %r changed at %s; downloading the new version", lora_name, remote.location)
         elif entry.exists():
