@@ -43,14 +43,17 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     # slot of the first real token and carries that token's values, so the duplicate writes
     # agree and the result is exact. With no real token at all, padding rewrites slot 0 with
     # its own content.
-    first_real = torch.argmax(is_real.int())
-    has_real = is_real[first_real]
-    sink_slot = torch.where(has_real, slot_mapping[first_real], torch.zeros_like(slot_mapping[0]))
+    # Indexing with a 0-d tensor would call .item(); index_select with a [1] index does not.
+    first_real = torch.argmax(is_real.int()).view(1)
+    has_real = is_real.index_select(0, first_real)  # [1]
+    sink_slot = torch.where(has_real, slot_mapping.index_select(0, first_real), torch.zeros_like(first_real))
     slots = torch.where(is_real, slot_mapping, sink_slot)
     real = is_real[:, None, None]
     for new, flat in ((k, flat_k), (v, flat_v)):
-        sink_value = torch.where(has_real, new[first_real], flat[sink_slot])  # [kv_heads, head_dim]
-        flat.index_copy_(0, slots, torch.where(real, new.to(flat.dtype), sink_value.to(flat.dtype)))
+        # [1, kv_heads, head_dim]
+        sink_value = torch.where(has_real[:, None, None], new.index_select(0, first_real).to(flat.dtype),
+                                 flat.index_select(0, sink_slot))
+        flat.index_copy_(0, slots, torch.where(real, new.to(flat.dtype), sink_value))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
