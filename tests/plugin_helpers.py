@@ -5,6 +5,7 @@ importlib.metadata discovers them exactly as it discovers pip-installed packages
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -14,16 +15,17 @@ import pytest
 from loraplex.plugins import reset_plugins
 from loraplex.resolvers import LoRAResolverRegistry
 
-RESOLVER_ENV_VARS = ("VLLM_PLUGINS", "VLLM_LORA_RESOLVER_CACHE_DIR", "LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS",
-                     "LORAPLEX_RESOLVER_TIMEOUT_S", "LORAPLEX_RESOLVER_NEGATIVE_TTL_S")
+# Every variable a plugin or resolver reads (the built-ins' and the example's).
+RESOLVER_ENV_PREFIXES = ("VLLM_PLUGINS", "VLLM_LORA_RESOLVER_", "LORAPLEX_RESOLVER_",
+                         "LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS", "LORAPLEX_EXAMPLE_")
 _unique = itertools.count()
 
 
 @pytest.fixture
 def isolated_plugins(monkeypatch):
     """No plugins loaded, an empty registry and none of our env vars set, before and after."""
-    for name in RESOLVER_ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.startswith(RESOLVER_ENV_PREFIXES)]:
+        monkeypatch.delenv(name)
     reset_plugins()
     LoRAResolverRegistry.clear()
     yield

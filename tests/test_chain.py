@@ -131,6 +131,37 @@ def test_timeout_moves_on_to_the_next_resolver():
     assert 0.04 <= events[0][2] < 5
 
 
+def test_timed_out_resolver_is_cancelled():
+    class Stalling(LoRAResolver):
+        cancelled = False
+
+        async def resolve_lora(self, base_model_name, lora_name):
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                Stalling.cancelled = True
+                raise
+
+    chain = ResolverChain([("stall", Stalling())], timeout_s=0.05, negative_ttl_s=0)
+
+    async def main():
+        with pytest.raises(ResolverError, match="stall: timed out"):
+            await chain.resolve(BASE, "a")
+        await asyncio.sleep(0)  # let the cancellation be delivered
+
+    run(main())
+    assert Stalling.cancelled
+
+
+def test_resolver_raising_timeout_error_itself_is_an_error_not_a_timeout():
+    events = []
+    chain = make_chain(CountingResolver(behaviour=TimeoutError("read timed out from s3")))
+    chain.add_listener(lambda name, outcome, s: events.append(outcome))
+    with pytest.raises(ResolverError, match="r0: TimeoutError: read timed out from s3"):
+        run(chain.resolve(BASE, "a"))
+    assert events == ["error"]
+
+
 def test_every_resolver_failing_raises_resolver_error_naming_each():
     chain = make_chain(CountingResolver(behaviour=PermissionError("access denied by bucket policy")),
                        CountingResolver(delay=30), timeout_s=0.05)

@@ -125,12 +125,11 @@ class ResolverChain:
         for name, resolver in self.resolvers:
             start = self._clock()
             try:
-                result = await asyncio.wait_for(resolver.resolve_lora(base_model_name, lora_name),
-                                                self.timeout_s)
+                result = await self._call_with_timeout(resolver, base_model_name, lora_name)
             except (AdapterInvalidError, AdapterNameError):
                 self._notify(name, "error", start)
                 raise
-            except asyncio.TimeoutError:
+            except _ResolverTimeout:
                 self._notify(name, "timeout", start)
                 failures.append(f"{name}: timed out after {self.timeout_s:g} s")
                 logger.warning("LoRA resolver %r timed out after %g s resolving %r; trying the next one",
@@ -162,6 +161,22 @@ class ResolverChain:
                 f"Fix the failing resolver(s) or retry later")
         self._remember_miss(key)
         return None
+
+    async def _call_with_timeout(self, resolver: LoRAResolver, base_model_name: str, lora_name: str):
+        """The resolver's answer or exception; _ResolverTimeout when it ran too long.
+        (Not wait_for: a TimeoutError the resolver raises itself, e.g. from a socket,
+        is a failure of the source and must be reported as such.)"""
+        task = asyncio.ensure_future(resolver.resolve_lora(base_model_name, lora_name))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            raise _ResolverTimeout()
+        return task.result()
 
     def _finish(self, key: _Key, future: asyncio.Future) -> None:
         self._in_flight.pop(key, None)
@@ -195,6 +210,10 @@ class ResolverChain:
                 listener(resolver_name, outcome, seconds)
             except Exception:  # metrics must never break resolution
                 logger.exception("LoRA resolver listener %r failed", listener)
+
+
+class _ResolverTimeout(Exception):
+    pass
 
 
 def _check_result(result: object, lora_name: str) -> str | None:
