@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapters import write_peft_adapter
-from loraplex.errors import AdapterNameError, ConfigError
+from loraplex.errors import AdapterInvalidError, AdapterNameError, ConfigError
 from loraplex.resolvers.cache import MANIFEST_FILE, AdapterCache, read_manifest
 from loraplex.resolvers.remote import FsspecSource
 
@@ -141,3 +141,16 @@ def test_from_env_defaults(tmp_path, monkeypatch):
                                    "VLLM_LORA_RESOLVER_CACHE_MAX_BYTES": "1000",
                                    "LORAPLEX_RESOLVER_REVALIDATE_S": "5"})
     assert (cache.root, cache.max_bytes, cache.revalidate_s) == (tmp_path / "c", 1000, 5.0)
+    assert cache.allow_pickle is False
+    monkeypatch.setenv("LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS", "1")
+    assert AdapterCache.from_env({}).allow_pickle is True
+
+
+def test_pickle_weights_accepted_only_when_allowed(tmp_path):
+    local = write_peft_adapter(tmp_path / "store" / "p")
+    (local / "adapter_model.safetensors").rename(local / "adapter_model.bin")
+    source = CountingSource(tmp_path / "store")
+    with pytest.raises(AdapterInvalidError, match="pickle"):
+        AdapterCache(tmp_path / "strict").get("p", source)
+    path = AdapterCache(tmp_path / "trusting", allow_pickle=True).get("p", source)
+    assert (path / "adapter_model.bin").read_bytes() == (local / "adapter_model.bin").read_bytes()

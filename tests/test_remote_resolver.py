@@ -296,3 +296,23 @@ def test_process_killed_mid_download_leaves_nothing_usable(s3_server, bucket, ca
     assert_same_files(request.lora_path, source)
     assert (Path(request.lora_path) / MANIFEST_FILE).is_file()
     assert not list((cache_dir / TMP_DIR).iterdir())
+
+
+def test_through_the_resolver_chain(s3_server, bucket, cache_dir, tmp_path):
+    from loraplex.resolvers import ResolverChain
+    source = upload_adapter(s3_server, bucket, tmp_path, "chained")
+    chain = ResolverChain([(PLUGIN_NAME, make_resolver(s3_server, bucket, cache_dir))], negative_ttl_s=30)
+
+    async def run():
+        found = await asyncio.gather(*(chain.resolve("tiny-base", "chained") for _ in range(50)))
+        misses = [await chain.resolve("tiny-base", "unknown") for _ in range(3)]
+        return found, misses
+
+    found, misses = asyncio.run(run())
+    assert {r.lora_path for r in found} == {str(cache_dir / "chained")}
+    assert_same_files(found[0].lora_path, source)
+    assert s3_server.downloads(bucket, f"loras/chained/{SAFETENSORS}") == 1
+    assert misses == [None, None, None]
+    # Only the first miss reached the bucket; the negative cache answered the rest.
+    listings = [r for r in s3_server.requests if r.path == f"/{bucket}" and "unknown" in r.query]
+    assert len(listings) == 1

@@ -32,6 +32,7 @@ from pathlib import Path
 import filelock
 
 from loraplex.errors import AdapterInvalidError, AdapterNameError, ConfigError, ResolverError
+from loraplex.resolvers.env import allow_pickle_lora_weights
 from loraplex.resolvers.names import check_adapter_name
 from loraplex.resolvers.validation import base_model_compatible, validate_adapter_dir
 
@@ -134,10 +135,12 @@ class AdapterCache:
 
     @classmethod
     def from_env(cls, env=os.environ, **kwargs) -> "AdapterCache":
-        """The cache configured by VLLM_LORA_RESOLVER_CACHE_DIR and friends."""
+        """The cache configured by VLLM_LORA_RESOLVER_CACHE_DIR and friends (pickle
+        weights follow LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS unless allow_pickle is given)."""
         root = env.get(CACHE_DIR_ENV) or str(DEFAULT_CACHE_DIR)
         max_bytes = _env_number(env, MAX_BYTES_ENV, int, None)
         revalidate_s = _env_number(env, REVALIDATE_ENV, float, DEFAULT_REVALIDATE_S)
+        kwargs.setdefault("allow_pickle", allow_pickle_lora_weights())
         return cls(root, max_bytes=max_bytes, revalidate_s=revalidate_s, **kwargs)
 
     # -- the one public operation -------------------------------------------------
