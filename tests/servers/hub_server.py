@@ -243,3 +243,18 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+
+def main() -> None:
+    """`python -m servers.hub_server ROOT`: serve ROOT until killed; prints the endpoint."""
+    import sys
+    server = HubTestServer(sys.argv[1]).start()
+    print(server.endpoint, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
