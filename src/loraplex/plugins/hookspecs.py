@@ -20,5 +20,10 @@ def register_lora_resolvers(register):
     the order of the plugins in VLLM_PLUGINS (or load order when it is unset),
     and a second registration of a name replaces the first with a warning.
     A plugin whose configuration is absent (e.g. no bucket URI set) should
-    register nothing rather than raise.
+    register nothing rather than raise; one whose configuration is present
+    but wrong should raise loraplex.errors.ConfigError naming the setting:
+    the loader logs it with the plugin's name, rolls back what the plugin
+    registered, and `loraplex plugins` shows it. Called once per process (per
+    reset_plugins()); it must not do network I/O, since resolvers connect on
+    their first resolve_lora call.
     """

@@ -104,11 +104,6 @@ def load_plugins() -> list[PluginRecord]:
         return records
 
 
-def plugin_records() -> list[PluginRecord]:
-    """The records of load_plugins(), loading plugins first if needed."""
-    return load_plugins()
-
-
 def missing_plugins() -> list[str]:
     """Names VLLM_PLUGINS asked for that are not installed (after load_plugins())."""
     load_plugins()
