@@ -40,6 +40,8 @@ _Key = tuple[str, str]  # (base_model_name, lora_name)
 
 
 class ResolverChain:
+    """One chain serves one event loop (the server's); it is not thread-safe."""
+
     def __init__(self, resolvers: Sequence[tuple[str, LoRAResolver]], *,
                  timeout_s: float | None = None, negative_ttl_s: float | None = None,
                  negative_cache_size: int = DEFAULT_NEGATIVE_CACHE_SIZE,
