@@ -3,11 +3,9 @@ import pytest
 from loraplex.server.app import build_app
 from loraplex.server.backend import ServingBackend
 from loraplex.server.state import ServerState
-from tests.adapters import write_peft_adapter
-from tests.server.fake_engine import FakeEngine
-from tests.server.harness import ServerThread
-
-API_KEY = "test-key"
+from adapters import write_peft_adapter
+from server.fake_engine import FakeEngine
+from server.harness import API_KEY, ServerThread
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import uvicorn
 from fastapi import FastAPI
 
+API_KEY = "test-key"
+
 
 class ServerThread:
     """Starts `make_app()` inside the server thread's event loop (so engines that

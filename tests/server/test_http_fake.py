@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEY
-from tests.server.fake_engine import CharTokenizer, expected_text, model_offset
+from server.harness import API_KEY
+from server.fake_engine import CharTokenizer, expected_text, model_offset
 from loraplex.lora_request import LoRARequest
 
 TOK = CharTokenizer()

@@ -74,7 +74,7 @@ def build_app(state: ServerState) -> FastAPI:
                 for name in backend.served_model_names]
         adapters = [{"id": a.lora_name, "object": "model", "created": backend.created,
                      "owned_by": "loraplex", "root": a.lora_path,
-                     "parent": a.base_model_name or backend.base_model_name, "max_model_len": None}
+                     "parent": backend.parent_of(a.lora_name), "max_model_len": None}
                     for a in backend.list_adapters()]
         return {"object": "list", "data": base + adapters}
 

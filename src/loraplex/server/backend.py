@@ -56,6 +56,9 @@ class ServingBackend:
         self.max_model_len = max_model_len
         self.created = int(time.time())
         self._adapters: dict[str, LoRARequest] = {}
+        # Lineage for /v1/models. The engine's LoRARequests carry no base model name:
+        # the server has already matched it, and the engine only knows the model path.
+        self._parents: dict[str, str] = {}
         # One lock per adapter name: concurrent first requests for a new name share
         # one resolution, and load/unload of one name never interleave.
         self._name_locks: dict[str, asyncio.Lock] = {}
@@ -93,6 +96,9 @@ class ServingBackend:
 
     def get_adapter(self, name: str) -> LoRARequest | None:
         return self._adapters.get(name)
+
+    def parent_of(self, name: str) -> str:
+        return self._parents.get(name) or self.base_model_name
 
     def _lock_for(self, name: str) -> asyncio.Lock:
         lock = self._name_locks.get(name)
@@ -132,14 +138,16 @@ class ServingBackend:
         started = time.perf_counter()
         outcome = "error"
         try:
-            found = await self.resolver_chain.resolve(self.base_model_name, name)
+            # Resolvers get the model's path (vLLM passes model_config.model), which is what
+            # adapters record as base_model_name_or_path; served names are only aliases.
+            found = await self.resolver_chain.resolve(self.model_path, name)
             if found is None:
                 outcome = "not_found"
                 raise model_not_found(name)
-            request = LoRARequest(name, self._unique_id(name), found.lora_path,
-                                  found.base_model_name or self.base_model_name)
+            request = LoRARequest(name, self._unique_id(name), found.lora_path)
             await self._add_to_engine(request)
             self._adapters[name] = request
+            self._parents[name] = self.base_model_name
             outcome = "loaded"
             logger.info("resolved LoRA adapter %r to %s on first request", name, request.lora_path)
             return request
@@ -154,7 +162,7 @@ class ServingBackend:
     async def _add_to_engine(self, request: LoRARequest) -> None:
         # add_lora's bool only says whether it was newly cached; failures raise.
         try:
-            await maybe_await(self.engine.add_lora(request))
+            await self._call_engine_lora("add_lora", request)
         except AdapterError:
             raise
         except (ValueError, OSError, RuntimeError, KeyError) as e:
@@ -176,13 +184,14 @@ class ServingBackend:
                 raise HTTPError(400, f"The lora adapter '{name}' has already been loaded. If you "
                                      f"want to load the adapter in place, set 'load_inplace' to True.",
                                 param="lora_name")
-            request = LoRARequest(name, self._unique_id(name), path, base_model_name or self.base_model_name)
+            request = LoRARequest(name, self._unique_id(name), path)
             if old is not None:
                 # In place: the engine must drop the old weights before loading the new ones.
-                await maybe_await(self.engine.remove_lora(old.lora_int_id))
+                await self._call_engine_lora("remove_lora", old.lora_int_id)
                 del self._adapters[name]
             await self._add_to_engine(request)
             self._adapters[name] = request
+            self._parents[name] = base_model_name if self.is_base_model(base_model_name) else self.base_model_name
             logger.info("loaded LoRA adapter %r from %s", name, path)
             return request
 
@@ -192,10 +201,29 @@ class ServingBackend:
             if request is None:
                 raise HTTPError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
             # False only means the engine had already evicted it from its caches.
-            await maybe_await(self.engine.remove_lora(request.lora_int_id))
+            await self._call_engine_lora("remove_lora", request.lora_int_id)
             del self._adapters[name]
+            self._parents.pop(name, None)
             self._name_locks.pop(name, None)
             logger.info("unloaded LoRA adapter %r", name)
+
+    def _engine_lora(self, method: str):
+        """The engine's LoRA operation `method`; falls back to the LoRA manager inside an
+        AsyncEngine that does not expose it yet (thread-safe: the manager has a lock)."""
+        found = getattr(self.engine, method, None)
+        if found is None:
+            runtime = getattr(getattr(getattr(self.engine, "engine", None), "runner", None), "lora", None)
+            found = getattr(getattr(runtime, "manager", None), method, None)
+        if found is None:
+            raise HTTPError(400, "LoRA is not enabled in the engine; start the server with --enable-lora")
+        return found
+
+    async def _call_engine_lora(self, method: str, arg):
+        fn = self._engine_lora(method)
+        if inspect.iscoroutinefunction(fn):
+            return await fn(arg)
+        # Reading adapter weights from disk must not stall the event loop.
+        return await asyncio.to_thread(fn, arg)
 
     # ---- generation -------------------------------------------------------------
     @property

@@ -76,10 +76,11 @@ class CompletionLogprobs:
             text = self.token_text(token_id, entry.get(token_id))
             out["tokens"].append(text)
             out["token_logprobs"].append(_finite(_value(entry[token_id])) if token_id in entry else None)
-            # vLLM's rule: the top k, plus the sampled token when it is not among them.
-            top = {self.token_text(t, lp): _finite(_value(lp)) for t, lp in _ranked(entry, self.num_top)}
-            if token_id in entry:
-                top.setdefault(text, _finite(_value(entry[token_id])))
+            # vLLM's rule: the top k, plus the sampled token when it is not among them. The
+            # sampled token goes first so it keeps its own value when two tokens decode alike.
+            top = {text: _finite(_value(entry[token_id]))} if token_id in entry else {}
+            for t, lp in _ranked(entry, self.num_top):
+                top.setdefault(self.token_text(t, lp), _finite(_value(lp)))
             out["top_logprobs"].append(top)
             out["text_offset"].append(self.offset)
             self.offset += len(text)

@@ -1,0 +1,179 @@
+"""The issue's acceptance tests: the official openai client against `loraplex serve` with the
+real engine, a tiny real checkpoint and real PEFT adapters; outputs compared with the offline LLM."""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from adapters import write_peft_adapter
+from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.lora_request import lora_id_for_name
+from server.harness import API_KEY
+from server.real_server import lora_manager, real_server
+
+PROMPTS = ["hello world", "the quick brown fox", "serving many adapters", "what is the answer?"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    ckpt = str(tiny_checkpoint())
+    root = tmp_path_factory.mktemp("server-adapters")
+    cache = root / "cache"
+    cache.mkdir()
+
+    def adapter(path, seed, **kw):
+        return str(write_peft_adapter(path, seed=seed, base_model_name_or_path=ckpt, **kw))
+
+    paths = {"sql-lora": adapter(root / "sql", 1), "chat-lora": adapter(root / "chat", 2),
+             "fs-lora": adapter(cache / "fs-lora", 3, target_modules=("q_proj", "v_proj", "down_proj")),
+             "api-lora": adapter(root / "api", 4, rank=4)}
+    (cache / "broken-lora").mkdir()
+    (cache / "broken-lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    argv = ["serve", ckpt, "--served-model-name", "tiny-base", "--enable-lora",
+            "--lora-modules", f"sql-lora={paths['sql-lora']}",
+            json.dumps({"name": "chat-lora", "path": paths["chat-lora"], "base_model_name": "tiny-base"}),
+            "--max-loras", "2", "--max-lora-rank", "16", "--max-cpu-loras", "3", "--api-key", API_KEY]
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
+           "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache)}
+    offline = LLM(ckpt, enable_lora=True, max_loras=2, max_cpu_loras=3)
+    with real_server(argv, env) as server:
+        yield {"server": server, "paths": paths, "cache": cache, "offline": offline, "ckpt": ckpt}
+
+
+def client(setup):
+    return openai.OpenAI(base_url=setup["server"].base_url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def reference(setup, prompt, model, **params):
+    lora = None if model == "tiny-base" else LoRARequest(model, lora_id_for_name(model), setup["paths"][model])
+    params.setdefault("temperature", 0.0)
+    out = setup["offline"].generate([prompt], SamplingParams(**params), lora_request=lora, use_tqdm=False)
+    return out[0]
+
+
+def test_models_list_with_lineage(setup):
+    models = {m.id: m for m in client(setup).models.list().data}
+    assert models["tiny-base"].root == setup["ckpt"]
+    assert (models["sql-lora"].root, models["sql-lora"].parent) == (setup["paths"]["sql-lora"], "tiny-base")
+    assert (models["chat-lora"].root, models["chat-lora"].parent) == (setup["paths"]["chat-lora"], "tiny-base")
+
+
+@pytest.mark.parametrize("model", ["tiny-base", "sql-lora", "chat-lora"])
+def test_completion_matches_offline(setup, model):
+    out = client(setup).completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    ref = reference(setup, PROMPTS[0], model, max_tokens=6)
+    assert out.choices[0].text == ref.outputs[0].text
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert out.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_adapters_change_the_output(setup):
+    texts = {m: client(setup).completions.create(model=m, prompt=PROMPTS[1], max_tokens=6, temperature=0)
+             .choices[0].text for m in ("tiny-base", "sql-lora", "chat-lora")}
+    assert len(set(texts.values())) == 3
+
+
+def test_chat_matches_offline(setup):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    out = client(setup).chat.completions.create(model="sql-lora", messages=messages, max_tokens=5, temperature=0)
+    lora = LoRARequest("sql-lora", lora_id_for_name("sql-lora"), setup["paths"]["sql-lora"])
+    ref = setup["offline"].chat(messages, SamplingParams(temperature=0, max_tokens=5), lora_request=lora,
+                                use_tqdm=False)[0]
+    assert out.choices[0].message.content == ref.outputs[0].text
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+
+
+def test_streaming_equals_offline(setup):
+    stream = client(setup).completions.create(model="chat-lora", prompt=PROMPTS[2], max_tokens=6, temperature=0,
+                                              stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == \
+        reference(setup, PROMPTS[2], "chat-lora", max_tokens=6).outputs[0].text
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_seeded_sampling_and_logprobs_match_offline(setup):
+    out = client(setup).completions.create(model="sql-lora", prompt=PROMPTS[3], max_tokens=5, temperature=1.0,
+                                           top_p=0.9, seed=1234, logprobs=2)
+    ref = reference(setup, PROMPTS[3], "sql-lora", max_tokens=5, temperature=1.0, top_p=0.9, seed=1234, logprobs=2)
+    assert out.choices[0].text == ref.outputs[0].text
+    expected = [entry[t].logprob for entry, t in zip(ref.outputs[0].logprobs, ref.outputs[0].token_ids)]
+    assert out.choices[0].logprobs.token_logprobs == pytest.approx(expected, abs=1e-5)
+
+
+def test_mixed_traffic_is_batched_and_each_gets_its_adapter(setup):
+    engine = setup["server"].state.backend.engine.engine
+    jobs = [(m, p) for p in PROMPTS for m in ("tiny-base", "sql-lora", "chat-lora", "fs-lora")]
+    most_running, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            most_running[0] = max(most_running[0], engine.get_stats().num_running)
+            time.sleep(0.002)
+
+    async def burst():
+        async with openai.AsyncOpenAI(base_url=setup["server"].base_url + "/v1", api_key=API_KEY,
+                                      max_retries=0) as c:
+            return await asyncio.gather(*[c.completions.create(model=m, prompt=p, max_tokens=8, temperature=0)
+                                          for m, p in jobs])
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        outs = asyncio.run(burst())
+    finally:
+        stop.set()
+        watcher.join()
+    setup["paths"]["fs-lora"] = str(setup["cache"] / "fs-lora")
+    for (model, prompt), out in zip(jobs, outs):
+        assert out.choices[0].text == reference(setup, prompt, model, max_tokens=8).outputs[0].text, (model, prompt)
+    assert most_running[0] > 1, "requests were not batched together"
+
+
+def test_resolve_on_first_request_through_the_filesystem(setup):
+    late = write_peft_adapter(setup["cache"] / "late-lora", seed=5, base_model_name_or_path=setup["ckpt"])
+    setup["paths"]["late-lora"] = str(late)
+    out = client(setup).completions.create(model="late-lora", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert out.choices[0].text == reference(setup, PROMPTS[0], "late-lora", max_tokens=6).outputs[0].text
+    models = {m.id: m for m in client(setup).models.list().data}
+    assert (models["late-lora"].root, models["late-lora"].parent) == (str(late), "tiny-base")
+    metrics = httpx.get(setup["server"].base_url + "/metrics").text
+    assert 'loraplex_lora_resolutions_total{outcome="found",resolver="lora_filesystem_resolver"}' in metrics
+
+
+def test_unknown_adapter_is_404_and_broken_one_is_400(setup):
+    with pytest.raises(openai.NotFoundError) as e:
+        client(setup).completions.create(model="no-such-lora", prompt="a", max_tokens=2)
+    assert e.value.body["message"] == "The model 'no-such-lora' does not exist."
+    with pytest.raises(openai.BadRequestError) as e:
+        client(setup).chat.completions.create(model="broken-lora", messages=[{"role": "user", "content": "a"}])
+    assert "broken-lora" in e.value.body["message"] and "weights" in e.value.body["message"]
+    assert e.value.body["param"] == "model"
+
+
+def test_load_and_unload_free_the_adapter_in_the_engine(setup):
+    base = setup["server"].base_url
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(base + "/v1/load_lora_adapter", headers=headers,
+                   json={"lora_name": "api-lora", "lora_path": setup["paths"]["api-lora"]})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'api-lora' added successfully."
+    lora_id = setup["server"].state.backend.get_adapter("api-lora").lora_int_id
+    assert lora_id in lora_manager(setup["server"]).list_loras()
+    out = client(setup).completions.create(model="api-lora", prompt=PROMPTS[1], max_tokens=5, temperature=0)
+    assert out.choices[0].text == reference(setup, PROMPTS[1], "api-lora", max_tokens=5).outputs[0].text
+    r = httpx.post(base + "/v1/unload_lora_adapter", headers=headers, json={"lora_name": "api-lora"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'api-lora' removed successfully."
+    assert lora_id not in lora_manager(setup["server"]).list_loras()
+    with pytest.raises(openai.NotFoundError):   # not in the resolver's directory either
+        client(setup).completions.create(model="api-lora", prompt="a", max_tokens=2)
+
+
+def test_wrong_rank_adapter_load_is_400(setup, tmp_path):
+    big = write_peft_adapter(tmp_path / "big", rank=32, base_model_name_or_path=setup["ckpt"])
+    r = httpx.post(setup["server"].base_url + "/v1/load_lora_adapter", headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"lora_name": "big-lora", "lora_path": str(big)})
+    assert r.status_code == 400 and "rank" in r.json()["error"]["message"]
