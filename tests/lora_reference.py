@@ -30,7 +30,7 @@ ADAPTER_SPECS = (
 
 
 def load_base(model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def write_peft_lora(model_dir: Path, out_dir: Path, spec: AdapterSpec, seed: int) -> Path:

@@ -27,7 +27,9 @@ from loraplex.core.llm_engine import LLMEngine
 from loraplex.core.outputs import RequestOutput
 from loraplex.core.sampling_params import SamplingParams
 from loraplex.errors import EngineDeadError, InvalidRequestError
+from loraplex.core.lora.resolution import LoRAResolution
 from loraplex.lora_request import LoRARequest
+from loraplex.resolvers.chain import ResolverChain
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +41,19 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, resolver_chain: ResolverChain | None = None) -> None:
+        """resolver_chain finds adapters named by `generate(lora_name=...)`; None: the
+        registered resolvers (ResolverChain.from_registry()), built on first use."""
         self.engine = engine
+        self._lora_resolution = None
+        if engine.lora_manager is not None:
+            self._lora_resolution = LoRAResolution(
+                engine.lora_manager, engine.config.model,
+                (lambda: resolver_chain) if resolver_chain is not None else ResolverChain.from_registry)
         self._streams: dict[str, _Stream] = {}
         self._new: list = []                 # processed Requests for the engine thread
         self._aborts: list[str] = []
+        self._calls: list = []               # (fn, args, future, loop) to run between steps
         self._wakeup = threading.Condition()
         self._stopping = False
         self._dead: BaseException | None = None
@@ -70,13 +80,23 @@ class AsyncEngine:
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None,
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                       lora_request: LoRARequest | None = None,
+                       lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its cumulative outputs; the last one has finished=True.
+
+        An adapter is given either as a LoRARequest or by name (`lora_name`): a name that is
+        not loaded is looked up through the resolver chain and loaded first.
 
         Leaving the iteration early (break, cancellation of the consuming task)
         aborts the request and frees its KV-cache blocks.
         """
         self._check_alive()
+        if lora_name is not None:
+            if lora_request is not None:
+                raise InvalidRequestError("pass lora_request or lora_name, not both")
+            lora_request = await self.get_lora_request(lora_name)
+        elif lora_request is not None and self._lora_resolution is not None:
+            await self.add_lora(lora_request)   # validated before it is queued
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         request = self.engine.process_request(request_id, prompt, sampling_params, lora_request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -102,9 +122,54 @@ class AsyncEngine:
             if not finished:
                 self._request_abort(request_id)
 
+    # ---- LoRA adapters (thread-safe: the LoRA manager's lock; steps hold it while they run)
+
+    async def get_lora_request(self, lora_name: str) -> LoRARequest:
+        """The loaded adapter `lora_name`, resolved and loaded on first use (single flight)."""
+        if self._lora_resolution is None:
+            raise InvalidRequestError(f"request names LoRA adapter {lora_name!r} but LoRA is not "
+                                      f"enabled; start the engine with enable_lora=True")
+        return await self._lora_resolution.lora_request_for(lora_name)
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        return await asyncio.to_thread(self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await asyncio.to_thread(self.engine.remove_lora, lora_int_id)
+
+    async def pin_lora(self, lora_int_id: int) -> bool:
+        return await asyncio.to_thread(self.engine.pin_lora, lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
+
     async def abort(self, request_id: str) -> None:
         """Stop a request; its consumer gets a last output with finish_reason "abort"."""
         self._request_abort(request_id)
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and validate an adapter (runs on the engine thread, between steps)."""
+        return await self._call_in_engine(self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return await self._call_in_engine(self.engine.remove_lora, lora_int_id)
+
+    async def pin_lora(self, lora_int_id: int) -> bool:
+        return await self._call_in_engine(self.engine.pin_lora, lora_int_id)
+
+    async def list_loras(self) -> set[int]:
+        return await self._call_in_engine(self.engine.list_loras)
+
+    async def _call_in_engine(self, fn, *args):
+        """Run fn(*args) on the engine thread between two steps, so it never races a step."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._wakeup:
+            self._check_alive()
+            self._calls.append((fn, args, future, loop))
+            self._wakeup.notify()
+        return await future
 
     def _request_abort(self, request_id: str) -> None:
         with self._wakeup:
@@ -131,13 +196,16 @@ class AsyncEngine:
         try:
             while True:
                 with self._wakeup:
-                    while not (self._stopping or self._new or self._aborts
+                    while not (self._stopping or self._new or self._aborts or self._calls
                                or self.engine.has_unfinished_requests()):
                         self._wakeup.wait()
                     if self._stopping:
                         break
                     new, self._new = self._new, []
                     aborts, self._aborts = self._aborts, []
+                    calls, self._calls = self._calls, []
+                for fn, args, future, loop in calls:
+                    self._run_call(fn, args, future, loop)
                 for request in new:
                     try:
                         self.engine.add_processed_request(request)
@@ -152,6 +220,7 @@ class AsyncEngine:
             self._dead = exc
         with self._wakeup:
             streams, self._streams = self._streams, {}
+            calls, self._calls = self._calls, []
             self._stopping = True
         error = EngineDeadError(f"the engine stopped: {self._dead!r}" if self._dead is not None
                                 else "the engine was shut down")
@@ -159,6 +228,8 @@ class AsyncEngine:
             error.__cause__ = self._dead
         for stream in streams.values():
             self._put(stream, error)
+        for _, _, future, loop in calls:
+            self._settle(loop, future, error, failed=True)
 
     def _deliver(self, request_id: str, output: RequestOutput) -> None:
         with self._wakeup:
@@ -167,6 +238,23 @@ class AsyncEngine:
                 del self._streams[request_id]
         if stream is not None:
             self._put(stream, output)
+
+    def _run_call(self, fn, args, future, loop) -> None:
+        try:
+            result, failed = fn(*args), False
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+            result, failed = exc, True
+        self._settle(loop, future, result, failed)
+
+    @staticmethod
+    def _settle(loop, future, value, failed: bool) -> None:
+        def settle():
+            if not future.done():
+                future.set_exception(value) if failed else future.set_result(value)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # the caller's loop is closed
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         with self._wakeup:

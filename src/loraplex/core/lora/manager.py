@@ -99,6 +99,15 @@ class LoRAManager:
             adapter = self._cpu.get(lora_int_id)
             return adapter.request if adapter else None
 
+    def find_by_name(self, lora_name: str) -> LoRARequest | None:
+        """The request of the CPU-cached adapter called `lora_name` (marked recently used)."""
+        with self.lock:
+            for lora_id, adapter in self._cpu.items():
+                if adapter.request.lora_name == lora_name:
+                    self._cpu.move_to_end(lora_id)
+                    return adapter.request
+            return None
+
     def is_pinned(self, lora_int_id: int) -> bool:
         return lora_int_id in self._pinned
 

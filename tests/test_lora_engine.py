@@ -1,0 +1,165 @@
+"""LoRA through the engines: unusable adapters are refused with clear errors while the engine
+keeps serving, and the async engine loads adapters by name through the resolver chain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters import write_peft_adapter
+from lora_reference import peft_model, reference_greedy
+from plugin_helpers import isolated_plugins  # noqa: F401  (fixture)
+from runner_helpers import random_prompts
+from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.core.async_engine import AsyncEngine
+from loraplex.core.config import EngineConfig
+from loraplex.core.llm_engine import LLMEngine
+from loraplex.errors import AdapterInvalidError, AdapterNotFoundError
+
+NUM_TOKENS = 4
+SETTINGS = dict(enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=2, dtype="float32", device="cpu",
+                block_size=4, max_model_len=64, kv_cache_bytes=1 << 20)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return random_prompts([6], vocab_size=300, seed=3)[0]
+
+
+def good_adapter(path, model_dir, seed=0):
+    return write_peft_adapter(path, rank=8, alpha=16, target_modules=("q_proj", "v_proj", "down_proj"),
+                              base_model_name_or_path=str(model_dir), seed=seed)
+
+
+def broken_adapters(root, model_dir) -> dict[str, tuple[object, str]]:
+    """name -> (adapter dir, expected error fragment), one per validation rule."""
+    base = str(model_dir)
+
+    def with_tensor_change(name, change):
+        path = good_adapter(root / name, model_dir)
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        change(tensors)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        return path
+
+    def with_config_change(name, **changes):
+        path = good_adapter(root / name, model_dir)
+        config = json.loads((path / "adapter_config.json").read_text())
+        config.update(changes)
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        return path
+
+    def poison(t):
+        t["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][0, 0] = float("inf")
+
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+    pickle_only = good_adapter(root / "pickle", model_dir)
+    torch.save(load_file(str(pickle_only / "adapter_model.safetensors")), pickle_only / "adapter_model.bin")
+    (pickle_only / "adapter_model.safetensors").unlink()
+    return {
+        "rank": (write_peft_adapter(root / "rank", rank=32, base_model_name_or_path=base), "max_lora_rank=16"),
+        "dora": (write_peft_adapter(root / "dora", rank=4, base_model_name_or_path=base, use_dora=True), "DoRA"),
+        "modules_to_save": (write_peft_adapter(root / "mts", rank=4, base_model_name_or_path=base,
+                                               modules_to_save=["lm_head"]), "modules_to_save"),
+        "bias": (write_peft_adapter(root / "bias", rank=4, base_model_name_or_path=base, bias="all"), "bias"),
+        "target": (with_config_change("target", target_modules=["q_proj", "embed_tokens"]), "does not adapt"),
+        "shape": (with_tensor_change("shape", lambda t: t.update({f"{q0}.lora_A.weight": torch.ones(8, 32)})),
+                  r"expected \[8, 64\]"),
+        "nonfinite": (with_tensor_change("nonfinite", poison), "NaN or infinite"),
+        "base_model": (write_peft_adapter(root / "base", rank=4, base_model_name_or_path="org/another-model"),
+                       "trained for base model"),
+        "layers": (write_peft_adapter(root / "layers", rank=4, num_layers=4, base_model_name_or_path=base),
+                   "the model has 2 layers"),
+        "names": (with_tensor_change("names", lambda t: t.update({"lm_head.weight": torch.ones(3, 3)})),
+                  "adapts 'lm_head'"),
+        "pickle": (pickle_only, "pickle"),
+    }
+
+
+def test_invalid_adapters_are_refused_and_the_engine_keeps_serving(model_dir, prompt, tmp_path):
+    llm = LLM(model=str(model_dir), **SETTINGS)
+    good = LoRARequest("good", 1, str(good_adapter(tmp_path / "good", model_dir)))
+    expected_base = reference_greedy(peft_model(model_dir, None), prompt, NUM_TOKENS)[0]
+    expected_good = reference_greedy(peft_model(model_dir, good.lora_path), prompt, NUM_TOKENS)[0]
+    assert expected_good != expected_base
+    for index, (name, (path, message)) in enumerate(broken_adapters(tmp_path, model_dir).items()):
+        bad = LoRARequest(name, 100 + index, str(path))
+        with pytest.raises(AdapterInvalidError, match=message):
+            llm.generate([{"prompt_token_ids": prompt}] * 2, PARAMS, lora_request=[good, bad], use_tqdm=False)
+        assert bad.lora_int_id not in llm.list_loras()
+        outs = llm.generate([{"prompt_token_ids": prompt}] * 2, PARAMS, lora_request=[good, None], use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == [expected_good, expected_base], name
+        assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_pickle_weights_load_when_allowed(model_dir, prompt, tmp_path):
+    path = good_adapter(tmp_path / "pickled", model_dir)
+    torch.save(load_file(str(path / "adapter_model.safetensors")), path / "adapter_model.bin")
+    (path / "adapter_model.safetensors").unlink()
+    llm = LLM(model=str(model_dir), allow_pickle_lora_weights=True, **SETTINGS)
+    out = llm.generate({"prompt_token_ids": prompt}, PARAMS, lora_request=LoRARequest("p", 1, str(path)),
+                       use_tqdm=False)
+    # The same weights from safetensors, through PEFT:
+    good = good_adapter(tmp_path / "same", model_dir)
+    assert list(out[0].outputs[0].token_ids) == reference_greedy(peft_model(model_dir, good), prompt, NUM_TOKENS)[0]
+
+
+async def _collect(engine: AsyncEngine, prompt, **kwargs) -> list[int]:
+    final = None
+    async for output in engine.generate({"prompt_token_ids": prompt}, PARAMS, **kwargs):
+        final = output
+    return list(final.outputs[0].token_ids)
+
+
+def test_async_engine_resolves_names_through_the_filesystem_resolver(
+        model_dir, prompt, tmp_path, monkeypatch, isolated_plugins):  # noqa: F811
+    cache_dir = tmp_path / "lora-cache"
+    good_adapter(cache_dir / "sql", model_dir, seed=1)
+    good_adapter(cache_dir / "team" / "chat", model_dir, seed=2)
+    write_peft_adapter(cache_dir / "dora", rank=4, base_model_name_or_path=str(model_dir), use_dora=True)
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    expected = {name: reference_greedy(peft_model(model_dir, cache_dir / name), prompt, NUM_TOKENS)[0]
+                for name in ("sql", "team/chat")}
+    expected_base = reference_greedy(peft_model(model_dir, None), prompt, NUM_TOKENS)[0]
+
+    async def main():
+        engine = AsyncEngine(LLMEngine(EngineConfig(model=str(model_dir), **SETTINGS)))
+        outcomes = []
+        try:
+            engine._lora_resolution.chain.add_listener(lambda name, outcome, s: outcomes.append((name, outcome)))
+            # Five concurrent requests for an unknown name: one resolve, one load.
+            results = await asyncio.gather(*[_collect(engine, prompt, lora_name="sql") for _ in range(5)],
+                                           _collect(engine, prompt, lora_name="team/chat"),
+                                           _collect(engine, prompt))
+            assert results[:5] == [expected["sql"]] * 5
+            assert results[5] == expected["team/chat"] and results[6] == expected_base
+            assert outcomes.count(("lora_filesystem_resolver", "found")) == 2
+            with pytest.raises(AdapterNotFoundError, match="no LoRA adapter named 'missing'"):
+                await _collect(engine, prompt, lora_name="missing")
+            with pytest.raises(AdapterInvalidError, match="DoRA"):
+                await _collect(engine, prompt, lora_name="dora")
+            found_so_far = outcomes.count(("lora_filesystem_resolver", "found"))   # "dora" was found
+            # Still serving, and a loaded name is not resolved again.
+            assert await _collect(engine, prompt, lora_name="sql") == expected["sql"]
+            assert outcomes.count(("lora_filesystem_resolver", "found")) == found_so_far
+            sql = await engine.get_lora_request("sql")
+            assert await engine.remove_lora(sql.lora_int_id)
+            assert sql.lora_int_id not in engine.list_loras()
+            assert await _collect(engine, prompt, lora_name="sql") == expected["sql"]   # resolved again
+            assert outcomes.count(("lora_filesystem_resolver", "found")) == found_so_far + 1
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+
