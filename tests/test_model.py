@@ -116,3 +116,34 @@ def test_greedy_decoding_matches_transformers_generate(tiny_checkpoint):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=num_new_tokens, do_sample=False,
                                       min_new_tokens=num_new_tokens, pad_token_id=0)[0].tolist()
         assert seq.token_ids == expected
+
+
+def test_execute_rejects_inconsistent_schedules(tiny_checkpoint):
+    from loraplex.core.sequence import ScheduledSeq
+    from loraplex.errors import InvalidRequestError, LoraplexError
+
+    runner = make_runner(tiny_checkpoint("llama"), max_model_len=32)
+    seq = new_sequences(random_prompts([10], runner.vocab_size))[0]
+    with pytest.raises(LoraplexError, match="block table of 0 blocks cannot hold 10 tokens"):
+        runner.execute([ScheduledSeq(seq, 10)])
+    seq.block_table = [0, 1, 2]
+    with pytest.raises(LoraplexError, match="cannot compute 11 token"):
+        runner.execute([ScheduledSeq(seq, 11)])
+    seq.block_table = [0, 1, runner.num_kv_blocks]
+    with pytest.raises(LoraplexError, match="outside"):
+        runner.execute([ScheduledSeq(seq, 10)])
+    long_seq = new_sequences(random_prompts([40], runner.vocab_size))[0]
+    long_seq.block_table = list(range(10))
+    with pytest.raises(InvalidRequestError, match="max_model_len=32"):
+        runner.execute([ScheduledSeq(long_seq, 40)])
+    with pytest.raises(LoraplexError, match="at least one"):
+        runner.execute([])
+
+
+def test_config_without_architectures_uses_model_type():
+    from loraplex.core.model_config import ModelConfig
+
+    raw = {"model_type": "mistral", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "sliding_window": 4}
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.architecture == "MistralForCausalLM" and cfg.sliding_window == 4

@@ -14,6 +14,7 @@ from loraplex.errors import ConfigError, UnsupportedModelError
 # (Qwen2: q/k/v bias; Mistral: sliding window).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,11 +58,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, generation: dict | None = None) -> "ModelConfig":
-        architectures = raw.get("architectures") or []
+        # Some hand-written configs name only model_type.
+        architectures = raw.get("architectures") or [_ARCH_OF_MODEL_TYPE.get(raw.get("model_type"), "")]
         arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise UnsupportedModelError(
-                f"architecture {architectures or raw.get('model_type')!r} is not supported; "
+                f"architecture {raw.get('architectures') or raw.get('model_type')!r} is not supported; "
                 f"loraplex implements {', '.join(SUPPORTED_ARCHITECTURES)}.")
         hidden_act = raw.get("hidden_act", "silu")
         if hidden_act != "silu":
