@@ -96,7 +96,7 @@ class AsyncEngine:
                 raise InvalidRequestError("pass lora_request or lora_name, not both")
             lora_request = await self.get_lora_request(lora_name)
         elif lora_request is not None and self._lora_resolution is not None:
-            await self.add_lora(lora_request)   # validated before it is queued
+            await self._lora_resolution.ensure_loaded(lora_request)   # validated before it is queued
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         request = self.engine.process_request(request_id, prompt, sampling_params, lora_request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -122,7 +122,7 @@ class AsyncEngine:
             if not finished:
                 self._request_abort(request_id)
 
-    # ---- LoRA adapters (thread-safe: the LoRA manager's lock; steps hold it while they run)
+    # ---- LoRA adapters
 
     async def get_lora_request(self, lora_name: str) -> LoRARequest:
         """The loaded adapter `lora_name`, resolved and loaded on first use (single flight)."""
@@ -130,18 +130,6 @@ class AsyncEngine:
             raise InvalidRequestError(f"request names LoRA adapter {lora_name!r} but LoRA is not "
                                       f"enabled; start the engine with enable_lora=True")
         return await self._lora_resolution.lora_request_for(lora_name)
-
-    async def add_lora(self, lora_request: LoRARequest) -> bool:
-        return await asyncio.to_thread(self.engine.add_lora, lora_request)
-
-    async def remove_lora(self, lora_int_id: int) -> bool:
-        return await asyncio.to_thread(self.engine.remove_lora, lora_int_id)
-
-    async def pin_lora(self, lora_int_id: int) -> bool:
-        return await asyncio.to_thread(self.engine.pin_lora, lora_int_id)
-
-    def list_loras(self) -> set[int]:
-        return self.engine.list_loras()
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its consumer gets a last output with finish_reason "abort"."""
