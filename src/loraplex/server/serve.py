@@ -171,6 +171,11 @@ def run_server(args: argparse.Namespace) -> int:
                 logger.info("signal %s: draining in-flight requests, then exiting", sig)
             state.is_draining = True
             super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals once it has stopped, which would end the
+            # process "killed by SIGTERM"; after a completed drain the exit status is 0.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_shutdown_timeout)
