@@ -66,6 +66,10 @@ class AsyncEngine:
         return cls(LLMEngine(config))
 
     @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
     def tokenizer(self):
         return self.engine.tokenizer
 
