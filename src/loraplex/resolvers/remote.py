@@ -75,14 +75,15 @@ class FsspecSource(AdapterSource):
         return RemoteAdapter(location=f"{self.uri}/{lora_name}", files=files)
 
     def download(self, lora_name: str, remote: RemoteAdapter, dest: Path) -> None:
-        for f in remote.files:
-            try:
-                self.fs.get_file(f"{self.root}/{lora_name}/{f.name}", str(dest / f.name))
-            except FileNotFoundError:
-                raise ResolverError(f"{remote.location}/{f.name} disappeared during the download "
-                                    f"(the adapter is being re-uploaded?); retry the request") from None
-            except Exception as e:
-                raise self._error(f"download of {remote.location}/{f.name} failed", e) from None
+        # One call for all files: async backends (s3fs, gcsfs) fetch them concurrently.
+        remote_paths = [f"{self.root}/{lora_name}/{f.name}" for f in remote.files]
+        try:
+            self.fs.get(remote_paths, [str(dest / f.name) for f in remote.files])
+        except FileNotFoundError:
+            raise ResolverError(f"a file of {remote.location} disappeared during the download "
+                                f"(the adapter is being re-uploaded?); retry the request") from None
+        except Exception as e:
+            raise self._error(f"download of {remote.location} failed", e) from None
 
     def _check_root(self) -> None:
         """A missing adapter is None; a missing bucket (or root dir) is a configuration error."""
