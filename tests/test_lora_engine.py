@@ -155,7 +155,7 @@ def test_async_engine_resolves_names_through_the_filesystem_resolver(
             assert outcomes.count(("lora_filesystem_resolver", "found")) == found_so_far
             sql = await engine.get_lora_request("sql")
             assert await engine.remove_lora(sql.lora_int_id)
-            assert sql.lora_int_id not in engine.list_loras()
+            assert sql.lora_int_id not in await engine.list_loras()
             assert await _collect(engine, prompt, lora_name="sql") == expected["sql"]   # resolved again
             assert outcomes.count(("lora_filesystem_resolver", "found")) == found_so_far + 1
         finally:

@@ -38,20 +38,24 @@ class LoRAManager:
         self._pinned: set[int] = set()
         self._step_ids: set[int] = set()                           # adapters of the latest step
         self._in_step = False                                      # between activate() and end_step()
-        # Held by the runner for a whole step (activate, forward, end_step): slot writes from
-        # other threads (pin_lora, remove_lora) wait until the forward is done with the slots.
-        self.lock = threading.RLock()
+        # Two locks, always taken in this order. step_lock is held by the runner for a whole
+        # step (activate, forward, end_step): operations that write slots (pin_lora,
+        # remove_lora) take it too, so they wait until the forward is done with the slots.
+        # _lock guards the bookkeeping only and is never held for long, so lookups and
+        # CPU-only loads from other threads do not wait for a step.
+        self.step_lock = threading.RLock()
+        self._lock = threading.RLock()
 
     # ---- the user-facing operations (LLM.add_lora, pin_lora, remove_lora, list_loras)
 
     def add_lora(self, request: LoRARequest) -> bool:
         """Load and validate an adapter into the CPU cache; False if it was already there."""
-        with self.lock:
+        with self._lock:
             if self._is_cached(request):
                 return False
         # Disk I/O and validation outside the lock: a running step is not held up by them.
         adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
-        with self.lock:
+        with self._lock:
             if self._is_cached(request):
                 return False
             self._make_cpu_room(request)
@@ -62,7 +66,7 @@ class LoRAManager:
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """Drop an adapter from its device slot and the CPU cache (its memory is released)."""
-        with self.lock:
+        with self.step_lock, self._lock:
             if self._in_step and lora_int_id in self._step_ids:
                 raise AdapterCapacityError(f"adapter id {lora_int_id} is used by the step now running; "
                                            f"retry once the step has finished")
@@ -72,7 +76,7 @@ class LoRAManager:
 
     def pin_lora(self, lora_int_id: int) -> bool:
         """Keep an adapter in the CPU cache and a device slot until it is removed."""
-        with self.lock:
+        with self.step_lock, self._lock:
             if lora_int_id not in self._cpu:
                 raise AdapterNotFoundError(f"adapter id {lora_int_id} is not loaded; add_lora() it before pinning")
             if lora_int_id in self._pinned:
@@ -91,17 +95,22 @@ class LoRAManager:
             return True
 
     def list_loras(self) -> set[int]:
-        with self.lock:
+        with self._lock:
             return set(self._cpu) | set(self._slot_of)
 
     def get_request(self, lora_int_id: int) -> LoRARequest | None:
-        with self.lock:
+        with self._lock:
             adapter = self._cpu.get(lora_int_id)
             return adapter.request if adapter else None
 
+    def is_loaded(self, request: LoRARequest) -> bool:
+        """Whether the CPU cache holds `request` (raises AdapterInvalidError on an id/name clash)."""
+        with self._lock:
+            return self._is_cached(request)
+
     def find_by_name(self, lora_name: str) -> LoRARequest | None:
         """The request of the CPU-cached adapter called `lora_name` (marked recently used)."""
-        with self.lock:
+        with self._lock:
             for lora_id, adapter in self._cpu.items():
                 if adapter.request.lora_name == lora_name:
                     self._cpu.move_to_end(lora_id)
@@ -113,7 +122,7 @@ class LoRAManager:
 
     def pinned_in_slots(self) -> set[int]:
         """Pinned adapters holding a device slot (the scheduler counts them against max_loras)."""
-        with self.lock:
+        with self._lock:
             return {i for i in self._pinned if i in self._slot_of}
 
     def slot_of(self, lora_int_id: int) -> int | None:
@@ -128,8 +137,10 @@ class LoRAManager:
         return len(needed) + len(pinned_elsewhere) <= self.max_loras
 
     def activate(self, requests: Iterable[LoRARequest]) -> dict[int, int]:
-        """Put every adapter of a step into a device slot; return lora_int_id -> slot."""
-        with self.lock:
+        """Put every adapter of a step into a device slot; return lora_int_id -> slot.
+
+        The caller holds step_lock until end_step()."""
+        with self.step_lock, self._lock:
             by_id = {r.lora_int_id: r for r in requests}
             if not self.can_run_together(by_id):
                 raise AdapterCapacityError(
@@ -157,7 +168,7 @@ class LoRAManager:
         Requests still running keep their LoRARequest, so an adapter removed or evicted
         between their steps is reloaded from its path on their next step.
         """
-        with self.lock:
+        with self._lock:
             self._in_step = False
 
     # ---- internals

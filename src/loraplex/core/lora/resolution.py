@@ -49,6 +49,11 @@ class LoRAResolution:
         # shield: one caller going away must not cancel the load the others wait for.
         return await asyncio.shield(future)
 
+    async def ensure_loaded(self, request: LoRARequest) -> None:
+        """Load and validate `request` unless the CPU cache holds it (a no-op in the common case)."""
+        if not self.manager.is_loaded(request):
+            await asyncio.to_thread(self.manager.add_lora, request)
+
     async def _resolve_and_load(self, lora_name: str) -> LoRARequest:
         request = await self.chain.resolve(self.base_model_name, lora_name)
         if request is None:

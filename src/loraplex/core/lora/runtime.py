@@ -3,7 +3,7 @@
 At start-up it allocates the slot stacks for the model, wraps every fused projection in a
 LoRALinear and creates the LoRAManager. Each step, `step(scheduled)` puts the step's
 adapters into slots, maps every token to its slot and builds the LoRABatchMeta once, for
-all layers. The manager's lock is held for the whole step, so pin/remove calls from
+all layers. The manager's step_lock is held for the whole step, so pin/remove calls from
 other threads wait until the forward pass has finished with the slots.
 """
 
@@ -54,7 +54,7 @@ class LoRARuntime:
     @contextmanager
     def step(self, scheduled: list[ScheduledSeq]) -> Iterator[None]:
         """Activate the step's adapters and publish its LoRABatchMeta for the forward pass."""
-        with self.manager.lock:
+        with self.manager.step_lock:
             requests = [s.seq.lora_request for s in scheduled if s.seq.lora_request is not None]
             slot_of = self.manager.activate(requests)
             try:
