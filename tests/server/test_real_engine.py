@@ -143,6 +143,11 @@ def test_resolve_on_first_request_through_the_filesystem(setup):
     assert (models["late-lora"].root, models["late-lora"].parent) == (str(late), "tiny-base")
     metrics = httpx.get(setup["server"].base_url + "/metrics").text
     assert 'loraplex_lora_resolutions_total{outcome="found",resolver="lora_filesystem_resolver"}' in metrics
+    assert 'loraplex_lora_first_request_loads_total{outcome="loaded"}' in metrics
+    for gauge in ("loraplex_num_requests_running 0.0", "loraplex_num_requests_waiting 0.0",
+                  "loraplex_kv_cache_usage_perc 0.0", "loraplex_lora_adapters_cpu 3.0",
+                  'loraplex_lora_requests_total{model="late-lora"} 1.0'):
+        assert gauge in metrics, gauge
 
 
 def test_unknown_adapter_is_404_and_broken_one_is_400(setup):

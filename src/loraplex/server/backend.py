@@ -19,6 +19,7 @@ and a tokenizer, as `engine.tokenizer` or `engine.get_tokenizer()`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -35,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 async def maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
+
+
+# LLMEngine.get_stats() field -> metric name (without the loraplex_ prefix).
+ENGINE_STAT_NAMES = {"num_running": "num_requests_running", "num_waiting": "num_requests_waiting",
+                     "kv_cache_usage": "kv_cache_usage_perc", "num_preemptions": "num_preemptions_total",
+                     "num_kv_blocks": "kv_cache_blocks", "num_free_kv_blocks": "kv_cache_free_blocks"}
 
 
 def model_not_found(name: str) -> AdapterNotFoundError:
@@ -79,6 +86,29 @@ class ServingBackend:
                 await stop()
             else:
                 await asyncio.to_thread(stop)
+
+    def engine_stats(self) -> dict[str, float]:
+        """The engine's counters for /metrics, as flat names (see metrics.EngineStatsCollector).
+
+        Read from the event loop while the engine thread runs: only sizes and counters
+        are read, never structures that are iterated by the engine.
+        """
+        core = getattr(self.engine, "engine", self.engine)
+        get_stats = getattr(core, "get_stats", None)
+        raw = get_stats() if callable(get_stats) else {}
+        if dataclasses.is_dataclass(raw):
+            raw = dataclasses.asdict(raw)
+        stats = {ENGINE_STAT_NAMES.get(k, k): v for k, v in dict(raw).items()}
+        manager = getattr(getattr(getattr(core, "runner", None), "lora", None), "manager", None)
+        if manager is not None:
+            on_cpu = manager.list_loras()
+            stats["lora_adapters_cpu"] = len(on_cpu)
+            stats["lora_adapters_device"] = sum(manager.slot_of(i) is not None for i in on_cpu)
+            stats["lora_adapters_pinned"] = sum(manager.is_pinned(i) for i in on_cpu)
+            # Cache counters, once the manager keeps them: {"cpu_hits": n, "loads": n, ...}.
+            for key, value in dict(getattr(manager, "stats", None) or {}).items():
+                stats[f"lora_{key}_total"] = value
+        return stats
 
     def is_healthy(self) -> bool:
         return bool(getattr(self.engine, "is_running", True))
@@ -207,19 +237,8 @@ class ServingBackend:
             self._name_locks.pop(name, None)
             logger.info("unloaded LoRA adapter %r", name)
 
-    def _engine_lora(self, method: str):
-        """The engine's LoRA operation `method`; falls back to the LoRA manager inside an
-        AsyncEngine that does not expose it yet (thread-safe: the manager has a lock)."""
-        found = getattr(self.engine, method, None)
-        if found is None:
-            runtime = getattr(getattr(getattr(self.engine, "engine", None), "runner", None), "lora", None)
-            found = getattr(getattr(runtime, "manager", None), method, None)
-        if found is None:
-            raise HTTPError(400, "LoRA is not enabled in the engine; start the server with --enable-lora")
-        return found
-
     async def _call_engine_lora(self, method: str, arg):
-        fn = self._engine_lora(method)
+        fn = getattr(self.engine, method)
         if inspect.iscoroutinefunction(fn):
             return await fn(arg)
         # Reading adapter weights from disk must not stall the event loop.

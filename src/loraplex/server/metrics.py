@@ -113,16 +113,14 @@ class ServerMetrics:
 
     def attach_backend(self, backend) -> None:
         """Listen to the backend's resolver chain and first-request loads, and read the
-        engine's counters (engine.get_stats() -> dict) at scrape time."""
+        engine's counters (backend.engine_stats()) at scrape time."""
         self.adapters_served.set_function(lambda: len(backend.list_adapters()))
         backend.resolution_listeners.append(
             lambda name, outcome, seconds: self.first_request_loads.labels(outcome).inc())
         chain = backend.resolver_chain
         if chain is not None and hasattr(chain, "add_listener"):
             chain.add_listener(self.observe_resolution)
-        get_stats = getattr(backend.engine, "get_stats", None)
-        if callable(get_stats):
-            self.registry.register(EngineStatsCollector(get_stats))
+        self.registry.register(EngineStatsCollector(backend.engine_stats))
 
     # ---- hooks called by the HTTP layer and the backend -------------------------
     def observe_http(self, route: str, method: str, status: int) -> None:
