@@ -265,7 +265,7 @@ def bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays):
     else:
         bmm_us = float("nan")
     sc = shrink_config(num_tokens, in_features, num_slices * rank, MAX_LORAS, _num_sms(torch.device("cuda", 0)))
-    ec = expand_config(num_tokens, max(widths), rank)
+    ec = expand_config(num_tokens, max(widths))
     floor_us = floor_bytes / bandwidth * 1e6
     target = DECODE_TARGETS_US.get((module, num_tokens, num_adapters))
     if target is not None:
