@@ -80,3 +80,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor, base: torch.Tensor) ->
     """Error relative to the size of the LoRA contribution (expected - base)."""
     delta = (expected.double() - base.double()).norm()
     return float((actual.double() - expected.double()).norm() / delta)
+
+
+def assign_tokens(case: LoRACase, tokens: list[int], slot: int) -> LoRACase:
+    """Move `tokens` to `slot` (e.g. an empty slot of rank 0) and rebuild the metadata."""
+    case.token_slots[tokens] = slot
+    case.meta = build_lora_meta(case.token_slots, case.slot_ranks, case.slot_ranks.shape[0])
+    return case

@@ -44,7 +44,7 @@ def _compile(kernel, arg_types, constexprs, config):
 
 def shrink(dtype, num_tokens, in_features, n, even_k):
     config = tl_lora.shrink_config(num_tokens, in_features, n, 32, 132)
-    types = [f"*{dtype}", f"*{dtype}", "*fp32"] + ["*i32"] * 4 + ["i32"] * 10
+    types = [f"*{dtype}", f"*{dtype}", "*fp32"] + ["*i32"] * 3 + ["i32"] * 10
     consts = {"MAX_LORAS_P2": 32, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
               "BLOCK_K": config.block_k, "EVEN_K": even_k, "IEEE_DOT": dtype == "fp32"}
     return config, _compile(tl_lora._shrink_kernel, types, consts, config)
@@ -52,7 +52,7 @@ def shrink(dtype, num_tokens, in_features, n, even_k):
 
 def expand(dtype, num_tokens, max_width, num_slices, split_k):
     config = tl_lora.expand_config(num_tokens, max_width)
-    types = ["*fp32", f"*{dtype}", f"*{dtype}"] + ["*i32"] * 4 + ["i32"] * 11
+    types = ["*fp32", f"*{dtype}", f"*{dtype}"] + ["*i32"] * 3 + ["i32"] * 11
     consts = {"NUM_SLICES": num_slices, "SPLIT_K": split_k, "MAX_LORAS_P2": 32, "BLOCK_M": config.block_m,
               "BLOCK_N": config.block_n, "BLOCK_R": config.block_r, "IEEE_DOT": dtype == "fp32"}
     return config, _compile(tl_lora._expand_kernel, types, consts, config)

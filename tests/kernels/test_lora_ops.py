@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lora_kernel_cases import make_case, naive_lora, rel_err
+from lora_kernel_cases import assign_tokens, make_case, naive_lora, rel_err
 
 from loraplex.kernels.lora import apply_lora, lora_expand, lora_shrink
 from loraplex.kernels.lora_meta import build_lora_meta
@@ -22,6 +22,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 def test_apply_lora_matches_definition(widths, ranks, dtype):
     case = make_case(num_tokens=37, in_features=48, slice_widths=widths, max_loras=len(ranks),
                      max_rank=8, slot_ranks=ranks, dtype=dtype, seed=len(widths))
+    assign_tokens(case, [1, 6], ranks.index(0))  # tokens of a slot whose rank is 0 get no delta
     _, expected = naive_lora(case)
     out = case.out.clone()
     apply_lora(case.x, out, case.lora_a, case.lora_b, case.meta, case.slice_offsets)

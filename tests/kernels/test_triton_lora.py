@@ -7,7 +7,7 @@ float16 only (the interpreter's bfloat16 arithmetic is not faithful).
 
 import pytest
 import torch
-from lora_kernel_cases import make_case, rel_err
+from lora_kernel_cases import assign_tokens, make_case, rel_err
 
 from loraplex.kernels.lora import apply_lora, lora_expand, lora_shrink
 from loraplex.kernels.triton_lora import ExpandConfig, ShrinkConfig, triton_expand, triton_shrink
@@ -37,6 +37,7 @@ def test_apply_lora_three_unequal_slices(dtype):
     case = _device(make_case(num_tokens=21, in_features=40, slice_widths=(24, 5, 11), max_loras=5,
                              max_rank=16, slot_ranks=[16, 1, 0, 7, 3], dtype=dtype,
                              padding="garbage", seed=11))
+    assign_tokens(case, [2, 9], 2)  # slot 2 has rank 0: its tokens get no tiles and no delta
     out = case.out.clone()
     apply_lora(case.x, out, case.lora_a, case.lora_b, case.meta, case.slice_offsets, backend="triton")
     expected = _reference(case)

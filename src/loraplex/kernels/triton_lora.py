@@ -51,40 +51,45 @@ class ExpandConfig:
 
 
 @triton.jit
-def _group_tile(pid_m, counts_ptr, ranks_ptr, max_loras,
+def _group_tile(pid_m, counts_ptr, ranks_ptr, max_loras, max_rank,
                 MAX_LORAS_P2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Flat row-tile index -> (slot, first row of the tile inside the slot's group).
+    """Flat row-tile index -> (slot, first row of the tile in the slot's group, count, start, rank).
 
+    Everything comes from one load of the per-slot counts and ranks, so the weight loads
+    that need only the slot and rank wait on a single memory round trip. Groups lie in
+    slot order, so a group's start is the exclusive prefix sum of the counts.
     Returns slot >= max_loras when pid_m is past the last tile of the step.
     """
     slots = tl.arange(0, MAX_LORAS_P2)
     valid = slots < max_loras
     counts = tl.load(counts_ptr + slots, mask=valid, other=0)
-    ranks = tl.load(ranks_ptr + slots, mask=valid, other=0)
+    ranks = tl.minimum(tl.load(ranks_ptr + slots, mask=valid, other=0), max_rank)
     tiles = tl.where(ranks > 0, (counts + BLOCK_M - 1) // BLOCK_M, 0)
     tile_ends = tl.cumsum(tiles, 0)
     slot = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)
-    first_tile = tl.sum(tl.where(slots == slot, tile_ends - tiles, 0), 0)
-    return slot, (pid_m - first_tile) * BLOCK_M
+    here = slots == slot
+    first_tile = tl.sum(tl.where(here, tile_ends - tiles, 0), 0)
+    count = tl.sum(tl.where(here, counts, 0), 0)
+    start = tl.sum(tl.where(here, tl.cumsum(counts, 0) - counts, 0), 0)
+    rank = tl.sum(tl.where(here, ranks, 0), 0)
+    return slot, (pid_m - first_tile) * BLOCK_M, count, start, rank
 
 
 @triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, partial_ptr,
-    sorted_ids_ptr, starts_ptr, counts_ptr, ranks_ptr,
+    sorted_ids_ptr, counts_ptr, ranks_ptr,
     max_loras, K, N, max_rank, k_per_split,
     stride_xm, stride_a_slot, stride_a_n, stride_p_split, stride_p_m,
     MAX_LORAS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    slot, m0 = _group_tile(tl.program_id(0), counts_ptr, ranks_ptr, max_loras, MAX_LORAS_P2, BLOCK_M)
+    slot, m0, count, start, rank = _group_tile(tl.program_id(0), counts_ptr, ranks_ptr, max_loras, max_rank,
+                                               MAX_LORAS_P2, BLOCK_M)
     if slot >= max_loras:
         return
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    count = tl.load(counts_ptr + slot)
-    start = tl.load(starts_ptr + slot)
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
@@ -129,13 +134,14 @@ def _next_slice(pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, lo, hi, 
 @triton.jit
 def _expand_kernel(
     partial_ptr, b_ptr, out_ptr,
-    sorted_ids_ptr, starts_ptr, counts_ptr, ranks_ptr,
+    sorted_ids_ptr, counts_ptr, ranks_ptr,
     max_loras, max_rank, end0, end1, end2, end3,
     stride_p_split, stride_p_m, stride_b_slot, stride_b_n, stride_out_m,
     NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, MAX_LORAS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    slot, m0 = _group_tile(tl.program_id(0), counts_ptr, ranks_ptr, max_loras, MAX_LORAS_P2, BLOCK_M)
+    slot, m0, count, start, rank = _group_tile(tl.program_id(0), counts_ptr, ranks_ptr, max_loras, max_rank,
+                                               MAX_LORAS_P2, BLOCK_M)
     if slot >= max_loras:
         return
     # Column tiles are numbered slice after slice; find this program's slice.
@@ -155,9 +161,6 @@ def _expand_kernel(
         slice_id, col_lo, col_hi, first_tile, tiles_end = _next_slice(
             pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end2, end3, BLOCK_N)
 
-    count = tl.load(counts_ptr + slot)
-    start = tl.load(starts_ptr + slot)
-    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     tokens = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -255,7 +258,7 @@ def triton_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, nu
     grid = (_max_row_tiles(num_tokens, max_loras, config.block_m), triton.cdiv(n, config.block_n), split_k)
     _shrink_kernel[grid](
         x, lora_a, partials,
-        meta.sorted_token_ids, meta.slot_token_starts, meta.slot_token_counts, meta.slot_ranks,
+        meta.sorted_token_ids, meta.slot_token_counts, meta.slot_ranks,
         max_loras, in_features, n, max_rank, k_per_split,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0), partials.stride(1),
         MAX_LORAS_P2=_max_loras_p2(max_loras), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
@@ -281,7 +284,7 @@ def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchM
     grid = (_max_row_tiles(num_tokens, max_loras, config.block_m), col_tiles)
     _expand_kernel[grid](
         partials, lora_b, out,
-        meta.sorted_token_ids, meta.slot_token_starts, meta.slot_token_counts, meta.slot_ranks,
+        meta.sorted_token_ids, meta.slot_token_counts, meta.slot_ranks,
         max_loras, max_rank, *ends,
         partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
         NUM_SLICES=num_slices, SPLIT_K=split_k, MAX_LORAS_P2=_max_loras_p2(max_loras),
