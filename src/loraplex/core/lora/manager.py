@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 from loraplex.core.lora.adapter import LoRAAdapter, load_lora_adapter
@@ -45,6 +45,10 @@ class LoRAManager:
         # CPU-only loads from other threads do not wait for a step.
         self.step_lock = threading.RLock()
         self._lock = threading.RLock()
+        # Cache counters for the server's /metrics (cpu_misses: read from disk). Every key
+        # exists from the start, so readers on other threads never see the dict grow.
+        self.stats: Counter[str] = Counter(dict.fromkeys(
+            ("device_hits", "cpu_hits", "cpu_misses", "loads", "cpu_evictions", "device_evictions"), 0))
 
     # ---- the user-facing operations (LLM.add_lora, pin_lora, remove_lora, list_loras)
 
@@ -60,6 +64,7 @@ class LoRAManager:
                 return False
             self._make_cpu_room(request)
             self._cpu[request.lora_int_id] = adapter
+            self.stats["loads"] += 1
         logger.info("loaded LoRA adapter %r (id %d, rank %d, %.1f KiB)", request.lora_name,
                     request.lora_int_id, adapter.rank, adapter.num_bytes / 1024)
         return True
@@ -151,10 +156,12 @@ class LoRAManager:
             try:
                 for lora_id, request in by_id.items():
                     if lora_id in self._slot_of:
+                        self.stats["device_hits"] += 1
                         self._slot_of.move_to_end(lora_id)
                         if lora_id in self._cpu:
                             self._cpu.move_to_end(lora_id)
                         continue
+                    self.stats["cpu_hits" if lora_id in self._cpu else "cpu_misses"] += 1
                     self.add_lora(request)   # a no-op unless it was evicted: then it is reloaded from disk
                     self._fill_slot(self._find_slot(needed=self._step_ids), self._cpu[lora_id])
             except BaseException:
@@ -183,6 +190,7 @@ class LoRAManager:
                     f"hold pinned adapters or adapters of the step in progress; remove a pinned adapter "
                     f"or raise max_cpu_loras (--max-cpu-loras)")
             del self._cpu[victim]
+            self.stats["cpu_evictions"] += 1
             logger.debug("evicted LoRA adapter id %d from the CPU cache", victim)
 
     def _find_slot(self, *, needed: set[int], raise_if_none: bool = True) -> int | None:
@@ -193,6 +201,7 @@ class LoRAManager:
         for lora_id, slot in self._slot_of.items():   # least recently used first
             if lora_id not in needed and lora_id not in self._pinned:
                 self._free_slot(lora_id)
+                self.stats["device_evictions"] += 1
                 return slot
         if raise_if_none:
             raise AdapterCapacityError(
