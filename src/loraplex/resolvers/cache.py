@@ -38,6 +38,10 @@ from loraplex.resolvers.validation import base_model_compatible, validate_adapte
 
 logger = logging.getLogger(__name__)
 
+# listener(lora_name, num_bytes, seconds), called from the downloading thread after each
+# completed download (the server counts downloads and bytes for /metrics).
+DOWNLOAD_LISTENERS: list = []
+
 CACHE_DIR_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"
 MAX_BYTES_ENV = "VLLM_LORA_RESOLVER_CACHE_MAX_BYTES"
 REVALIDATE_ENV = "LORAPLEX_RESOLVER_REVALIDATE_S"
@@ -197,7 +201,13 @@ class AdapterCache:
         elif entry.exists():
             logger.warning("cached copy of %r is damaged (a file is missing or has the wrong size); "
                            "downloading it again", lora_name)
+        started = time.monotonic()
         manifest = self._download(lora_name, entry, source, remote)
+        for listener in list(DOWNLOAD_LISTENERS):
+            try:
+                listener(lora_name, manifest.total_bytes, time.monotonic() - started)
+            except Exception:  # metrics must never break a download
+                logger.exception("download listener %r failed", listener)
         self._evict_to_fit(keep=entry)
         return self._use(entry, manifest, base_model_name)
 
