@@ -7,8 +7,8 @@ Groups are indexed by slot itself, so every per-slot array has the static length
 keeps launches capturable in CUDA graphs). Base-model tokens (slot -1) are sorted
 after all groups and belong to none, so no kernel program ever touches them.
 
-Building the metadata is a handful of device ops (sort, scatter-add, cumsum) with no
-host sync, so it can run inside a CUDA graph. The one check that needs the values
+Building the metadata is a handful of elementwise ops and scans (a counting sort) with
+no host sync, so it can run inside a CUDA graph. The one check that needs the values
 (every slot in [-1, max_loras)) is done only when `token_slots` lives on the CPU,
 where it is free; the runner builds the slot map on the host and calls
 `check_token_slots` there. On an accelerator an out-of-range slot is treated as
@@ -83,21 +83,30 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_lor
             raise KernelArgumentError(f"slot_ranks must be >= 0, got {slot_ranks.tolist()}")
 
     num_tokens = token_slots.shape[0]
+    device = token_slots.device
     slots = token_slots.long()
-    # Base tokens (and, on a device, out-of-range slots) get key max_loras: sorted last.
+    # Base tokens (and, on a device, out-of-range slots) get key max_loras: their group comes last.
     is_lora = (slots >= 0) & (slots < max_loras)
-    keys = torch.where(is_lora, slots, torch.full_like(slots, max_loras))
-    # Stable, so a group keeps its tokens in their original order.
-    _, order = torch.sort(keys, stable=True)
-    counts = torch.zeros(max_loras + 1, dtype=torch.int64, device=keys.device)
-    counts.scatter_add_(0, keys, torch.ones_like(keys))
-    counts = counts[:max_loras]
-    starts = torch.cumsum(counts, 0) - counts
-    # Active slots first (ascending), then the empty ones marked -1.
+    keys = torch.where(is_lora, slots, torch.full_like(slots, max_loras))             # [T]
+    # A counting sort made of elementwise ops and scans (no sort, no sync, graph-safe, stable):
+    # running[t, k] = tokens of key k among tokens 0..t.
+    key_ids = torch.arange(max_loras + 1, device=device)
+    running = torch.cumsum((keys[:, None] == key_ids).to(torch.int32), 0, dtype=torch.int32)  # [T, L+1]
+    if num_tokens:
+        all_counts = running[-1].long()                                               # [L+1]
+        rank_in_group = running.gather(1, keys[:, None]).squeeze(1).long() - 1        # [T]
+    else:
+        all_counts = torch.zeros(max_loras + 1, dtype=torch.int64, device=device)
+        rank_in_group = keys
+    all_starts = torch.cumsum(all_counts, 0) - all_counts
+    token_ids = torch.arange(num_tokens, device=device)
+    order = torch.empty_like(token_ids).scatter_(0, all_starts[keys] + rank_in_group, token_ids)
+    counts, starts = all_counts[:max_loras], all_starts[:max_loras]
+    # Active slots first (ascending), then -1; inactive slots write to a dropped extra entry.
     is_active = counts > 0
-    slot_ids = torch.arange(max_loras, device=keys.device)
-    _, active_first = torch.sort((~is_active).to(torch.int8), stable=True)
-    active_slots = torch.where(is_active[active_first], slot_ids[active_first], torch.full_like(slot_ids, -1))
+    position = torch.where(is_active, torch.cumsum(is_active, 0) - 1, max_loras)
+    active_slots = torch.full((max_loras + 1,), -1, dtype=torch.int64, device=device)
+    active_slots = active_slots.scatter_(0, position, key_ids[:max_loras])[:max_loras]
 
     host_groups = None
     if on_host:
