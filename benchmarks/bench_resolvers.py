@@ -142,8 +142,8 @@ def main() -> None:
         rows: dict[str, list[float]] = {k: [] for k in cold}
         s3_resolver.source.transfer_s.clear()
         hub_resolver.source.transfer_s.clear()
-        for _ in range(args.runs):  # interleaved, so drift on a shared machine hits both alike
-            for label, run in cold.items():
+        for i in range(args.runs):  # interleaved, order flipped each run, so drift hits both alike
+            for label, run in (cold.items() if i % 2 == 0 else reversed(cold.items())):
                 rows[label].append(timed(run))
             shutil.rmtree(work / "runs")
 
