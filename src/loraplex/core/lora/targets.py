@@ -9,6 +9,7 @@ being one PEFT module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 # PEFT module name -> (our packed module, slice index inside it).
 PEFT_MODULE_TO_PACKED: dict[str, tuple[str, int]] = {
@@ -44,7 +45,7 @@ class LoRATarget:
     def out_features(self) -> int:
         return sum(self.slice_sizes)
 
-    @property
+    @cached_property   # read by every LoRA layer call
     def slice_offsets(self) -> tuple[int, ...]:
         """Output column where each slice starts, plus the total: (0, q, q+k, q+k+v)."""
         offsets = [0]
