@@ -24,7 +24,7 @@ import torch
 from loraplex.errors import KernelArgumentError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # fields are tensors: compare by identity
 class LoRABatchMeta:
     num_tokens: int
     max_loras: int
