@@ -94,3 +94,7 @@ def test_caches_thrash_without_failures_or_leaks(loaded):
     metrics = state.metrics.render().decode()
     assert 'loraplex_lora_requests_total{model="other"}' in metrics   # label cardinality bounded
     assert 'status="200"' in metrics and 'status="5' not in metrics
+    stats = state.backend.engine.engine.runner.lora.manager.stats
+    assert stats["cpu_evictions"] > 0 and stats["device_evictions"] > 0 and stats["cpu_misses"] > NUM_ADAPTERS
+    assert f'loraplex_lora_cpu_evictions_total {float(stats["cpu_evictions"])}' in metrics
+    assert "loraplex_lora_device_hits_total" in metrics

@@ -111,6 +111,9 @@ def test_first_request_resolves_from_s3_once(served):
     assert models["s3-lora"].parent == served["ckpt"] and models["static-lora"].root == served["static"]
     metrics = httpx.get(served["server"].base_url + "/metrics").text
     assert 'loraplex_lora_resolutions_total{outcome="found",resolver="lora_s3_resolver"} 1.0' in metrics
+    assert "loraplex_lora_downloads_total 1.0" in metrics
+    size = sum(p.stat().st_size for p in Path(served["source"]).iterdir())
+    assert f"loraplex_lora_download_bytes_total {float(size)}" in metrics
 
 
 def test_api_key_from_the_environment(served):

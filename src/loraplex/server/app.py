@@ -45,6 +45,7 @@ def build_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
+            state.metrics.detach()
             await state.backend.shutdown()
 
     app = FastAPI(title="loraplex", version=loraplex_version(), lifespan=lifespan,

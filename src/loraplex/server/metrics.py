@@ -15,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from loraplex.resolvers.cache import DOWNLOAD_LISTENERS
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "loraplex_"
@@ -108,6 +110,12 @@ class ServerMetrics:
         self.adapters_served = Gauge(PREFIX + "lora_adapters_served",
                                      "adapters the server knows by name", registry=r)
 
+        self.downloads = Counter(PREFIX + "lora_downloads", "adapters downloaded by remote resolvers",
+                                 registry=r)
+        self.download_bytes = Counter(PREFIX + "lora_download_bytes", "bytes of adapters downloaded",
+                                      registry=r)
+        self.download_seconds = Histogram(PREFIX + "lora_download_seconds", "time to download an adapter",
+                                          buckets=LATENCY_BUCKETS, registry=r)
         self.first_request_loads = Counter(PREFIX + "lora_first_request_loads", "adapters resolved and "
                                            "loaded on a first request, by outcome", ["outcome"], registry=r)
 
@@ -121,6 +129,17 @@ class ServerMetrics:
         if chain is not None and hasattr(chain, "add_listener"):
             chain.add_listener(self.observe_resolution)
         self.registry.register(EngineStatsCollector(backend.engine_stats))
+        DOWNLOAD_LISTENERS.append(self.observe_download)
+
+    def detach(self) -> None:
+        """Stop listening to process-wide hooks (at server shutdown)."""
+        while self.observe_download in DOWNLOAD_LISTENERS:
+            DOWNLOAD_LISTENERS.remove(self.observe_download)
+
+    def observe_download(self, lora_name: str, num_bytes: int, seconds: float) -> None:
+        self.downloads.inc()
+        self.download_bytes.inc(num_bytes)
+        self.download_seconds.observe(seconds)
 
     # ---- hooks called by the HTTP layer and the backend -------------------------
     def observe_http(self, route: str, method: str, status: int) -> None:
