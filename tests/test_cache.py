@@ -154,3 +154,11 @@ def test_pickle_weights_accepted_only_when_allowed(tmp_path):
         AdapterCache(tmp_path / "strict").get("p", source)
     path = AdapterCache(tmp_path / "trusting", allow_pickle=True).get("p", source)
     assert (path / "adapter_model.bin").read_bytes() == (local / "adapter_model.bin").read_bytes()
+
+
+def test_names_the_source_lacks_leave_no_lock_files(tmp_path):
+    cache = AdapterCache(tmp_path / "cache")
+    source = CountingSource(tmp_path)
+    for i in range(20):
+        assert cache.get(f"probe-{i}", source) is None
+    assert list((tmp_path / "cache" / ".loraplex-locks").iterdir()) == []

@@ -26,6 +26,9 @@ RESOLVE_ONCE = str(Path(__file__).parent / "servers" / "resolve_once.py")
 
 @pytest.fixture
 def hub(tmp_path):
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:  # read at import: the in-process tests cannot reach the server
+        pytest.fail("HF_HUB_OFFLINE is set in the test environment; unset it to run the Hub resolver tests")
     server = HubTestServer(tmp_path / "hub").start()
     yield server
     server.stop()
@@ -209,12 +212,28 @@ def test_plugin_registers_only_when_configured(tmp_path, monkeypatch):
     assert registered == [PLUGIN_NAME]
 
 
-def test_environment_configures_a_fresh_process(hub, tmp_path):
-    """HF_ENDPOINT, HF_HUB_CACHE and the cache dir from the environment alone, in a new process."""
-    source = write_peft_adapter(hub.repo_dir("org/repo") / "sub")
+def hub_env(hub, tmp_path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "VLLM_", "LORAPLEX_"))}
     env.update({REPO_LIST_ENV: "org/repo", "HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf"),
                 "VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    env.update(extra)
+    return env
+
+
+def test_offline_mode_is_a_clear_error(hub, tmp_path):
+    write_peft_adapter(hub.repo_dir("org/repo"))
+    out = subprocess.run([sys.executable, RESOLVE_ONCE, "hf", "org/repo", "tiny-base"],
+                         env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "ResolverError" in out.stderr and "HF_HUB_OFFLINE is set" in out.stderr
+    assert hub.count() == 0
+
+
+def test_environment_configures_a_fresh_process(hub, tmp_path):
+    """HF_ENDPOINT, HF_HUB_CACHE and the cache dir from the environment alone, in a new process."""
+    source = write_peft_adapter(hub.repo_dir("org/repo") / "sub")
+    env = hub_env(hub, tmp_path)
     out = subprocess.run([sys.executable, RESOLVE_ONCE, "hf", "org/repo/sub", "tiny-base"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

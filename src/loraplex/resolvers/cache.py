@@ -158,11 +158,18 @@ class AdapterCache:
         manifest = self._intact_manifest(entry)
         if manifest is not None and time.time() - manifest.checked_at < self.revalidate_s:
             return self._use(entry, manifest, base_model_name)
+        listed = None
+        if manifest is None and not entry.exists():
+            # Ask the source before taking a lock: names it lacks (typos, probes) must
+            # not leave a lock file each behind.
+            listed = (source.stat(lora_name), time.monotonic())
+            if listed[0] is None:
+                return None
         with self._lock(lora_name):
-            return self._get_locked(lora_name, entry, source, base_model_name)
+            return self._get_locked(lora_name, entry, source, base_model_name, listed)
 
     def _get_locked(self, lora_name: str, entry: Path, source: AdapterSource,
-                    base_model_name: str | None) -> Path | None:
+                    base_model_name: str | None, listed: tuple | None = None) -> Path | None:
         self._remove_stale_downloads(lora_name)
         # Another process may have downloaded or revalidated it while we waited.
         manifest = self._intact_manifest(entry)
@@ -175,7 +182,10 @@ class AdapterCache:
                 f"never overwritten. Remove it to let the remote resolver download {lora_name!r}, or "
                 f"serve it through the filesystem resolver")
         try:
-            remote = source.stat(lora_name)
+            # A listing taken just before the lock is still the source's word; one
+            # from before a long wait (another process downloading) is asked again.
+            fresh = listed is not None and time.monotonic() - listed[1] < 1.0
+            remote = listed[0] if fresh else source.stat(lora_name)
         except ResolverError as e:
             if manifest is None:
                 raise
