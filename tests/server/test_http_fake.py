@@ -241,3 +241,34 @@ def test_metrics_exposed(fake_server):
     assert 'loraplex_http_requests_total{method="POST",route="/v1/completions",status="200"}' in text
     assert 'loraplex_lora_cache_hits_total{tier="device"} 5.0' in text
     assert "loraplex_generation_tokens_total" in text
+
+
+def test_client_disconnect_aborts_a_stream(fake_server):
+    engine = fake_server.engine
+    old_delay, engine.step_delay_s = engine.step_delay_s, 0.05
+    try:
+        with httpx.stream("POST", fake_server.base_url + "/v1/chat/completions",
+                          headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"messages": [{"role": "user", "content": "slow"}], "max_tokens": 200,
+                                "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break
+            request_id = engine.started[-1]
+        deadline = time.monotonic() + 10
+        while request_id not in engine.aborted:
+            assert time.monotonic() < deadline, "the streaming request was not aborted"
+            time.sleep(0.02)
+        assert request_id not in engine.finished
+    finally:
+        engine.step_delay_s = old_delay
+
+
+def test_draining_server_refuses_new_generation(fake_server):
+    state = fake_server.app.state.loraplex
+    state.is_draining = True
+    try:
+        r = _post(fake_server, "/v1/completions", {"prompt": "a", "max_tokens": 1})
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    finally:
+        state.is_draining = False

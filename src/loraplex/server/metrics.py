@@ -88,7 +88,7 @@ class ServerMetrics:
         self.requests_finished = Counter(PREFIX + "request_success", "generation requests finished, "
                                          "by finish reason", ["finish_reason"], registry=r)
         self.in_flight = Gauge(PREFIX + "http_requests_in_flight",
-                               "generation requests being served now", registry=r)
+                               "HTTP requests being served now (streams until their end)", registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "time to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.per_token = Histogram(PREFIX + "time_per_output_token_seconds",

@@ -59,9 +59,11 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            self.metrics.in_flight.dec()
             route = scope.get("route")
             # Unmatched paths share one label so random URLs cannot blow up cardinality.
             path = getattr(route, "path", None) or "unmatched"
