@@ -17,6 +17,8 @@ class AdapterSpec:
     alpha: float
     targets: tuple[str, ...]
     use_rslora: bool = False
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
 
 
 # Ranks 4..32, different target sets, some rsLoRA: what one mixed batch must serve.
@@ -37,7 +39,8 @@ def write_peft_lora(model_dir: Path, out_dir: Path, spec: AdapterSpec, seed: int
     """get_peft_model + random non-zero lora_B + save_pretrained: exactly PEFT's on-disk format."""
     torch.manual_seed(seed)
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                        use_rslora=spec.use_rslora, lora_dropout=0.0, task_type="CAUSAL_LM")
+                        use_rslora=spec.use_rslora, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        rank_pattern=dict(spec.rank_pattern), alpha_pattern=dict(spec.alpha_pattern))
     model = get_peft_model(load_base(model_dir), config)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 
-from lora_reference import ADAPTER_SPECS, peft_model, reference_greedy, write_peft_lora
+from lora_reference import ADAPTER_SPECS, AdapterSpec, peft_model, reference_greedy, write_peft_lora
 from runner_helpers import BlockAllocator, new_sequences, prefill, random_prompts, relative_error
 from loraplex import LLM, LoRARequest, SamplingParams
 
@@ -24,7 +24,7 @@ PROMPT_LENGTHS = (7, 5, 9, 6, 11, 4, 8)
 ROW_ADAPTERS = (None, 0, 1, 2, 3, None, 0)     # index into ADAPTER_SPECS per row; None = base
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
 def setup(request, tiny_checkpoint, tmp_path_factory):
     arch = request.param
     model_dir = tiny_checkpoint(arch)
@@ -117,3 +117,22 @@ def test_remove_lora_frees_slot_and_cpu_copy(setup):
                         use_tqdm=False)
     assert list(outs[0].outputs[0].token_ids) == setup["refs"][3][0]
     assert list(outs[1].outputs[0].token_ids) == setup["refs"][1][0]
+
+
+def test_rank_and_alpha_patterns_match_peft(setup, tmp_path):
+    spec = AdapterSpec("patterns", 4, 8, ("q_proj", "v_proj", "down_proj"),
+                       rank_pattern=(("layers.1.self_attn.q_proj", 16), ("down_proj", 8)),
+                       alpha_pattern=(("v_proj", 32),))
+    path = write_peft_lora(setup["model_dir"], tmp_path / "patterns", spec, seed=11)
+    lora = LoRARequest("patterns", 9, str(path))
+    prompt = setup["prompts"][4]
+    expected, expected_logits = reference_greedy(peft_model(setup["model_dir"], path), prompt, NUM_TOKENS)
+    llm = make_llm(setup["model_dir"], max_lora_rank=16)
+    out = llm.generate([{"prompt_token_ids": prompt}] * 2, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS,
+                       ignore_eos=True), lora_request=[lora, None], use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == expected
+    runner = llm.llm_engine.runner
+    seq = new_sequences([prompt])[0]
+    seq.lora_request = lora
+    logits = prefill(runner, BlockAllocator(runner.num_kv_blocks, runner.block_size), [seq])
+    assert relative_error(logits[0], expected_logits) < 1e-4
