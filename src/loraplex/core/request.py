@@ -35,9 +35,8 @@ class Request:
 
 def _completion(seq: Sequence, tokenizer) -> CompletionOutput:
     wants_logprobs = seq.sampling_params.logprobs is not None
-    logprobs = None
-    if wants_logprobs:
-        logprobs = [dict(entry) for entry in seq.logprobs]
+    # Entries are never changed once appended: a shallow copy of the list is a snapshot.
+    logprobs = list(seq.logprobs) if wants_logprobs else None
     return CompletionOutput(
         index=seq.sample_index, text=StopChecker.visible_text(seq),
         token_ids=list(seq.output_token_ids),
