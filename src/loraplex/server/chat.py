@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from loraplex.server.disconnect import unless_disconnected
 from loraplex.server.errors import HTTPError, exception_to_body
-from loraplex.server.generation import PromptRun, run_prompt
+from loraplex.server.generation import PromptRun, run_prompt, start_stream
 from loraplex.server.protocol import ChatCompletionRequest
 from loraplex.server.responses import DONE_EVENT, TokenText, chat_logprobs, new_id, now, sse, usage
 from loraplex.server.sampling import chat_sampling_params
@@ -53,7 +53,12 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
     deltas = run_prompt(backend, run, prompt_ids, params, lora_request, request.n)
     ctx = _ChatContext(request, state, model_name, run)
     if request.stream:
-        return StreamingResponse(ctx.stream(deltas), media_type="text/event-stream")
+        try:
+            first = await start_stream(deltas, lambda coro: unless_disconnected(coro, raw))
+        except BaseException:
+            state.metrics.observe_prompt_run(model_name, run)
+            raise
+        return StreamingResponse(ctx.stream(first), media_type="text/event-stream")
     try:
         body = await unless_disconnected(ctx.collect(deltas), raw)
     finally:

@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from loraplex.server.disconnect import unless_disconnected
 from loraplex.server.errors import HTTPError, exception_to_body
-from loraplex.server.generation import PromptRun, merge, run_prompt
+from loraplex.server.generation import PromptRun, merge, run_prompt, start_stream
 from loraplex.server.protocol import CompletionRequest
 from loraplex.server.responses import (
     DONE_EVENT, CompletionLogprobs, TokenText, new_id, now, sse, usage)
@@ -50,7 +50,12 @@ async def create_completion(request: CompletionRequest, raw: Request, state: Ser
                for run, prompt in zip(runs, prompts)]
     ctx = _Context(request, state, model_name, request_id, runs, prompts)
     if request.stream:
-        return StreamingResponse(ctx.stream(merge(streams)), media_type="text/event-stream")
+        try:
+            first = await start_stream(merge(streams), lambda coro: unless_disconnected(coro, raw))
+        except BaseException:
+            ctx.observe()
+            raise
+        return StreamingResponse(ctx.stream(first), media_type="text/event-stream")
     try:
         body = await unless_disconnected(ctx.collect(merge(streams)), raw)
     finally:

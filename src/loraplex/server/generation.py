@@ -121,3 +121,26 @@ async def merge(iterators: list[AsyncIterator]) -> AsyncIterator:
         await asyncio.gather(*tasks, return_exceptions=True)
         for it in iterators:
             await it.aclose()
+
+
+async def prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    """`first`, then the items of `rest`; closing this closes `rest`."""
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
+async def start_stream(deltas: AsyncIterator, wait) -> AsyncIterator:
+    """Wait for the first delta before a stream's 200 goes out, so requests the engine
+    rejects (prompt too long, bad token ids) get a proper 4xx status rather than an
+    error event. `wait(coro)` awaits it unless the client disconnects."""
+    try:
+        first = await wait(deltas.__anext__())
+    except BaseException:
+        await deltas.aclose()
+        raise
+    return prepend(first, deltas)
+
