@@ -47,6 +47,7 @@ class ServerThread:
         deadline = time.monotonic() + timeout_s
         while not (self.server and self.server.started):
             if self.error or not self._thread.is_alive():
+                self.sock.close()
                 raise RuntimeError(f"test server failed to start: {self.error!r}")
             if time.monotonic() > deadline:
                 raise TimeoutError("test server did not start")

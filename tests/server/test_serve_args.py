@@ -1,0 +1,55 @@
+"""`loraplex serve` argument handling, without starting an engine."""
+
+import pytest
+
+from loraplex.errors import ConfigError
+from loraplex.server.app import build_app
+from loraplex.server.backend import ServingBackend
+from loraplex.server.cli import build_parser, main
+from loraplex.server.serve import engine_config_from_args, parse_lora_module
+from loraplex.server.state import ServerState
+from server.fake_engine import FakeEngine
+from server.harness import ServerThread
+
+
+def test_lora_modules_both_forms():
+    assert parse_lora_module("sql=/a/b") == ("sql", "/a/b", None)
+    assert parse_lora_module('{"name": "chat", "path": "/c", "base_model_name": "base"}') == ("chat", "/c", "base")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("sql", "must be 'name=path'"), ("=/x", "must be 'name=path'"), ("{nope", "not valid JSON"),
+    ('{"name": "x"}', "needs string keys"), ('{"name": "x", "path": "/p", "extra": 1}', "nothing else"),
+    ('{"name": "x", "path": "/p", "base_model_name": 3}', "base_model_name must be a string"),
+])
+def test_bad_lora_modules_say_what_is_wrong(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_lora_module(bad)
+
+
+def test_flags_reach_the_engine_config():
+    args = build_parser().parse_args(
+        ["serve", "/m", "--enable-lora", "--max-loras", "8", "--max-lora-rank", "64", "--max-cpu-loras", "32",
+         "--dtype", "bfloat16", "--max-model-len", "512", "--gpu-memory-utilization", "0.5",
+         "--max-num-seqs", "7", "--seed", "3", "--allow-pickle-lora-weights", "--port", "9000"])
+    config = engine_config_from_args(args)
+    assert (config.max_loras, config.max_lora_rank, config.max_cpu_loras) == (8, 64, 32)
+    assert (config.dtype, config.max_model_len, config.gpu_memory_utilization) == ("bfloat16", 512, 0.5)
+    assert (config.max_num_seqs, config.seed, config.allow_pickle_lora_weights) == (7, 3, True)
+    assert args.port == 9000
+
+
+def test_invalid_settings_exit_with_status_2(tmp_path, caplog):
+    assert main(["serve", str(tmp_path), "--lora-modules", "a=/b"]) == 2
+    assert "--lora-modules needs --enable-lora" in caplog.text
+    assert main(["serve", str(tmp_path), "--max-cpu-loras", "1", "--max-loras", "4"]) == 2
+    assert "max_cpu_loras (1) must be >= max_loras (4)" in caplog.text
+
+
+def test_a_broken_static_adapter_stops_the_start_up(tmp_path):
+    def make_app():
+        backend = ServingBackend(FakeEngine(), served_model_names=["base"], model_path="/m")
+        backend.static_adapters.append(("bad", str(tmp_path / "missing"), None))
+        return build_app(ServerState(backend))
+    with pytest.raises(RuntimeError, match="failed to start"):
+        ServerThread(make_app).start()
