@@ -127,6 +127,7 @@ def test_unknown_model_is_404_never_the_base_model(fake_server):
         _client(fake_server).completions.create(model="nobody-has-this", prompt="a", max_tokens=1)
     assert e.value.body["message"] == "The model 'nobody-has-this' does not exist."
     assert e.value.body["type"] == "NotFoundError" and e.value.body["code"] == 404
+    assert fake_server.app.state.loraplex.backend._name_locks == {}   # nothing kept per unknown name
 
 
 def test_unsafe_model_name_is_400(fake_server):

@@ -19,6 +19,7 @@ and a tokenizer, as `engine.tokenizer` or `engine.get_tokenizer()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -68,7 +69,7 @@ class ServingBackend:
         self._parents: dict[str, str] = {}
         # One lock per adapter name: concurrent first requests for a new name share
         # one resolution, and load/unload of one name never interleave.
-        self._name_locks: dict[str, asyncio.Lock] = {}
+        self._name_locks: dict[str, list] = {}     # name -> [lock, holders and waiters]
         self.resolution_listeners: list = []   # callables(name, outcome, seconds)
         # (name, path, base_model_name) loaded by startup(): --lora-modules.
         self.static_adapters: list[tuple[str, str, str | None]] = []
@@ -130,11 +131,21 @@ class ServingBackend:
     def parent_of(self, name: str) -> str:
         return self._parents.get(name) or self.base_model_name
 
-    def _lock_for(self, name: str) -> asyncio.Lock:
-        lock = self._name_locks.get(name)
-        if lock is None:
-            lock = self._name_locks[name] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _name_lock(self, name: str):
+        """Hold the lock of one adapter name. Locks exist only while someone holds or awaits
+        them, so requests for endless unknown names leave nothing behind."""
+        entry = self._name_locks.get(name)
+        if entry is None:
+            entry = self._name_locks[name] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._name_locks[name]
 
     def _unique_id(self, name: str) -> int:
         used = {req.lora_int_id for n, req in self._adapters.items() if n != name}
@@ -158,7 +169,7 @@ class ServingBackend:
         if not (self.enable_lora and self.allow_runtime_lora_updating and self.resolver_chain):
             raise model_not_found(model)
         check_adapter_name(model)
-        async with self._lock_for(model):
+        async with self._name_lock(model):
             adapter = self._adapters.get(model)   # resolved while we waited
             if adapter is not None:
                 return adapter
@@ -208,7 +219,7 @@ class ServingBackend:
         if self.is_base_model(name):
             raise HTTPError(400, f"'{name}' is the base model's name; choose another adapter name",
                             param="lora_name")
-        async with self._lock_for(name):
+        async with self._name_lock(name):
             old = self._adapters.get(name)
             if old is not None and not load_inplace:
                 raise HTTPError(400, f"The lora adapter '{name}' has already been loaded. If you "
@@ -226,7 +237,7 @@ class ServingBackend:
             return request
 
     async def unload_adapter(self, name: str) -> None:
-        async with self._lock_for(name):
+        async with self._name_lock(name):
             request = self._adapters.get(name)
             if request is None:
                 raise HTTPError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
@@ -234,7 +245,6 @@ class ServingBackend:
             await self._call_engine_lora("remove_lora", request.lora_int_id)
             del self._adapters[name]
             self._parents.pop(name, None)
-            self._name_locks.pop(name, None)
             logger.info("unloaded LoRA adapter %r", name)
 
     async def _call_engine_lora(self, method: str, arg):
