@@ -182,3 +182,21 @@ def test_wrong_rank_adapter_load_is_400(setup, tmp_path):
     r = httpx.post(setup["server"].base_url + "/v1/load_lora_adapter", headers={"Authorization": f"Bearer {API_KEY}"},
                    json={"lora_name": "big-lora", "lora_path": str(big)})
     assert r.status_code == 400 and "rank" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_frees_the_engine(setup):
+    engine = setup["server"].state.backend.engine.engine
+    with httpx.stream("POST", setup["server"].base_url + "/v1/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "sql-lora", "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True,
+                            "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+        assert engine.get_stats().num_running == 1
+    deadline = time.monotonic() + 10
+    while engine.get_stats().num_running or engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, "the request kept running after its client left"
+        time.sleep(0.02)
+    stats = engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
