@@ -60,6 +60,10 @@ class TorchAttentionBackend(AttentionBackend):
                                max_seq_len=metadata.max_seq_len, sliding_window=sliding_window)
 
 
-def get_attention_backend(device: torch.device) -> AttentionBackend:
-    """The backend for `device`. Only the torch reference exists so far; Triton plugs in here."""
-    return TorchAttentionBackend()
+def get_attention_backend(device: torch.device, name: str = "auto") -> AttentionBackend:
+    """The backend for `device`: Triton kernels on CUDA, the torch reference elsewhere.
+    `name` ("auto", "torch" or "triton") forces one; "triton" off CUDA needs TRITON_INTERPRET=1."""
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchAttentionBackend()
+    from loraplex.core.triton_attention_backend import TritonAttentionBackend
+    return TritonAttentionBackend()

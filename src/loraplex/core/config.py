@@ -22,6 +22,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enforce_eager: bool = False         # True: never use CUDA graphs
+    attention_backend: str = "auto"     # "auto": Triton on CUDA, torch elsewhere; or "torch" / "triton"
+    load_format: str = "auto"           # "dummy": random weights from config.json alone (benchmarks)
     # LoRA (issue 4)
     enable_lora: bool = False
     max_loras: int = 4
@@ -32,6 +34,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be 'auto' (read the checkpoint) or 'dummy' (random weights), "
+                              f"got {self.load_format!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

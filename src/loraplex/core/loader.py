@@ -100,3 +100,19 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         raise ConfigError(f"checkpoint {model_dir} lacks tensor(s) {shown}; it is incomplete or not a "
                           f"{model.config.architecture} checkpoint.")
     logger.info("loaded %d tensors from %s", len(loaded), model_dir)
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights for load_format="dummy" (benchmarks at real shapes without a checkpoint):
+    matrices ~ N(0, 0.02), norm weights ~ 1. Drawn on the parameters' device."""
+    generator = None
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if generator is None or generator.device != param.device:
+                generator = torch.Generator(device=param.device).manual_seed(seed)
+            if param.dim() == 1:
+                param.uniform_(0.9, 1.1, generator=generator) if name.endswith("norm.weight") else \
+                    param.normal_(0.0, 0.02, generator=generator)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    logger.info("initialised %s with random weights (load_format='dummy')", model.config.architecture)

@@ -17,7 +17,7 @@ from loraplex.core.attention import get_attention_backend
 from loraplex.core.config import EngineConfig
 from loraplex.core.kv_cache import (KVCache, bytes_per_block, cpu_kv_cache_budget, cuda_kv_cache_budget,
                                     num_blocks_for_budget)
-from loraplex.core.loader import load_weights
+from loraplex.core.loader import init_dummy_weights, load_weights
 from loraplex.core.model import LlamaForCausalLM
 from loraplex.core.model_config import ModelConfig, resolve_dtype
 from loraplex.core.sequence import ScheduledSeq
@@ -57,10 +57,13 @@ class ModelRunner:
         self.eos_token_ids = cfg.eos_token_ids
         self.eos_token_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
 
-        self.attention_backend = get_attention_backend(self.device)
+        self.attention_backend = get_attention_backend(self.device, config.attention_backend)
         self.model = LlamaForCausalLM(cfg, max_positions=self.max_model_len, backend=self.attention_backend,
                                       dtype=self.dtype, device=self.device)
-        load_weights(self.model, config.model)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, config.model)
         self.model.eval()
         self.lora = None
         if config.enable_lora:
@@ -72,6 +75,12 @@ class ModelRunner:
                                                    max_model_len=self.max_model_len, block_size=self.block_size)
         self.kv_cache = KVCache(cfg.num_layers, self.num_kv_blocks, self.block_size, cfg.num_kv_heads,
                                 cfg.head_dim, dtype=self.dtype, device=self.device)
+        # Decode steps replay CUDA graphs (Triton attention only: the torch reference pads
+        # every sequence to max_seq_len, which a graph fixes at max_model_len).
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.attention_backend.name == "triton":
+            from loraplex.core.cuda_graphs import DecodeGraphs
+            self.decode_graphs = DecodeGraphs(self)
         logger.info("%s on %s (%s): %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, attention %s",
                     cfg.architecture, self.device, self.dtype, self.num_kv_blocks, self.block_size,
                     self.kv_cache.num_bytes / 2**20, self.max_model_len, self.attention_backend.name)
@@ -113,6 +122,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Compute the scheduled tokens; float32 logits [len(scheduled), vocab] of each one's last token."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
+            return self.decode_graphs.execute(scheduled)
         inputs = self.prepare_inputs(scheduled)
         if self.lora is None:
             return self._forward(inputs, self.kv_cache.layers)

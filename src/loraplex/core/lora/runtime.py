@@ -52,8 +52,12 @@ class LoRARuntime:
                 setattr(parent, attr, LoRALinear(getattr(parent, attr), self.stacks.stack(index, target), self.state))
 
     @contextmanager
-    def step(self, scheduled: list[ScheduledSeq]) -> Iterator[None]:
-        """Activate the step's adapters and publish its LoRABatchMeta for the forward pass."""
+    def step(self, scheduled: list[ScheduledSeq], *, build_meta: bool = True) -> Iterator[np.ndarray | None]:
+        """Activate the step's adapters and publish its LoRABatchMeta for the forward pass.
+
+        Yields the step's token -> slot map ([num_tokens] int32), None when no token uses an
+        adapter. build_meta=False leaves the metadata to the caller (a CUDA graph builds it
+        from its own static buffer)."""
         with self.manager.step_lock:
             requests = [s.seq.lora_request for s in scheduled if s.seq.lora_request is not None]
             slot_of = self.manager.activate(requests)
@@ -63,13 +67,15 @@ class LoRARuntime:
                     lora = s.seq.lora_request
                     s.seq.lora_slot = slot_of[lora.lora_int_id] if lora is not None else -1
                     slots[i] = s.seq.lora_slot
+                token_slots = None
                 if slot_of:
                     # Tokens are laid out sequence after sequence (see step_inputs.py).
                     token_slots = np.repeat(slots, [s.num_new_tokens for s in scheduled])   # [num_tokens]
-                    self.state.meta = build_lora_meta(
-                        torch.from_numpy(token_slots).to(self.device, non_blocking=True),
-                        self.stacks.slot_ranks, self.stacks.max_loras)
-                yield
+                    if build_meta:
+                        self.state.meta = build_lora_meta(
+                            torch.from_numpy(token_slots).to(self.device, non_blocking=True),
+                            self.stacks.slot_ranks, self.stacks.max_loras)
+                yield token_slots
             finally:
                 self.state.meta = None
                 self.manager.end_step()

@@ -1,0 +1,137 @@
+"""DecodeGraphs: CUDA graphs of whole decode steps, one per batch-size bucket, LoRA included.
+
+A decode step of an 8B model is ~1,000 kernel launches (more with LoRA); launched one by
+one from Python the GPU idles between them. Here each bucket's step is captured once at
+start-up and replayed: the step's inputs are copied into static device buffers, the graph
+runs, and the logits of the real rows are returned.
+
+Static buffers (max_bs = the largest bucket, max_blocks = cdiv(max_model_len, block_size)):
+
+    input_ids, positions, slot_mapping   [max_bs] int64
+    seq_lens                             [max_bs] int32
+    block_tables                         [max_bs, max_blocks] int32
+    query_start_loc, logits_indices      arange: one token per sequence
+    token_slots                          [max_bs] int32, the LoRA slot of each row
+
+A batch of n sequences replays the smallest bucket >= n; rows n.. are padding: slot -1
+(their K/V are not written), seq_len 1 (they read one cached token of a valid block), LoRA
+slot -1 (no adapter work). With LoRA enabled every bucket is captured twice: with
+`build_lora_meta` + the LoRA kernels inside the graph (it regroups whatever slot map the
+buffer holds at replay), and without them for steps that use no adapter. The attention
+metadata's max_seq_len is max_model_len, so the captured split-K decode covers any
+context. Nothing in a replayed step syncs with the host. Prefill and mixed steps, and
+batches larger than the largest bucket, run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from loraplex.core.attention import AttentionMetadata
+from loraplex.core.sequence import ScheduledSeq
+from loraplex.core.step_inputs import prepare_step_inputs
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Buckets 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, ... up to max_num_seqs (always included)."""
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 48, 64) if s < max_num_seqs]
+    sizes += list(range(96, max_num_seqs, 32))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.sizes = capture_sizes(runner.config.max_num_seqs)
+        self.max_bs = max_bs = self.sizes[-1]
+        device = runner.device
+        max_blocks = -(-runner.max_model_len // runner.block_size)
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(max_bs, dtype=torch.int64, device=device)
+        self.token_slots = torch.full((max_bs,), -1, dtype=torch.int32, device=device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        start = time.perf_counter()
+        variants = (False, True) if runner.lora is not None else (False,)
+        with torch.inference_mode():
+            for with_lora in variants:
+                for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool memory
+                    self.graphs[size, with_lora] = self._capture(size, with_lora)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s%s) in %.1f s", len(self.graphs),
+                    self.sizes, ", with and without LoRA" if len(variants) == 2 else "",
+                    time.perf_counter() - start)
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size], query_start_loc=self.query_start_loc[:size + 1],
+            seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
+            logits_indices=self.logits_indices[:size], max_query_len=1,
+            max_seq_len=self.runner.max_model_len, is_decode_only=True)
+
+    def _forward(self, size: int, with_lora: bool) -> torch.Tensor:
+        runner = self.runner
+        if with_lora:
+            from loraplex.kernels.lora_meta import build_lora_meta
+            stacks = runner.lora.stacks
+            runner.lora.state.meta = build_lora_meta(self.token_slots[:size], stacks.slot_ranks, stacks.max_loras)
+        try:
+            hidden = runner.model(self.input_ids[:size], self.positions[:size], runner.kv_cache.layers,
+                                  self._metadata(size))                      # [size, hidden]
+            return runner.model.compute_logits(hidden).float()               # [size, vocab]
+        finally:
+            if with_lora:
+                runner.lora.state.meta = None
+
+    def _capture(self, size: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Buffers hold padding (slot -1): the warm-up (which compiles the kernels) writes nothing.
+        self._forward(size, with_lora)
+        torch.cuda.synchronize(self.runner.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(size, with_lora)
+        return graph, logits
+
+    def can_run(self, scheduled: list[ScheduledSeq]) -> bool:
+        return 0 < len(scheduled) <= self.max_bs and all(s.num_new_tokens == 1 for s in scheduled)
+
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """One decode step by graph replay: float32 logits [len(scheduled), vocab]."""
+        runner = self.runner
+        inputs = prepare_step_inputs(scheduled, block_size=runner.block_size, num_kv_blocks=runner.num_kv_blocks,
+                                     max_model_len=runner.max_model_len, device=torch.device("cpu"))
+        num_seqs = len(scheduled)
+        size = next(s for s in self.sizes if s >= num_seqs)
+        meta = inputs.metadata
+        self.input_ids[:num_seqs].copy_(inputs.input_ids, non_blocking=True)
+        self.positions[:num_seqs].copy_(inputs.positions, non_blocking=True)
+        self.slot_mapping[:num_seqs].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:num_seqs].copy_(meta.seq_lens, non_blocking=True)
+        self.block_tables[:num_seqs, :meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+        if size > num_seqs:
+            self.slot_mapping[num_seqs:size].fill_(-1)
+            self.seq_lens[num_seqs:size].fill_(1)
+        if runner.lora is None:
+            return self._replay(size, False, num_seqs)
+        with runner.lora.step(scheduled, build_meta=False) as token_slots:
+            if token_slots is None:
+                return self._replay(size, False, num_seqs)
+            self.token_slots[:num_seqs].copy_(torch.from_numpy(token_slots), non_blocking=True)
+            if size > num_seqs:
+                self.token_slots[num_seqs:size].fill_(-1)
+            return self._replay(size, True, num_seqs)
+
+    def _replay(self, size: int, with_lora: bool, num_seqs: int) -> torch.Tensor:
+        graph, logits = self.graphs[size, with_lora]
+        graph.replay()
+        # A copy: the static output is overwritten by the next replay.
+        return logits[:num_seqs].clone()

@@ -1,0 +1,53 @@
+"""TritonAttentionBackend in the model runner (through the interpreter) equals the torch path;
+the backend and load_format settings are validated."""
+
+import pytest
+import torch
+from runner_helpers import BlockAllocator, decode, make_runner, new_sequences, prefill, random_prompts, relative_error
+
+from loraplex.core.attention import TorchAttentionBackend, get_attention_backend
+from loraplex.core.config import EngineConfig
+from loraplex.core.triton_attention_backend import TritonAttentionBackend
+from loraplex.errors import ConfigError
+
+
+@pytest.mark.parametrize("arch_kwargs", [dict(arch="llama"), dict(arch="mistral", sliding_window=6)])
+def test_runner_with_triton_backend_matches_torch(tiny_checkpoint, arch_kwargs):
+    path = tiny_checkpoint(**arch_kwargs)
+    runners = {name: make_runner(path, attention_backend=name) for name in ("torch", "triton")}
+    assert runners["triton"].attention_backend.name == "triton"
+    prompts = random_prompts([9, 1, 14], runners["torch"].vocab_size, seed=5)
+    results = {}
+    for name, runner in runners.items():
+        allocator, seqs = BlockAllocator(runner.num_kv_blocks, runner.block_size, seed=1), new_sequences(prompts)
+        logits = [prefill(runner, allocator, seqs)]
+        for _ in range(3):
+            logits.append(decode(runner, allocator, seqs, logits[-1]))
+        results[name] = logits, [s.token_ids for s in seqs]
+    for ours, ref in zip(results["triton"][0], results["torch"][0]):
+        assert relative_error(ours, ref) < 1e-4
+    assert results["triton"][1] == results["torch"][1]
+
+
+def test_backend_selection():
+    assert isinstance(get_attention_backend(torch.device("cpu")), TorchAttentionBackend)
+    assert isinstance(get_attention_backend(torch.device("cpu"), "triton"), TritonAttentionBackend)
+    assert isinstance(get_attention_backend(torch.device("cuda"), "torch"), TorchAttentionBackend)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ConfigError, match="attention_backend"):
+        EngineConfig(model="m", attention_backend="flash")
+    with pytest.raises(ConfigError, match="load_format"):
+        EngineConfig(model="m", load_format="random")
+
+
+def test_dummy_load_format_needs_only_config_json(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint()
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    runner = make_runner(tmp_path, load_format="dummy")
+    weights = [p for p in runner.model.parameters()]
+    assert all(torch.isfinite(p).all() and p.std() > 0 for p in weights if p.dim() == 2)
+    allocator, seqs = BlockAllocator(runner.num_kv_blocks, runner.block_size), new_sequences([[5, 6, 7]])
+    logits = prefill(runner, allocator, seqs)
+    assert logits.shape == (1, runner.vocab_size) and torch.isfinite(logits).all()
