@@ -44,16 +44,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def offline_reference(ckpt: str, paths: dict, max_tokens: int, args) -> dict:
+def offline_run(ckpt: str, paths: dict, jobs: list, args) -> tuple[dict, float]:
+    """The offline LLM's outputs for `jobs` (the reference), and its seconds for all of them
+    in one generate() call (the same work without HTTP)."""
     from loraplex import LLM, LoRARequest, SamplingParams
     from loraplex.lora_request import lora_id_for_name
 
-    llm = LLM(ckpt, enable_lora=True, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
-    jobs = [(m, p) for m in ["base", *paths] for p in PROMPTS]
+    llm = LLM(ckpt, enable_lora=True, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+              max_num_seqs=args.concurrency)
     loras = [None if m == "base" else LoRARequest(m, lora_id_for_name(m), paths[m]) for m, _ in jobs]
-    outs = llm.generate([p for _, p in jobs], SamplingParams(temperature=0, max_tokens=max_tokens),
+    start = time.perf_counter()
+    outs = llm.generate([p for _, p in jobs], SamplingParams(temperature=0, max_tokens=args.max_tokens),
                         lora_request=loras, use_tqdm=False)
-    return {job: out.outputs[0].text for job, out in zip(jobs, outs)}
+    elapsed = time.perf_counter() - start
+    return {job: out.outputs[0].text for job, out in zip(jobs, outs)}, elapsed
 
 
 async def run_load(base_url: str, jobs: list, expected: dict, args) -> tuple[list[float], list[str], int]:
@@ -89,6 +93,8 @@ def main() -> int:
     parser.add_argument("--max-cpu-loras", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--no-check", action="store_true", help="skip the offline comparison")
+    parser.add_argument("--offline-timing", action="store_true",
+                        help="also time LLM.generate on the same requests, all submitted at once")
     args = parser.parse_args()
 
     import httpx
@@ -101,7 +107,14 @@ def main() -> int:
     paths = {f"bench-{i}": str(write_peft_adapter(cache / f"bench-{i}", seed=i, base_model_name_or_path=ckpt,
                                                    target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
              for i in range(args.adapters)}
-    expected = None if args.no_check else offline_reference(ckpt, paths, args.max_tokens, args)
+    rng = random.Random(0)
+    keys = [(m, p) for m in ["base", *paths] for p in PROMPTS]
+    jobs = [rng.choice(keys) for _ in range(args.requests)]
+    expected, offline_s = None, None
+    if not args.no_check:
+        expected, _ = offline_run(ckpt, paths, keys, args)
+    if args.offline_timing:
+        _, offline_s = offline_run(ckpt, paths, jobs, args)
 
     port = free_port()
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", VLLM_PLUGINS="lora_filesystem_resolver",
@@ -118,12 +131,9 @@ def main() -> int:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        rng = random.Random(0)
-        keys = [(m, p) for m in ["base", *paths] for p in PROMPTS]
         warmup = [(m, PROMPTS[0]) for m in ["base", *paths]]   # resolves every adapter once
         _, failures, _ = asyncio.run(run_load(base_url, warmup, expected, args))
         rss_before = rss_mib(server.pid)
-        jobs = [rng.choice(keys) for _ in range(args.requests)]
         start = time.perf_counter()
         latencies, more, tokens = asyncio.run(run_load(base_url, jobs, expected, args))
         elapsed = time.perf_counter() - start
@@ -143,6 +153,9 @@ def main() -> int:
     print(f"failures {len(failures)}" + (f" (first: {failures[0]})" if failures else ""))
     print(f"{args.requests / elapsed:.1f} requests/s, {tokens / elapsed:.1f} output tokens/s "
           f"over {elapsed:.2f} s")
+    if offline_s is not None:
+        print(f"offline LLM.generate on the same {args.requests} requests: {offline_s:.2f} s "
+              f"({args.requests / offline_s:.1f} requests/s)")
     print(f"latency p50 {q[49] * 1000:.0f} ms, p95 {q[94] * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms")
     print(f"server RSS {rss_before:.1f} MiB -> {rss_after:.1f} MiB")
     for name in ("device_hits", "cpu_hits", "cpu_misses", "loads", "cpu_evictions", "device_evictions"):
