@@ -61,6 +61,7 @@ class DecodeGraphs:
         self.token_slots = torch.full((max_bs,), -1, dtype=torch.int32, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_replays = 0
         start = time.perf_counter()
         variants = (False, True) if runner.lora is not None else (False,)
         with torch.inference_mode():
@@ -133,5 +134,6 @@ class DecodeGraphs:
     def _replay(self, size: int, with_lora: bool, num_seqs: int) -> torch.Tensor:
         graph, logits = self.graphs[size, with_lora]
         graph.replay()
+        self.num_replays += 1
         # A copy: the static output is overwritten by the next replay.
         return logits[:num_seqs].clone()

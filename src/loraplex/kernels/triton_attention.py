@@ -34,7 +34,7 @@ from loraplex.kernels.attention_args import check_attention_args, check_write_kv
 
 # Masked scores are -inf; the running max starts finite so a fully masked tile gives
 # exp(-inf - finite) = 0 instead of NaN.
-_NEG_INIT = -1.0e30
+_NEG_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -61,9 +61,12 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 @triton.jit
 def _load_kv_tile(cache_ptr, table_row_ptr, positions, kv_mask, dims, dim_mask, kv_head,
-                  block_size, stride_cb, stride_cs, stride_ch):
+                  block_size, stride_cb, stride_cs, stride_ch, LARGE_CACHE: tl.constexpr):
     """[BLOCK_N, BLOCK_D] keys or values of `positions` from the sequence's blocks."""
-    blocks = tl.load(table_row_ptr + positions // block_size, mask=kv_mask, other=0).to(tl.int64)
+    blocks = tl.load(table_row_ptr + positions // block_size, mask=kv_mask, other=0)
+    if LARGE_CACHE:
+        blocks = blocks.to(tl.int64)
+    # 32-bit offsets when the cache allows: a [BLOCK_N, BLOCK_D] tile of 64-bit ones spills registers.
     rows = blocks * stride_cb + (positions % block_size) * stride_cs + kv_head * stride_ch
     return tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask[:, None] & dim_mask[None, :], other=0.0)
 
@@ -75,7 +78,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                    stride_cb, stride_cs, stride_ch,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+                   LARGE_CACHE: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -104,9 +108,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         positions = tile_start + tl.arange(0, BLOCK_N)
         kv_mask = positions < end
         k = _load_kv_tile(k_cache_ptr, table_row_ptr, positions, kv_mask, dims, dim_mask, kv_head,
-                          block_size, stride_cb, stride_cs, stride_ch)   # [BLOCK_N, BLOCK_D]
+                          block_size, stride_cb, stride_cs, stride_ch, LARGE_CACHE)   # [BLOCK_N, BLOCK_D]
         v = _load_kv_tile(v_cache_ptr, table_row_ptr, positions, kv_mask, dims, dim_mask, kv_head,
-                          block_size, stride_cb, stride_cs, stride_ch)
+                          block_size, stride_cb, stride_cs, stride_ch, LARGE_CACHE)
         if IEEE_DOT:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -162,7 +166,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                     stride_cb, stride_cs, stride_ch,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr):
+                    USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, LARGE_CACHE: tl.constexpr):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -197,9 +201,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
         positions = tile_start + tl.arange(0, BLOCK_N)
         kv_mask = positions < hi
         k = _load_kv_tile(k_cache_ptr, table_row_ptr, positions, kv_mask, dims, dim_mask, kv_head,
-                          block_size, stride_cb, stride_cs, stride_ch)   # [BLOCK_N, BLOCK_D]
+                          block_size, stride_cb, stride_cs, stride_ch, LARGE_CACHE)   # [BLOCK_N, BLOCK_D]
         v = _load_kv_tile(v_cache_ptr, table_row_ptr, positions, kv_mask, dims, dim_mask, kv_head,
-                          block_size, stride_cb, stride_cs, stride_ch)
+                          block_size, stride_cb, stride_cs, stride_ch, LARGE_CACHE)
         if IEEE_DOT:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -240,6 +244,15 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(by_occupancy, by_context, MAX_SPLITS))
 
 
+DECODE_STAGES = 2
+PREFILL_STAGES = 2
+
+
+def _large(cache: torch.Tensor) -> bool:
+    """True when a cache offset can pass 2**31 elements: the kernels then index in 64 bits."""
+    return cache.storage_offset() + sum((n - 1) * st for n, st in zip(cache.shape, cache.stride())) >= 2**31 - 1
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits, so tests exercise the reduction
@@ -249,7 +262,7 @@ def _num_sms(device: torch.device) -> int:
 def _tiles(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_N): float32 and wide heads take smaller KV tiles to fit shared memory."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = 32 if dtype == torch.float32 or block_d > 128 else 64
+    block_n = 16 if dtype == torch.float32 else 32 if block_d > 128 else 64
     return block_d, block_n
 
 
@@ -292,7 +305,8 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _num_sms(q.device))
     group = num_q_heads // num_kv_heads
-    block_d, block_n = _tiles(q.dtype, head_dim)
+    # 32-token KV tiles: 162 registers at 4 warps for bf16 head_dim 128 (64-token tiles take 255).
+    block_d, block_n = _tiles(q.dtype, head_dim)[0], 32
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_q_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -305,7 +319,7 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4)
+        LARGE_CACHE=_large(k_cache), num_warps=8 if q.dtype == torch.float32 else 4, num_stages=DECODE_STAGES)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             part_out, part_lse, out, num_q_heads, head_dim, out.stride(0), out.stride(1),
@@ -337,7 +351,8 @@ def triton_paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_q_heads // k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_WINDOW=sliding_window is not None, IEEE_DOT=q.dtype == torch.float32,
-        num_warps=4 if block_m <= 32 else 8)
+        LARGE_CACHE=_large(k_cache), num_warps=8 if block_m > 32 or q.dtype == torch.float32 else 4,
+        num_stages=PREFILL_STAGES)
     return out
 
 
