@@ -175,6 +175,9 @@ def test_load_invalid_adapter_is_400_with_reason(fake_server, tmp_path):
     {"prompt": []},
     {"prompt": "a", "n": "many"},
     {"max_tokens": 3},
+    {"prompt": "a", "logit_bias": {"5": 10}},
+    {"prompt": "a", "response_format": {"type": "json_object"}},
+    {"prompt": "a", "suffix": "end"},
 ])
 def test_validation_errors_are_400_in_openai_shape(fake_server, body):
     r = _post(fake_server, "/v1/completions", body)
@@ -274,3 +277,14 @@ def test_draining_server_refuses_new_generation(fake_server):
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     finally:
         state.is_draining = False
+
+
+def test_unsupported_features_are_refused_by_name(fake_server):
+    r = _post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                    "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert r.status_code == 400 and "'tools' is not supported" in r.json()["error"]["message"]
+    ok = _post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+                                                     "tools": [], "tool_choice": "none", "logit_bias": {},
+                                                     "response_format": {"type": "text"}})
+    assert ok.status_code == 200
+

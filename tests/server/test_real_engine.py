@@ -200,3 +200,16 @@ def test_client_disconnect_frees_the_engine(setup):
         time.sleep(0.02)
     stats = engine.get_stats()
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
+
+
+def test_batch_prompts_token_prompts_and_n_match_offline(setup):
+    c = client(setup)
+    out = c.completions.create(model="chat-lora", prompt=PROMPTS[:2], max_tokens=4, temperature=0)
+    assert [ch.text for ch in sorted(out.choices, key=lambda ch: ch.index)] == \
+        [reference(setup, p, "chat-lora", max_tokens=4).outputs[0].text for p in PROMPTS[:2]]
+    ref = reference(setup, PROMPTS[1], "sql-lora", max_tokens=4)
+    out = c.completions.create(model="sql-lora", prompt=ref.prompt_token_ids, max_tokens=4, temperature=0)
+    assert out.choices[0].text == ref.outputs[0].text
+    ref = reference(setup, PROMPTS[2], "tiny-base", max_tokens=4, n=2, temperature=1.0, seed=7)
+    out = c.completions.create(model="tiny-base", prompt=PROMPTS[2], max_tokens=4, n=2, temperature=1.0, seed=7)
+    assert [ch.text for ch in sorted(out.choices, key=lambda ch: ch.index)] == [o.text for o in ref.outputs]

@@ -6,9 +6,9 @@ validation. Unknown fields are ignored, as OpenAI clients send extras freely.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 MAX_LOGPROBS = 20
 
@@ -21,9 +21,28 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+# OpenAI/vLLM fields loraplex does not implement: refused (400) when set to anything but
+# their "off" value, rather than silently ignored. Value: what "off" looks like.
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "logit_bias": ({}, None), "tools": ([], None), "functions": ([], None),
+    "tool_choice": ("none", None), "response_format": ({"type": "text"}, None),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "prompt_logprobs": (None,), "use_beam_search": (False, None), "lora_request": (None,),
+}
+
+
 class SamplingFields(BaseModel):
     """The sampling fields shared by /v1/completions and /v1/chat/completions."""
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, off in UNSUPPORTED_FIELDS.items():
+                if name in data and not any(data[name] == o for o in off):
+                    raise ValueError(f"'{name}' is not supported by loraplex; remove it from the request")
+        return data
 
     model: NonEmptyStr | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
