@@ -69,6 +69,8 @@ def test_device_lru_eviction_keeps_the_step(requests):
     slots = manager.activate([requests[0], requests[2]])
     manager.end_step()
     assert manager.slot_of(2) is None           # a2 was the least recently used
+    assert dict(manager.stats) == {"device_hits": 2, "cpu_hits": 0, "cpu_misses": 3, "loads": 3,
+                                   "cpu_evictions": 0, "device_evictions": 1}
     assert slots[3] == first[2] and slots[1] == first[1]
     with pytest.raises(AdapterCapacityError, match="max_loras"):
         manager.activate(requests[:3])
