@@ -93,6 +93,10 @@ def main() -> int:
     parser.add_argument("--max-cpu-loras", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--no-check", action="store_true", help="skip the offline comparison")
+    parser.add_argument("--hidden-size", type=int, default=64,
+                        help="model width (64: tests/models.py's tiny model; heads of 64, KV heads half)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--offline-timing", action="store_true",
                         help="also time LLM.generate on the same requests, all submitted at once")
     args = parser.parse_args()
@@ -102,9 +106,20 @@ def main() -> int:
     from models import make_tiny_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
-    ckpt = str(make_tiny_checkpoint(tmp / "model"))
+    h = args.hidden_size
+    if h == 64:   # tests/models.py's tiny model as it is: 4 heads of 16, 2 KV heads
+        sizes, kv_width = {}, 32
+    else:         # heads of 64, half as many KV heads
+        heads = max(1, h // 64)
+        kv_heads = max(1, heads // 2)
+        sizes = dict(hidden_size=h, intermediate_size=h * 11 // 4, num_attention_heads=heads,
+                     num_key_value_heads=kv_heads, head_dim=h // heads)
+        kv_width = kv_heads * (h // heads)
+    ckpt = str(make_tiny_checkpoint(tmp / "model", num_hidden_layers=args.layers, **sizes))
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv_width), "v_proj": (h, kv_width), "o_proj": (h, h)}
     cache = tmp / "adapters"
     paths = {f"bench-{i}": str(write_peft_adapter(cache / f"bench-{i}", seed=i, base_model_name_or_path=ckpt,
+                                                   rank=args.rank, num_layers=args.layers, shapes=shapes,
                                                    target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
              for i in range(args.adapters)}
     rng = random.Random(0)
@@ -148,7 +163,8 @@ def main() -> int:
         return next((line.split()[-1] for line in metrics.splitlines() if line.startswith(name + " ")), "?")
 
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    print(f"requests {args.requests}, concurrency {args.concurrency}, models {args.adapters} adapters + base, "
+    print(f"model hidden {h}, {args.layers} layers, adapters of rank {args.rank}; "
+          f"requests {args.requests}, concurrency {args.concurrency}, models {args.adapters} adapters + base, "
           f"max_loras {args.max_loras}, max_cpu_loras {args.max_cpu_loras}, max_tokens {args.max_tokens}")
     print(f"failures {len(failures)}" + (f" (first: {failures[0]})" if failures else ""))
     print(f"{args.requests / elapsed:.1f} requests/s, {tokens / elapsed:.1f} output tokens/s "
