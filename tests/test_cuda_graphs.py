@@ -1,0 +1,64 @@
+"""DecodeGraphs' static-buffer step (buckets, padding rows, LoRA slots regrouped from the static
+buffer) equals the eager step. On the CPU nothing is captured: a "replay" runs the same
+static-buffer forward eagerly, so everything but the capture itself is checked here; the
+capture is checked on a GPU by benchmarks/gpu_check.py."""
+
+import pytest
+import torch
+from adapters import write_peft_adapter
+from runner_helpers import BlockAllocator, decode, make_runner, new_sequences, prefill, random_prompts
+
+from loraplex.core.cuda_graphs import DecodeGraphs, capture_sizes
+from loraplex.lora_request import LoRARequest
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_capture_sizes():
+    assert capture_sizes(256) == [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+    assert capture_sizes(100) == [1, 2, 4, 8, 16, 32, 48, 64, 96, 100]
+    assert capture_sizes(1) == [1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graph_step_equals_eager_step_with_lora_and_padding(tiny_checkpoint, tmp_path, backend):
+    model_dir = tiny_checkpoint()
+    adapters = [LoRARequest(f"a{i}", i + 1, str(write_peft_adapter(
+        tmp_path / f"a{i}", rank=4 + 4 * i, target_modules=ALL_TARGETS, seed=i,
+        base_model_name_or_path=str(model_dir)))) for i in range(2)]
+    settings = dict(attention_backend=backend, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=8,
+                    dtype="float32")
+    eager, graphed = make_runner(model_dir, **settings), make_runner(model_dir, **settings)
+    graphed.decode_graphs = DecodeGraphs(graphed)
+    assert graphed.decode_graphs.sizes == [1, 2, 4, 8]
+    # 5 sequences (bucket 8, 3 padding rows), then 3 (bucket 4): adapters mixed with the base model.
+    prompts = random_prompts([6, 1, 13, 9, 4], eager.vocab_size, seed=7)
+    loras = [adapters[0], None, adapters[1], adapters[0], None]
+    results = []
+    for runner in (eager, graphed):
+        allocator = BlockAllocator(runner.num_kv_blocks, runner.block_size, seed=3)
+        seqs = new_sequences(prompts)
+        for seq, lora in zip(seqs, loras):
+            seq.lora_request = lora
+        logits = [prefill(runner, allocator, seqs)]
+        for _ in range(3):
+            logits.append(decode(runner, allocator, seqs, logits[-1]))
+        seqs = seqs[1:4]
+        for _ in range(2):
+            logits.append(decode(runner, allocator, seqs, logits[-1][1:4] if len(logits[-1]) == 5 else logits[-1]))
+        results.append((logits, runner.kv_cache.storage.clone()))
+    assert graphed.decode_graphs.num_replays == 5
+    for ours, ref in zip(results[1][0], results[0][0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # Padding rows wrote nothing: the same slots are filled (the cache starts zeroed), with the same K/V.
+    assert torch.equal(results[1][1] != 0, results[0][1] != 0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_steps_without_adapters_use_the_base_graph(tiny_checkpoint):
+    runner = make_runner(tiny_checkpoint(), enable_lora=True, max_loras=2, max_num_seqs=4)
+    runner.decode_graphs = graphs = DecodeGraphs(runner)
+    allocator = BlockAllocator(runner.num_kv_blocks, runner.block_size)
+    seqs = new_sequences(random_prompts([3, 8, 2], runner.vocab_size, seed=1))
+    logits = decode(runner, allocator, seqs, prefill(runner, allocator, seqs))
+    assert graphs.num_replays == 1 and torch.isfinite(logits).all() and logits.shape[0] == 3
