@@ -7,6 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The test models are tiny: one thread beats torch's intra-op pool, whose
+# synchronisation costs more than the matmuls on a 2-core CI machine.
+torch.set_num_threads(1)
+
 
 import pytest  # noqa: E402
 
