@@ -163,6 +163,18 @@ def test_id_and_name_clashes(requests, tmp_path):
         manager.add_lora(LoRARequest("a1", 7, requests[0].lora_path))
 
 
+def test_id_clash_with_an_adapter_only_left_in_a_slot(requests):
+    manager = make_manager(max_loras=2, max_cpu_loras=2)
+    manager.activate([requests[0]])
+    manager.end_step()
+    manager.add_lora(requests[1])
+    manager.add_lora(requests[2])               # evicts a1 from the CPU cache; its slot keeps it
+    assert manager.slot_of(1) is not None and manager.get_request(1) is None
+    assert manager.find_by_name("a1") == requests[0]
+    with pytest.raises(AdapterInvalidError, match="already used by adapter 'a1'"):
+        manager.add_lora(LoRARequest("impostor", 1, requests[3].lora_path))
+
+
 def test_invalid_adapter_leaves_caches_untouched(requests, tmp_path):
     manager = make_manager(max_loras=2, max_cpu_loras=2)
     manager.add_lora(requests[0])

@@ -35,6 +35,7 @@ class LoRAManager:
                                   served_aliases=served_aliases, allow_pickle=allow_pickle)
         self._cpu: OrderedDict[int, LoRAAdapter] = OrderedDict()   # LRU first
         self._slot_of: OrderedDict[int, int] = OrderedDict()        # lora_int_id -> slot, LRU first
+        self._slot_request: dict[int, LoRARequest] = {}             # lora_int_id -> what its slot holds
         self._pinned: set[int] = set()
         self._step_ids: set[int] = set()                           # adapters of the latest step
         self._in_step = False                                      # between activate() and end_step()
@@ -120,7 +121,7 @@ class LoRAManager:
                 if adapter.request.lora_name == lora_name:
                     self._cpu.move_to_end(lora_id)
                     return adapter.request
-            return None
+            return next((r for r in self._slot_request.values() if r.lora_name == lora_name), None)
 
     def is_pinned(self, lora_int_id: int) -> bool:
         return lora_int_id in self._pinned
@@ -200,7 +201,8 @@ class LoRAManager:
                 return slot
         for lora_id, slot in self._slot_of.items():   # least recently used first
             if lora_id not in needed and lora_id not in self._pinned:
-                self._free_slot(lora_id)
+                # No zeroing here: the caller overwrites the whole slot at once.
+                del self._slot_of[lora_id], self._slot_request[lora_id]
                 self.stats["device_evictions"] += 1
                 return slot
         if raise_if_none:
@@ -212,26 +214,29 @@ class LoRAManager:
     def _fill_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         self.stacks.write_slot(slot, adapter)
         self._slot_of[adapter.lora_int_id] = slot
+        self._slot_request[adapter.lora_int_id] = adapter.request
 
     def _free_slot(self, lora_int_id: int) -> None:
         slot = self._slot_of.pop(lora_int_id, None)
+        self._slot_request.pop(lora_int_id, None)
         if slot is not None:
             self.stacks.clear_slot(slot)
 
     def _is_cached(self, request: LoRARequest) -> bool:
-        """True (and marked recently used) if the CPU cache holds it; raise on an id or name clash."""
-        cached = self._cpu.get(request.lora_int_id)
-        if cached is not None:
-            if cached.request.lora_name != request.lora_name:
+        """True (and marked recently used) if the CPU cache holds it; raise on an id or name clash
+        with an adapter in the CPU cache or in a slot."""
+        known = [a.request for a in self._cpu.values()] + list(self._slot_request.values())
+        for other in known:
+            if other.lora_int_id == request.lora_int_id and other.lora_name != request.lora_name:
                 raise AdapterInvalidError(
-                    f"lora_int_id {request.lora_int_id} is already used by adapter {cached.request.lora_name!r}, "
+                    f"lora_int_id {request.lora_int_id} is already used by adapter {other.lora_name!r}, "
                     f"not {request.lora_name!r}; give each adapter its own id "
                     f"(loraplex.lora_request.lora_id_for_name(name))")
-            self._cpu.move_to_end(request.lora_int_id)
-            return True
-        for other in self._cpu.values():
-            if other.request.lora_name == request.lora_name:
+            if other.lora_name == request.lora_name and other.lora_int_id != request.lora_int_id:
                 raise AdapterInvalidError(
                     f"adapter {request.lora_name!r} is already loaded with lora_int_id "
-                    f"{other.request.lora_int_id}, not {request.lora_int_id}; use one id per adapter")
+                    f"{other.lora_int_id}, not {request.lora_int_id}; use one id per adapter")
+        if request.lora_int_id in self._cpu:
+            self._cpu.move_to_end(request.lora_int_id)
+            return True
         return False
