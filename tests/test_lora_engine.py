@@ -18,7 +18,7 @@ from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.core.async_engine import AsyncEngine
 from loraplex.core.config import EngineConfig
 from loraplex.core.llm_engine import LLMEngine
-from loraplex.errors import AdapterInvalidError, AdapterNotFoundError
+from loraplex.errors import AdapterCapacityError, AdapterInvalidError, AdapterNotFoundError
 
 NUM_TOKENS = 4
 SETTINGS = dict(enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=2, dtype="float32", device="cpu",
@@ -163,3 +163,20 @@ def test_async_engine_resolves_names_through_the_filesystem_resolver(
 
     asyncio.run(main())
 
+
+
+def test_all_slots_pinned_is_an_explicit_error_not_a_hang(model_dir, prompt, tmp_path):
+    llm = LLM(model=str(model_dir), **dict(SETTINGS, max_loras=1))
+    pinned = LoRARequest("pinned", 1, str(good_adapter(tmp_path / "pinned", model_dir, seed=1)))
+    other = LoRARequest("other", 2, str(good_adapter(tmp_path / "other", model_dir, seed=2)))
+    llm.add_lora(pinned)
+    llm.pin_lora(pinned.lora_int_id)
+    with pytest.raises(AdapterCapacityError, match="remove a pinned adapter"):
+        llm.generate({"prompt_token_ids": prompt}, PARAMS, lora_request=other, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    outs = llm.generate([{"prompt_token_ids": prompt}] * 2, PARAMS, lora_request=[pinned, None], use_tqdm=False)
+    assert list(outs[1].outputs[0].token_ids) == reference_greedy(peft_model(model_dir, None), prompt, NUM_TOKENS)[0]
+    llm.remove_lora(pinned.lora_int_id)
+    out = llm.generate({"prompt_token_ids": prompt}, PARAMS, lora_request=other, use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == reference_greedy(peft_model(model_dir, other.lora_path), prompt,
+                                                                  NUM_TOKENS)[0]

@@ -118,6 +118,7 @@ class LLM:
         # Load (and validate) each adapter up front: an unusable one raises here, not mid-batch.
         for lora in {r.lora_request.lora_int_id: r.lora_request for r in requests if r.lora_request}.values():
             engine.add_lora(lora)
+            engine.lora_manager.check_servable(lora.lora_int_id)
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)

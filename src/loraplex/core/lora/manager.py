@@ -100,6 +100,15 @@ class LoRAManager:
                     self._fill_slot(slot, self._cpu[lora_int_id])
             return True
 
+    def check_servable(self, lora_int_id: int) -> None:
+        """Raise AdapterCapacityError if requests for this adapter could never get a slot."""
+        with self._lock:
+            if lora_int_id not in self._pinned and len(self._pinned) >= self.max_loras:
+                raise AdapterCapacityError(
+                    f"all {self.max_loras} device slots are pinned by other adapters (ids "
+                    f"{sorted(self._pinned)}), so a request for adapter id {lora_int_id} could never run; "
+                    f"remove a pinned adapter (remove_lora) or start the engine with a larger max_loras")
+
     def list_loras(self) -> set[int]:
         with self._lock:
             return set(self._cpu) | set(self._slot_of)

@@ -40,6 +40,7 @@ class LoRAResolution:
         check_adapter_name(lora_name)
         loaded = self.manager.find_by_name(lora_name)
         if loaded is not None:
+            self.manager.check_servable(loaded.lora_int_id)
             return loaded
         future = self._in_flight.get(lora_name)
         if future is None:
@@ -47,12 +48,15 @@ class LoRAResolution:
             self._in_flight[lora_name] = future
             future.add_done_callback(lambda _: self._in_flight.pop(lora_name, None))
         # shield: one caller going away must not cancel the load the others wait for.
-        return await asyncio.shield(future)
+        request = await asyncio.shield(future)
+        self.manager.check_servable(request.lora_int_id)
+        return request
 
     async def ensure_loaded(self, request: LoRARequest) -> None:
         """Load and validate `request` unless the CPU cache holds it (a no-op in the common case)."""
         if not self.manager.is_loaded(request):
             await asyncio.to_thread(self.manager.add_lora, request)
+        self.manager.check_servable(request.lora_int_id)
 
     async def _resolve_and_load(self, lora_name: str) -> LoRARequest:
         request = await self.chain.resolve(self.base_model_name, lora_name)
