@@ -57,7 +57,20 @@ def offline_run(ckpt: str, paths: dict, jobs: list, args) -> tuple[dict, float]:
     outs = llm.generate([p for _, p in jobs], SamplingParams(temperature=0, max_tokens=args.max_tokens),
                         lora_request=loras, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    del llm
+    _release_device_memory()
     return {job: out.outputs[0].text for job, out in zip(jobs, outs)}, elapsed
+
+
+def _release_device_memory() -> None:
+    """Give the offline engine's GPU memory back before the server starts: the server
+    sizes its KV cache from the memory it finds free."""
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 async def run_load(base_url: str, jobs: list, expected: dict, args) -> tuple[list[float], list[str], int]:
@@ -141,6 +154,8 @@ def main() -> int:
     base_url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
+            if server.poll() is not None:
+                raise SystemExit(f"loraplex serve exited with status {server.returncode}")
             try:
                 if httpx.get(base_url + "/health", timeout=1).status_code == 200:
                     break
