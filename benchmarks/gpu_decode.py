@@ -1,6 +1,7 @@
 """Llama-3-8B-shaped multi-LoRA decode on a GPU: loraplex vs HF PEFT vs the bandwidth floor.
 
-    PYTHONPATH=src python3 benchmarks/gpu_decode.py [--quick] [--out DIR]
+    PYTHONPATH=src python3 benchmarks/gpu_decode.py [--quick] [--skip-peft] [--out DIR]
+    PYTHONPATH=src python3 benchmarks/gpu_decode.py --smoke     # tiny model on the CPU: checks the script
 
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 layers, 32 heads / 8 KV
 heads, vocab 128256), random bf16 weights built in memory (load_format="dummy"; only
@@ -27,6 +28,7 @@ PEFT directories (the same files PEFT loads for the baseline).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -54,6 +56,14 @@ PROJ = {"q_proj": ("self_attn", "hidden", "q"), "k_proj": ("self_attn", "hidden"
         "gate_proj": ("mlp", "hidden", "inter"), "up_proj": ("mlp", "hidden", "inter"),
         "down_proj": ("mlp", "inter", "hidden")}
 RANK = 16
+DEVICE = "cuda"
+SMOKE_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=300)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def log(*args):
@@ -73,13 +83,13 @@ def write_adapters(root: Path, cfg: dict, count: int) -> list[Path]:
             "kv": cfg["num_key_value_heads"] * cfg["head_dim"], "inter": cfg["intermediate_size"]}
     paths = []
     for index in range(count):
-        gen = torch.Generator(device="cuda").manual_seed(1000 + index)
+        gen = torch.Generator(device=DEVICE).manual_seed(1000 + index)
         tensors = {}
         for layer in range(cfg["num_hidden_layers"]):
             for module, (parent, d_in, d_out) in PROJ.items():
                 prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-                a = torch.randn(RANK, dims[d_in], device="cuda", generator=gen) / dims[d_in] ** 0.5
-                b = torch.randn(dims[d_out], RANK, device="cuda", generator=gen) * 0.05
+                a = torch.randn(RANK, dims[d_in], device=DEVICE, generator=gen) / dims[d_in] ** 0.5
+                b = torch.randn(dims[d_out], RANK, device=DEVICE, generator=gen) * 0.05
                 tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
                 tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
         path = root / f"adapter{index}"
@@ -102,6 +112,11 @@ def adapter_bytes(cfg: dict) -> int:
 
 
 def copy_bandwidth() -> float:
+    if DEVICE != "cuda":
+        src = torch.rand(2**22)
+        t = time.perf_counter()
+        src.clone()
+        return 2 * src.numel() * 4 / (time.perf_counter() - t)
     src = torch.empty(2**30, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -174,7 +189,7 @@ def decode_run(runner, blocks, batch, loras, prompt_len, new_tokens, seed) -> di
     prefill_all(runner, blocks, seqs, runner.config.max_num_batched_tokens)
     times = []
     for _ in range(new_tokens - 1):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         run_step(runner, blocks, [(s, 1) for s in seqs])
         times.append(time.perf_counter() - t)
@@ -187,7 +202,7 @@ def prefill_bench(runner, blocks, loras, num_seqs, length, repeats=3) -> float:
     times = []
     for r in range(repeats + 1):
         seqs = new_seqs(runner, num_seqs, length, loras, first_id=90000 + r * 100, seed=r)
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         run_step(runner, blocks, [(s, s.num_tokens) for s in seqs])
         times.append(time.perf_counter() - t)
@@ -202,7 +217,7 @@ def cold_adapter(runner, blocks, loaded: list, cold: LoRARequest, warm: LoRARequ
     result, baseline = {}, []
     for label, request in (("warm", warm), ("cold", cold)):
         for _ in range(10):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             run_step(runner, blocks, [(s, 1) for s in seqs])
             baseline.append(time.perf_counter() - t)
@@ -212,7 +227,7 @@ def cold_adapter(runner, blocks, loaded: list, cold: LoRARequest, warm: LoRARequ
         loader.start()
         during = []
         while loader.is_alive():
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             run_step(runner, blocks, [(s, 1) for s in seqs])
             during.append(time.perf_counter() - t)
@@ -233,7 +248,7 @@ def peft_baseline(cfg: dict, adapter_paths: list[Path], batch: int, prompt_len: 
     config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(torch.float32)
@@ -244,18 +259,18 @@ def peft_baseline(cfg: dict, adapter_paths: list[Path], batch: int, prompt_len: 
         model.load_adapter(str(path), adapter_name=f"a{i}")
     load_s = time.perf_counter() - t
     gen = torch.Generator().manual_seed(3)
-    input_ids = torch.randint(10, cfg["vocab_size"], (batch, prompt_len), generator=gen).cuda()
+    input_ids = torch.randint(10, cfg["vocab_size"], (batch, prompt_len), generator=gen).to(DEVICE)
     mask = torch.ones_like(input_ids)
     out = {"peft_adapter_load_s": load_s}
     for label, names in (("32 adapters", [f"a{i % len(adapter_paths)}" for i in range(batch)]),
                          ("0 adapters", ["__base__"] * batch)):
         def generate(n):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             with torch.no_grad():
                 model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, do_sample=False,
                                max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-            torch.cuda.synchronize()
+            sync()
             return time.perf_counter() - t
         generate(2)  # warm-up
         t_full, t_first = generate(new_tokens), generate(1)
@@ -263,7 +278,8 @@ def peft_baseline(cfg: dict, adapter_paths: list[Path], batch: int, prompt_len: 
                       "decode_step_ms": (t_full - t_first) / (new_tokens - 1) * 1e3}
         log(f"PEFT {label}: {json.dumps(out[label])}")
     del model
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -272,30 +288,40 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 layers, few configs: a smoke test")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = "cpu" if args.smoke else "cuda"
     cfg = dict(LLAMA3_8B)
     prompt_len, new_tokens, peft_tokens = 128, 128, 32
     batches, adapter_counts = (1, 32, 64, 128), (0, 1, 8, 32)
     if args.quick:
         cfg["num_hidden_layers"] = 2
         new_tokens, peft_tokens, batches = 16, 4, (1, 64)
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": cfg}
+    if args.smoke:
+        cfg.update(SMOKE_CONFIG)
+        prompt_len, new_tokens, peft_tokens, batches = 8, 6, 3, (1, 32)
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)"
+    results = {"device": name, "torch": torch.__version__, "config": cfg}
     tmp = Path(tempfile.mkdtemp())
     t = time.perf_counter()
     model_dir = write_model_dir(tmp, cfg)
     paths = write_adapters(tmp, cfg, 34)   # 32 served, 2 spare, the last one cold
     log(f"wrote 34 adapters in {time.perf_counter() - t:.1f} s")
     bandwidth = copy_bandwidth()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()   # the KV budget counts cached blocks as used
     results["copy_bandwidth_TBps"] = bandwidth / 1e12
     log(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
 
     t = time.perf_counter()
-    runner = ModelRunner(EngineConfig(model=str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda",
+    runner = ModelRunner(EngineConfig(model=str(model_dir), load_format="dummy", dtype="bfloat16", device=DEVICE,
                                       enable_lora=True, max_loras=32, max_lora_rank=RANK, max_cpu_loras=40,
                                       max_num_seqs=128, max_model_len=640, max_num_batched_tokens=8192,
                                       gpu_memory_utilization=0.45))
     results["runner_init_s"] = time.perf_counter() - t
-    log(f"runner init (random weights, KV, {len(runner.decode_graphs.graphs)} graphs) "
+    num_graphs = len(runner.decode_graphs.graphs) if runner.decode_graphs is not None else 0
+    log(f"runner init (random weights, KV, {num_graphs} graphs) "
         f"{results['runner_init_s']:.1f} s")
     requests = [LoRARequest(f"adapter{i}", i + 1, str(p)) for i, p in enumerate(paths)]
     for request in requests[:32]:
@@ -322,7 +348,7 @@ def main() -> None:
             log(json.dumps(r))
     results["decode"] = rows
 
-    prefill = {label: prefill_bench(runner, blocks, loras, 16, 512)
+    prefill = {label: prefill_bench(runner, blocks, loras, 16, 512 if not args.smoke else 16)
                for label, loras in (("0 adapters", []), ("32 adapters", requests[:32]))}
     results["prefill_tokens_per_s"] = prefill
     log(f"prefill 16x512 tokens/s: {json.dumps(prefill)}")
@@ -333,7 +359,9 @@ def main() -> None:
 
     if not args.skip_peft:
         del runner
-        torch.cuda.empty_cache()
+        gc.collect()   # the runner and its graphs reference each other
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         results["peft"] = peft_baseline(cfg, paths[:32], 64, prompt_len, peft_tokens)
 
     Path(args.out, "gpu_decode.json").write_text(json.dumps(results, indent=1))
@@ -352,9 +380,10 @@ def print_table(results: dict) -> None:
     log(f"prefill 16x512: {p['0 adapters']:.0f} tok/s without, {p['32 adapters']:.0f} with 32 adapters "
         f"(ratio {p['32 adapters'] / p['0 adapters']:.2f})")
     c = results["cold_adapter"]
+    during = c["cold"]["step_ms_during_load"]
     log(f"first token: loaded adapter {c['warm']['first_token_ms']:.1f} ms, cold (disk) "
         f"{c['cold']['first_token_ms']:.1f} ms; others' step {c['baseline_step_ms']:.2f} ms, during load "
-        f"{c['cold']['step_ms_during_load']} ms over {c['cold']['steps_during_load']} steps")
+        f"{'n/a' if during is None else f'{during:.2f}'} ms over {c['cold']['steps_during_load']} steps")
     if "peft" in results:
         ours = {(r["batch"], r["adapters"]): r["tokens_per_s"] for r in results["decode"]}
         for label, count in (("32 adapters", 32), ("0 adapters", 0)):
