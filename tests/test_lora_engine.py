@@ -180,3 +180,27 @@ def test_all_slots_pinned_is_an_explicit_error_not_a_hang(model_dir, prompt, tmp
     out = llm.generate({"prompt_token_ids": prompt}, PARAMS, lora_request=other, use_tqdm=False)
     assert list(out[0].outputs[0].token_ids) == reference_greedy(peft_model(model_dir, other.lora_path), prompt,
                                                                   NUM_TOKENS)[0]
+
+
+def test_adapter_that_fails_to_reload_fails_only_its_requests(model_dir, prompt, tmp_path):
+    engine = LLMEngine(EngineConfig(model=str(model_dir), **dict(SETTINGS, max_loras=1, max_cpu_loras=1)))
+    fragile = LoRARequest("fragile", 1, str(good_adapter(tmp_path / "fragile", model_dir, seed=1)))
+    other = LoRARequest("other", 2, str(good_adapter(tmp_path / "other", model_dir, seed=2)))
+    engine.add_lora(fragile)
+    engine.add_lora(other)                       # evicts "fragile" from the one CPU entry
+    (tmp_path / "fragile" / "adapter_model.safetensors").unlink()   # now it cannot be reloaded
+    engine.add_request("broken", {"prompt_token_ids": prompt}, PARAMS, fragile)
+    engine.add_request("base", {"prompt_token_ids": prompt}, PARAMS)
+    engine.add_request("other", {"prompt_token_ids": prompt}, PARAMS, other)
+    finals, failed = {}, []
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+        failed += engine.pop_failed_requests()
+    assert [(request_id, type(error)) for request_id, error in failed] == [("broken", AdapterInvalidError)]
+    assert "no weights file" in str(failed[0][1])
+    assert list(finals["base"].outputs[0].token_ids) == reference_greedy(peft_model(model_dir, None), prompt,
+                                                                         NUM_TOKENS)[0]
+    assert list(finals["other"].outputs[0].token_ids) == reference_greedy(
+        peft_model(model_dir, other.lora_path), prompt, NUM_TOKENS)[0]
+    stats = engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks

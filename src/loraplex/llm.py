@@ -130,6 +130,9 @@ class LLM:
                     if output.finished:
                         results[order[output.request_id]] = output
                         progress.update(1)
+                failed = engine.pop_failed_requests()
+                if failed:
+                    raise failed[0][1]
         finally:
             progress.close()
             engine.abort_request([r.request_id for r in requests if results[order[r.request_id]] is None])

@@ -207,6 +207,8 @@ class AsyncEngine:
                     self._deliver(output.request_id, output)
                 for output in self.engine.step():
                     self._deliver(output.request_id, output)
+                for request_id, error in self.engine.pop_failed_requests():
+                    self._fail(request_id, error)
         except BaseException as exc:  # noqa: BLE001 - every consumer must hear about it
             logger.exception("engine step failed; failing all in-flight requests")
             self._dead = exc

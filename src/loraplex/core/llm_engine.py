@@ -30,7 +30,7 @@ from loraplex.core.scheduler import MaxLorasAdmission, Scheduler
 from loraplex.core.sequence import Sequence
 from loraplex.core.stop_checker import StopChecker
 from loraplex.core.tokenizer import Tokenizer, load_tokenizer
-from loraplex.errors import InvalidRequestError
+from loraplex.errors import AdapterError, InvalidRequestError
 from loraplex.lora_request import LoRARequest
 
 
@@ -86,6 +86,7 @@ class LLMEngine:
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
         self._requests: dict[str, Request] = {}
+        self._failed: list[tuple[str, BaseException]] = []   # (request_id, error) a step had to drop
         self._seq_counter = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------
@@ -201,6 +202,19 @@ class LLMEngine:
             outputs.append(request.to_output(self.tokenizer))
         return outputs
 
+    def _fail_adapter_requests(self, exc: AdapterError) -> None:
+        lora_id = exc.lora_request.lora_int_id
+        request_ids = [request_id for request_id, request in self._requests.items()
+                       if request.lora_request is not None and request.lora_request.lora_int_id == lora_id]
+        self.abort_request(request_ids)
+        self._failed.extend((request_id, exc) for request_id in request_ids)
+
+    def pop_failed_requests(self) -> list[tuple[str, BaseException]]:
+        """(request_id, error) of requests that steps dropped since the last call (e.g. their
+        adapter could not be reloaded); each must be reported to its caller."""
+        failed, self._failed = self._failed, []
+        return failed
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
@@ -247,7 +261,15 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        logits = self.runner.execute(plan.scheduled)               # [num_scheduled, vocab]
+        try:
+            logits = self.runner.execute(plan.scheduled)           # [num_scheduled, vocab]
+        except AdapterError as exc:
+            if getattr(exc, "lora_request", None) is None:
+                raise
+            # An adapter evicted earlier failed to reload (its files changed or vanished): drop
+            # its requests with that error; the rest of the batch runs again next step.
+            self._fail_adapter_requests(exc)
+            return []
         rows, seqs = [], []
         for row, item in enumerate(plan.scheduled):
             item.seq.num_computed_tokens += item.num_new_tokens

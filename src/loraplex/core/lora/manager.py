@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from loraplex.core.lora.adapter import LoRAAdapter, load_lora_adapter
 from loraplex.core.lora.slots import LoRASlotStacks
-from loraplex.errors import AdapterCapacityError, AdapterInvalidError, AdapterNotFoundError
+from loraplex.errors import AdapterCapacityError, AdapterError, AdapterInvalidError, AdapterNotFoundError
 from loraplex.lora_request import LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,11 @@ class LoRAManager:
                             self._cpu.move_to_end(lora_id)
                         continue
                     self.stats["cpu_hits" if lora_id in self._cpu else "cpu_misses"] += 1
-                    self.add_lora(request)   # a no-op unless it was evicted: then it is reloaded from disk
+                    try:
+                        self.add_lora(request)   # a no-op unless it was evicted: then it is reloaded from disk
+                    except AdapterError as exc:
+                        exc.lora_request = request   # the engine fails this adapter's requests only
+                        raise
                     self._fill_slot(self._find_slot(needed=self._step_ids), self._cpu[lora_id])
             except BaseException:
                 self._in_step = False
