@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Check and time loraplex's batched multi-LoRA Triton kernels on one GPU.
 
-    PYTHONPATH=src python3 benchmarks/gpu_lora_kernels.py [--skip-check] [--skip-bench]
+    PYTHONPATH=src python3 benchmarks/gpu_lora_kernels.py [--skip-check] [--skip-bench] [--sweep]
 
 Needs only torch and triton. Part 1 runs the correctness matrix at real shapes (bf16,
 plus a few fp16/fp32 cases) against the torch reference: the allocator is poisoned with
@@ -206,12 +206,29 @@ def time_graph(fn, num_calls, replays):
 
 
 def copy_bandwidth():
-    """Device copy bandwidth in bytes/s (read + write), the yardstick of the floor."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    """Device copy bandwidth in bytes/s (read + write), the yardstick of the floor.
+
+    4 GiB each way (a 1 GiB copy captured as a graph memcpy node read only 2.7 TB/s), by
+    copy_ and by an elementwise kernel; the faster one is the ceiling.
+    """
+    src = torch.empty(1 << 30, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    us = time_graph(lambda: dst.copy_(src), 1, 20)
+    results = {}
+    for name, fn in (("copy_", lambda: dst.copy_(src)), ("elementwise", lambda: torch.mul(src, 2.0, out=dst))):
+        fn()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        results[name] = 2 * src.numel() * 4 / statistics.median(times)
     del src, dst
-    return 2 * (1 << 30) / (us * 1e-6)
+    torch.cuda.empty_cache()
+    print("copy probes (read+write, 4 GiB): " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in results.items()))
+    return max(results.values())
 
 
 def gather_bmm_lora(x, out, lora_a, lora_b, token_slots, offsets):
@@ -265,7 +282,7 @@ def bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays):
     else:
         bmm_us = float("nan")
     sc = shrink_config(num_tokens, in_features, num_slices * rank, MAX_LORAS, _num_sms(torch.device("cuda", 0)))
-    ec = expand_config(num_tokens, max(widths))
+    ec = expand_config(num_tokens, widths, rank, MAX_LORAS, _num_sms(torch.device("cuda", 0)))
     floor_us = floor_bytes / bandwidth * 1e6
     target = DECODE_TARGETS_US.get((module, num_tokens, num_adapters))
     if target is not None:
@@ -279,7 +296,8 @@ def bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays):
     torch.cuda.empty_cache()
     return (f"{module:<8}{num_tokens:>6}{num_adapters:>5}{us:>10.1f}{shrink_us:>9.1f}{expand_us:>9.1f}"
             f"{bmm_us:>11.1f}{floor_us:>9.1f}{floor_us / us:>8.0%}  {verdict:<26}"
-            f" shrink m{sc.block_m} n{sc.block_n} k{sc.block_k} split{sc.split_k}; expand m{ec.block_m} n{ec.block_n}"
+            f" shrink m{sc.block_m} n{sc.block_n} k{sc.block_k} split{sc.split_k} w{sc.num_warps} s{sc.num_stages};"
+            f" expand m{ec.block_m} n{ec.block_n}x{ec.tiles_per_program} w{ec.num_warps} s{ec.num_stages}"
             f"  x{rotations}")
 
 
@@ -317,6 +335,8 @@ def main():
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness matrix")
     parser.add_argument("--skip-bench", action="store_true", help="skip the timings")
     parser.add_argument("--replays", type=int, default=50, help="graph replays per timing (median taken)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep decode tile configs (gpu_lora_sweep.py)")
+    parser.add_argument("--sweep-seconds", type=float, default=150.0, help="time limit of the sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("This script needs a CUDA GPU (the CPU path is the torch reference, tested by pytest).")
@@ -329,6 +349,9 @@ def main():
         ok = run_checks()
     if not args.skip_bench:
         run_bench(args.replays)
+    if args.sweep:
+        from gpu_lora_sweep import run_sweep
+        run_sweep(max(10, args.replays // 2), args.sweep_seconds)
     print(f"\ndone in {time.time() - started:.0f} s; correctness {'PASSED' if ok else 'FAILED'}")
     sys.exit(0 if ok else 1)
 

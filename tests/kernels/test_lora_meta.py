@@ -60,3 +60,24 @@ def test_out_of_range_slot_is_rejected(bad_slot):
 def test_bad_arguments_are_explained(slots, ranks, max_loras, message):
     with pytest.raises(KernelArgumentError, match=message):
         build_lora_meta(slots, ranks, max_loras)
+
+
+@pytest.mark.parametrize("num_tokens,max_loras,block_tokens", [(0, 4, None), (1, 1, None), (37, 5, None),
+                                                              (300, 40, None), (70, 3, 16)])
+def test_triton_counting_sort_matches_torch(num_tokens, max_loras, block_tokens):
+    # The one-launch GPU sort (run here by Triton's interpreter) against the torch version;
+    # 70 tokens in blocks of 16 crosses block boundaries within groups.
+    from loraplex.kernels import triton_lora_meta
+    gen = torch.Generator().manual_seed(num_tokens + max_loras)
+    slots = torch.randint(-1, max_loras, (num_tokens,), generator=gen, dtype=torch.int32)
+    ranks = torch.randint(0, 9, (max_loras,), generator=gen, dtype=torch.int32)
+    expected = build_lora_meta(slots, ranks, max_loras)
+    if block_tokens is not None:
+        slots = slots.clone()
+        slots[::7] = max_loras + 3  # out of range: a GPU treats it as "no LoRA"
+        expected = build_lora_meta(torch.where(slots >= max_loras, -1, slots), ranks, max_loras)
+    got = triton_lora_meta.triton_lora_meta(slots, max_loras, block_tokens=block_tokens)
+    names = ("sorted_token_ids", "slot_token_starts", "slot_token_counts", "active_slots", "num_active_slots")
+    for name, value in zip(names, got):
+        assert value.dtype == torch.int32
+        assert value.tolist() == getattr(expected, name).tolist(), name

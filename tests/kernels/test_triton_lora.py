@@ -75,3 +75,26 @@ def test_shrink_and_expand_ops_match_reference():
     out = case.out.clone()
     lora_expand(expected_buf, case.lora_b, case.meta, out, case.slice_offsets, backend="triton")
     torch.testing.assert_close(out, _reference(case), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_rank,block_r,widths", [
+    (16, 16, (32, 16, 16)),   # whole chunks: no column masks; one rank block
+    (8, 16, (40, 7)),         # ragged chunks; max_rank not a multiple of the rank block
+    (32, 16, (24, 9, 16)),    # ranks past the first block: the inner rank loop
+])
+def test_expand_chunks_of_several_tiles_ignore_nan_padding(max_rank, block_r, widths):
+    # Decode-style expand: each program loops over 2 column tiles; B and the shrink output
+    # hold NaN past each slot's rank, which must never reach out.
+    ranks = [max_rank, 1, max_rank // 2 + 1]
+    case = _device(make_case(num_tokens=11, in_features=32, slice_widths=widths, max_loras=3,
+                             max_rank=max_rank, slot_ranks=ranks, seed=max_rank + len(widths)))
+    expected = _reference(case)
+    buf = lora_shrink(case.x, case.lora_a, case.meta, len(widths), backend="torch")
+    lora_b = case.lora_b.clone()
+    for s, rank in enumerate(ranks):
+        lora_b[s, :, rank:] = float("nan")
+        buf.view(11, len(widths), max_rank)[case.token_slots == s, :, rank:] = float("nan")
+    out = case.out.clone()
+    triton_expand(buf.unsqueeze(0), lora_b, case.meta, out, case.slice_offsets,
+                  config=ExpandConfig(block_m=16, block_n=16, block_r=block_r, num_stages=2, tiles_per_program=2))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -63,10 +63,12 @@ def apply_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b:
     _check_shrink(x, lora_a, meta, num_slices)
     _check_expand_weights(lora_b, lora_a, num_slices, out, x)
     if _use_triton(backend, x):
-        from loraplex.kernels.triton_lora import triton_expand, triton_shrink
-        # Expand sums the split-K partials itself; rows it reads are always written.
-        partials = triton_shrink(x, lora_a, meta, num_slices, zero_init=False)
-        triton_expand(partials, lora_b, meta, out, tuple(slice_offsets))
+        from loraplex.kernels.triton_lora import pdl_supported, triton_expand, triton_shrink
+        # Expand sums the split-K partials itself; rows it reads are always written. With
+        # PDL (Hopper+) the expand starts while the shrink runs and waits for it on-chip.
+        pdl = pdl_supported(x.device)
+        partials = triton_shrink(x, lora_a, meta, num_slices, zero_init=False, launch_dependents=pdl)
+        triton_expand(partials, lora_b, meta, out, tuple(slice_offsets), pdl=pdl)
         return
     buf = _shrink_reference(x, lora_a, meta, num_slices)
     _expand_reference(buf, lora_b, meta, out, tuple(slice_offsets))

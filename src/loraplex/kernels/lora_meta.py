@@ -7,8 +7,8 @@ Groups are indexed by slot itself, so every per-slot array has the static length
 keeps launches capturable in CUDA graphs). Base-model tokens (slot -1) are sorted
 after all groups and belong to none, so no kernel program ever touches them.
 
-Building the metadata is a handful of elementwise ops and scans (a counting sort) with
-no host sync, so it can run inside a CUDA graph. The one check that needs the values
+Building the metadata is a counting sort with no host sync, so it can run inside a CUDA
+graph: one Triton kernel on CUDA (triton_lora_meta.py), elementwise ops and scans elsewhere. The one check that needs the values
 (every slot in [-1, max_loras)) is done only when `token_slots` lives on the CPU,
 where it is free; the runner builds the slot map on the host and calls
 `check_token_slots` there. On an accelerator an out-of-range slot is treated as
@@ -84,6 +84,12 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_lor
 
     num_tokens = token_slots.shape[0]
     device = token_slots.device
+    if device.type == "cuda" and max_loras < _max_triton_keys():
+        from loraplex.kernels.triton_lora_meta import triton_lora_meta
+        order, starts, counts, active_slots, num_active = triton_lora_meta(token_slots, max_loras)
+        return LoRABatchMeta(num_tokens=num_tokens, max_loras=max_loras, token_slots=token_slots,
+                             slot_ranks=slot_ranks, sorted_token_ids=order, slot_token_starts=starts,
+                             slot_token_counts=counts, active_slots=active_slots, num_active_slots=num_active)
     slots = token_slots.long()
     # Base tokens (and, on a device, out-of-range slots) get key max_loras: their group comes last.
     is_lora = (slots >= 0) & (slots < max_loras)
@@ -123,6 +129,11 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_lor
         num_active_slots=is_active.sum().to(torch.int32),
         host_groups=host_groups,
     )
+
+
+def _max_triton_keys() -> int:
+    from loraplex.kernels.triton_lora_meta import MAX_KEYS
+    return MAX_KEYS
 
 
 def lora_groups(meta: LoRABatchMeta) -> tuple[tuple[int, int, int], ...]:

@@ -19,16 +19,24 @@ Import this module only after TRITON_INTERPRET is settled (kernels are defined a
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from loraplex.kernels.lora import MAX_SLICES
 from loraplex.kernels.lora_meta import LoRABatchMeta
 
 MAX_SPLIT_K = 16
+# Decode expand tiles (<= 128 tokens), from the H200 sweep (benchmarks/gpu_lora_kernels.py --sweep).
+DECODE_EXPAND_BLOCK_N = 256
+DECODE_EXPAND_MAX_TILES = 8
+DECODE_EXPAND_PROGRAMS_PER_SM = 2
+DECODE_EXPAND_WARPS = 4
+DECODE_EXPAND_STAGES = 2
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class ExpandConfig:
     block_r: int
     num_warps: int = 4
     num_stages: int = 1
+    tiles_per_program: int = 1  # column tiles one program loops over (h is loaded once for all)
 
 
 @triton.jit
@@ -82,8 +91,11 @@ def _shrink_kernel(
     max_loras, K, N, max_rank, k_per_split,
     stride_xm, stride_a_slot, stride_a_n, stride_p_split, stride_p_m,
     MAX_LORAS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE_DOT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:
+        # Lets the expand (launched with PDL) start its prologue; it waits for this grid's results.
+        gdc_launch_dependents()
     slot, m0, count, start, rank = _group_tile(tl.program_id(0), counts_ptr, ranks_ptr, max_loras, max_rank,
                                                MAX_LORAS_P2, BLOCK_M)
     if slot >= max_loras:
@@ -132,63 +144,112 @@ def _next_slice(pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, lo, hi, 
 
 
 @triton.jit
+def _load_h(h_rows, r0, offs_r, mask_m, rank, max_rank, stride_p_split,
+            SPLIT_K: tl.constexpr, EVEN_R: tl.constexpr):
+    """Rank block [r0, r0 + BLOCK_R) of the shrink output, split-K partials summed: [BLOCK_M, BLOCK_R] fp32."""
+    rs = r0 + offs_r
+    # Masking only on max_rank (a multiple of 16 when EVEN_R) keeps the loads 16 bytes wide;
+    # values past the slot's rank are zeroed after the load.
+    mask = mask_m[:, None] if EVEN_R else mask_m[:, None] & (rs < max_rank)[None, :]
+    h = tl.load(h_rows + rs[None, :], mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        h += tl.load(h_rows + s * stride_p_split + rs[None, :], mask=mask, other=0.0)
+    return tl.where((rs < rank)[None, :], h, 0.0)
+
+
+@triton.jit
+def _load_b(b_cols, r0, offs_r, mask_n, rank, max_rank, EVEN_R: tl.constexpr, EVEN_N: tl.constexpr):
+    """B[slot, cols, r0:r0 + BLOCK_R]^T as [BLOCK_R, BLOCK_N]; columns past the rank read as 0.
+
+    B's padding past the rank may hold anything (NaN included): it is loaded only up to
+    the 16-aligned max_rank, for wide loads, and replaced by 0 before the dot.
+    """
+    rs = r0 + offs_r
+    ptrs = b_cols + rs[:, None]
+    if EVEN_R and EVEN_N:
+        b = tl.load(ptrs)
+    elif EVEN_R:
+        b = tl.load(ptrs, mask=mask_n[None, :], other=0.0)
+    else:
+        b = tl.load(ptrs, mask=(rs < max_rank)[:, None] & mask_n[None, :], other=0.0)
+    return tl.where((rs < rank)[:, None], b, 0.0)
+
+
+@triton.jit
 def _expand_kernel(
     partial_ptr, b_ptr, out_ptr,
     sorted_ids_ptr, counts_ptr, ranks_ptr,
     max_loras, max_rank, end0, end1, end2, end3,
     stride_p_split, stride_p_m, stride_b_slot, stride_b_n, stride_out_m,
     NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, MAX_LORAS_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, N_TILES: tl.constexpr,
+    ONE_R_BLOCK: tl.constexpr, EVEN_R: tl.constexpr, EVEN_N: tl.constexpr,
+    IEEE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     slot, m0, count, start, rank = _group_tile(tl.program_id(0), counts_ptr, ranks_ptr, max_loras, max_rank,
                                                MAX_LORAS_P2, BLOCK_M)
     if slot >= max_loras:
         return
-    # Column tiles are numbered slice after slice; find this program's slice.
+    # Each program covers N_TILES column tiles (a chunk) of one slice; chunks are numbered
+    # slice after slice, so find this program's slice.
+    CHUNK: tl.constexpr = BLOCK_N * N_TILES
     pid_n = tl.program_id(1)
     slice_id = pid_n * 0
     col_lo = pid_n * 0
     col_hi = pid_n * 0 + end0
     first_tile = pid_n * 0
-    tiles_end = tl.cdiv(end0, BLOCK_N) + pid_n * 0
+    tiles_end = tl.cdiv(end0, CHUNK) + pid_n * 0
     if NUM_SLICES > 1:
         slice_id, col_lo, col_hi, first_tile, tiles_end = _next_slice(
-            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end0, end1, BLOCK_N)
+            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end0, end1, CHUNK)
     if NUM_SLICES > 2:
         slice_id, col_lo, col_hi, first_tile, tiles_end = _next_slice(
-            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end1, end2, BLOCK_N)
+            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end1, end2, CHUNK)
     if NUM_SLICES > 3:
         slice_id, col_lo, col_hi, first_tile, tiles_end = _next_slice(
-            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end2, end3, BLOCK_N)
+            pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, end2, end3, CHUNK)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < count
     tokens = tl.load(sorted_ids_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
-    offs_n = col_lo + (pid_n - first_tile) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < col_hi
+    n0 = col_lo + (pid_n - first_tile) * CHUNK
     offs_r = tl.arange(0, BLOCK_R)
     h_rows = partial_ptr + tokens[:, None] * stride_p_m + slice_id * max_rank       # [BLOCK_M, 1]
-    b_cols = b_ptr + slot.to(tl.int64) * stride_b_slot + offs_n[None, :] * stride_b_n  # [1, BLOCK_N]
+    b_slot = b_ptr + slot.to(tl.int64) * stride_b_slot
+    out_rows = out_ptr + tokens[:, None] * stride_out_m                             # [BLOCK_M, 1]
+    if USE_PDL:
+        # Launched while the shrink still runs: everything above needs only the metadata.
+        gdc_wait()
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # The rank bounds the reduction: B's padding columns are never read.
-    for r0 in range(0, rank, BLOCK_R):
-        rs = r0 + offs_r
-        mask_r = rs < rank
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            h += tl.load(h_rows + s * stride_p_split + rs[None, :],
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)   # [BLOCK_M, BLOCK_R]
-        b = tl.load(b_cols + rs[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    # Rank block 0 of h is loaded once and reused for every column tile of the chunk.
+    h0 = _load_h(h_rows, 0, offs_r, mask_m, rank, max_rank, stride_p_split, SPLIT_K, EVEN_R)
+    if not IEEE_DOT:
+        h0 = h0.to(b_ptr.dtype.element_ty)
+    for j in range(N_TILES):
+        offs_n = n0 + j * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < col_hi
+        b_cols = b_slot + offs_n[None, :] * stride_b_n                               # [1, BLOCK_N]
+        b = _load_b(b_cols, 0, offs_r, mask_n, rank, max_rank, EVEN_R, EVEN_N)       # [BLOCK_R, BLOCK_N]
         if IEEE_DOT:
-            acc = tl.dot(h, b, acc, input_precision="ieee")
+            acc = tl.dot(h0, b, input_precision="ieee")
         else:
-            acc = tl.dot(h.to(b.dtype), b, acc)
-
-    out_ptrs = out_ptr + tokens[:, None] * stride_out_m + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    y = tl.load(out_ptrs, mask=mask, other=0.0)
-    tl.store(out_ptrs, (y.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+            acc = tl.dot(h0, b)
+        if not ONE_R_BLOCK:
+            # Ranks past the first block; the rank bounds the loop, so B's padding blocks are never read.
+            for r0 in range(BLOCK_R, rank, BLOCK_R):
+                h = _load_h(h_rows, r0, offs_r, mask_m, rank, max_rank, stride_p_split, SPLIT_K, EVEN_R)
+                b = _load_b(b_cols, r0, offs_r, mask_n, rank, max_rank, EVEN_R, EVEN_N)
+                if IEEE_DOT:
+                    acc = tl.dot(h, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(h.to(b.dtype), b, acc)
+        out_ptrs = out_rows + offs_n[None, :]
+        if EVEN_N:
+            mask = mask_m[:, None]
+        else:
+            mask = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(out_ptrs, mask=mask, other=0.0)
+        tl.store(out_ptrs, (y.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,28 +282,53 @@ def shrink_config(num_tokens: int, in_features: int, n: int, max_loras: int, num
     return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
 
 
-def expand_config(num_tokens: int, max_slice_width: int) -> ExpandConfig:
-    """Tiles for h @ B^T added into out; the rank is looped over in blocks of 16.
+def expand_config(num_tokens: int, slice_widths: tuple[int, ...], max_rank: int, max_loras: int,
+                  num_sms: int) -> ExpandConfig:
+    """Tiles for h @ B^T added into out.
 
-    Small rank blocks and 128-wide column tiles keep registers low (~60-130 per thread on
-    sm_90), so many programs stay resident to keep loads of B and out in flight.
+    Prefill: 128-wide column tiles, one per program, rank blocks of 16 (registers stay low,
+    ~60-130 per thread on sm_90). Decode: each program loops over several column tiles of
+    one slice, so its slot lookup, token ids and split-K sum of h are paid once per chunk,
+    not per tile, and its B loads pipeline; chunks still give a few programs per SM.
     """
     block_m = _block_m(num_tokens)
-    block_n = min(128, max(16, triton.next_power_of_2(max_slice_width)))
-    num_warps = 8 if block_m == 64 else 4
-    # The rank loop is short: pipelining stages would only cost shared memory.
-    return ExpandConfig(block_m, block_n, block_r=16, num_warps=num_warps, num_stages=1)
+    block_r = 16
+    if block_m > 16:
+        block_n = min(128, max(16, triton.next_power_of_2(max(slice_widths))))
+        return ExpandConfig(block_m, block_n, block_r, num_warps=8 if block_m == 64 else 4, num_stages=1)
+    # One rank block up to rank 64 (no inner loop); wide rank blocks get narrower column tiles.
+    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
+    block_n = min(DECODE_EXPAND_BLOCK_N * 16 // block_r, max(16, triton.next_power_of_2(max(slice_widths))))
+    col_tiles = sum(triton.cdiv(w, block_n) for w in slice_widths)
+    row_tiles = _max_row_tiles(num_tokens, max_loras, block_m)
+    tiles = 1
+    # Largest power of 2 that keeps >= DECODE_EXPAND_PROGRAMS_PER_SM programs per SM and divides
+    # every slice into whole chunks (then no column masks).
+    while (tiles * 2 <= DECODE_EXPAND_MAX_TILES
+           and row_tiles * triton.cdiv(col_tiles, tiles * 2) >= DECODE_EXPAND_PROGRAMS_PER_SM * num_sms
+           and all(w % (block_n * tiles * 2) == 0 for w in slice_widths)):
+        tiles *= 2
+    return ExpandConfig(block_m, block_n, block_r, num_warps=DECODE_EXPAND_WARPS,
+                        num_stages=DECODE_EXPAND_STAGES, tiles_per_program=tiles)
 
 
 def _max_loras_p2(max_loras: int) -> int:
     return max(2, triton.next_power_of_2(max_loras))
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper or newer, and not Triton's interpreter."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def triton_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, num_slices: int,
-                  *, zero_init: bool, config: ShrinkConfig | None = None) -> torch.Tensor:
+                  *, zero_init: bool, config: ShrinkConfig | None = None,
+                  launch_dependents: bool = False) -> torch.Tensor:
     """Split-K partials [split_k, num_tokens, num_slices * max_rank] float32 of x @ A[slot]^T.
 
-    Rows of tokens in no group are left unwritten unless zero_init. Inputs are checked by lora.py.
+    Rows of tokens in no group are left unwritten unless zero_init. launch_dependents lets an
+    expand launched next with pdl=True start early. Inputs are checked by lora.py.
     """
     num_tokens, in_features = x.shape
     max_loras, n, _ = lora_a.shape
@@ -263,24 +349,31 @@ def triton_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, nu
         x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0), partials.stride(1),
         MAX_LORAS_P2=_max_loras_p2(max_loras), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, EVEN_K=in_features % config.block_k == 0,
-        IEEE_DOT=x.dtype == torch.float32, num_warps=config.num_warps, num_stages=config.num_stages,
+        IEEE_DOT=x.dtype == torch.float32, LAUNCH_DEPENDENTS=launch_dependents,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return partials
 
 
 def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchMeta, out: torch.Tensor,
-                  slice_offsets: tuple[int, ...], *, config: ExpandConfig | None = None) -> None:
-    """out[t, slice i] += sum_k partials[k, t, rank block i] @ B[slot, slice i]^T, all slices at once."""
+                  slice_offsets: tuple[int, ...], *, config: ExpandConfig | None = None, pdl: bool = False) -> None:
+    """out[t, slice i] += sum_k partials[k, t, rank block i] @ B[slot, slice i]^T, all slices at once.
+
+    pdl=True launches with programmatic dependent launch: only right after triton_shrink
+    (launch_dependents=True) on the same stream, since the kernel reads the metadata before
+    it waits for the previous kernel.
+    """
     split_k, num_tokens, _ = partials.shape
     max_loras, _, max_rank = lora_b.shape
     num_slices = len(slice_offsets) - 1
     widths = [hi - lo for lo, hi in zip(slice_offsets, slice_offsets[1:])]
     if config is None:
-        config = expand_config(num_tokens, max(widths))
+        config = expand_config(num_tokens, tuple(widths), max_rank, max_loras, _num_sms(out.device))
     if num_tokens == 0:
         return
     ends = list(slice_offsets[1:]) + [slice_offsets[-1]] * (MAX_SLICES - num_slices)
-    col_tiles = sum(triton.cdiv(w, config.block_n) for w in widths)
+    chunk = config.block_n * config.tiles_per_program
+    col_tiles = sum(triton.cdiv(w, chunk) for w in widths)
     grid = (_max_row_tiles(num_tokens, max_loras, config.block_m), col_tiles)
     _expand_kernel[grid](
         partials, lora_b, out,
@@ -289,5 +382,8 @@ def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchM
         partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
         NUM_SLICES=num_slices, SPLIT_K=split_k, MAX_LORAS_P2=_max_loras_p2(max_loras),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
-        IEEE_DOT=out.dtype == torch.float32, num_warps=config.num_warps, num_stages=config.num_stages,
+        N_TILES=config.tiles_per_program, ONE_R_BLOCK=max_rank <= config.block_r,
+        EVEN_R=max_rank % config.block_r == 0, EVEN_N=all(w % chunk == 0 for w in widths),
+        IEEE_DOT=out.dtype == torch.float32, USE_PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )

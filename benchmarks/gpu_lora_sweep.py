@@ -1,0 +1,124 @@
+"""Tile sweep for the decode-size LoRA kernels: `gpu_lora_kernels.py --sweep`.
+
+For each module at 64 tokens / 32 adapters (rank 16, bf16), times the shrink alone over
+candidate ShrinkConfigs, the expand alone over candidate ExpandConfigs, then shrink+expand
+for the two best of each, with and without programmatic dependent launch (PDL). Every
+timing is a CUDA-graph replay over rotated input copies (as in the main benchmark); each
+config's output is checked against the torch reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from gpu_lora_kernels import MAX_LORAS, MODULES, make_inputs, rel_err, time_graph
+
+from loraplex.kernels.lora import apply_lora
+from loraplex.kernels.lora_meta import build_lora_meta
+from loraplex.kernels.triton_lora import ExpandConfig, ShrinkConfig, triton_expand, triton_shrink
+
+# (block_k, split_k, num_warps, num_stages)
+SHRINK_CANDIDATES = [(128, 8, 4, 3), (128, 16, 4, 3), (128, 16, 4, 2), (256, 8, 4, 3), (256, 8, 8, 3),
+                     (256, 16, 4, 2), (64, 16, 4, 3), (64, 32, 4, 2), (128, 32, 4, 2), (128, 8, 8, 4)]
+# (block_n, tiles_per_program, num_warps, num_stages)
+EXPAND_CANDIDATES = [(128, 1, 4, 1), (256, 1, 4, 1), (256, 2, 4, 2), (256, 4, 4, 2), (256, 4, 4, 3),
+                     (256, 8, 4, 3), (128, 4, 4, 3), (128, 8, 4, 3), (512, 2, 8, 2), (512, 4, 8, 3),
+                     (256, 4, 8, 3), (256, 2, 4, 1)]
+
+
+def _shrink_config(module, block_k, split_k, warps, stages):
+    n = len(MODULES[module][1]) * 16
+    return ShrinkConfig(16, min(max(16, 1 << (n - 1).bit_length()), 128), block_k, split_k, warps, stages)
+
+
+def sweep_module(module, num_tokens, num_adapters, replays, deadline):
+    in_features, widths = MODULES[module]
+    num_slices = len(widths)
+    offsets = tuple(sum(widths[:i]) for i in range(num_slices + 1))
+    floor_set = num_adapters * (num_slices * 16 * in_features + sum(widths) * 16) * 2
+    rotations = max(2, min(32, math.ceil(3 * 60e6 / floor_set)))
+    sets = [make_inputs(module, num_tokens, num_adapters, base_fraction=0.0, seed=s) for s in range(rotations)]
+    meta = build_lora_meta(sets[0]["token_slots"], sets[0]["slot_ranks"], MAX_LORAS)
+    t0 = sets[0]
+    ref = t0["out"].clone()
+    apply_lora(t0["x"], ref, t0["lora_a"], t0["lora_b"], meta, offsets, backend="torch")
+    print(f"\n-- {module} T={num_tokens} adapters={num_adapters} (x{rotations} rotations)", flush=True)
+
+    def timed(label, fn, check):
+        if time.time() > deadline:
+            print(f"  {label:<44} skipped (sweep time limit)")
+            return math.inf
+        try:
+            err = check()
+            us = time_graph(fn, rotations, replays)
+        except Exception as exc:  # a config that fails to compile or launch is reported, not fatal
+            print(f"  {label:<44} FAILED: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            return math.inf
+        ok = math.isfinite(err) and err < 2e-2
+        print(f"  {label:<44} {us:7.2f} us  err {err:.1e}{'' if ok else '  WRONG'}", flush=True)
+        return us if ok else math.inf
+
+    def apply_once(sc, ec, pdl, t):
+        partials = triton_shrink(t["x"], t["lora_a"], meta, num_slices, zero_init=False, config=sc,
+                                 launch_dependents=pdl)
+        triton_expand(partials, t["lora_b"], meta, t["out"], offsets, config=ec, pdl=pdl)
+
+    out_original = t0["out"].clone()  # timed runs keep adding into out: check from the original
+
+    def check_apply(sc, ec, pdl):
+        t0["out"].copy_(out_original)
+        apply_once(sc, ec, pdl, t0)
+        torch.cuda.synchronize()
+        return rel_err(t0["out"], ref, out_original)
+
+    default_ec = ExpandConfig(16, 256, 16, 4, 2, 2)
+    shrink_times = {}
+    for cand in SHRINK_CANDIDATES:
+        sc = _shrink_config(module, *cand)
+
+        def shrink_all(sc=sc):
+            for t in sets:
+                t["partials"] = triton_shrink(t["x"], t["lora_a"], meta, num_slices, zero_init=False, config=sc)
+        shrink_times[sc] = timed(f"shrink k{cand[0]} split{cand[1]} w{cand[2]} s{cand[3]}", shrink_all,
+                                 lambda sc=sc: check_apply(sc, default_ec, False))
+    best_sc = sorted(shrink_times, key=shrink_times.get)[:2]
+    for t in sets:
+        t["partials"] = triton_shrink(t["x"], t["lora_a"], meta, num_slices, zero_init=False, config=best_sc[0])
+    expand_times = {}
+    for block_n, tiles, warps, stages in EXPAND_CANDIDATES:
+        ec = ExpandConfig(16, block_n, 16, warps, stages, tiles)
+
+        def expand_all(ec=ec):
+            for t in sets:
+                triton_expand(t["partials"], t["lora_b"], meta, t["out"], offsets, config=ec)
+        expand_times[ec] = timed(f"expand n{block_n}x{tiles} w{warps} s{stages}", expand_all,
+                                 lambda ec=ec: check_apply(best_sc[0], ec, False))
+    best_ec = sorted(expand_times, key=expand_times.get)[:2]
+    results = []
+    for sc in best_sc:
+        for ec in best_ec:
+            for pdl in (False, True):
+                def apply_all(sc=sc, ec=ec, pdl=pdl):
+                    for t in sets:
+                        apply_once(sc, ec, pdl, t)
+                label = (f"apply k{sc.block_k} split{sc.split_k} w{sc.num_warps} s{sc.num_stages} + n{ec.block_n}"
+                         f"x{ec.tiles_per_program} w{ec.num_warps} s{ec.num_stages} pdl={int(pdl)}")
+                results.append((timed(label, apply_all, lambda sc=sc, ec=ec, pdl=pdl: check_apply(sc, ec, pdl)),
+                                label))
+    del sets
+    torch.cuda.empty_cache()
+    best = min(results)
+    print(f"  BEST {module}: {best[1]}: {best[0]:.2f} us", flush=True)
+    return best
+
+
+def run_sweep(replays, seconds):
+    print(f"\n== Sweep: decode tiles (CUDA-graph replays, rank 16, max_loras 32, bf16), limit {seconds:.0f} s ==",
+          flush=True)
+    deadline = time.time() + seconds
+    best = [(m, sweep_module(m, 64, 32, replays, deadline)) for m in ("qkv", "gate_up", "down")]
+    print("\nsweep summary (64 tokens, 32 adapters):")
+    for module, (us, label) in best:
+        print(f"  {module:<8} {us:7.2f} us  {label}")
