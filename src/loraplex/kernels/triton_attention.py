@@ -304,6 +304,9 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         max_seq_len = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, _num_sms(q.device))
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= 256:
+        raise KernelArgumentError(f"num_splits must be an int in [1, 256] (context splits per sequence), "
+                                  f"got {num_splits!r}")
     group = num_q_heads // num_kv_heads
     # 32-token KV tiles: 162 registers at 4 warps for bf16 head_dim 128 (64-token tiles take 255).
     block_d, block_n = _tiles(q.dtype, head_dim)[0], 32
