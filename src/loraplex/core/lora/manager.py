@@ -157,10 +157,17 @@ class LoRAManager:
         The caller holds step_lock until end_step()."""
         with self.step_lock, self._lock:
             by_id = {r.lora_int_id: r for r in requests}
-            if not self.can_run_together(by_id):
+            if len(by_id) > self.max_loras:
                 raise AdapterCapacityError(
-                    f"one step needs {len(by_id)} adapters but only {self.max_loras} device slots exist "
-                    f"({len(self._pinned)} pinned); the scheduler must cap a step at max_loras adapters")
+                    f"one step needs {len(by_id)} adapters but only {self.max_loras} device slots exist; "
+                    f"the scheduler must cap a step at max_loras adapters")
+            # Only when a pin raced with admission (pinned from another thread after the
+            # step's sequences were admitted): then a pinned slot gives way for this step and
+            # is filled again when its adapter is next used.
+            evict_pinned = not self.can_run_together(by_id)
+            if evict_pinned:
+                logger.warning("LoRA step needs %d slots next to %d pinned ones; a pinned adapter gives "
+                               "up its slot for this step", len(by_id), len(self.pinned_in_slots()))
             self._step_ids = set(by_id)
             self._in_step = True
             try:
@@ -177,7 +184,8 @@ class LoRAManager:
                     except AdapterError as exc:
                         exc.lora_request = request   # the engine fails this adapter's requests only
                         raise
-                    self._fill_slot(self._find_slot(needed=self._step_ids), self._cpu[lora_id])
+                    self._fill_slot(self._find_slot(needed=self._step_ids, evict_pinned=evict_pinned),
+                                    self._cpu[lora_id])
             except BaseException:
                 self._in_step = False
                 raise
@@ -207,13 +215,14 @@ class LoRAManager:
             self.stats["cpu_evictions"] += 1
             logger.debug("evicted LoRA adapter id %d from the CPU cache", victim)
 
-    def _find_slot(self, *, needed: set[int], raise_if_none: bool = True) -> int | None:
+    def _find_slot(self, *, needed: set[int], raise_if_none: bool = True,
+                   evict_pinned: bool = False) -> int | None:
         used = set(self._slot_of.values())
         for slot in range(self.max_loras):
             if slot not in used:
                 return slot
         for lora_id, slot in self._slot_of.items():   # least recently used first
-            if lora_id not in needed and lora_id not in self._pinned:
+            if lora_id not in needed and (evict_pinned or lora_id not in self._pinned):
                 # No zeroing here: the caller overwrites the whole slot at once.
                 del self._slot_of[lora_id], self._slot_request[lora_id]
                 self.stats["device_evictions"] += 1
