@@ -20,12 +20,14 @@ from loraplex.kernels.lora_meta import build_lora_meta
 from loraplex.kernels.triton_lora import ExpandConfig, ShrinkConfig, triton_expand, triton_shrink
 
 # (block_k, split_k, num_warps, num_stages)
-SHRINK_CANDIDATES = [(128, 8, 4, 3), (128, 16, 4, 3), (128, 16, 4, 2), (256, 8, 4, 3), (256, 8, 8, 3),
-                     (256, 16, 4, 2), (64, 16, 4, 3), (64, 32, 4, 2), (128, 32, 4, 2), (128, 8, 8, 4)]
+# (128, 8, 4, 3) was the heuristic of the 2026-11-28 run; (128|256, 15, 4, 3) is today's.
+SHRINK_CANDIDATES = [(128, 8, 4, 3), (128, 15, 4, 3), (256, 15, 4, 3), (128, 16, 4, 2), (256, 8, 4, 3),
+                     (256, 8, 8, 3), (256, 16, 4, 2), (64, 16, 4, 3), (64, 32, 4, 2), (128, 32, 4, 2)]
 # (block_n, tiles_per_program, num_warps, num_stages)
-EXPAND_CANDIDATES = [(128, 1, 4, 1), (256, 1, 4, 1), (256, 2, 4, 2), (256, 4, 4, 2), (256, 4, 4, 3),
-                     (256, 8, 4, 3), (128, 4, 4, 3), (128, 8, 4, 3), (512, 2, 8, 2), (512, 4, 8, 3),
-                     (256, 4, 8, 3), (256, 2, 4, 1)]
+# (128, 1, 4, 1) is the old one-tile expand; today's heuristic picks (256, 2|8, 4, 2).
+EXPAND_CANDIDATES = [(128, 1, 4, 1), (256, 2, 4, 2), (256, 8, 4, 2), (256, 1, 4, 1), (256, 4, 4, 2),
+                     (256, 4, 4, 3), (256, 8, 4, 3), (128, 4, 4, 3), (128, 8, 4, 3), (512, 2, 8, 2),
+                     (512, 4, 8, 3), (256, 4, 8, 3)]
 
 
 def _shrink_config(module, block_k, split_k, warps, stages):

@@ -64,8 +64,9 @@ def expand(dtype, num_tokens, widths, max_rank, split_k, pdl):
 
 VARIANTS = [
     ("shrink bf16 decode", lambda: shrink("bf16", 64, 4096, 48, True)),
+    ("shrink bf16 decode narrow deep K", lambda: shrink("bf16", 64, 14336, 16, True)),
     ("shrink bf16 prefill ragged K", lambda: shrink("bf16", 4096, 14336 + 8, 16, False)),
-    ("expand bf16 decode 3 slices split 8 pdl", lambda: expand("bf16", 64, (4096, 1024, 1024), 16, 8, True)),
+    ("expand bf16 decode 3 slices split 11 pdl", lambda: expand("bf16", 64, (4096, 1024, 1024), 16, 11, True)),
     ("expand bf16 decode rank 128 ragged", lambda: expand("bf16", 64, (4096, 1000), 128, 8, True)),
     ("expand bf16 prefill 2 slices split 3", lambda: expand("bf16", 4096, (14336, 14336), 16, 3, False)),
     ("expand fp32 mid 4 slices", lambda: expand("fp32", 517, (4096, 1024, 1024, 512), 16, 2, False)),

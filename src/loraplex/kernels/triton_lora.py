@@ -30,8 +30,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from loraplex.kernels.lora import MAX_SLICES
 from loraplex.kernels.lora_meta import LoRABatchMeta
 
-MAX_SPLIT_K = 16
-# Decode expand tiles (<= 128 tokens), from the H200 sweep (benchmarks/gpu_lora_kernels.py --sweep).
+MAX_SPLIT_K = 32
+# Decode tiles (<= 128 tokens), chosen from bytes in flight per SM, not yet measured on the
+# H200: benchmarks/gpu_lora_kernels.py --sweep times the alternatives.
+DECODE_SHRINK_PROGRAMS_PER_SM = 4
 DECODE_EXPAND_BLOCK_N = 256
 DECODE_EXPAND_MAX_TILES = 8
 DECODE_EXPAND_PROGRAMS_PER_SM = 2
@@ -272,13 +274,23 @@ def shrink_config(num_tokens: int, in_features: int, n: int, max_loras: int, num
     """Tiles for x[num_tokens, in] @ A^T -> [num_tokens, n]: split K until the GPU is full."""
     block_m = _block_m(num_tokens)
     block_n = min(max(16, triton.next_power_of_2(n)), 128)
-    block_k = 128 if block_m == 16 else 64
+    if block_m > 16:
+        # Prefill: ~2 programs per SM, >= 4 K blocks each (met its targets on the H200; keep).
+        block_k = min(64, max(16, triton.next_power_of_2(in_features)))
+        programs = _max_row_tiles(num_tokens, max_loras, block_m) * triton.cdiv(n, block_n)
+        k_blocks = triton.cdiv(in_features, block_k)
+        split_k = max(1, min(triton.cdiv(2 * num_sms, programs), k_blocks // 4, MAX_SPLIT_K))
+        return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
+    # Decode: the cost is streaming each active slot's A once, and a program's K loop is a
+    # chain of dependent round trips. Narrow A (n <= 32) gets 256-deep K blocks so each load
+    # is >= 8 KB; K is split for ~DECODE_SHRINK_PROGRAMS_PER_SM programs per SM with >= 2
+    # K blocks each, so more loads are in flight and each chain is short.
+    block_k = 256 if block_n <= 32 else 128
     block_k = min(block_k, max(16, triton.next_power_of_2(in_features)))
     programs = _max_row_tiles(num_tokens, max_loras, block_m) * triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(in_features, block_k)
-    # At decode sizes the work is streaming A once: spread it over ~2 programs per SM,
-    # but keep >= 4 K blocks per program so each has loads in flight.
-    split_k = max(1, min(triton.cdiv(2 * num_sms, programs), k_blocks // 4, MAX_SPLIT_K))
+    split_k = max(1, min(triton.cdiv(DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, programs), k_blocks // 2,
+                         MAX_SPLIT_K))
     return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
 
 
