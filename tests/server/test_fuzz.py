@@ -34,7 +34,7 @@ FIELDS = {
     "max_completion_tokens": small_ints, "temperature": st.floats(-1, 3) | any_json,
     "top_p": st.floats(-0.5, 1.5), "top_k": small_ints, "min_p": st.floats(-0.5, 1.5),
     "n": small_ints, "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=2) | any_json,
-    "stop_token_ids": token_ids, "seed": st.integers(-2**65, 2**65) | any_json,
+    "stop_token_ids": token_ids, "seed": st.integers(-2**65, 2**65) | st.sampled_from([2**63 - 1, 2**63, 2**64, -(2**63) - 1]) | any_json,
     "logprobs": small_ints | st.booleans() | st.integers(0, 30), "top_logprobs": st.integers(-2, 25),
     "echo": st.booleans(), "stream": st.booleans() | any_json,
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),

@@ -213,3 +213,12 @@ def test_batch_prompts_token_prompts_and_n_match_offline(setup):
     ref = reference(setup, PROMPTS[2], "tiny-base", max_tokens=4, n=2, temperature=1.0, seed=7)
     out = c.completions.create(model="tiny-base", prompt=PROMPTS[2], max_tokens=4, n=2, temperature=1.0, seed=7)
     assert [ch.text for ch in sorted(out.choices, key=lambda ch: ch.index)] == [o.text for o in ref.outputs]
+
+
+def test_out_of_range_seed_is_400_and_the_engine_lives_on(setup):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(setup).completions.create(model="tiny-base", prompt="a", max_tokens=2, seed=2**64)
+    assert e.value.body["param"] == "seed"
+    assert httpx.get(setup["server"].base_url + "/health").status_code == 200
+    assert client(setup).completions.create(model="tiny-base", prompt="a", max_tokens=2, seed=2**63 - 1).usage
+

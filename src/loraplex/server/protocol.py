@@ -53,7 +53,8 @@ class SamplingFields(BaseModel):
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: TokenIds | None = None
-    seed: int | None = None
+    # torch generators take 64-bit seeds; vLLM's range.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
