@@ -208,8 +208,9 @@ def time_graph(fn, num_calls, replays):
 def copy_bandwidth():
     """Device copy bandwidth in bytes/s (read + write), the yardstick of the floor.
 
-    4 GiB each way (a 1 GiB copy captured as a graph memcpy node read only 2.7 TB/s), by
-    copy_ and by an elementwise kernel; the faster one is the ceiling.
+    4 GiB each way, by copy_ and by an elementwise kernel, timed with events; the faster is
+    the ceiling. (A 1 GiB uint8 copy_ replayed in a graph read 2.69 TB/s on 2026-11-28, far
+    under the ~4.3 TB/s this workplace measured on large copies: floors were too lenient.)
     """
     src = torch.empty(1 << 30, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
