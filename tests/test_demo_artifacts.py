@@ -5,8 +5,10 @@ input, each adapter must do its task on held-out inputs, and every file must loa
 through the standard Hugging Face / PEFT code paths.
 """
 
+import importlib.util
 import json
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +133,17 @@ def test_tokenizer_is_byte_level_and_loads_without_transformers(tokenizer):
     assert ids == [tokenizer.bos_token_id] + [3 + b for b in text.encode("utf-8")]
     assert raw.decode(ids) == text
     assert tokenizer(text).input_ids == ids
+
+
+def test_shipped_tokenizer_is_the_one_the_training_script_builds(tokenizer):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "demo_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("demo_tokenizer", script)
+    demo_tokenizer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_tokenizer)
+    shipped = Tokenizer.from_file(str(demo_model_path() / "tokenizer.json"))
+    assert json.loads(demo_tokenizer.build_tokenizer().to_str()) == json.loads(shipped.to_str())
+    assert tokenizer.chat_template == demo_tokenizer.CHAT_TEMPLATE
+    assert len(tokenizer) == demo_tokenizer.VOCAB_SIZE
 
 
 def test_chat_template_builds_the_demo_prompt(tokenizer):
