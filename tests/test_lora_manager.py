@@ -198,3 +198,12 @@ def test_invalid_adapter_leaves_caches_untouched(requests, tmp_path):
     with pytest.raises(AdapterInvalidError, match="DoRA"):
         manager.add_lora(LoRARequest("bad", 9, str(bad)))
     assert manager.list_loras() == {1, 2}    # nothing was evicted for the rejected adapter
+
+
+def test_served_names_count_as_the_base_model(tmp_path):
+    manager = make_manager()
+    path = write_peft_adapter(tmp_path / "a", rank=4, base_model_name_or_path="my-served-name")
+    with pytest.raises(AdapterInvalidError, match="trained for base model 'my-served-name'"):
+        manager.add_lora(LoRARequest("a", 1, str(path)))
+    manager.add_served_names(["my-served-name"])
+    assert manager.add_lora(LoRARequest("a", 1, str(path)))

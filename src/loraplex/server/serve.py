@@ -122,6 +122,9 @@ def build_state(args: argparse.Namespace, engine=None):
     records = load_plugins()
     chain = ResolverChain.from_registry() if args.enable_lora else None
     names = args.served_model_name or [args.model]
+    lora_runtime = getattr(getattr(getattr(engine, "engine", None), "runner", None), "lora", None)
+    if lora_runtime is not None:   # adapters may name the base model by a served name
+        lora_runtime.manager.add_served_names(names)
     backend = ServingBackend(engine, served_model_names=names, model_path=args.model, resolver_chain=chain,
                              allow_runtime_lora_updating=allow_runtime, enable_lora=args.enable_lora,
                              max_model_len=getattr(getattr(engine, "engine", engine), "max_model_len", None))

@@ -100,6 +100,13 @@ class LoRAManager:
                     self._fill_slot(slot, self._cpu[lora_int_id])
             return True
 
+    def add_served_names(self, names: Iterable[str]) -> None:
+        """Names the base model is also served as (--served-model-name): an adapter whose
+        base_model_name_or_path is one of them fits the model."""
+        with self._lock:
+            aliases = self._load_options["served_aliases"]
+            self._load_options["served_aliases"] = (*aliases, *(n for n in names if n not in aliases))
+
     def check_servable(self, lora_int_id: int) -> None:
         """Raise AdapterCapacityError if requests for this adapter could never get a slot."""
         with self._lock:
