@@ -328,6 +328,7 @@ def _max_loras_p2(max_loras: int) -> int:
     return max(2, triton.next_power_of_2(max_loras))
 
 
+@functools.lru_cache(maxsize=None)
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper or newer, and not Triton's interpreter."""
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
