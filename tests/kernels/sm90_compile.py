@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from loraplex.kernels import triton_lora as tl_lora  # noqa: E402
+from loraplex.kernels import triton_lora_meta as tl_meta  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -62,6 +63,13 @@ def expand(dtype, num_tokens, widths, max_rank, split_k, pdl):
     return config, _compile(tl_lora._expand_kernel, types, consts, config, launch_pdl=pdl)
 
 
+def meta(num_tokens, max_loras):
+    config = tl_meta.meta_config(num_tokens, max_loras)
+    types = ["*i32"] * 6 + ["i32"] * 2
+    consts = {"BLOCK_T": config.block_t, "KEYS_P2": config.keys_p2}
+    return config, _compile(tl_meta._lora_meta_kernel, types, consts, config)
+
+
 VARIANTS = [
     ("shrink bf16 decode", lambda: shrink("bf16", 64, 4096, 48, True)),
     ("shrink bf16 decode narrow deep K", lambda: shrink("bf16", 64, 14336, 16, True)),
@@ -70,6 +78,8 @@ VARIANTS = [
     ("expand bf16 decode rank 128 ragged", lambda: expand("bf16", 64, (4096, 1000), 128, 8, True)),
     ("expand bf16 prefill 2 slices split 3", lambda: expand("bf16", 4096, (14336, 14336), 16, 3, False)),
     ("expand fp32 mid 4 slices", lambda: expand("fp32", 517, (4096, 1024, 1024, 512), 16, 2, False)),
+    ("lora meta decode", lambda: meta(64, 32)),
+    ("lora meta prefill, many slots", lambda: meta(4096, 500)),
 ]
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ Import this module only after TRITON_INTERPRET is settled (kernels are defined a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -59,6 +61,25 @@ def _lora_meta_kernel(slots_ptr, sorted_ptr, starts_ptr, counts_ptr, active_ptr,
     tl.store(num_active_ptr, num_active)
 
 
+@dataclass(frozen=True)
+class MetaConfig:
+    block_t: int
+    keys_p2: int
+    num_warps: int
+    num_stages: int = 3  # Triton's default: the slot loads of later blocks are prefetched
+
+
+def meta_config(num_tokens: int, max_loras: int) -> MetaConfig:
+    """One-hot blocks [block_t, keys_p2] of <= 8192 entries (<= 32 int32 registers a thread).
+
+    The passes are serial loops over token blocks, so blocks are as large as that allows:
+    64 tokens with 32 slots is one block per pass.
+    """
+    keys_p2 = max(16, triton.next_power_of_2(max_loras + 1))
+    block_t = max(16, min(triton.next_power_of_2(max(num_tokens, 1)), 8192 // keys_p2))
+    return MetaConfig(block_t, keys_p2, num_warps=4 if block_t * keys_p2 <= 4096 else 8)
+
+
 def triton_lora_meta(token_slots: torch.Tensor, max_loras: int, *, block_tokens: int | None = None):
     """(sorted_token_ids, slot_token_starts, slot_token_counts, active_slots, num_active_slots), int32.
 
@@ -71,9 +92,8 @@ def triton_lora_meta(token_slots: torch.Tensor, max_loras: int, *, block_tokens:
     counts = torch.empty(max_loras, dtype=torch.int32, device=device)
     active = torch.empty(max_loras, dtype=torch.int32, device=device)
     num_active = torch.empty((), dtype=torch.int32, device=device)
-    keys_p2 = max(16, triton.next_power_of_2(max_loras + 1))
-    # One-hot blocks of ~4096 entries: 32 int32 registers per thread at 4 warps.
-    block_t = block_tokens or max(16, min(256, 4096 // keys_p2))
+    config = meta_config(num_tokens, max_loras)
     _lora_meta_kernel[(1,)](token_slots, sorted_ids, starts, counts, active, num_active, num_tokens, max_loras,
-                            BLOCK_T=block_t, KEYS_P2=keys_p2, num_warps=4 if keys_p2 <= 256 else 8)
+                            BLOCK_T=block_tokens or config.block_t, KEYS_P2=config.keys_p2,
+                            num_warps=config.num_warps)
     return sorted_ids, starts, counts, active, num_active
