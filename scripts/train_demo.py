@@ -5,7 +5,8 @@
 
 Phases: (1) a byte-level tokenizer; (2) the base model, trained on a mixture that
 gives it general skills: copying in the demo prompt format (its behaviour there),
-plus prose drills that spell words backwards and in capitals, plus word text;
+plus prose drills that spell words backwards and in capitals, plus generic text
+with digits, capitals and punctuation;
 (3) one PEFT LoRA per task (upper, reverse, sql) on the frozen base; (4) held-out
 accuracy with greedy decoding, written to training_report.json.
 
