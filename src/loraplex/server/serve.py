@@ -45,7 +45,11 @@ def parse_lora_module(text: str) -> tuple[str, str, str | None]:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="path of the base model checkpoint directory")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="path of the base model checkpoint directory (omit with --demo)")
+    parser.add_argument("--demo", action="store_true",
+                        help="serve the small demo model and adapters shipped with loraplex "
+                             "(adapters resolved on first request from the package's directory)")
     srv = parser.add_argument_group("server")
     srv.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -106,9 +110,11 @@ def build_state(args: argparse.Namespace, engine=None):
     from loraplex.resolvers.chain import ResolverChain
     from loraplex.resolvers.env import env_flag
     from loraplex.server.backend import ServingBackend
+    from loraplex.server.demo_mode import apply_demo_args
     from loraplex.server.metrics import ServerMetrics
     from loraplex.server.state import ServerState
 
+    apply_demo_args(args)
     modules = [parse_lora_module(m) for m in args.lora_modules]
     if modules and not args.enable_lora:
         raise ConfigError("--lora-modules needs --enable-lora")

@@ -1,0 +1,52 @@
+"""`loraplex serve --demo`: serve the embedded demo model and adapters.
+
+--demo only fills in what a user would otherwise type: the model path (the
+checkpoint shipped in loraplex/demo), the served name, --enable-lora, and the
+environment that points the filesystem resolver at the shipped adapters with
+resolution on first request. Everything then loads through the ordinary paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import MutableMapping
+
+from loraplex.errors import ConfigError
+
+logger = logging.getLogger("loraplex.server")
+
+DEMO_SERVED_NAME = "loraplex-demo-base"
+
+
+def demo_environment() -> dict[str, str]:
+    """The variables --demo sets when the user has not set them."""
+    from loraplex.demo import demo_adapters_dir
+
+    return {"VLLM_PLUGINS": "lora_filesystem_resolver",
+            "VLLM_LORA_RESOLVER_CACHE_DIR": str(demo_adapters_dir()),
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+
+
+def apply_demo_args(args: argparse.Namespace, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Fill in `args` (and `environ`) for --demo; without --demo, insist on MODEL."""
+    if not getattr(args, "demo", False):
+        if args.model is None:
+            raise ConfigError("loraplex serve needs MODEL, the base model's checkpoint directory "
+                              "(or --demo to serve the small model shipped with loraplex)")
+        return
+    if args.model is not None:
+        raise ConfigError(f"--demo serves the model shipped with loraplex; leave out MODEL "
+                          f"({args.model!r}) or drop --demo")
+    from loraplex.demo import demo_model_path
+
+    args.model = str(demo_model_path())
+    args.served_model_name = args.served_model_name or [DEMO_SERVED_NAME]
+    args.enable_lora = True
+    for key, value in demo_environment().items():
+        if environ.get(key):
+            logger.info("--demo: keeping %s=%s from the environment", key, environ[key])
+        else:
+            environ[key] = value
+            logger.info("--demo: %s=%s", key, value)
