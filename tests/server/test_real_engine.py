@@ -186,14 +186,24 @@ def test_wrong_rank_adapter_load_is_400(setup, tmp_path):
 
 def test_client_disconnect_frees_the_engine(setup):
     engine = setup["server"].state.backend.engine.engine
-    with httpx.stream("POST", setup["server"].base_url + "/v1/completions", timeout=60,
-                      headers={"Authorization": f"Bearer {API_KEY}"},
-                      json={"model": "sql-lora", "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True,
-                            "stream": True}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                break
-        assert engine.get_stats().num_running == 1
+    # Holding the LoRA step lock stops the engine between two steps, so the request cannot
+    # finish on its own while the client goes away (the tiny model is that fast).
+    step_lock = lora_manager(setup["server"]).step_lock
+    held = False
+    try:
+        with httpx.stream("POST", setup["server"].base_url + "/v1/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "sql-lora", "prompt": PROMPTS[0], "max_tokens": 200,
+                                "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    held = step_lock.acquire()
+                    break
+            assert engine.get_stats().num_running == 1
+        time.sleep(0.2)   # the server notices the disconnect and aborts while the engine waits
+    finally:
+        if held:
+            step_lock.release()
     deadline = time.monotonic() + 10
     while engine.get_stats().num_running or engine.has_unfinished_requests():
         assert time.monotonic() < deadline, "the request kept running after its client left"
@@ -222,3 +232,21 @@ def test_out_of_range_seed_is_400_and_the_engine_lives_on(setup):
     assert httpx.get(setup["server"].base_url + "/health").status_code == 200
     assert client(setup).completions.create(model="tiny-base", prompt="a", max_tokens=2, seed=2**63 - 1).usage
 
+
+
+def test_a_resolved_adapter_whose_directory_vanished_is_resolved_again(setup):
+    import shutil
+    path = write_peft_adapter(setup["cache"] / "fleeting-lora", seed=8, base_model_name_or_path=setup["ckpt"])
+    setup["paths"]["fleeting-lora"] = str(path)
+    c = client(setup)
+    expected = reference(setup, PROMPTS[0], "fleeting-lora", max_tokens=4).outputs[0].text
+    assert c.completions.create(model="fleeting-lora", prompt=PROMPTS[0], max_tokens=4,
+                                temperature=0).choices[0].text == expected
+    shutil.rmtree(path)                      # e.g. evicted from a bounded download cache
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="fleeting-lora", prompt=PROMPTS[0], max_tokens=4)
+    assert "fleeting-lora" not in {m.id for m in c.models.list().data}
+    write_peft_adapter(path, seed=8, base_model_name_or_path=setup["ckpt"])
+    setup["server"].state.backend.resolver_chain.forget("fleeting-lora")   # the chain's negative cache
+    assert c.completions.create(model="fleeting-lora", prompt=PROMPTS[0], max_tokens=4,
+                                temperature=0).choices[0].text == expected

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -67,6 +68,9 @@ class ServingBackend:
         # Lineage for /v1/models. The engine's LoRARequests carry no base model name:
         # the server has already matched it, and the engine only knows the model path.
         self._parents: dict[str, str] = {}
+        # Adapters a resolver found: their directory may be evicted from a download cache
+        # later, and then they are resolved again rather than failing.
+        self._resolved: set[str] = set()
         # One lock per adapter name: concurrent first requests for a new name share
         # one resolution, and load/unload of one name never interleave.
         self._name_locks: dict[str, list] = {}     # name -> [lock, holders and waiters]
@@ -164,7 +168,7 @@ class ServingBackend:
         if self.is_base_model(model):
             return None
         adapter = self._adapters.get(model)
-        if adapter is not None:
+        if adapter is not None and not self._is_gone(model, adapter):
             return adapter
         if not (self.enable_lora and self.allow_runtime_lora_updating and self.resolver_chain):
             raise model_not_found(model)
@@ -172,8 +176,21 @@ class ServingBackend:
         async with self._name_lock(model):
             adapter = self._adapters.get(model)   # resolved while we waited
             if adapter is not None:
-                return adapter
+                if not self._is_gone(model, adapter):
+                    return adapter
+                logger.info("resolved LoRA adapter %r is gone from %s; resolving it again",
+                            model, adapter.lora_path)
+                await self._forget(model)
             return await self._resolve_and_load(model)
+
+    def _is_gone(self, name: str, adapter: LoRARequest) -> bool:
+        return name in self._resolved and not os.path.isdir(adapter.lora_path)
+
+    async def _forget(self, name: str) -> None:
+        request = self._adapters.pop(name)
+        self._parents.pop(name, None)
+        self._resolved.discard(name)
+        await self._call_engine_lora("remove_lora", request.lora_int_id)
 
     async def _resolve_and_load(self, name: str) -> LoRARequest:
         started = time.perf_counter()
@@ -189,6 +206,7 @@ class ServingBackend:
             await self._add_to_engine(request)
             self._adapters[name] = request
             self._parents[name] = self.base_model_name
+            self._resolved.add(name)
             outcome = "loaded"
             logger.info("resolved LoRA adapter %r to %s on first request", name, request.lora_path)
             return request
@@ -232,6 +250,7 @@ class ServingBackend:
                 del self._adapters[name]
             await self._add_to_engine(request)
             self._adapters[name] = request
+            self._resolved.discard(name)
             self._parents[name] = base_model_name if self.is_base_model(base_model_name) else self.base_model_name
             logger.info("loaded LoRA adapter %r from %s", name, path)
             return request
@@ -245,6 +264,7 @@ class ServingBackend:
             await self._call_engine_lora("remove_lora", request.lora_int_id)
             del self._adapters[name]
             self._parents.pop(name, None)
+            self._resolved.discard(name)
             logger.info("unloaded LoRA adapter %r", name)
 
     async def _call_engine_lora(self, method: str, arg):
