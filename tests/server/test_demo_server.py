@@ -1,0 +1,155 @@
+"""`loraplex serve --demo` as the README runs it: a subprocess serving the shipped model, with
+the shipped adapters resolved by the filesystem resolver on their first request, each doing
+its task on held-out inputs, alone and in a batch mixed with the others."""
+
+import asyncio
+import os
+
+import httpx
+import openai
+import pytest
+
+from loraplex.demo import DEMO_ADAPTER_NAMES, demo_adapters_dir, demo_model_path, format_prompt
+from loraplex.demo.tasks import held_out_pairs
+from loraplex.errors import ConfigError
+from loraplex.server.cli import build_parser
+from loraplex.server.demo_mode import DEMO_SERVED_NAME, apply_demo_args, demo_environment
+from server.test_serve_cli import ServeProcess
+
+NUM_HELD_OUT = 20
+BASE_TASK = "echo"   # what the base model does; each adapter's task is its name
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The server, plus /v1/models as it was before any request named an adapter."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
+    env["TRITON_INTERPRET"] = "1"   # no GPU here: kernels take the interpreter, as in the tests
+    log_path = tmp_path_factory.mktemp("demo") / "server.log"
+    server = ServeProcess(["--demo", "--device", "cpu"], env, log_path)
+    try:
+        server.wait_ready()
+        before = httpx.get(server.base_url + "/v1/models").json()["data"]
+        yield {"server": server, "models_before": before}
+    finally:
+        server.stop()
+
+
+def client(server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def max_tokens_for(pairs) -> int:
+    # Byte-level tokenizer: one token per byte, plus EOS and a little slack.
+    return max(len(answer.encode()) for _, answer in pairs) + 4
+
+
+async def complete_batch(server, model: str, pairs) -> list[str]:
+    """One /v1/completions call with every input of `pairs` as a batch of prompts."""
+    async with client(server) as c:
+        out = await c.completions.create(model=model, prompt=[format_prompt(text) for text, _ in pairs],
+                                         max_tokens=max_tokens_for(pairs), temperature=0)
+    return [choice.text for choice in sorted(out.choices, key=lambda ch: ch.index)]
+
+
+def accuracy(texts, pairs) -> float:
+    return sum(text == answer for text, (_, answer) in zip(texts, pairs, strict=True)) / len(pairs)
+
+
+@pytest.fixture(scope="module")
+def solo_answers(demo):
+    """{(model, task): answers}: each model on each task's held-out inputs, one batch per call.
+    The adapters' first requests happen here, one adapter at a time."""
+    server = demo["server"]
+    answers = {}
+    for model in (DEMO_SERVED_NAME, *DEMO_ADAPTER_NAMES):
+        tasks = (BASE_TASK, *DEMO_ADAPTER_NAMES) if model == DEMO_SERVED_NAME else (model,)
+        for task in tasks:
+            pairs = held_out_pairs(task, NUM_HELD_OUT)
+            answers[model, task] = asyncio.run(complete_batch(server, model, pairs))
+    return answers
+
+
+def test_demo_serves_the_shipped_model_and_nothing_else_yet(demo):
+    assert [(m["id"], m["root"], m["parent"]) for m in demo["models_before"]] == \
+        [(DEMO_SERVED_NAME, str(demo_model_path()), None)]
+    log = demo["server"].log_path.read_text()
+    for expected in (f"--demo: VLLM_LORA_RESOLVER_CACHE_DIR={demo_adapters_dir()}",
+                     "--demo: VLLM_PLUGINS=lora_filesystem_resolver",
+                     f"serving model {demo_model_path()} as {DEMO_SERVED_NAME}",
+                     "resolver chain, in order: lora_filesystem_resolver; resolution on first request: on"):
+        assert expected in log, expected
+
+
+def test_each_adapter_does_its_task_on_held_out_inputs(solo_answers):
+    for task in DEMO_ADAPTER_NAMES:
+        score = accuracy(solo_answers[task, task], held_out_pairs(task, NUM_HELD_OUT))
+        assert score >= 0.9, f"adapter {task}: {score:.2f} exact on held-out inputs"
+
+
+def test_base_model_echoes_and_does_none_of_the_adapter_tasks(solo_answers):
+    assert accuracy(solo_answers[DEMO_SERVED_NAME, BASE_TASK], held_out_pairs(BASE_TASK, NUM_HELD_OUT)) >= 0.9
+    for task in DEMO_ADAPTER_NAMES:
+        score = accuracy(solo_answers[DEMO_SERVED_NAME, task], held_out_pairs(task, NUM_HELD_OUT))
+        assert score < 0.5, f"base model on {task}: {score:.2f} exact"
+
+
+def test_first_requests_were_resolved_by_the_filesystem_resolver(demo, solo_answers):
+    models = {m["id"]: m for m in httpx.get(demo["server"].base_url + "/v1/models").json()["data"]}
+    log = demo["server"].log_path.read_text()
+    for name in DEMO_ADAPTER_NAMES:
+        assert models[name]["root"] == str(demo_adapters_dir() / name)
+        assert models[name]["parent"] == DEMO_SERVED_NAME
+        resolved = f"INFO loraplex.resolvers.chain: LoRA adapter {name!r} resolved by 'lora_filesystem_resolver'"
+        assert log.count(resolved) == 1, f"{resolved!r} not logged exactly once:\n{log}"
+
+
+def test_mixed_concurrent_batch_keeps_each_rows_adapter(demo, solo_answers):
+    """Base and every adapter at once, one request per row, fired together: each row gives
+    what its own model gave for it alone (and so its own task's answer)."""
+    num_per_model = 5
+    rows = [(DEMO_SERVED_NAME, BASE_TASK)] + [(name, name) for name in DEMO_ADAPTER_NAMES]
+    jobs = [(model, task, i) for i in range(num_per_model) for model, task in rows]   # interleaved
+
+    async def fire():
+        async with client(demo["server"]) as c:
+            return await asyncio.gather(*[
+                c.completions.create(model=model, prompt=format_prompt(held_out_pairs(task, NUM_HELD_OUT)[i][0]),
+                                     max_tokens=max_tokens_for(held_out_pairs(task, NUM_HELD_OUT)), temperature=0)
+                for model, task, i in jobs])
+
+    outs = asyncio.run(fire())
+    for (model, task, i), out in zip(jobs, outs, strict=True):
+        text, answer = held_out_pairs(task, NUM_HELD_OUT)[i]
+        assert out.model == model
+        assert out.choices[0].text == solo_answers[model, task][i], (model, text)
+    for model, task in rows:
+        mixed = [out.choices[0].text for (m, _, _), out in zip(jobs, outs) if m == model]
+        assert accuracy(mixed, held_out_pairs(task, num_per_model)) >= 0.8, (model, mixed)
+
+
+def parse_serve(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_demo_flags_fill_in_model_name_lora_and_environment():
+    args, environ = parse_serve("--demo"), {"VLLM_PLUGINS": "lora_filesystem_resolver,my_plugin"}
+    apply_demo_args(args, environ)
+    assert args.model == str(demo_model_path()) and args.served_model_name == [DEMO_SERVED_NAME]
+    assert args.enable_lora
+    assert environ["VLLM_PLUGINS"] == "lora_filesystem_resolver,my_plugin"   # the user's value stays
+    assert environ["VLLM_LORA_RESOLVER_CACHE_DIR"] == demo_environment()["VLLM_LORA_RESOLVER_CACHE_DIR"]
+    assert environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    args = parse_serve("--demo", "--served-model-name", "tiny")
+    apply_demo_args(args, {})
+    assert args.served_model_name == ["tiny"]
+
+
+def test_demo_refuses_a_model_and_serve_without_demo_needs_one():
+    with pytest.raises(ConfigError, match="leave out MODEL"):
+        apply_demo_args(parse_serve("/models/base", "--demo"), {})
+    with pytest.raises(ConfigError, match="needs MODEL"):
+        apply_demo_args(parse_serve(), {})
+    environ = {}
+    apply_demo_args(parse_serve("/models/base"), environ)
+    assert environ == {}
