@@ -41,8 +41,8 @@ def _check_not_draining(state: ServerState) -> None:
 def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await state.backend.startup()
         try:
+            await state.backend.startup()
             yield
         finally:
             state.metrics.detach()
