@@ -108,7 +108,7 @@ def build_state(args: argparse.Namespace, engine=None):
     """
     from loraplex.plugins.loader import load_plugins
     from loraplex.resolvers.chain import ResolverChain
-    from loraplex.resolvers.env import env_flag
+    from loraplex.resolvers.env import ALLOW_PICKLE_ENV, env_flag
     from loraplex.server.backend import ServingBackend
     from loraplex.server.demo_mode import apply_demo_args
     from loraplex.server.metrics import ServerMetrics
@@ -121,6 +121,9 @@ def build_state(args: argparse.Namespace, engine=None):
     if args.max_adapter_metric_labels < 0:
         raise ConfigError("--max-adapter-metric-labels must be >= 0")
     allow_runtime = env_flag(RUNTIME_LORA_ENV, default=False)
+    if args.allow_pickle_lora_weights:
+        # Resolvers read the opt-in from the environment; the flag opts them in too.
+        os.environ[ALLOW_PICKLE_ENV] = "1"
     config = engine_config_from_args(args)
     if engine is None:
         from loraplex.core.async_engine import AsyncEngine
