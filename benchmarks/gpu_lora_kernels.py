@@ -337,7 +337,7 @@ def main():
     parser.add_argument("--skip-bench", action="store_true", help="skip the timings")
     parser.add_argument("--replays", type=int, default=50, help="graph replays per timing (median taken)")
     parser.add_argument("--sweep", action="store_true", help="also sweep decode tile configs (gpu_lora_sweep.py)")
-    parser.add_argument("--sweep-seconds", type=float, default=150.0, help="time limit of the sweep")
+    parser.add_argument("--sweep-seconds", type=float, default=240.0, help="time limit of the sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("This script needs a CUDA GPU (the CPU path is the torch reference, tested by pytest).")

@@ -1,6 +1,7 @@
 """Tile sweep for the decode-size LoRA kernels: `gpu_lora_kernels.py --sweep`.
 
-For each module at 64 tokens / 32 adapters (rank 16, bf16), times the shrink alone over
+For each module at 64 tokens / 32 adapters (rank 16, bf16), then with fewer candidates at
+4096 tokens, times the shrink alone over
 candidate ShrinkConfigs, the expand alone over candidate ExpandConfigs, then shrink+expand
 for the two best of each, with and without programmatic dependent launch (PDL). Every
 timing is a CUDA-graph replay over rotated input copies (as in the main benchmark); each
@@ -30,12 +31,20 @@ EXPAND_CANDIDATES = [(128, 1, 4, 1), (256, 2, 4, 2), (256, 8, 4, 2), (256, 1, 4,
                      (512, 4, 8, 3), (256, 4, 8, 3)]
 
 
-def _shrink_config(module, block_k, split_k, warps, stages):
+# Prefill (4096 tokens, BLOCK_M 64): today's tiles met >= 50% of a floor taken at 2.69 TB/s;
+# against the honest ~4.3 TB/s they may not, so the expand (most of the time) gets a few options.
+PREFILL_SHRINK_CANDIDATES = [(64, 3, 4, 3), (64, 6, 4, 3)]
+PREFILL_EXPAND_CANDIDATES = [(128, 1, 8, 1), (128, 2, 8, 2), (128, 4, 8, 2), (256, 1, 8, 1), (64, 1, 4, 1),
+                             (128, 1, 4, 1)]
+
+
+def _shrink_config(module, block_m, block_k, split_k, warps, stages):
     n = len(MODULES[module][1]) * 16
-    return ShrinkConfig(16, min(max(16, 1 << (n - 1).bit_length()), 128), block_k, split_k, warps, stages)
+    return ShrinkConfig(block_m, min(max(16, 1 << (n - 1).bit_length()), 128), block_k, split_k, warps, stages)
 
 
-def sweep_module(module, num_tokens, num_adapters, replays, deadline):
+def sweep_module(module, num_tokens, num_adapters, replays, deadline, block_m=16,
+                 shrink_candidates=SHRINK_CANDIDATES, expand_candidates=EXPAND_CANDIDATES):
     in_features, widths = MODULES[module]
     num_slices = len(widths)
     offsets = tuple(sum(widths[:i]) for i in range(num_slices + 1))
@@ -75,10 +84,10 @@ def sweep_module(module, num_tokens, num_adapters, replays, deadline):
         torch.cuda.synchronize()
         return rel_err(t0["out"], ref, out_original)
 
-    default_ec = ExpandConfig(16, 256, 16, 4, 2, 2)
+    default_ec = ExpandConfig(block_m, 128, 16, 4, 1, 1)
     shrink_times = {}
-    for cand in SHRINK_CANDIDATES:
-        sc = _shrink_config(module, *cand)
+    for cand in shrink_candidates:
+        sc = _shrink_config(module, block_m, *cand)
 
         def shrink_all(sc=sc):
             for t in sets:
@@ -89,8 +98,8 @@ def sweep_module(module, num_tokens, num_adapters, replays, deadline):
     for t in sets:
         t["partials"] = triton_shrink(t["x"], t["lora_a"], meta, num_slices, zero_init=False, config=best_sc[0])
     expand_times = {}
-    for block_n, tiles, warps, stages in EXPAND_CANDIDATES:
-        ec = ExpandConfig(16, block_n, 16, warps, stages, tiles)
+    for block_n, tiles, warps, stages in expand_candidates:
+        ec = ExpandConfig(block_m, block_n, 16, warps, stages, tiles)
 
         def expand_all(ec=ec):
             for t in sets:
@@ -120,10 +129,16 @@ def run_sweep(replays, seconds):
     print(f"\n== Sweep: decode tiles (CUDA-graph replays, rank 16, max_loras 32, bf16), limit {seconds:.0f} s ==",
           flush=True)
     modules = ("qkv", "gate_up", "down")
-    started = time.time()
-    # Each module gets an equal share of the time, so a slow first module cannot starve the rest.
-    best = [(m, sweep_module(m, 64, 32, replays, started + seconds * (i + 1) / len(modules)))
-            for i, m in enumerate(modules)]
-    print("\nsweep summary (64 tokens, 32 adapters):")
-    for module, (us, label) in best:
-        print(f"  {module:<8} {us:7.2f} us  {label}")
+    # Shares of the time (decode 2/9 each, prefill 1/9 each), so a slow case cannot starve the rest.
+    deadline = time.time()
+    best = []
+    for m in modules:
+        deadline += seconds * 2 / 9
+        best.append((f"{m} T=64", sweep_module(m, 64, 32, replays, deadline)))
+    for m in modules:
+        deadline += seconds / 9
+        best.append((f"{m} T=4096", sweep_module(m, 4096, 32, replays, deadline, 64, PREFILL_SHRINK_CANDIDATES,
+                                                 PREFILL_EXPAND_CANDIDATES)))
+    print("\nsweep summary (32 adapters, rank 16, bf16; apply = shrink + expand):")
+    for case, (us, label) in best:
+        print(f"  {case:<13} {us:8.2f} us  {label}")

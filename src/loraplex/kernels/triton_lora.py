@@ -31,6 +31,9 @@ from loraplex.kernels.lora import MAX_SLICES
 from loraplex.kernels.lora_meta import LoRABatchMeta
 
 MAX_SPLIT_K = 32
+# apply_lora overlaps the expand's launch with the shrink on Hopper+ (see triton_expand);
+# False launches them plainly (read when pdl_supported is first called for a device).
+PDL_ENABLED = True
 # Decode tiles (<= 128 tokens), chosen from bytes in flight per SM, not yet measured on the
 # H200: benchmarks/gpu_lora_kernels.py --sweep times the alternatives.
 DECODE_SHRINK_PROGRAMS_PER_SM = 4
@@ -330,8 +333,8 @@ def _max_loras_p2(max_loras: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper or newer, and not Triton's interpreter."""
-    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    """Programmatic dependent launch: Hopper or newer, not Triton's interpreter, not switched off."""
+    return (PDL_ENABLED and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
