@@ -62,7 +62,6 @@ class DemoServer:
 def demo(tmp_path_factory):
     """The server, plus /v1/models as it was before any request named an adapter."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
-    env["TRITON_INTERPRET"] = "1"   # no GPU here: kernels take the interpreter, as in the tests
     log_path = tmp_path_factory.mktemp("demo") / "server.log"
     server = DemoServer(env, log_path)
     try:
