@@ -1,0 +1,106 @@
+"""Tile configs of the LoRA Triton kernels: which block sizes, split-K and warps for a shape.
+
+Kept apart from the kernels (triton_lora.py) so the heuristics read in one place; the
+decode constants come from reasoning about bytes in flight per SM and are what
+`benchmarks/gpu_lora_kernels.py --sweep` checks on an H200.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+
+MAX_SPLIT_K = 32
+# Decode tiles (<= 128 tokens), chosen from bytes in flight per SM, not yet measured on the
+# H200: benchmarks/gpu_lora_kernels.py --sweep times the alternatives.
+DECODE_SHRINK_PROGRAMS_PER_SM = 4
+DECODE_EXPAND_BLOCK_N = 256
+DECODE_EXPAND_MAX_TILES = 8
+DECODE_EXPAND_PROGRAMS_PER_SM = 2
+DECODE_EXPAND_WARPS = 4
+DECODE_EXPAND_STAGES = 2
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    block_m: int
+    block_n: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 1
+    tiles_per_program: int = 1  # column tiles one program loops over (h is loaded once for all)
+
+
+
+def _block_m(num_tokens: int) -> int:
+    # Decode batches have few tokens per adapter; prefill has long runs of one adapter.
+    return 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
+
+
+def max_row_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
+    return triton.cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
+
+
+def shrink_config(num_tokens: int, in_features: int, n: int, max_loras: int, num_sms: int) -> ShrinkConfig:
+    """Tiles for x[num_tokens, in] @ A^T -> [num_tokens, n]: split K until the GPU is full."""
+    block_m = _block_m(num_tokens)
+    block_n = min(max(16, triton.next_power_of_2(n)), 128)
+    if block_m > 16:
+        # Prefill: ~2 programs per SM, >= 4 K blocks each (met its targets on the H200; keep).
+        block_k = min(64, max(16, triton.next_power_of_2(in_features)))
+        programs = max_row_tiles(num_tokens, max_loras, block_m) * triton.cdiv(n, block_n)
+        k_blocks = triton.cdiv(in_features, block_k)
+        split_k = max(1, min(triton.cdiv(2 * num_sms, programs), k_blocks // 4, MAX_SPLIT_K))
+        return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
+    # Decode: the cost is streaming each active slot's A once, and a program's K loop is a
+    # chain of dependent round trips. Narrow A (n <= 32) gets 256-deep K blocks so each load
+    # is >= 8 KB; K is split for ~DECODE_SHRINK_PROGRAMS_PER_SM programs per SM with >= 2
+    # K blocks each, so more loads are in flight and each chain is short.
+    block_k = 256 if block_n <= 32 else 128
+    block_k = min(block_k, max(16, triton.next_power_of_2(in_features)))
+    programs = max_row_tiles(num_tokens, max_loras, block_m) * triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(in_features, block_k)
+    split_k = max(1, min(triton.cdiv(DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, programs), k_blocks // 2,
+                         MAX_SPLIT_K))
+    return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
+
+
+def expand_config(num_tokens: int, slice_widths: tuple[int, ...], max_rank: int, max_loras: int,
+                  num_sms: int) -> ExpandConfig:
+    """Tiles for h @ B^T added into out.
+
+    Prefill: 128-wide column tiles, one per program, rank blocks of 16 (registers stay low,
+    ~60-130 per thread on sm_90). Decode: each program loops over several column tiles of
+    one slice, so its slot lookup, token ids and split-K sum of h are paid once per chunk,
+    not per tile, and its B loads pipeline; chunks still give a few programs per SM.
+    """
+    block_m = _block_m(num_tokens)
+    block_r = 16
+    if block_m > 16:
+        block_n = min(128, max(16, triton.next_power_of_2(max(slice_widths))))
+        return ExpandConfig(block_m, block_n, block_r, num_warps=8 if block_m == 64 else 4, num_stages=1)
+    # One rank block up to rank 64 (no inner loop); wide rank blocks get narrower column tiles.
+    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
+    block_n = min(DECODE_EXPAND_BLOCK_N * 16 // block_r, max(16, triton.next_power_of_2(max(slice_widths))))
+    col_tiles = sum(triton.cdiv(w, block_n) for w in slice_widths)
+    row_tiles = max_row_tiles(num_tokens, max_loras, block_m)
+    tiles = 1
+    # Largest power of 2 that keeps >= DECODE_EXPAND_PROGRAMS_PER_SM programs per SM and divides
+    # every slice into whole chunks (then no column masks).
+    while (tiles * 2 <= DECODE_EXPAND_MAX_TILES
+           and row_tiles * triton.cdiv(col_tiles, tiles * 2) >= DECODE_EXPAND_PROGRAMS_PER_SM * num_sms
+           and all(w % (block_n * tiles * 2) == 0 for w in slice_widths)):
+        tiles *= 2
+    return ExpandConfig(block_m, block_n, block_r, num_warps=DECODE_EXPAND_WARPS,
+                        num_stages=DECODE_EXPAND_STAGES, tiles_per_program=tiles)
