@@ -10,8 +10,11 @@ group and slots of rank 0 get no tiles, so they cost nothing.
 
 Shrink writes split-K partial sums in float32, [split_k, num_tokens, num_slices * max_rank];
 expand adds the partials up as it loads them, so split-K needs neither atomics nor a
-memset. Expand covers all output slices in one launch: axis 1 enumerates column tiles of
-slice 0, then slice 1, ...; slice i reads only rank block i of the shrink output.
+memset. Expand covers all output slices in one launch: axis 1 enumerates column chunks
+(tiles_per_program tiles of BLOCK_N) of slice 0, then slice 1, ...; slice i reads only
+rank block i of the shrink output. On Hopper+, apply_lora launches the expand with
+programmatic dependent launch, so it starts while the shrink runs (see triton_expand).
+Tile choices live in lora_tiles.py.
 
 Import this module only after TRITON_INTERPRET is settled (kernels are defined at import).
 """
