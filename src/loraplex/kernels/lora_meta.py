@@ -86,7 +86,7 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_lor
     device = token_slots.device
     if device.type == "cuda" and max_loras < _max_triton_keys():
         from loraplex.kernels.triton_lora_meta import triton_lora_meta
-        order, starts, counts, active_slots, num_active = triton_lora_meta(token_slots, max_loras)
+        order, starts, counts, active_slots, num_active = triton_lora_meta(token_slots.contiguous(), max_loras)
         return LoRABatchMeta(num_tokens=num_tokens, max_loras=max_loras, token_slots=token_slots,
                              slot_ranks=slot_ranks, sorted_token_ids=order, slot_token_starts=starts,
                              slot_token_counts=counts, active_slots=active_slots, num_active_slots=num_active)
