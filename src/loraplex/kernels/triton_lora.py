@@ -35,7 +35,8 @@ from loraplex.kernels.lora_tiles import (  # noqa: F401  (configs are part of th
 
 # apply_lora overlaps the expand's launch with the shrink on Hopper+ (see triton_expand);
 # False launches them plainly (read when pdl_supported is first called for a device).
-PDL_ENABLED = True
+# Off until it has run on a GPU: PDL inside CUDA-graph capture is compiled but unmeasured.
+PDL_ENABLED = False
 
 
 @triton.jit
