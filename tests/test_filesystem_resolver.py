@@ -181,6 +181,17 @@ def test_missing_directory_is_a_loud_startup_error(isolated_plugins, monkeypatch
     assert "error" in out and "VLLM_LORA_RESOLVER_CACHE_DIR" in out
 
 
+def test_missing_directory_is_created_when_a_remote_resolver_downloads_into_it(
+        isolated_plugins, monkeypatch, tmp_path):
+    cache_dir = tmp_path / "fresh-cache"
+    monkeypatch.setenv("VLLM_PLUGINS", PLUGIN_NAME)
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_S3_URI", "memory://adapters")
+    record = load_plugins()[0]
+    assert record.loaded, record.error
+    assert cache_dir.is_dir()
+
+
 def test_constructor_rejects_missing_directory(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         FilesystemResolver(tmp_path / "nope")

@@ -84,7 +84,19 @@ def register_lora_resolvers(register):
     cache_dir = os.environ.get(CACHE_DIR_ENV, "").strip()
     if not cache_dir:
         return
+    if not os.path.isdir(cache_dir) and _remote_resolver_configured():
+        # The same directory is the remote resolvers' download cache: create it
+        # here rather than fail only because this plugin happens to load first.
+        os.makedirs(cache_dir, exist_ok=True)
+        logger.info("created %s=%s as the remote resolvers' download cache", CACHE_DIR_ENV, cache_dir)
     if not os.path.isdir(cache_dir):
         raise ConfigError(f"{CACHE_DIR_ENV}={cache_dir!r} does not exist or is not a directory; "
                           f"create it, fix the path, or unset {CACHE_DIR_ENV}")
     register(PLUGIN_NAME, FilesystemResolver(cache_dir))
+
+
+def _remote_resolver_configured() -> bool:
+    from loraplex.resolvers.hf_hub import REPO_LIST_ENV
+    from loraplex.resolvers.remote import URI_ENV
+
+    return any(os.environ.get(name, "").strip() for name in (URI_ENV, REPO_LIST_ENV))
