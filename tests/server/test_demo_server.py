@@ -37,7 +37,7 @@ class DemoServer:
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraplex.server.cli", "serve", "--demo", "--device", "cpu",
-             "--host", "127.0.0.1", "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+             "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
@@ -114,6 +114,7 @@ def test_demo_serves_the_shipped_model_and_nothing_else_yet(demo):
     for expected in (f"--demo: VLLM_LORA_RESOLVER_CACHE_DIR={demo_adapters_dir()}",
                      "--demo: VLLM_PLUGINS=lora_filesystem_resolver",
                      f"serving model {demo_model_path()} as {DEMO_SERVED_NAME}",
+                     f"listening on http://127.0.0.1:{demo['server'].port}",
                      "resolver chain, in order: lora_filesystem_resolver; resolution on first request: on"):
         assert expected in log, expected
 
@@ -173,13 +174,13 @@ def test_demo_flags_fill_in_model_name_lora_and_environment():
     args, environ = parse_serve("--demo"), {"VLLM_PLUGINS": "lora_filesystem_resolver,my_plugin"}
     apply_demo_args(args, environ)
     assert args.model == str(demo_model_path()) and args.served_model_name == [DEMO_SERVED_NAME]
-    assert args.enable_lora
+    assert args.enable_lora and args.host == "127.0.0.1"   # runtime loading on: this machine only
     assert environ["VLLM_PLUGINS"] == "lora_filesystem_resolver,my_plugin"   # the user's value stays
     assert environ["VLLM_LORA_RESOLVER_CACHE_DIR"] == demo_environment()["VLLM_LORA_RESOLVER_CACHE_DIR"]
     assert environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    args = parse_serve("--demo", "--served-model-name", "tiny")
+    args = parse_serve("--demo", "--served-model-name", "tiny", "--host", "0.0.0.0")
     apply_demo_args(args, {})
-    assert args.served_model_name == ["tiny"]
+    assert args.served_model_name == ["tiny"] and args.host == "0.0.0.0"
 
 
 def test_demo_refuses_a_model_and_serve_without_demo_needs_one():
@@ -187,6 +188,6 @@ def test_demo_refuses_a_model_and_serve_without_demo_needs_one():
         apply_demo_args(parse_serve("/models/base", "--demo"), {})
     with pytest.raises(ConfigError, match="needs MODEL"):
         apply_demo_args(parse_serve(), {})
-    environ = {}
-    apply_demo_args(parse_serve("/models/base"), environ)
-    assert environ == {}
+    environ, args = {}, parse_serve("/models/base")
+    apply_demo_args(args, environ)
+    assert environ == {} and args.host == "0.0.0.0"

@@ -18,6 +18,7 @@ from loraplex.errors import ConfigError
 logger = logging.getLogger("loraplex.server")
 
 DEMO_SERVED_NAME = "loraplex-demo-base"
+DEFAULT_HOST, DEMO_HOST = "0.0.0.0", "127.0.0.1"
 
 
 def demo_environment() -> dict[str, str]:
@@ -31,7 +32,12 @@ def demo_environment() -> dict[str, str]:
 
 def apply_demo_args(args: argparse.Namespace, environ: MutableMapping[str, str] = os.environ) -> None:
     """Fill in `args` (and `environ`) for --demo; without --demo, insist on MODEL."""
-    if not getattr(args, "demo", False):
+    is_demo = getattr(args, "demo", False)
+    if getattr(args, "host", "") is None:
+        # The demo turns runtime adapter loading on (any client may load a server-side path),
+        # so unless asked otherwise it listens on this machine only.
+        args.host = DEMO_HOST if is_demo else DEFAULT_HOST
+    if not is_demo:
         if args.model is None:
             raise ConfigError("loraplex serve needs MODEL, the base model's checkpoint directory "
                               "(or --demo to serve the small model shipped with loraplex)")

@@ -51,7 +51,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve the small demo model and adapters shipped with loraplex "
                              "(adapters resolved on first request from the package's directory)")
     srv = parser.add_argument_group("server")
-    srv.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    srv.add_argument("--host", default=None, help="address to listen on (default: all interfaces; "
+                     "127.0.0.1 with --demo, which turns runtime adapter loading on)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                      help="name(s) clients use for the base model; the first one is reported "
