@@ -185,31 +185,34 @@ def test_wrong_rank_adapter_load_is_400(setup, tmp_path):
 
 
 def test_client_disconnect_frees_the_engine(setup):
+    import socket
     engine = setup["server"].state.backend.engine.engine
-    # Holding the LoRA step lock stops the engine between two steps, so the request cannot
-    # finish on its own while the client goes away (the tiny model is that fast).
-    step_lock = lora_manager(setup["server"]).step_lock
-    held = False
-    try:
-        with httpx.stream("POST", setup["server"].base_url + "/v1/completions", timeout=60,
-                          headers={"Authorization": f"Bearer {API_KEY}"},
-                          json={"model": "sql-lora", "prompt": PROMPTS[0], "max_tokens": 200,
-                                "ignore_eos": True, "stream": True}) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    held = step_lock.acquire()
-                    break
-            assert engine.get_stats().num_running == 1
-        time.sleep(0.2)   # the server notices the disconnect and aborts while the engine waits
-    finally:
-        if held:
-            step_lock.release()
+    # Holding the LoRA step lock parks the engine inside its next step, so the request
+    # cannot finish on its own while its client goes away (the tiny model is that fast).
+    manager = lora_manager(setup["server"])
+    step_lock = manager.step_lock
+
+    def num_lora_steps() -> int:   # each step activates the request's adapter once
+        return manager.stats["device_hits"] + manager.stats["cpu_hits"] + manager.stats["cpu_misses"]
+    body = json.dumps({"model": "sql-lora", "prompt": PROMPTS[0], "max_tokens": 200, "ignore_eos": True}).encode()
+    with step_lock:
+        with socket.create_connection(("127.0.0.1", setup["server"].port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.monotonic() + 10
+            while engine.get_stats().num_running != 1:
+                assert time.monotonic() < deadline, "the request never reached the engine"
+                time.sleep(0.01)
+        time.sleep(0.3)   # the server sees the disconnect and asks the engine to abort
+        steps_before = num_lora_steps()
     deadline = time.monotonic() + 10
     while engine.get_stats().num_running or engine.has_unfinished_requests():
         assert time.monotonic() < deadline, "the request kept running after its client left"
         time.sleep(0.02)
     stats = engine.get_stats()
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    assert num_lora_steps() - steps_before < 5, "the request ran on instead of being aborted"
 
 
 def test_batch_prompts_token_prompts_and_n_match_offline(setup):
