@@ -33,6 +33,9 @@ class FakeChain:
         from loraplex.lora_request import LoRARequest, lora_id_for_name
         self.calls.append(lora_name)
         await asyncio.sleep(0.05)   # long enough for concurrent requests to pile up
+        if lora_name == "source-down-lora":
+            from loraplex.errors import ResolverError
+            raise ResolverError("could not resolve 'source-down-lora': s3: connection refused")
         for listener in self.listeners:
             listener("fake", "found" if lora_name in self.known else "not_found", 0.05)
         if lora_name not in self.known:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from loraplex.core.outputs import CompletionOutput, Logprob, RequestOutput
-from loraplex.errors import InvalidRequestError
+from loraplex.errors import AdapterCapacityError, EngineDeadError, InvalidRequestError
 from loraplex.lora_request import LoRARequest
 from loraplex.resolvers.validation import validate_adapter_dir
 
@@ -54,6 +54,7 @@ class FakeEngine:
         self.finished: list[str] = []
         self.started: list[str] = []
         self.seen_lora: dict[str, str | None] = {}
+        self.is_running = True
 
     def add_lora(self, request: LoRARequest) -> bool:
         validate_adapter_dir(request.lora_path)
@@ -72,6 +73,10 @@ class FakeEngine:
                 "lora_cache_hits_total{tier=cpu}": 3, "lora_cache_hits_total{tier=device}": 5}
 
     async def generate(self, prompt, params, request_id, lora_request=None):
+        if not self.is_running:
+            raise EngineDeadError("the engine stopped: RuntimeError('boom'); restart it")
+        if prompt == "all slots pinned":
+            raise AdapterCapacityError("all 2 device slots hold pinned adapters; unpin one")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(prompt_ids) + (params.max_tokens or 0) > self.max_model_len:
             raise InvalidRequestError(f"prompt of {len(prompt_ids)} tokens plus max_tokens "

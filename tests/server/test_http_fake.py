@@ -288,3 +288,17 @@ def test_unsupported_features_are_refused_by_name(fake_server):
                                                      "response_format": {"type": "text"}})
     assert ok.status_code == 200
 
+
+def test_server_side_failures_map_to_502_and_503(fake_server):
+    r = _post(fake_server, "/v1/completions", {"model": "source-down-lora", "prompt": "a"})
+    assert r.status_code == 502 and "connection refused" in r.json()["error"]["message"]
+    r = _post(fake_server, "/v1/completions", {"prompt": "all slots pinned"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+    fake_server.engine.is_running = False
+    try:
+        assert httpx.get(fake_server.base_url + "/health").status_code == 503
+        r = _post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})
+        assert r.status_code == 503 and "restart" in r.json()["error"]["message"]
+    finally:
+        fake_server.engine.is_running = True
+
