@@ -184,12 +184,28 @@ def test_missing_directory_is_a_loud_startup_error(isolated_plugins, monkeypatch
 def test_missing_directory_is_created_when_a_remote_resolver_downloads_into_it(
         isolated_plugins, monkeypatch, tmp_path):
     cache_dir = tmp_path / "fresh-cache"
-    monkeypatch.setenv("VLLM_PLUGINS", PLUGIN_NAME)
+    monkeypatch.setenv("VLLM_PLUGINS", f"{PLUGIN_NAME},lora_s3_resolver")
     monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("VLLM_LORA_RESOLVER_S3_URI", "memory://adapters")
-    record = load_plugins()[0]
-    assert record.loaded, record.error
+    records = load_plugins()
+    assert [r.name for r in records if r.loaded] == [PLUGIN_NAME, "lora_s3_resolver"], records
     assert cache_dir.is_dir()
+
+
+@pytest.mark.parametrize("plugins, variable", [
+    (PLUGIN_NAME, "VLLM_LORA_RESOLVER_S3_URI"),            # the S3 plugin is not selected
+    (None, "VLLM_LORA_RESOLVER_HF_REPO_LIST"),             # the Hub plugin is opt-in only
+])
+def test_missing_directory_is_not_created_for_a_remote_resolver_that_does_not_load(
+        isolated_plugins, monkeypatch, tmp_path, plugins, variable):
+    cache_dir = tmp_path / "typo"
+    if plugins is not None:
+        monkeypatch.setenv("VLLM_PLUGINS", plugins)
+    monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv(variable, "memory://adapters" if "S3" in variable else "org/repo")
+    [record] = [r for r in load_plugins() if r.name == PLUGIN_NAME]
+    assert not record.loaded and "VLLM_LORA_RESOLVER_CACHE_DIR" in record.error
+    assert not cache_dir.exists()
 
 
 def test_constructor_rejects_missing_directory(tmp_path):

@@ -84,7 +84,7 @@ def register_lora_resolvers(register):
     cache_dir = os.environ.get(CACHE_DIR_ENV, "").strip()
     if not cache_dir:
         return
-    if not os.path.isdir(cache_dir) and _remote_resolver_configured():
+    if not os.path.isdir(cache_dir) and _remote_resolver_downloads_here():
         # The same directory is the remote resolvers' download cache: create it
         # here rather than fail only because this plugin happens to load first.
         os.makedirs(cache_dir, exist_ok=True)
@@ -95,8 +95,18 @@ def register_lora_resolvers(register):
     register(PLUGIN_NAME, FilesystemResolver(cache_dir))
 
 
-def _remote_resolver_configured() -> bool:
-    from loraplex.resolvers.hf_hub import REPO_LIST_ENV
-    from loraplex.resolvers.remote import URI_ENV
+def _remote_resolver_downloads_here() -> bool:
+    """Whether a remote resolver that will load (configured and selected by
+    VLLM_PLUGINS) uses VLLM_LORA_RESOLVER_CACHE_DIR as its download cache. A
+    remote variable left set for a plugin that does not load must not turn a
+    mistyped directory into a silently created, empty one."""
+    from loraplex.plugins.selection import OPT_IN_PLUGINS, requested_plugins
+    from loraplex.resolvers.hf_hub import PLUGIN_NAME as HUB_PLUGIN, REPO_LIST_ENV
+    from loraplex.resolvers.remote import PLUGIN_NAME as S3_PLUGIN, URI_ENV
 
-    return any(os.environ.get(name, "").strip() for name in (URI_ENV, REPO_LIST_ENV))
+    requested = requested_plugins()
+    for plugin, variable in ((S3_PLUGIN, URI_ENV), (HUB_PLUGIN, REPO_LIST_ENV)):
+        selected = plugin not in OPT_IN_PLUGINS if requested is None else plugin in requested
+        if selected and os.environ.get(variable, "").strip():
+            return True
+    return False
