@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ast
 import logging
 import re
@@ -152,6 +153,29 @@ def test_broken_plugin_does_not_take_others_down(fake_site, kind, caplog):
     # Partial registrations of the broken plugin are rolled back.
     assert LoRAResolverRegistry.get_supported_resolvers() == ["good"]
     assert ResolverChain.from_registry().resolver_names == ["good"]
+
+
+def test_broken_plugin_that_replaced_a_name_gives_it_back(fake_site, monkeypatch):
+    add_pluggy_plugin(fake_site, "p_good", {"shared": {"a": "/good/a"}})
+    module = fake_site.module_name("replacer")
+    fake_site.add_module(module, """
+        from loraplex.lora_request import LoRARequest
+        from loraplex.resolvers import LoRAResolver, LoRAResolverRegistry
+
+        class R(LoRAResolver):
+            async def resolve_lora(self, base_model_name, lora_name):
+                return LoRARequest(lora_name, 1, "/broken/" + lora_name)
+
+        def register():
+            LoRAResolverRegistry.register_resolver("shared", R())
+            raise RuntimeError("half-way through")
+        """)
+    fake_site.add_distribution(f"dist_{module}", {"p_broken": f"{module}:register"})
+    monkeypatch.setenv("VLLM_PLUGINS", "p_good,p_broken")
+    records = by_name(load_plugins())
+    assert not records["p_broken"].loaded and records["p_good"].resolvers == ["shared"]
+    request = asyncio.run(ResolverChain.from_registry().resolve("base", "a"))
+    assert request.lora_path == "/good/a"
 
 
 def test_entry_point_that_is_neither_style_is_reported(fake_site):

@@ -239,7 +239,10 @@ def _registered_since(before: dict[str, LoRAResolver]) -> list[str]:
 
 def _fail(record: PluginRecord, error: str, before: dict[str, LoRAResolver]) -> None:
     for name in _registered_since(before):
-        if name not in before:
+        if name in before:
+            # It replaced an earlier plugin's resolver before failing: put that one back.
+            LoRAResolverRegistry.register_resolver(name, before[name])
+        else:
             LoRAResolverRegistry.unregister_resolver(name)
     record.error = error
     logger.error("Plugin %r (%s) failed to load and is disabled: %s", record.name, record.target, error)
