@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from adapters import write_peft_adapter
 from loraplex.errors import AdapterInvalidError, AdapterNameError, ConfigError, ResolverError
-from loraplex.resolvers.cache import AdapterCache
+from loraplex.resolvers.cache import TMP_DIR, AdapterCache
 from loraplex.resolvers.hf_hub import (PLUGIN_NAME, REPO_LIST_ENV, HfHubResolver, HubRepo, parse_repo_list,
                                        register_lora_resolvers)
 from servers.hub_server import HubTestServer
@@ -181,6 +182,31 @@ def test_hub_down(tmp_path):
     with pytest.raises(ResolverError, match="cannot reach org/repo@main"):
         resolve(resolver, "org/repo/other")
     assert resolve(resolver, "org/repo") is not None  # the cached copy, with a warning
+
+
+def test_hub_killed_mid_download_leaves_nothing_usable(tmp_path):
+    server = HubTestServer(tmp_path / "hub").start()
+    source = write_peft_adapter(server.repo_dir("org/repo") / "fragile")
+    stall = server.stall_download(f"fragile/{SAFETENSORS}",
+                                  after_bytes=(source / SAFETENSORS).stat().st_size // 2)
+    killer = threading.Thread(target=lambda: stall.started.wait(60) and server.kill())
+    killer.start()
+    try:
+        with pytest.raises(ResolverError, match="cannot reach org/repo@main"):
+            resolve(make_resolver(server, tmp_path), "org/repo/fragile")
+    finally:
+        killer.join(60)
+        server.stop()
+    assert stall.killed
+    assert not (tmp_path / "cache" / "org" / "repo" / "fragile").exists()
+    assert not list((tmp_path / "cache" / TMP_DIR).iterdir())
+    # The Hub is back: the adapter arrives whole (huggingface_hub may resume its partial file).
+    revived = HubTestServer(tmp_path / "hub").start()
+    try:
+        assert_same_files(resolve(make_resolver(revived, tmp_path), "org/repo/fragile").lora_path, source)
+        assert revived.downloads("org/repo", f"fragile/{SAFETENSORS}") == 1
+    finally:
+        revived.stop()
 
 
 def test_pickle_weights_refused(hub, tmp_path):

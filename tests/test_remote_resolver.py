@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -296,6 +297,32 @@ def test_process_killed_mid_download_leaves_nothing_usable(s3_server, bucket, ca
     assert_same_files(request.lora_path, source)
     assert (Path(request.lora_path) / MANIFEST_FILE).is_file()
     assert not list((cache_dir / TMP_DIR).iterdir())
+
+
+def test_source_killed_mid_download_leaves_nothing_usable(cache_dir, tmp_path):
+    server = S3TestServer().start()
+    server.client().create_bucket(Bucket="dying")
+    source = upload_adapter(server, "dying", tmp_path, "alpha")
+    stall = server.stall_get("dying", f"loras/alpha/{SAFETENSORS}",
+                             after_bytes=(source / SAFETENSORS).stat().st_size // 2)
+    killer = threading.Thread(target=lambda: stall.started.wait(60) and server.kill())
+    killer.start()
+    try:
+        with pytest.raises(ResolverError, match="unreachable"):
+            resolve(make_resolver(server, "dying", cache_dir), "alpha")
+    finally:
+        killer.join(60)
+        server.stop()
+    assert stall.killed
+    assert not (cache_dir / "alpha").exists()
+    assert not list((cache_dir / TMP_DIR).iterdir())
+    # The source is back (moto's objects outlive the server): the whole adapter is downloaded.
+    revived = S3TestServer().start()
+    try:
+        assert_same_files(resolve(make_resolver(revived, "dying", cache_dir), "alpha").lora_path, source)
+        assert revived.downloads("dying", f"loras/alpha/{SAFETENSORS}") == 1
+    finally:
+        revived.stop()
 
 
 def test_through_the_resolver_chain(s3_server, bucket, cache_dir, tmp_path):

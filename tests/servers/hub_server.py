@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -35,6 +36,15 @@ class HubRequest:
     authorization: str | None
 
 
+@dataclass
+class HubStall:
+    filename: str                      # path in the repo whose next GET stalls
+    after_bytes: int                   # bytes sent before stalling
+    started: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    killed: bool = False               # set by kill(): cut the connection instead of resuming
+
+
 class HubTestServer:
     def __init__(self, root: str | os.PathLike, token: str | None = None) -> None:
         self.root = Path(root)
@@ -42,6 +52,7 @@ class HubTestServer:
         self.token = token                     # when set, every request must carry it
         self.requests: list[HubRequest] = []
         self.lock = threading.Lock()
+        self.stall: HubStall | None = None
         handler = type("Handler", (_HubHandler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -54,9 +65,25 @@ class HubTestServer:
         return self
 
     def stop(self) -> None:
+        if self.stall:
+            self.stall.release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(10)
+
+    def stall_download(self, filename: str, after_bytes: int) -> HubStall:
+        """Make the next GET of `filename` (a path in any repo) send `after_bytes`, then
+        hang until released (the rest follows) or killed."""
+        with self.lock:
+            self.stall = HubStall(filename, after_bytes)
+            return self.stall
+
+    def kill(self) -> None:
+        """Stop as if the process died: a stalled download is cut off mid-body and new
+        connections are refused. A new HubTestServer on the same root serves the same repos."""
+        if self.stall:
+            self.stall.killed = True
+        self.stop()
 
     def repo_dir(self, repo_id: str, branch: str = "main") -> Path:
         return self.root / (repo_id if branch == "main" else f"{repo_id}@{branch}")
@@ -212,7 +239,24 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
         if send_body:
+            with self.hub.lock:
+                stall = self.hub.stall
+                if stall is not None and (stall.filename != filename or stall.started.is_set()):
+                    stall = None
+            if stall is not None:
+                return self._send_stalled(data[start:], stall)
             self.wfile.write(data[start:])
+
+    def _send_stalled(self, body: bytes, stall: HubStall) -> None:
+        self.wfile.write(body[:stall.after_bytes])
+        stall.started.set()
+        stall.release.wait(60)
+        if stall.killed:
+            # What a client sees when the server process dies mid-body.
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body[stall.after_bytes:])
 
     def _find(self, repo_id: str, revision: str) -> tuple[Path, str] | None:
         if not self.hub.repo_dir(repo_id).is_dir():

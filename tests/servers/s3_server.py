@@ -7,6 +7,7 @@ middleware of ours: the tests count downloads at the server, never in the client
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class _Stall:
     after_bytes: int                   # bytes sent before stalling
     started: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    killed: bool = False               # set by kill(): cut the connection instead of resuming
 
 
 class _RecordingApp:
@@ -48,10 +50,10 @@ class _RecordingApp:
         body = self.app(environ, start_response)
         if stall is None:
             return body
-        return self._stalled(body, stall)
+        return self._stalled(body, stall, environ["werkzeug.socket"])
 
     @staticmethod
-    def _stalled(body, stall: _Stall):
+    def _stalled(body, stall: _Stall, connection: socket.socket):
         sent = 0
         for chunk in body:
             if not stall.started.is_set() and sent + len(chunk) > stall.after_bytes:
@@ -59,6 +61,10 @@ class _RecordingApp:
                 yield chunk[:cut]
                 stall.started.set()
                 stall.release.wait(60)
+                if stall.killed:
+                    # What a client sees when the server process dies mid-body.
+                    connection.shutdown(socket.SHUT_RDWR)
+                    raise ConnectionResetError("S3 test server killed mid-download")
                 chunk = chunk[cut:]
             sent += len(chunk)
             yield chunk
@@ -92,6 +98,14 @@ class S3TestServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(10)
+
+    def kill(self) -> None:
+        """Stop as if the process died: a stalled download is cut off mid-body and
+        new connections are refused. (moto's objects live on in this process, so a
+        new S3TestServer serves them again.)"""
+        if self.stall:
+            self.stall.killed = True
+        self.stop()
 
     def client(self):
         return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=ACCESS_KEY,
