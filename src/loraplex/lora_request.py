@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from loraplex.errors import InvalidRequestError
+
 
 @dataclass(eq=False)
 class LoRARequest:
     """A LoRA adapter to apply to a request (vLLM-compatible).
 
     Two requests are equal when their names are equal: the name is the adapter's
-    identity for the engine and the server, the id its slot key.
+    identity for the engine and the server, the id its slot key. Bad fields raise
+    InvalidRequestError (a ValueError).
     """
 
     lora_name: str
@@ -21,16 +24,16 @@ class LoRARequest:
 
     def __post_init__(self) -> None:
         if not isinstance(self.lora_name, str) or not self.lora_name.strip():
-            raise ValueError(f"LoRARequest.lora_name must be a non-empty string, got {self.lora_name!r}")
+            raise InvalidRequestError(f"LoRARequest.lora_name must be a non-empty string, got {self.lora_name!r}")
         if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"LoRARequest.lora_int_id must be an integer >= 1 (0 means the base model), "
                 f"got {self.lora_int_id!r}; use loraplex.lora_request.lora_id_for_name(name) "
                 f"for a stable id")
         if not isinstance(self.lora_path, str) or not self.lora_path.strip():
-            raise ValueError(f"LoRARequest.lora_path must be a non-empty path, got {self.lora_path!r}")
+            raise InvalidRequestError(f"LoRARequest.lora_path must be a non-empty path, got {self.lora_path!r}")
         if self.base_model_name is not None and not isinstance(self.base_model_name, str):
-            raise ValueError(f"LoRARequest.base_model_name must be a string or None, "
+            raise InvalidRequestError(f"LoRARequest.base_model_name must be a string or None, "
                              f"got {self.base_model_name!r}")
 
     # vLLM's aliases
