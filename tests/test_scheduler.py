@@ -172,6 +172,22 @@ def test_a_request_waiting_for_an_adapter_slot_is_not_starved():
     assert any(r.startswith("base") for r in done)      # base requests were not held up
 
 
+def test_waiting_requests_of_slot_holders_fill_the_batch_while_another_adapter_waits():
+    engine = fake_engine(enable_lora=True, max_loras=2)
+    loras = [_lora("a", 1), _lora("b", 2), _lora("c", 3)]
+    for i in range(12):
+        engine.add_request(f"r{i}", [i + 1, 2], SamplingParams(max_tokens=3), loras[i % 3])
+    engine.step()
+    # All 8 requests of the two adapters given slots run; not just the first of each.
+    assert sorted(s.lora_request.lora_int_id for s in engine.scheduler.running) == [1] * 4 + [2] * 4
+    finished, steps = set(), 1
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id for o in engine.step() if o.finished}
+        steps += 1
+    assert finished == {f"r{i}" for i in range(12)}
+    assert steps <= 8        # two waves of 3 decode steps (+ the wave change); one per adapter took 18
+
+
 def test_lora_request_needs_enable_lora():
     with pytest.raises(InvalidRequestError, match="enable_lora=True"):
         fake_engine().add_request("a", [1], GREEDY, _lora("a", 1))

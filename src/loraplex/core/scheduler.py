@@ -24,22 +24,22 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from loraplex.core.block_manager import BlockManager
 from loraplex.core.sequence import ScheduledSeq, Sequence, SequenceStatus
 
 
 class AdmissionPolicy(Protocol):
-    def begin_step(self, running: list[Sequence]) -> None:
-        """Called once per step with the running sequences that stay scheduled."""
+    def begin_step(self, running: list[Sequence], waiting: Iterable[Sequence] = ()) -> None:
+        """Called once per step with the running sequences that stay scheduled and the waiting ones."""
 
     def can_admit(self, seq: Sequence) -> bool:
         """Whether the waiting `seq` may start now; called in FCFS order, once per step each."""
 
 
 class AdmitAll:
-    def begin_step(self, running: list[Sequence]) -> None:
+    def begin_step(self, running: list[Sequence], waiting: Iterable[Sequence] = ()) -> None:
         pass
 
     def can_admit(self, seq: Sequence) -> bool:
@@ -49,11 +49,14 @@ class AdmitAll:
 class MaxLorasAdmission:
     """At most max_loras distinct adapters among running sequences.
 
-    A sequence whose adapter would exceed the cap waits. So that it is not
-    starved by later requests of adapters already running, once one adapter
-    sequence is refused in a step, no later adapter sequence is admitted in that
-    step; base-model sequences still are. The running adapter sequences then
-    drain, and the refused one gets the freed slot.
+    A sequence whose adapter would exceed the cap waits. Once one adapter
+    sequence is refused, later sequences of adapters without a slot wait too,
+    and so do sequences of adapters holding slots that arrived after that first
+    refusal; base-model sequences are always admitted. Sequences of slot-holding
+    adapters that were already waiting at the first refusal still join: the
+    batch stays full (with many adapters and few slots, admitting only one
+    sequence per adapter made tiny batches), and since no new ones join, the
+    slot holders drain in bounded time and the refused sequence gets the slot.
     """
 
     def __init__(self, max_loras: int, pinned: Callable[[], set[int]] | None = None) -> None:
@@ -63,21 +66,38 @@ class MaxLorasAdmission:
         self._active: set[int] = set()
         self._pinned: set[int] = set()
         self._blocked = False
+        self._newest_waiting = -1
+        # The first refused sequence, across steps, and the newest arrival_index
+        # that was waiting when it was first refused.
+        self._refused: Sequence | None = None
+        self._drain_up_to = -1
 
-    def begin_step(self, running: list[Sequence]) -> None:
+    def begin_step(self, running: list[Sequence], waiting: Iterable[Sequence] = ()) -> None:
         self._active = {s.lora_request.lora_int_id for s in running if s.lora_request is not None}
         self._pinned = set(self._pinned_source())
         self._blocked = False
+        self._newest_waiting = max((s.arrival_index for s in waiting), default=-1)
 
     def can_admit(self, seq: Sequence) -> bool:
         if seq.lora_request is None:
             return True
         lora_id = seq.lora_request.lora_int_id
         has_slot = lora_id in self._active or lora_id in self._pinned
-        if not self._blocked and (has_slot or len(self._active | self._pinned) < self.max_loras):
+        if self._blocked:
+            return has_slot and seq.arrival_index <= self._drain_up_to
+        if has_slot or len(self._active | self._pinned) < self.max_loras:
             self._active.add(lora_id)
+            if seq is self._refused:
+                self._refused = None
             return True
         self._blocked = True
+        if seq is not self._refused:
+            # A sequence that moved ahead of a still-waiting refused one (a preempted
+            # one) keeps the older bound, so the bound never grows while anyone waits.
+            older_still_waits = self._refused is not None and self._refused.status is SequenceStatus.WAITING
+            self._refused = seq
+            if not older_still_waits:
+                self._drain_up_to = self._newest_waiting
         return False
 
 
@@ -139,7 +159,7 @@ class Scheduler:
 
         # Phase 2: admit waiting sequences, FCFS.
         if not out.preempted:
-            self.admission.begin_step(self.running)
+            self.admission.begin_step(self.running, self.waiting)
             still_waiting: deque[Sequence] = deque()
             while self.waiting:
                 seq = self.waiting[0]
