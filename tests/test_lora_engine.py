@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import pytest
 import torch
@@ -204,3 +205,41 @@ def test_adapter_that_fails_to_reload_fails_only_its_requests(model_dir, prompt,
         peft_model(model_dir, other.lora_path), prompt, NUM_TOKENS)[0]
     stats = engine.get_stats()
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
+
+
+def test_async_engine_survives_an_evicted_adapter_whose_directory_vanished(model_dir, prompt, tmp_path):
+    long_params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    fragile = LoRARequest("fragile", 1, str(good_adapter(tmp_path / "fragile", model_dir, seed=1)))
+    other = LoRARequest("other", 2, str(good_adapter(tmp_path / "other", model_dir, seed=2)))
+    third = LoRARequest("third", 3, str(good_adapter(tmp_path / "third", model_dir, seed=3)))
+    expected_other = reference_greedy(peft_model(model_dir, other.lora_path), prompt, 40)[0]
+    expected_base = reference_greedy(peft_model(model_dir, None), prompt, NUM_TOKENS)[0]
+
+    async def main():
+        engine = AsyncEngine(LLMEngine(EngineConfig(model=str(model_dir),
+                                                    **dict(SETTINGS, max_loras=1, max_cpu_loras=1))))
+        try:
+            # "other" holds the one slot for 40 steps, so "fragile" waits for it, loaded on the CPU.
+            other_stream = engine.generate({"prompt_token_ids": prompt}, long_params, lora_request=other)
+            first = await other_stream.__anext__()
+            fragile_task = asyncio.create_task(_collect(engine, prompt, lora_request=fragile))
+            await asyncio.sleep(0)
+            await engine.add_lora(fragile)                  # already loaded: queued behind "other"
+            shutil.rmtree(tmp_path / "fragile")
+            await engine.add_lora(third)                    # evicts fragile's CPU copy: it must reload
+            async for final in other_stream:
+                pass
+            assert first.outputs[0].token_ids and list(final.outputs[0].token_ids) == expected_other
+            with pytest.raises(AdapterInvalidError, match="'fragile' .id 1. was evicted .* does not exist"):
+                await fragile_task
+            assert engine.is_running
+            assert await _collect(engine, prompt) == expected_base
+            assert await _collect(engine, prompt, lora_request=other) == expected_other[:NUM_TOKENS]
+            # A new request for the vanished adapter is refused at submission, clearly.
+            with pytest.raises(AdapterInvalidError, match="fragile' does not exist"):
+                await _collect(engine, prompt, lora_request=fragile)
+            assert engine.is_running
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())

@@ -189,8 +189,12 @@ class LoRAManager:
                     try:
                         self.add_lora(request)   # a no-op unless it was evicted: then it is reloaded from disk
                     except AdapterError as exc:
-                        exc.lora_request = request   # the engine fails this adapter's requests only
-                        raise
+                        error = type(exc)(
+                            f"LoRA adapter {request.lora_name!r} (id {lora_id}) was evicted from the CPU "
+                            f"cache and could not be reloaded from {request.lora_path!r}: {exc}; restore "
+                            f"its files, or load it again from a new path")
+                        error.lora_request = request   # the engine fails this adapter's requests only
+                        raise error from exc
                     self._fill_slot(self._find_slot(needed=self._step_ids, evict_pinned=evict_pinned),
                                     self._cpu[lora_id])
             except BaseException:
