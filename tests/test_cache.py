@@ -123,9 +123,14 @@ def test_reserved_names_and_bad_settings(tmp_path):
         AdapterCache(tmp_path, max_bytes=0)
     with pytest.raises(ConfigError, match=">= 0"):
         AdapterCache(tmp_path, revalidate_s=-1)
-    with pytest.raises(ConfigError, match="LORAPLEX_RESOLVER_REVALIDATE_S must be a number"):
-        AdapterCache.from_env({"VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path),
-                               "LORAPLEX_RESOLVER_REVALIDATE_S": "soon"})
+    for variable, value, message in [
+            ("LORAPLEX_RESOLVER_REVALIDATE_S", "soon", "is not a number of seconds"),
+            ("LORAPLEX_RESOLVER_REVALIDATE_S", "nan", "must be a finite number of seconds"),
+            ("LORAPLEX_RESOLVER_REVALIDATE_S", "-1", "must be a finite number of seconds"),
+            ("VLLM_LORA_RESOLVER_CACHE_MAX_BYTES", "-5", "must be a positive integer"),
+            ("VLLM_LORA_RESOLVER_CACHE_MAX_BYTES", "1e9", "must be a positive integer")]:
+        with pytest.raises(ConfigError, match=f"{variable}=?.*{message}"):
+            AdapterCache.from_env({"VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path), variable: value})
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match="writable directory"):

@@ -236,6 +236,9 @@ def test_plugin_registers_only_when_configured(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_DIR", str(tmp_path))
     register_lora_resolvers(lambda name, resolver: registered.append(name))
     assert registered == [PLUGIN_NAME]
+    monkeypatch.setenv("LORAPLEX_RESOLVER_HF_RELIST_S", "-1")
+    with pytest.raises(ConfigError, match="LORAPLEX_RESOLVER_HF_RELIST_S='-1' must be a finite number"):
+        register_lora_resolvers(lambda name, resolver: registered.append(name))
 
 
 def hub_env(hub, tmp_path, **extra) -> dict:

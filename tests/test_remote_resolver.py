@@ -233,7 +233,7 @@ def test_bad_configuration_says_what_to_do(tmp_path, monkeypatch):
         RemoteResolver.from_env()
     monkeypatch.setenv("LORAPLEX_RESOLVER_STORAGE_OPTIONS", "{}")
     monkeypatch.setenv("VLLM_LORA_RESOLVER_CACHE_MAX_BYTES", "lots")
-    with pytest.raises(ConfigError, match="VLLM_LORA_RESOLVER_CACHE_MAX_BYTES must be an integer"):
+    with pytest.raises(ConfigError, match="VLLM_LORA_RESOLVER_CACHE_MAX_BYTES must be a positive integer"):
         RemoteResolver.from_env()
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import filelock
 
 from loraplex.errors import AdapterInvalidError, AdapterNameError, ConfigError, ResolverError
-from loraplex.resolvers.env import allow_pickle_lora_weights
+from loraplex.resolvers.env import allow_pickle_lora_weights, env_seconds
 from loraplex.resolvers.names import check_adapter_name
 from loraplex.resolvers.validation import base_model_compatible, validate_adapter_dir
 
@@ -142,8 +142,8 @@ class AdapterCache:
         """The cache configured by VLLM_LORA_RESOLVER_CACHE_DIR and friends (pickle
         weights follow LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS unless allow_pickle is given)."""
         root = env.get(CACHE_DIR_ENV) or str(DEFAULT_CACHE_DIR)
-        max_bytes = _env_number(env, MAX_BYTES_ENV, int, None)
-        revalidate_s = _env_number(env, REVALIDATE_ENV, float, DEFAULT_REVALIDATE_S)
+        max_bytes = _env_byte_bound(env)
+        revalidate_s = env_seconds(REVALIDATE_ENV, DEFAULT_REVALIDATE_S, allow_zero=True, env=env)
         kwargs.setdefault("allow_pickle", allow_pickle_lora_weights())
         return cls(root, max_bytes=max_bytes, revalidate_s=revalidate_s, **kwargs)
 
@@ -384,11 +384,15 @@ def _key(lora_name: str) -> str:
     return f"{readable}-{hashlib.blake2b(lora_name.encode(), digest_size=8).hexdigest()}"
 
 
-def _env_number(env, name: str, kind, default):
-    raw = env.get(name)
+def _env_byte_bound(env) -> int | None:
+    raw = env.get(MAX_BYTES_ENV)
     if raw is None or raw.strip() == "":
-        return default
+        return None
     try:
-        return kind(raw)
+        value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {raw!r}") from None
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{MAX_BYTES_ENV} must be a positive integer number of bytes, got {raw!r}; "
+                          f"unset it for an unbounded cache")
+    return value

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from typing import Mapping
+
 from loraplex.errors import ConfigError
 
 ALLOW_PICKLE_ENV = "LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS"
@@ -36,9 +38,10 @@ def env_flag(name: str, default: bool = False) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
-def env_seconds(name: str, default: float, *, allow_zero: bool) -> float:
-    """A non-negative (or positive) number of seconds; unset or blank = default."""
-    raw = os.environ.get(name)
+def env_seconds(name: str, default: float, *, allow_zero: bool, env: Mapping[str, str] | None = None) -> float:
+    """A non-negative (or positive) number of seconds; unset or blank = default.
+    `env` defaults to os.environ."""
+    raw = (os.environ if env is None else env).get(name)
     if raw is None or not raw.strip():
         return default
     try:

@@ -25,6 +25,7 @@ from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.plugins import hookimpl
 from loraplex.resolvers.base import LoRAResolver
 from loraplex.resolvers.cache import AdapterCache, AdapterSource, RemoteAdapter, RemoteFile, check_cache_name
+from loraplex.resolvers.env import env_seconds
 from loraplex.resolvers.names import check_adapter_name
 from loraplex.resolvers.validation import CONFIG_FILE
 
@@ -211,11 +212,7 @@ class HfHubResolver(LoRAResolver):
 
     @classmethod
     def from_env(cls, env=os.environ) -> "HfHubResolver":
-        relist = env.get(RELIST_ENV)
-        try:
-            relist_s = float(relist) if relist else DEFAULT_RELIST_S
-        except ValueError:
-            raise ConfigError(f"{RELIST_ENV} must be a number of seconds, got {relist!r}") from None
+        relist_s = env_seconds(RELIST_ENV, DEFAULT_RELIST_S, allow_zero=True, env=env)
         # Passed explicitly: huggingface_hub reads HF_ENDPOINT / HF_HUB_CACHE only at import.
         return cls(env[REPO_LIST_ENV], cache=AdapterCache.from_env(env),
                    revision=env.get(REVISION_ENV) or "main", endpoint=env.get("HF_ENDPOINT") or None,
