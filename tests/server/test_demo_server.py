@@ -4,10 +4,6 @@ its task on held-out inputs, alone and in a batch mixed with the others."""
 
 import asyncio
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -18,44 +14,10 @@ from loraplex.demo.tasks import held_out_pairs
 from loraplex.errors import ConfigError
 from loraplex.server.cli import build_parser
 from loraplex.server.demo_mode import DEMO_SERVED_NAME, apply_demo_args, demo_environment
+from server.serve_process import ServeProcess
 
 NUM_HELD_OUT = 20
 BASE_TASK = "echo"   # what the base model does; each adapter's task is its name
-
-
-class DemoServer:
-    """`loraplex serve --demo` in a subprocess on a free port, its output in a log file.
-    (Like test_serve_cli's ServeProcess, without importing that module's S3 fixtures.)"""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.server.cli", "serve", "--demo", "--device", "cpu",
-             "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log_path.read_text()}"
-            try:
-                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +25,7 @@ def demo(tmp_path_factory):
     """The server, plus /v1/models as it was before any request named an adapter."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
     log_path = tmp_path_factory.mktemp("demo") / "server.log"
-    server = DemoServer(env, log_path)
+    server = ServeProcess(["--demo", "--device", "cpu"], env, log_path)   # no --host: --demo picks it
     try:
         server.wait_ready()
         before = httpx.get(server.base_url + "/v1/models").json()["data"]

@@ -5,10 +5,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,41 +16,7 @@ from loraplex import LLM, LoRARequest, SamplingParams
 from servers.fixtures import bucket, s3_server  # noqa: F401 (fixtures)
 from servers.s3_server import upload_dir
 from server.harness import API_KEY
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServeProcess:
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.server.cli", "serve", *argv, "--host", "127.0.0.1",
-             "--port", str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log_path.read_text()}"
-            try:
-                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
+from server.serve_process import ServeProcess
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +34,8 @@ def served(tiny_checkpoint, tmp_path_factory, s3_server):  # noqa: F811
                 "VLLM_LORA_RESOLVER_S3_URI": f"s3://{bucket_name}/loras",
                 "VLLM_LORA_RESOLVER_CACHE_DIR": str(root / "cache"), "VLLM_API_KEY": API_KEY})
     server = ServeProcess([ckpt, "--enable-lora", "--lora-modules", f"static-lora={static}",
-                           "--max-loras", "2", "--max-cpu-loras", "2", "--seed", "0"], env, root / "server.log")
+                           "--max-loras", "2", "--max-cpu-loras", "2", "--seed", "0", "--host", "127.0.0.1"],
+                          env, root / "server.log")
     try:
         server.wait_ready()
         yield {"server": server, "ckpt": ckpt, "source": str(source), "static": str(static),
