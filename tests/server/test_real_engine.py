@@ -253,3 +253,49 @@ def test_a_resolved_adapter_whose_directory_vanished_is_resolved_again(setup):
     setup["server"].state.backend.resolver_chain.forget("fleeting-lora")   # the chain's negative cache
     assert c.completions.create(model="fleeting-lora", prompt=PROMPTS[0], max_tokens=4,
                                 temperature=0).choices[0].text == expected
+
+
+def test_top_k_penalties_and_stop_match_offline(setup):
+    # vLLM's fields beyond OpenAI's go in extra_body, as vLLM users send them. Greedy decoding of
+    # 32 tokens repeats tokens, so each penalty changes the text; top_k with sampling does too.
+    cases = [dict(temperature=0.0, presence_penalty=2.0), dict(temperature=0.0, frequency_penalty=2.0),
+             dict(temperature=0.0, extra_body=dict(repetition_penalty=3.0)),
+             dict(temperature=1.0, seed=99, extra_body=dict(top_k=2))]
+    for case in cases:
+        params = {**{k: v for k, v in case.items() if k != "extra_body"}, **case.get("extra_body", {})}
+        out = client(setup).completions.create(model="chat-lora", prompt=PROMPTS[1], max_tokens=32, **case)
+        ref = reference(setup, PROMPTS[1], "chat-lora", max_tokens=32, **params)
+        assert out.choices[0].text == ref.outputs[0].text, case
+        field = next(k for k in params if k not in ("temperature", "seed"))
+        without = {k: v for k, v in params.items() if k != field}
+        assert reference(setup, PROMPTS[1], "chat-lora", max_tokens=32, **without).outputs[0].text != \
+            ref.outputs[0].text, f"{field} has no effect here: the test could not fail"
+    ref = reference(setup, PROMPTS[1], "chat-lora", max_tokens=32, temperature=0.0)
+    stop = ref.outputs[0].text[3:5]
+    out = client(setup).completions.create(model="chat-lora", prompt=PROMPTS[1], max_tokens=32, temperature=0,
+                                           stop=[stop])
+    assert out.choices[0].finish_reason == "stop" and out.choices[0].text == \
+        reference(setup, PROMPTS[1], "chat-lora", max_tokens=32, temperature=0.0, stop=[stop]).outputs[0].text
+
+
+def test_load_inplace_serves_the_new_weights(setup, tmp_path):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    first = write_peft_adapter(tmp_path / "first", seed=21, base_model_name_or_path=setup["ckpt"])
+    second = write_peft_adapter(tmp_path / "second", seed=22, base_model_name_or_path=setup["ckpt"])
+
+    def offline(path):   # its own id: the offline engine still caches the first weights otherwise
+        lora = LoRARequest(f"ref-{path.name}", 900 + len(path.name), str(path))
+        out = setup["offline"].generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=6),
+                                        lora_request=lora, use_tqdm=False)
+        return out[0].outputs[0].text
+
+    def served() -> str:
+        return client(setup).completions.create(model="swap-lora", prompt=PROMPTS[2], max_tokens=6,
+                                                temperature=0).choices[0].text
+    for path, inplace in ((first, False), (second, True)):
+        r = httpx.post(setup["server"].base_url + "/v1/load_lora_adapter", headers=headers,
+                       json={"lora_name": "swap-lora", "lora_path": str(path), "load_inplace": inplace})
+        assert r.status_code == 200, r.text
+        assert served() == offline(path)
+    assert offline(first) != offline(second)
+    httpx.post(setup["server"].base_url + "/v1/unload_lora_adapter", headers=headers, json={"lora_name": "swap-lora"})
