@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -149,6 +150,16 @@ def test_from_env_defaults(tmp_path, monkeypatch):
     assert cache.allow_pickle is False
     monkeypatch.setenv("LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS", "1")
     assert AdapterCache.from_env({}).allow_pickle is True
+
+
+def test_empty_base_model_accepted_with_one_warning(tmp_path, caplog):
+    write_peft_adapter(tmp_path / "store" / "anon", base_model_name_or_path="")
+    cache = AdapterCache(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="loraplex.resolvers.cache"):
+        for _ in range(3):
+            assert cache.get("anon", CountingSource(tmp_path / "store"), "any-base") is not None
+    assert [r.getMessage() for r in caplog.records if "base_model_name_or_path is empty" in r.getMessage()] \
+        and len(caplog.records) == 1
 
 
 def test_pickle_weights_accepted_only_when_allowed(tmp_path):
