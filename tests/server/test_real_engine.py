@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters import write_peft_adapter
 from loraplex import LLM, LoRARequest, SamplingParams
@@ -148,6 +149,14 @@ def test_resolve_on_first_request_through_the_filesystem(setup):
                   "loraplex_kv_cache_usage_perc 0.0", "loraplex_lora_adapters_cpu 3.0",
                   'loraplex_lora_requests_total{model="late-lora"} 1.0'):
         assert gauge in metrics, gauge
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics) for s in family.samples}
+    fs = (("resolver", "lora_filesystem_resolver"),)
+    assert samples[("loraplex_lora_resolution_seconds_count", fs)] >= 1
+    assert samples[("loraplex_lora_resolution_seconds_sum", fs)] > 0
+    for latency in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert samples[(f"loraplex_{latency}_count", ())] >= 1 and samples[(f"loraplex_{latency}_sum", ())] > 0
+    assert samples[("loraplex_generation_tokens_total", ())] >= 6 and samples[("loraplex_prompt_tokens_total", ())] > 0
 
 
 def test_unknown_adapter_is_404_and_broken_one_is_400(setup):
