@@ -102,6 +102,22 @@ def test_chat_completion_and_stream(fake_server):
     assert chunks[-1].usage.total_tokens == len(prompt) + 4
 
 
+def test_chat_echo_repeats_a_final_assistant_message(fake_server):
+    client = _client(fake_server)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}]
+    answer = _expected("tiny-base", TOK.apply_chat_template(messages, tokenize=False), 3)
+    out = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=3,
+                                         extra_body={"echo": True})
+    assert out.choices[0].message.content == "Well," + answer
+    chunks = list(client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=3, stream=True,
+                                                 extra_body={"echo": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Well," + answer
+    out = client.chat.completions.create(model="tiny-base", messages=messages[:1], max_tokens=3,
+                                         extra_body={"echo": True})   # nothing to echo after a user turn
+    assert out.choices[0].message.content == _expected("tiny-base", TOK.apply_chat_template(messages[:1],
+                                                                                             tokenize=False), 3)
+
+
 def test_chat_default_max_tokens_fills_the_context(fake_server):
     out = _client(fake_server).chat.completions.create(
         model="tiny-base", messages=[{"role": "user", "content": "x" * 400}])

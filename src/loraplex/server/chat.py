@@ -72,6 +72,9 @@ class _ChatContext:
         self.request, self.state, self.model_name, self.run = request, state, model_name, run
         self.created = now()
         self.token_text = TokenText(state.backend.tokenizer)
+        # vLLM's echo: a final assistant message is repeated at the start of each answer.
+        last = request.messages[-1]
+        self.echo_text = last.text() if request.echo and last.role == "assistant" else ""
 
     def _logprobs(self, delta) -> dict | None:
         if not self.request.logprobs:
@@ -87,7 +90,7 @@ class _ChatContext:
         choices: dict[int, dict] = {}
         async for delta in deltas:
             choice = choices.setdefault(delta.index, {
-                "index": delta.index, "message": {"role": "assistant", "content": ""},
+                "index": delta.index, "message": {"role": "assistant", "content": self.echo_text},
                 "logprobs": {"content": []} if self.request.logprobs else None,
                 "finish_reason": None, "stop_reason": None})
             choice["message"]["content"] += delta.text
@@ -111,6 +114,9 @@ class _ChatContext:
                     started.add(delta.index)
                     yield sse(self._chunk([{"index": delta.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]))
+                    if self.echo_text:
+                        yield sse(self._chunk([{"index": delta.index, "delta": {"content": self.echo_text},
+                                                "logprobs": None, "finish_reason": None}]))
                 chunk = self._chunk([{"index": delta.index, "delta": {"content": delta.text},
                                       "logprobs": self._logprobs(delta),
                                       "finish_reason": delta.finish_reason,
