@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/train_demo.py            # writes src/loraplex/demo/{loraplex-demo-base,adapters}
     .venv/bin/python scripts/train_demo.py --out /tmp/demo --base-steps 200   # a quick try
+    .venv/bin/python scripts/train_demo.py --out /tmp/demo --base-steps 2 --adapter-steps 1 1 1 \
+        --hidden 16 --layers 1 --num-eval 2             # seconds: checks the script runs end to end
 
 Phases: (1) a byte-level tokenizer; (2) the base model, trained on a mixture that
 gives it general skills: copying in the demo prompt format (its behaviour there),
@@ -157,6 +159,8 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--device", default="cpu", help="cpu reproduces the shipped files; cuda is for trials")
     parser.add_argument("--tasks", nargs="*", default=list(ADAPTER_TASKS))
+    parser.add_argument("--num-eval", type=int, default=NUM_EVAL_PER_TASK,
+                        help="held-out inputs per task for the accuracy in training_report.json")
     args = parser.parse_args()
     args.adapter_steps = dict(zip(ADAPTER_TASKS, args.adapter_steps))
     args.adapter_lr = dict(zip(ADAPTER_TASKS, args.adapter_lr))
@@ -179,7 +183,7 @@ def main() -> None:
     report = {"versions": library_versions(), "seed": args.seed, "device": args.device,
               "hidden": args.hidden, "layers": args.layers, "batch_size": args.batch_size,
               "base": {"steps": args.base_steps, "lr": args.base_lr, "losses": base_losses,
-                       "accuracy": evaluate(base, hf_tokenizer, NUM_EVAL_PER_TASK)},
+                       "accuracy": evaluate(base, hf_tokenizer, args.num_eval)},
               "adapters": {}}
     print("base accuracy", report["base"]["accuracy"], flush=True)
 
@@ -188,7 +192,7 @@ def main() -> None:
             p.requires_grad_(False)
         peft_model, losses = train_adapter(base, tokenizer, task, excluded, args)
         save_adapter(peft_model, args.out / "adapters" / task)
-        accuracy = evaluate(peft_model, hf_tokenizer, NUM_EVAL_PER_TASK, tasks=(task,))
+        accuracy = evaluate(peft_model, hf_tokenizer, args.num_eval, tasks=(task,))
         print(task, "accuracy", accuracy, flush=True)
         report["adapters"][task] = {**ADAPTER_SPECS[task], "steps": args.adapter_steps[task],
                                     "lr": args.adapter_lr[task], "losses": losses, "accuracy": accuracy}
