@@ -222,6 +222,13 @@ def test_auth_required_on_v1_only(fake_server):
         assert r.status_code == 401
     with pytest.raises(openai.AuthenticationError):
         _client(fake_server, key="wrong").models.list()
+    v1_routes = [(method, route.path) for route in fake_server.app.routes if route.path.startswith("/v1/")
+                 for method in getattr(route, "methods", ()) if method != "HEAD"]
+    assert len(v1_routes) == 5   # models, completions, chat, load, unload
+    for method, path in v1_routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+            r = httpx.request(method, fake_server.base_url + path, json={}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "UnauthorizedError", (method, path)
     assert httpx.get(fake_server.base_url + "/health").status_code == 200
     assert httpx.get(fake_server.base_url + "/version").json()["version"]
 
