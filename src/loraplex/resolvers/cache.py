@@ -25,7 +25,6 @@ import os
 import shutil
 import time
 import uuid
-from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import filelock
 from loraplex.errors import AdapterInvalidError, AdapterNameError, ConfigError, ResolverError
 from loraplex.resolvers.env import allow_pickle_lora_weights, env_seconds
 from loraplex.resolvers.names import check_adapter_name
+from loraplex.resolvers.source import AdapterSource, RemoteAdapter
 from loraplex.resolvers.validation import base_model_compatible, validate_adapter_dir
 
 logger = logging.getLogger(__name__)
@@ -52,40 +52,6 @@ MANIFEST_FILE = ".loraplex-manifest.json"
 TMP_DIR = ".loraplex-tmp"
 LOCK_DIR = ".loraplex-locks"
 MANIFEST_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of an adapter as its source lists it."""
-    name: str                # file name inside the adapter directory
-    size: int
-    tag: str | None = None   # what identifies this version: S3 ETag, HF sha256/blob id, mtime
-
-
-@dataclass(frozen=True)
-class RemoteAdapter:
-    """What a source says an adapter consists of right now."""
-    location: str                    # e.g. "s3://bucket/prefix/name", "hf://org/repo/sub@main"
-    files: tuple[RemoteFile, ...]
-    revision: str | None = None      # e.g. the HF commit sha; informational
-
-    def fingerprint(self) -> str:
-        """Changes whenever a file is added, removed, resized or re-tagged at the source."""
-        rows = sorted((f.name, f.size, f.tag or "") for f in self.files)
-        return hashlib.sha256(json.dumps([self.location, rows]).encode()).hexdigest()
-
-
-class AdapterSource(ABC):
-    """A place adapters are downloaded from. Methods block: call them from a thread."""
-
-    @abstractmethod
-    def stat(self, lora_name: str) -> RemoteAdapter | None:
-        """List the adapter's files, or None if the source has no such adapter.
-        Raise ResolverError when the source cannot be asked (down, refused, misconfigured)."""
-
-    @abstractmethod
-    def download(self, lora_name: str, remote: RemoteAdapter, dest: Path) -> None:
-        """Write `remote.files` into the (existing, empty) directory `dest`."""
 
 
 @dataclass

@@ -24,9 +24,10 @@ from loraplex.errors import ConfigError, ResolverError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.plugins import hookimpl
 from loraplex.resolvers.base import LoRAResolver
-from loraplex.resolvers.cache import AdapterCache, AdapterSource, RemoteAdapter, RemoteFile, check_cache_name
+from loraplex.resolvers.cache import AdapterCache, check_cache_name
 from loraplex.resolvers.env import env_seconds
 from loraplex.resolvers.names import check_adapter_name
+from loraplex.resolvers.source import AdapterSource, RemoteAdapter, RemoteFile
 from loraplex.resolvers.validation import CONFIG_FILE
 
 logger = logging.getLogger(__name__)

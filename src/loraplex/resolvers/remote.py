@@ -18,7 +18,8 @@ from loraplex.errors import ConfigError, ResolverError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.plugins import hookimpl
 from loraplex.resolvers.base import LoRAResolver
-from loraplex.resolvers.cache import AdapterCache, AdapterSource, RemoteAdapter, RemoteFile, check_cache_name
+from loraplex.resolvers.cache import AdapterCache, check_cache_name
+from loraplex.resolvers.source import AdapterSource, RemoteAdapter, RemoteFile
 
 PLUGIN_NAME = "lora_s3_resolver"
 URI_ENV = "VLLM_LORA_RESOLVER_S3_URI"
