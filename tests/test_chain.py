@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -171,6 +172,17 @@ def test_every_resolver_failing_raises_resolver_error_naming_each():
     assert "r0: PermissionError: access denied by bucket policy" in message
     assert "r1: timed out after 0.05 s" in message
     assert chain.num_negative_cached == 0
+
+
+def test_failures_and_timeouts_are_logged_with_the_resolvers_name(caplog):
+    chain = ResolverChain([("s3_bucket", CountingResolver(behaviour=ConnectionError("endpoint refused"))),
+                           ("slow_hub", CountingResolver(delay=30)),
+                           ("local", CountingResolver(known={"a"}))], timeout_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="loraplex.resolvers.chain"):
+        assert run(chain.resolve(BASE, "a")).lora_name == "a"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("'s3_bucket' failed" in m and "endpoint refused" in m for m in messages), messages
+    assert any("'slow_hub' timed out" in m for m in messages), messages
 
 
 def test_not_found_plus_failure_is_an_error_not_a_miss():
