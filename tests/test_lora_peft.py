@@ -64,17 +64,22 @@ def check_greedy(llm: LLM, setup) -> None:
         assert list(output.outputs[0].token_ids) == setup["refs"][row][0], f"row {row} ({ROW_ADAPTERS[row]})"
 
 
+def check_logits(llm: LLM, setup, rows) -> list:
+    """Logits of one mixed prefill step of `rows`, straight from the runner, against PEFT's."""
+    runner = llm.llm_engine.runner
+    seqs = new_sequences([setup["prompts"][row] for row in rows])
+    for seq, row in zip(seqs, rows):
+        seq.lora_request = row_requests(setup)[row]
+    logits = prefill(runner, BlockAllocator(runner.num_kv_blocks, runner.block_size), seqs)
+    for seq_logits, row in zip(logits, rows):
+        assert relative_error(seq_logits, setup["refs"][row][1]) < 1e-4, f"row {row}"
+    return seqs
+
+
 def test_mixed_batch_matches_peft(setup):
     llm = make_llm(setup["model_dir"])
     check_greedy(llm, setup)
-    # Logits of one mixed prefill step, straight from the runner.
-    runner = llm.llm_engine.runner
-    seqs = new_sequences(setup["prompts"])
-    for seq, lora in zip(seqs, row_requests(setup)):
-        seq.lora_request = lora
-    logits = prefill(runner, BlockAllocator(runner.num_kv_blocks, runner.block_size), seqs)
-    for row in range(len(seqs)):
-        assert relative_error(logits[row], setup["refs"][row][1]) < 1e-4, f"row {row}"
+    seqs = check_logits(llm, setup, range(len(ROW_ADAPTERS)))
     assert {s.lora_slot for s, a in zip(seqs, ROW_ADAPTERS) if a is None} == {-1}
     assert len({s.lora_slot for s, a in zip(seqs, ROW_ADAPTERS) if a is not None}) == 4
 
@@ -88,6 +93,11 @@ def test_fewer_slots_than_adapters_evicts_and_reloads(setup):
     stats = llm.llm_engine.lora_manager.stats
     assert stats["device_evictions"] >= 2 and stats["cpu_misses"] >= 2   # slots reused, reloads from disk
     assert len(llm.llm_engine.lora_manager.list_loras()) <= 2 + 2        # CPU entries + slot-only adapters
+    # Logits too, through evictions and reloads: adapters 0+1, then 2+3 (evicting 0 and 1), then 0+1.
+    misses = stats["cpu_misses"]
+    for rows in ((0, 1, 2, 5), (3, 4), (1, 6, 2)):
+        check_logits(llm, setup, rows)
+    assert stats["cpu_misses"] >= misses + 2
 
 
 def test_pinned_adapter_stays_and_others_rotate(setup):
@@ -99,6 +109,9 @@ def test_pinned_adapter_stays_and_others_rotate(setup):
     slot = manager.slot_of(pinned.lora_int_id)
     check_greedy(llm, setup)
     assert manager.slot_of(pinned.lora_int_id) == slot and pinned.lora_int_id in llm.list_loras()
+    for rows in ((0, 1, 4), (2, 4, 5), (3, 4)):     # the pinned adapter (row 4) beside each other one
+        check_logits(llm, setup, rows)
+    assert manager.slot_of(pinned.lora_int_id) == slot
 
 
 def test_remove_lora_frees_slot_and_cpu_copy(setup):
