@@ -4,6 +4,7 @@ resolved from S3 (a local moto server) on its first request, start-up logs, and 
 import asyncio
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -53,8 +54,9 @@ def reference(ckpt, prompt, lora=None, max_tokens=6):
 
 def test_startup_logs_say_what_is_served(served):
     log = served["server"].log_path.read_text()
+    assert re.search(r"KV cache: [1-9]\d* blocks of 16 tokens", log), log
     for expected in (f"serving model {served['ckpt']}", "dtype torch.float32, device cpu",
-                     "KV cache: ", "LoRA: max_loras 2, max_lora_rank 16, max_cpu_loras 2, static adapters: static-lora",
+                     "LoRA: max_loras 2, max_lora_rank 16, max_cpu_loras 2, static adapters: static-lora",
                      "plugin lora_s3_resolver: loaded", "resolver chain, in order: lora_s3_resolver"):
         assert expected in log, expected
 
