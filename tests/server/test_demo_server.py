@@ -3,7 +3,11 @@ the shipped adapters resolved by the filesystem resolver on their first request,
 its task on held-out inputs, alone and in a batch mixed with the others."""
 
 import asyncio
+import contextlib
+import io
 import os
+import re
+from pathlib import Path
 
 import httpx
 import openai
@@ -126,6 +130,59 @@ def test_mixed_concurrent_batch_keeps_each_rows_adapter(demo, solo_answers):
     for model, task in rows:
         mixed = [out.choices[0].text for (m, _, _), out in zip(jobs, outs) if m == model]
         assert accuracy(mixed, held_out_pairs(task, num_per_model)) >= 0.8, (model, mixed)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_demo_blocks() -> list[tuple[str, str]]:
+    """The code blocks of the README's demo section, as (language, text); output blocks have none."""
+    section = README.read_text().split("## Try it: the embedded demo", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w*)\n(.*?)```", section, flags=re.DOTALL)
+
+
+def readme_block(marker: str) -> str:
+    return next(text for _, text in readme_demo_blocks() if marker in text)
+
+
+def readme_output_after(marker: str) -> str:
+    """The output block that follows the README's first code block containing `marker`."""
+    blocks = readme_demo_blocks()
+    start = next(i for i, (_, text) in enumerate(blocks) if marker in text)
+    return next(text for language, text in blocks[start + 1:] if not language)
+
+
+def test_readme_requests_print_what_the_readme_says(demo, solo_answers):
+    """The README's requests, sent to the running demo, print the README's outputs.
+    (The same requests as the README's curl commands, sent with httpx: the test needs no curl.)"""
+    url = demo["server"].base_url
+    chat = [f"{model} -> " + httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": model, "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 60,
+        "temperature": 0}).json()["choices"][0]["message"]["content"] + "\n"
+        for model in (DEMO_SERVED_NAME, *DEMO_ADAPTER_NAMES)]
+    assert "".join(chat) == readme_output_after("/v1/chat/completions")
+
+    models = httpx.get(url + "/v1/models").json()["data"]
+    assert "".join(f"{m['id']} parent: {m['parent']}\n" for m in models) == readme_output_after("/v1/models")
+
+    choices = httpx.post(url + "/v1/completions", timeout=60, json={
+        "model": "reverse", "prompt": ["Input: lora rocks\nOutput: ", "Input: serve many\nOutput: "],
+        "max_tokens": 20, "temperature": 0}).json()["choices"]
+    assert "".join(c["text"] + "\n" for c in choices) == readme_output_after("/v1/completions")
+
+
+def test_readme_openai_example_prints_what_the_readme_says(demo, solo_answers):
+    example = readme_block("AsyncOpenAI").replace("http://localhost:8000", demo["server"].base_url)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(example, "README.md", "exec"), {"__name__": "readme_example"})   # verbatim but the port
+    assert printed.getvalue() == readme_output_after("AsyncOpenAI")
+
+
+def test_readme_log_lines_are_in_the_servers_log(demo, solo_answers):
+    log = demo["server"].log_path.read_text()
+    for line in readme_block("loraplex.resolvers.chain: LoRA adapter").splitlines():
+        assert re.search(re.escape(line).replace(re.escape("..."), ".*"), log), f"{line!r} not in:\n{log}"
 
 
 def parse_serve(*argv: str):
