@@ -213,7 +213,13 @@ def test_client_disconnect_frees_the_engine(setup):
             while engine.get_stats().num_running != 1:
                 assert time.monotonic() < deadline, "the request never reached the engine"
                 time.sleep(0.01)
-        time.sleep(0.3)   # the server sees the disconnect and asks the engine to abort
+        # The server sees the disconnect and asks the engine to abort; the engine thread, parked
+        # in its step, takes the abort before its next step.
+        async_engine = setup["server"].state.backend.engine
+        deadline = time.monotonic() + 10
+        while not async_engine._aborts:
+            assert time.monotonic() < deadline, "the server never asked the engine to abort"
+            time.sleep(0.01)
         steps_before = num_lora_steps()
     deadline = time.monotonic() + 10
     while engine.get_stats().num_running or engine.has_unfinished_requests():
