@@ -142,11 +142,11 @@ def build_state(args: argparse.Namespace, engine=None):
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora)
-    log_startup(args, config, engine, records, chain, allow_runtime)
+    log_startup(args, config, engine, records, chain, allow_runtime, [m[0] for m in modules])
     return state
 
 
-def log_startup(args, config, engine, records, chain, allow_runtime: bool) -> None:
+def log_startup(args, config, engine, records, chain, allow_runtime: bool, static_names: list[str]) -> None:
     core = getattr(engine, "engine", engine)
     runner = getattr(core, "runner", None)
     block_manager = getattr(core, "block_manager", None)
@@ -158,7 +158,7 @@ def log_startup(args, config, engine, records, chain, allow_runtime: bool) -> No
     if config.enable_lora:
         logger.info("LoRA: max_loras %d, max_lora_rank %d, max_cpu_loras %d, static adapters: %s",
                     config.max_loras, config.max_lora_rank, config.max_cpu_loras,
-                    ", ".join(m[0] for m in map(parse_lora_module, args.lora_modules)) or "none")
+                    ", ".join(static_names) or "none")
     else:
         logger.info("LoRA: disabled (start with --enable-lora to serve adapters)")
     for record in records:
