@@ -202,6 +202,23 @@ def test_demo_flags_fill_in_model_name_lora_and_environment():
     assert args.served_model_name == ["tiny"] and args.host == "0.0.0.0"
 
 
+def test_demo_warns_when_a_kept_variable_hides_its_adapters(caplog, tmp_path):
+    """A vLLM user's own VLLM_PLUGINS or cache dir stays, but the log says the demo adapters
+    will then not resolve; values that still reach them are only noted."""
+    demo_dir = demo_environment()["VLLM_LORA_RESOLVER_CACHE_DIR"]
+    hiding = {"VLLM_PLUGINS": "lora_s3_resolver", "VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path)}
+    with caplog.at_level("INFO", logger="loraplex.server"):
+        apply_demo_args(parse_serve("--demo"), dict(hiding))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"--demo: keeping {key}={value} from the environment, so the demo adapters in "
+                        f"{demo_dir} will not resolve; unset it to serve them" for key, value in hiding.items()]
+    caplog.clear()
+    reaching = {"VLLM_PLUGINS": " my_plugin , lora_filesystem_resolver", "VLLM_LORA_RESOLVER_CACHE_DIR": demo_dir + "/"}
+    with caplog.at_level("INFO", logger="loraplex.server"):
+        apply_demo_args(parse_serve("--demo"), dict(reaching))
+    assert [r.levelname for r in caplog.records if "keeping" in r.getMessage()] == ["INFO", "INFO"]
+
+
 def test_demo_refuses_a_model_and_serve_without_demo_needs_one():
     with pytest.raises(ConfigError, match="leave out MODEL"):
         apply_demo_args(parse_serve("/models/base", "--demo"), {})

@@ -12,8 +12,11 @@ import argparse
 import logging
 import os
 from collections.abc import MutableMapping
+from pathlib import Path
 
 from loraplex.errors import ConfigError
+from loraplex.plugins.selection import PLUGINS_ENV, requested_plugins
+from loraplex.resolvers.filesystem import CACHE_DIR_ENV
 
 logger = logging.getLogger("loraplex.server")
 
@@ -25,9 +28,18 @@ def demo_environment() -> dict[str, str]:
     """The variables --demo sets when the user has not set them."""
     from loraplex.demo import demo_adapters_dir
 
-    return {"VLLM_PLUGINS": "lora_filesystem_resolver",
-            "VLLM_LORA_RESOLVER_CACHE_DIR": str(demo_adapters_dir()),
+    return {PLUGINS_ENV: "lora_filesystem_resolver",
+            CACHE_DIR_ENV: str(demo_adapters_dir()),
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+
+
+def hides_demo_adapters(key: str, kept: str, demo_value: str) -> bool:
+    """Whether a value the user set, kept by --demo, stops the shipped adapters from resolving."""
+    if key == PLUGINS_ENV:
+        return demo_value not in (requested_plugins({key: kept}) or [])
+    if key == CACHE_DIR_ENV:
+        return Path(kept).expanduser().resolve() != Path(demo_value)
+    return False
 
 
 def apply_demo_args(args: argparse.Namespace, environ: MutableMapping[str, str] = os.environ) -> None:
@@ -51,7 +63,11 @@ def apply_demo_args(args: argparse.Namespace, environ: MutableMapping[str, str] 
     args.served_model_name = args.served_model_name or [DEMO_SERVED_NAME]
     args.enable_lora = True
     for key, value in demo_environment().items():
-        if environ.get(key):
+        if environ.get(key) and hides_demo_adapters(key, environ[key], value):
+            logger.warning("--demo: keeping %s=%s from the environment, so the demo adapters in %s "
+                           "will not resolve; unset it to serve them", key, environ[key],
+                           demo_environment()[CACHE_DIR_ENV])
+        elif environ.get(key):
             logger.info("--demo: keeping %s=%s from the environment", key, environ[key])
         else:
             environ[key] = value
