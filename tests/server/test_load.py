@@ -96,5 +96,5 @@ def test_caches_thrash_without_failures_or_leaks(loaded):
     assert 'status="200"' in metrics and 'status="5' not in metrics
     stats = state.backend.engine.engine.runner.lora.manager.stats
     assert stats["cpu_evictions"] > 0 and stats["device_evictions"] > 0 and stats["cpu_misses"] > NUM_ADAPTERS
-    assert f'loraplex_lora_cpu_evictions_total {float(stats["cpu_evictions"])}' in metrics
-    assert "loraplex_lora_device_hits_total" in metrics
+    for key, value in stats.items():   # the engine is idle: /metrics shows every cache counter as is
+        assert f"loraplex_lora_{key}_total {float(value)}" in metrics, key
