@@ -44,6 +44,10 @@ def test_invalid_settings_exit_with_status_2(tmp_path, caplog):
     assert "--lora-modules needs --enable-lora" in caplog.text
     assert main(["serve", str(tmp_path), "--max-cpu-loras", "1", "--max-loras", "4"]) == 2
     assert "max_cpu_loras (1) must be >= max_loras (4)" in caplog.text
+    # A static adapter that is not there stops the start-up before the model loads.
+    assert main(["serve", str(tmp_path), "--enable-lora", "--lora-modules", f"sql={tmp_path / 'nope'}"]) == 2
+    assert f"--lora-modules sql={tmp_path / 'nope'}: adapter directory" in caplog.text
+    assert "does not exist" in caplog.text and "is not a model checkpoint" not in caplog.text
 
 
 def test_a_broken_static_adapter_stops_the_start_up(tmp_path):

@@ -44,6 +44,19 @@ def parse_lora_module(text: str) -> tuple[str, str, str | None]:
     return name, path, None
 
 
+def check_static_adapter_files(modules: list[tuple[str, str, str | None]], *, allow_pickle: bool) -> None:
+    """Refuse a --lora-modules directory that is missing or holds no usable adapter files before
+    the model loads; rank and base-model checks follow when the engine loads the adapter."""
+    from loraplex.errors import AdapterInvalidError
+    from loraplex.resolvers.validation import validate_adapter_dir
+
+    for name, path, _ in modules:
+        try:
+            validate_adapter_dir(path, allow_pickle=allow_pickle)
+        except AdapterInvalidError as e:
+            raise ConfigError(f"--lora-modules {name}={path}: {e}; fix the path or drop the module") from None
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="path of the base model checkpoint directory (omit with --demo)")
@@ -119,6 +132,7 @@ def build_state(args: argparse.Namespace, engine=None):
     modules = [parse_lora_module(m) for m in args.lora_modules]
     if modules and not args.enable_lora:
         raise ConfigError("--lora-modules needs --enable-lora")
+    check_static_adapter_files(modules, allow_pickle=args.allow_pickle_lora_weights)
     if args.max_adapter_metric_labels < 0:
         raise ConfigError("--max-adapter-metric-labels must be >= 0")
     allow_runtime = env_flag(RUNTIME_LORA_ENV, default=False)
