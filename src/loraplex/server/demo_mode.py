@@ -14,20 +14,20 @@ import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from loraplex.demo import DEMO_BASE_MODEL_NAME, demo_adapters_dir, demo_model_path
 from loraplex.errors import ConfigError
 from loraplex.plugins.selection import PLUGINS_ENV, requested_plugins
 from loraplex.resolvers.filesystem import CACHE_DIR_ENV
 
 logger = logging.getLogger("loraplex.server")
 
-DEMO_SERVED_NAME = "loraplex-demo-base"
+# The name the shipped adapters give as their base (base_model_name_or_path).
+DEMO_SERVED_NAME = DEMO_BASE_MODEL_NAME
 DEFAULT_HOST, DEMO_HOST = "0.0.0.0", "127.0.0.1"
 
 
 def demo_environment() -> dict[str, str]:
     """The variables --demo sets when the user has not set them."""
-    from loraplex.demo import demo_adapters_dir
-
     return {PLUGINS_ENV: "lora_filesystem_resolver",
             CACHE_DIR_ENV: str(demo_adapters_dir()),
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
@@ -57,8 +57,6 @@ def apply_demo_args(args: argparse.Namespace, environ: MutableMapping[str, str] 
     if args.model is not None:
         raise ConfigError(f"--demo serves the model shipped with loraplex; leave out MODEL "
                           f"({args.model!r}) or drop --demo")
-    from loraplex.demo import demo_model_path
-
     args.model = str(demo_model_path())
     args.served_model_name = args.served_model_name or [DEMO_SERVED_NAME]
     args.enable_lora = True
