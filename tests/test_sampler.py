@@ -54,6 +54,19 @@ def test_logprobs_are_the_log_softmax_of_the_raw_logits():
     assert len(completion.logprobs) == len(completion.token_ids) == 6
 
 
+def test_logprobs_zero_gives_the_sampled_token_alone():
+    runner = FakeRunner()
+    params = SamplingParams(temperature=1.5, seed=2, max_tokens=8, logprobs=0)
+    completion = run_all(fake_engine(runner), [("a", [4, 5], params)])["a"].outputs[0]
+    context = [4, 5]
+    for token, entry in zip(completion.token_ids, completion.logprobs):
+        raw = torch.log_softmax(runner.context_logits(context), dim=-1)
+        assert list(entry) == [token]
+        assert entry[token].rank == int((raw > raw[token]).sum()) + 1
+        context.append(token)
+    assert len(completion.logprobs) == 8
+
+
 def test_no_logprobs_unless_asked():
     completion = run_all(fake_engine(), [("a", [1, 2], SamplingParams(max_tokens=3))])["a"].outputs[0]
     assert completion.logprobs is None and completion.cumulative_logprob is None
