@@ -257,6 +257,10 @@ def test_client_disconnect_aborts_the_request(fake_server):
             assert time.monotonic() < deadline, "the engine request was not aborted"
             time.sleep(0.02)
         assert request_id not in engine.finished
+        deadline = time.monotonic() + 10
+        while 'route="/v1/completions",status="499"' not in httpx.get(fake_server.base_url + "/metrics").text:
+            assert time.monotonic() < deadline, "the disconnect was not counted as 499"
+            time.sleep(0.02)
     finally:
         engine.step_delay_s = old_delay
 
