@@ -180,8 +180,12 @@ def test_load_invalid_adapter_is_400_with_reason(fake_server, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
     r = _post(fake_server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(tmp_path)})
     assert r.status_code == 400 and "PROMPT_TUNING" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "lora_path"
     r = _post(fake_server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(tmp_path / "no")})
     assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "lora_path"
+    r = _post(fake_server, "/v1/load_lora_adapter", {"lora_name": "../bad", "lora_path": str(tmp_path)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name"
 
 
 @pytest.mark.parametrize("body", [

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNotFoundError
+from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.resolvers.names import check_adapter_name
 from loraplex.server.errors import HTTPError
@@ -44,6 +44,16 @@ async def maybe_await(value: Any) -> Any:
 ENGINE_STAT_NAMES = {"num_running": "num_requests_running", "num_waiting": "num_requests_waiting",
                      "kv_cache_usage": "kv_cache_usage_perc", "num_preemptions": "num_preemptions_total",
                      "num_kv_blocks": "kv_cache_blocks", "num_free_kv_blocks": "kv_cache_free_blocks"}
+
+
+@contextlib.contextmanager
+def blame_field(param: str, error_type: type[Exception]):
+    """Errors of `error_type` raised inside name request field `param` in their OpenAI error object."""
+    try:
+        yield
+    except error_type as e:
+        e.param = param
+        raise
 
 
 def model_not_found(name: str) -> AdapterNotFoundError:
@@ -233,7 +243,8 @@ class ServingBackend:
                            load_inplace: bool = False) -> LoRARequest:
         if not self.enable_lora:
             raise HTTPError(400, "LoRA is not enabled on this server; start it with --enable-lora")
-        check_adapter_name(name)
+        with blame_field("lora_name", AdapterNameError):
+            check_adapter_name(name)
         if self.is_base_model(name):
             raise HTTPError(400, f"'{name}' is the base model's name; choose another adapter name",
                             param="lora_name")
@@ -248,7 +259,8 @@ class ServingBackend:
                 # In place: the engine must drop the old weights before loading the new ones.
                 await self._call_engine_lora("remove_lora", old.lora_int_id)
                 del self._adapters[name]
-            await self._add_to_engine(request)
+            with blame_field("lora_path", AdapterInvalidError):
+                await self._add_to_engine(request)
             self._adapters[name] = request
             self._resolved.discard(name)
             self._parents[name] = base_model_name if self.is_base_model(base_model_name) else self.base_model_name

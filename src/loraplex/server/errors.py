@@ -99,8 +99,8 @@ def exception_to_body(exc: BaseException) -> tuple[int, dict]:
     else:
         message = str(exc) or type(exc).__name__
     param = getattr(exc, "param", None)
-    if isinstance(exc, (AdapterNotFoundError, AdapterNameError, AdapterInvalidError)):
-        param = "model"
+    if param is None and isinstance(exc, (AdapterNotFoundError, AdapterNameError, AdapterInvalidError)):
+        param = "model"   # a generation request's adapter; management calls set their own field
     return status, error_body(status, message, param)
 
 
