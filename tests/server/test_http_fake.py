@@ -332,38 +332,3 @@ def test_server_side_failures_map_to_502_and_503(fake_server):
         assert r.status_code == 503 and "restart" in r.json()["error"]["message"]
     finally:
         fake_server.engine.is_running = True
-
-
-
-def test_without_runtime_updating_no_management_routes_and_no_resolution(adapter_dirs, tmp_path):
-    from pathlib import Path
-
-    from loraplex.plugins.loader import reset_plugins
-    from loraplex.server.app import build_app
-    from loraplex.server.cli import build_parser
-    from loraplex.server.serve import build_state
-    from server.fake_engine import FakeEngine
-    from server.harness import ServerThread
-    from server.real_server import patched_env
-
-    # The filesystem resolver could find 'sql-lora' here; with updating off it must not be asked.
-    cache = Path(adapter_dirs["sql-lora"]).parent
-    args = build_parser().parse_args(["serve", "/models/tiny", "--served-model-name", "tiny-base", "--enable-lora"])
-    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "False", "VLLM_PLUGINS": "lora_filesystem_resolver",
-           "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache), "VLLM_API_KEY": ""}
-    with patched_env(env):
-        reset_plugins()
-        try:
-            with ServerThread(lambda: build_app(build_state(args, engine=FakeEngine()))) as server:
-                client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
-                with pytest.raises(openai.NotFoundError) as e:
-                    client.completions.create(model="sql-lora", prompt="a", max_tokens=1)
-                assert e.value.body["message"] == "The model 'sql-lora' does not exist."
-                for route, body in (("load", {"lora_name": "x", "lora_path": adapter_dirs["chat-lora"]}),
-                                    ("unload", {"lora_name": "x"})):
-                    r = httpx.post(f"{server.base_url}/v1/{route}_lora_adapter", json=body)
-                    assert r.status_code == 404 and r.json()["error"]["code"] == 404
-                assert [m.id for m in client.models.list().data] == ["tiny-base"]
-                assert client.completions.create(model="tiny-base", prompt="a", max_tokens=1).usage
-        finally:
-            reset_plugins()
