@@ -198,6 +198,7 @@ def test_load_invalid_adapter_is_400_with_reason(fake_server, tmp_path):
     {"prompt": "a", "logit_bias": {"5": 10}},
     {"prompt": "a", "response_format": {"type": "json_object"}},
     {"prompt": "a", "suffix": "end"},
+    {"prompt": "a", "stream_options": {"include_usage": True}},
 ])
 def test_validation_errors_are_400_in_openai_shape(fake_server, body):
     r = _post(fake_server, "/v1/completions", body)

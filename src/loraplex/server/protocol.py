@@ -64,6 +64,12 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true; drop it or set stream")
+        return self
+
 
 class CompletionRequest(SamplingFields):
     # A string, a batch of strings, one token list, or a batch of token lists.
