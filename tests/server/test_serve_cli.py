@@ -98,6 +98,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(served):
             if line:
                 chunks.append(line)
                 break
+        # The request is still generating when the signal arrives: the drain has work to wait for.
+        assert "loraplex_num_requests_running 1.0" in httpx.get(server.base_url + "/metrics", timeout=10).text
         server.proc.send_signal(signal.SIGTERM)
         chunks.extend(line for line in lines if line)
     assert chunks[-1] == "data: [DONE]"
