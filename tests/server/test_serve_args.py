@@ -1,5 +1,7 @@
 """`loraplex serve` argument handling, without starting an engine."""
 
+import asyncio
+
 import pytest
 
 from loraplex.errors import ConfigError
@@ -57,3 +59,7 @@ def test_a_broken_static_adapter_stops_the_start_up(tmp_path):
         return build_app(ServerState(backend))
     with pytest.raises(RuntimeError, match="failed to start"):
         ServerThread(make_app).start()
+    backend = ServingBackend(FakeEngine(), served_model_names=["base"], model_path="/m")
+    backend.static_adapters.append(("bad", str(tmp_path / "missing"), None))
+    with pytest.raises(ConfigError, match=r"--lora-modules bad=\S+ could not be loaded: .* does not exist"):
+        asyncio.run(backend.startup())

@@ -28,7 +28,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError
+from loraplex.errors import (
+    AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError, ConfigError, LoraplexError)
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.resolvers.names import check_adapter_name
 from loraplex.server.errors import HTTPError
@@ -91,7 +92,10 @@ class ServingBackend:
     async def startup(self) -> None:
         """Load the static adapters; any failure stops the server from starting."""
         for name, path, base in self.static_adapters:
-            await self.load_adapter(name, path, base_model_name=base)
+            try:
+                await self.load_adapter(name, path, base_model_name=base)
+            except LoraplexError as e:   # uvicorn prints the traceback: its last line says it all
+                raise ConfigError(f"--lora-modules {name}={path} could not be loaded: {e}") from None
 
     async def shutdown(self) -> None:
         stop = getattr(self.engine, "shutdown", None)
