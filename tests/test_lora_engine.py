@@ -218,15 +218,22 @@ def test_async_engine_survives_an_evicted_adapter_whose_directory_vanished(model
     async def main():
         engine = AsyncEngine(LLMEngine(EngineConfig(model=str(model_dir),
                                                     **dict(SETTINGS, max_loras=1, max_cpu_loras=1))))
+        manager = engine.engine.lora_manager
         try:
-            # "other" holds the one slot for 40 steps, so "fragile" waits for it, loaded on the CPU.
+            # "other" holds the one slot, so "fragile" waits for it, loaded on the CPU. Holding
+            # the step lock parks the engine at its next step meanwhile (no race with "other").
             other_stream = engine.generate({"prompt_token_ids": prompt}, long_params, lora_request=other)
             first = await other_stream.__anext__()
-            fragile_task = asyncio.create_task(_collect(engine, prompt, lora_request=fragile))
-            await asyncio.sleep(0)
-            await engine.add_lora(fragile)                  # already loaded: queued behind "other"
-            shutil.rmtree(tmp_path / "fragile")
-            await engine.add_lora(third)                    # evicts fragile's CPU copy: it must reload
+            manager.step_lock.acquire()
+            try:
+                await asyncio.to_thread(manager.add_lora, fragile)
+                fragile_task = asyncio.create_task(_collect(engine, prompt, lora_request=fragile))
+                await asyncio.sleep(0)                      # queued, with its adapter on the CPU
+                shutil.rmtree(tmp_path / "fragile")
+                await asyncio.to_thread(manager.add_lora, third)   # evicts fragile's CPU copy
+                assert not manager.is_loaded(fragile) and manager.slot_of(other.lora_int_id) is not None
+            finally:
+                manager.step_lock.release()
             async for final in other_stream:
                 pass
             assert first.outputs[0].token_ids and list(final.outputs[0].token_ids) == expected_other

@@ -87,6 +87,22 @@ def test_cpu_lru_and_reload(requests):
     assert 1 in manager.list_loras() and slots[1] in (0, 1)
 
 
+def test_a_load_during_a_step_evicts_a_step_adapter_already_in_its_slot(requests):
+    # max_cpu_loras == max_loras (the default) and the step uses every slot: a request for a new
+    # adapter arriving mid-step (the async engine loads it on another thread) still finds room.
+    manager = make_manager(max_loras=2, max_cpu_loras=2)
+    slots = manager.activate(requests[:2])
+    assert manager.add_lora(requests[2])
+    assert list(manager._cpu) == [2, 3]                                      # 1 was least recently used
+    assert {manager.slot_of(1), manager.slot_of(2)} == set(slots.values())   # the step keeps its slots
+    manager.end_step()
+    # Adapter 1 still runs from its slot, with no reload from disk.
+    misses, hits = manager.stats["cpu_misses"], manager.stats["device_hits"]
+    assert manager.activate([requests[0]]) == {1: slots[1]}
+    manager.end_step()
+    assert manager.stats["cpu_misses"] == misses and manager.stats["device_hits"] == hits + 1
+
+
 def test_pinning_survives_pressure(requests):
     manager = make_manager(max_loras=2, max_cpu_loras=3)
     manager.add_lora(requests[0])

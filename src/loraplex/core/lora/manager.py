@@ -6,7 +6,8 @@ Two LRU caches:
   evicting the least recently used slot that the step does not need.
 An adapter in a slot whose CPU copy was evicted keeps working (the slot is a full copy); it
 is reloaded from its path only if it needs a slot again. A pinned adapter stays in both
-caches until removed. Nothing the step in progress uses is evicted. When no room can be
+caches until removed. Nothing the step in progress uses is evicted from the device slots,
+nor from the CPU cache before it is in its slot. When no room can be
 made the error says so (AdapterCapacityError).
 """
 
@@ -215,7 +216,9 @@ class LoRAManager:
 
     def _make_cpu_room(self, incoming: LoRARequest) -> None:
         while len(self._cpu) >= self.max_cpu_loras:
-            busy = self._step_ids if self._in_step else set()
+            # Only a step adapter still waiting for its slot needs its CPU copy: one in a slot
+            # has a full copy there. So a load from another thread while a step runs finds room.
+            busy = {i for i in self._step_ids if i not in self._slot_of} if self._in_step else set()
             victim = next((i for i in self._cpu if i not in self._pinned and i not in busy), None)
             if victim is None:
                 raise AdapterCapacityError(
