@@ -96,6 +96,7 @@ def test_a_load_during_a_step_evicts_a_step_adapter_already_in_its_slot(requests
     assert list(manager._cpu) == [2, 3]                                      # 1 was least recently used
     assert {manager.slot_of(1), manager.slot_of(2)} == set(slots.values())   # the step keeps its slots
     manager.end_step()
+    assert manager.is_loaded(requests[0])         # in its slot: a new request for it loads nothing
     # Adapter 1 still runs from its slot, with no reload from disk.
     misses, hits = manager.stats["cpu_misses"], manager.stats["device_hits"]
     assert manager.activate([requests[0]]) == {1: slots[1]}

@@ -127,9 +127,10 @@ class LoRAManager:
             return adapter.request if adapter else None
 
     def is_loaded(self, request: LoRARequest) -> bool:
-        """Whether the CPU cache holds `request` (raises AdapterInvalidError on an id/name clash)."""
+        """Whether the CPU cache or a device slot holds `request` (raises AdapterInvalidError on an
+        id/name clash). One only in a slot is served from there, and reloaded if it loses the slot."""
         with self._lock:
-            return self._is_cached(request)
+            return self._is_cached(request) or request.lora_int_id in self._slot_request
 
     def find_by_name(self, lora_name: str) -> LoRARequest | None:
         """The request of the CPU-cached adapter called `lora_name` (marked recently used)."""

@@ -53,7 +53,7 @@ class LoRAResolution:
         return request
 
     async def ensure_loaded(self, request: LoRARequest) -> None:
-        """Load and validate `request` unless the CPU cache holds it (a no-op in the common case)."""
+        """Load and validate `request` unless the CPU cache or a slot holds it (the common case)."""
         if not self.manager.is_loaded(request):
             await asyncio.to_thread(self.manager.add_lora, request)
         self.manager.check_servable(request.lora_int_id)
