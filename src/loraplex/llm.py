@@ -117,7 +117,8 @@ class LLM:
                     for prompt, params, lora in items]
         # Load (and validate) each adapter up front: an unusable one raises here, not mid-batch.
         for lora in {r.lora_request.lora_int_id: r.lora_request for r in requests if r.lora_request}.values():
-            engine.add_lora(lora)
+            if not engine.lora_manager.is_loaded(lora):
+                engine.add_lora(lora)
             engine.lora_manager.check_servable(lora.lora_int_id)
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
