@@ -18,6 +18,7 @@ without a manifest was placed by hand: it is never replaced nor evicted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from pathlib import Path
 import filelock
 
 from loraplex.errors import AdapterInvalidError, AdapterNameError, ConfigError, ResolverError
+from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.resolvers.env import allow_pickle_lora_weights, env_seconds
 from loraplex.resolvers.names import check_adapter_name
 from loraplex.resolvers.source import AdapterSource, RemoteAdapter
@@ -114,6 +116,14 @@ class AdapterCache:
         return cls(root, max_bytes=max_bytes, revalidate_s=revalidate_s, **kwargs)
 
     # -- the one public operation -------------------------------------------------
+
+    async def resolve(self, lora_name: str, source: AdapterSource,
+                      base_model_name: str | None = None) -> LoRARequest | None:
+        """`get` off the event loop, as the LoRARequest a remote resolver returns."""
+        path = await asyncio.to_thread(self.get, lora_name, source, base_model_name)
+        if path is None:
+            return None
+        return LoRARequest(lora_name, lora_id_for_name(lora_name), str(path), base_model_name)
 
     def get(self, lora_name: str, source: AdapterSource, base_model_name: str | None = None) -> Path | None:
         """Return a local directory holding a validated copy of `lora_name`, or None

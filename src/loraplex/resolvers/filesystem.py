@@ -25,14 +25,13 @@ from loraplex.errors import AdapterInvalidError, ConfigError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.plugins.hookspecs import hookimpl
 from loraplex.resolvers.base import LoRAResolver
-from loraplex.resolvers.cache import MANIFEST_FILE, check_cache_name
+from loraplex.resolvers.cache import CACHE_DIR_ENV, MANIFEST_FILE, check_cache_name
 from loraplex.resolvers.env import allow_pickle_lora_weights
 from loraplex.resolvers.validation import base_model_compatible, validate_adapter_dir
 
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "lora_filesystem_resolver"
-CACHE_DIR_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"
 
 
 class FilesystemResolver(LoRAResolver):

@@ -11,7 +11,6 @@ work), then are hard-linked (or copied) into the AdapterCache and validated ther
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.errors import ConfigError, ResolverError
-from loraplex.lora_request import LoRARequest, lora_id_for_name
+from loraplex.lora_request import LoRARequest
 from loraplex.plugins import hookimpl
 from loraplex.resolvers.base import LoRAResolver
 from loraplex.resolvers.cache import AdapterCache, check_cache_name
@@ -224,10 +223,7 @@ class HfHubResolver(LoRAResolver):
         check_cache_name(lora_name)  # before any I/O
         if self.source.locate(lora_name) is None:
             return None
-        path = await asyncio.to_thread(self.cache.get, lora_name, self.source, base_model_name)
-        if path is None:
-            return None
-        return LoRARequest(lora_name, lora_id_for_name(lora_name), str(path), base_model_name)
+        return await self.cache.resolve(lora_name, self.source, base_model_name)
 
 
 @hookimpl

@@ -7,7 +7,6 @@ AdapterCache (VLLM_LORA_RESOLVER_CACHE_DIR) and served from there.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import fsspec
 
 from loraplex.errors import ConfigError, ResolverError
-from loraplex.lora_request import LoRARequest, lora_id_for_name
+from loraplex.lora_request import LoRARequest
 from loraplex.plugins import hookimpl
 from loraplex.resolvers.base import LoRAResolver
 from loraplex.resolvers.cache import AdapterCache, check_cache_name
@@ -120,10 +119,7 @@ class RemoteResolver(LoRAResolver):
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         check_cache_name(lora_name)  # before any I/O
-        path = await asyncio.to_thread(self.cache.get, lora_name, self.source, base_model_name)
-        if path is None:
-            return None
-        return LoRARequest(lora_name, lora_id_for_name(lora_name), str(path), base_model_name)
+        return await self.cache.resolve(lora_name, self.source, base_model_name)
 
 
 @hookimpl
