@@ -5,40 +5,15 @@ Run in a subprocess without TRITON_INTERPRET. Prints one JSON line per kernel va
 """
 
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
-
+from sm90_build import compile_sm90  # noqa: E402  (sets up Triton without the interpreter)
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 from loraplex.kernels import triton_attention as ta  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
 def _compile(kernel, arg_types, constexprs, config):
-    signature = dict(zip(kernel.arg_names, arg_types + ["constexpr"] * len(constexprs)))
-    # As at a real launch: torch allocations are 16-byte aligned (only pointers are hinted).
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(arg_types) if t.startswith("*")}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=TARGET, options=dict(num_warps=config.num_warps,
-                                                               num_stages=config.num_stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]), "local": int(fields["LOCAL"]),
-            "shared": compiled.metadata.shared}
+    return compile_sm90(kernel, arg_types, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 class _Config:

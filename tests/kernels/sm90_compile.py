@@ -6,41 +6,17 @@ resource usage: registers, stack (spills) and shared memory.
 """
 
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
+from sm90_build import compile_sm90  # noqa: E402  (sets up Triton without the interpreter)
 from loraplex.kernels import triton_lora as tl_lora  # noqa: E402
 from loraplex.kernels import triton_lora_meta as tl_meta  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
 
 def _compile(kernel, arg_types, constexprs, config, launch_pdl=False):
-    signature = dict(zip(kernel.arg_names, arg_types + ["constexpr"] * len(constexprs)))
-    # As at a real launch: pointers and the int arguments (all multiples of 16 here) are 16-aligned.
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(arg_types))}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=TARGET, options=dict(num_warps=config.num_warps,
-                                                               num_stages=config.num_stages, launch_pdl=launch_pdl))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]), "local": int(fields["LOCAL"]),
-            "shared": compiled.metadata.shared}
+    # The int arguments here are all multiples of 16, so they are hinted aligned too.
+    return compile_sm90(kernel, arg_types, constexprs, num_warps=config.num_warps,
+                        num_stages=config.num_stages, all_args_aligned=True, launch_pdl=launch_pdl)
 
 
 def shrink(dtype, num_tokens, in_features, n, even_k):
