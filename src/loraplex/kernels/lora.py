@@ -80,12 +80,8 @@ def _shrink_reference(x, lora_a, meta, num_slices):
     num_tokens = x.shape[0]
     max_rank = lora_a.shape[1] // num_slices
     buf = torch.zeros(num_tokens, num_slices, max_rank, dtype=torch.float32, device=x.device)
-    ranks = _slot_ranks(meta, max_rank)
-    for slot, start, count in lora_groups(meta):
-        rank = ranks[slot]
-        if rank == 0:
-            continue
-        tokens = meta.sorted_token_ids[start:start + count].long()
+    for slot, rank, tokens in _ranked_groups(meta, max_rank):
+        count = tokens.numel()
         a = lora_a[slot].view(num_slices, max_rank, -1)[:, :rank].reshape(num_slices * rank, -1)
         h = x[tokens].float() @ a.float().T                                 # [count, num_slices * rank]
         buf[tokens, :, :rank] = h.view(count, num_slices, rank)
@@ -94,12 +90,8 @@ def _shrink_reference(x, lora_a, meta, num_slices):
 
 def _expand_reference(buf, lora_b, meta, out, slice_offsets):
     max_rank = lora_b.shape[2]
-    ranks = _slot_ranks(meta, max_rank)
-    for slot, start, count in lora_groups(meta):
-        rank = ranks[slot]
-        if rank == 0:
-            continue
-        tokens = meta.sorted_token_ids[start:start + count].long()
+    for slot, rank, tokens in _ranked_groups(meta, max_rank):
+        count = tokens.numel()
         h = buf[tokens].view(count, -1, max_rank)[:, :, :rank]             # [count, num_slices, rank]
         delta = torch.empty(count, out.shape[1], dtype=torch.float32, device=out.device)
         for i, (lo, hi) in enumerate(zip(slice_offsets, slice_offsets[1:])):
@@ -107,8 +99,12 @@ def _expand_reference(buf, lora_b, meta, out, slice_offsets):
         out[tokens] = (out[tokens].float() + delta).to(out.dtype)
 
 
-def _slot_ranks(meta, max_rank):
-    return [min(r, max_rank) for r in meta.slot_ranks.tolist()]
+def _ranked_groups(meta, max_rank):
+    """(slot, rank, token indices) of each active group whose adapter has a nonzero rank."""
+    ranks = [min(r, max_rank) for r in meta.slot_ranks.tolist()]
+    for slot, start, count in lora_groups(meta):
+        if ranks[slot]:
+            yield slot, ranks[slot], meta.sorted_token_ids[start:start + count].long()
 
 
 # --- dispatch and launcher checks ---
