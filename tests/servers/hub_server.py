@@ -26,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from servers.threaded import ThreadedServer
+
 LFS_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -45,7 +47,10 @@ class HubStall:
     killed: bool = False               # set by kill(): cut the connection instead of resuming
 
 
-class HubTestServer:
+class HubTestServer(ThreadedServer):
+    """A Hub-compatible server over a local directory (kill() then a new HubTestServer on the
+    same root serves the same repos)."""
+
     def __init__(self, root: str | os.PathLike, token: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -54,22 +59,10 @@ class HubTestServer:
         self.lock = threading.Lock()
         self.stall: HubStall | None = None
         handler = type("Handler", (_HubHandler,), {"hub": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        self._serve(server)
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def start(self) -> "HubTestServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self.stall:
-            self.stall.release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
 
     def stall_download(self, filename: str, after_bytes: int) -> HubStall:
         """Make the next GET of `filename` (a path in any repo) send `after_bytes`, then
@@ -77,13 +70,6 @@ class HubTestServer:
         with self.lock:
             self.stall = HubStall(filename, after_bytes)
             return self.stall
-
-    def kill(self) -> None:
-        """Stop as if the process died: a stalled download is cut off mid-body and new
-        connections are refused. A new HubTestServer on the same root serves the same repos."""
-        if self.stall:
-            self.stall.killed = True
-        self.stop()
 
     def repo_dir(self, repo_id: str, branch: str = "main") -> Path:
         return self.root / (repo_id if branch == "main" else f"{repo_id}@{branch}")

@@ -15,6 +15,8 @@ import boto3
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
+from servers.threaded import ThreadedServer
+
 ACCESS_KEY = "testing-key"
 SECRET_KEY = "testing-secret"
 REGION = "us-east-1"
@@ -75,7 +77,7 @@ class _QuietHandler(MotoRequestHandler):
         pass
 
 
-class S3TestServer:
+class S3TestServer(ThreadedServer):
     """moto in server mode on a free port of 127.0.0.1."""
 
     def __init__(self) -> None:
@@ -83,29 +85,8 @@ class S3TestServer:
         self.lock = threading.Lock()
         self.stall: _Stall | None = None
         app = _RecordingApp(DomainDispatcherApplication(create_backend_app), self)
-        self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
-        self.port = self._server.server_address[1]
+        self._serve(make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler))
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def start(self) -> "S3TestServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self.stall:
-            self.stall.release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
-
-    def kill(self) -> None:
-        """Stop as if the process died: a stalled download is cut off mid-body and
-        new connections are refused. (moto's objects live on in this process, so a
-        new S3TestServer serves them again.)"""
-        if self.stall:
-            self.stall.killed = True
-        self.stop()
 
     def client(self):
         return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=ACCESS_KEY,
