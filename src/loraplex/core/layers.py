@@ -1,5 +1,8 @@
 """The building blocks of the model: linear layers with named output slices, RMSNorm, SiLU-and-mul.
 
+RMSNorm and silu_and_mul are written in torch (the CPU path and the reference); with
+`fused=True` (the CUDA path) they run as one Triton kernel each (kernels/triton_elementwise.py).
+
 Parameters are allocated uninitialised on the target device in the target dtype: the
 loader fills every one of them from the checkpoint, so random init would be wasted work.
 
@@ -60,20 +63,36 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, cast back, then scale (the order matters in bf16)."""
+    """Llama's RMSNorm: normalise in float32, cast back, then scale (the order matters in bf16).
 
-    def __init__(self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device):
+    forward(x, residual) is the decoder's "add, then norm": residual <- x + residual (in
+    place when fused), returns (norm(residual), residual)."""
+
+    def __init__(self, hidden_size: int, eps: float, *, dtype: torch.dtype, device: torch.device,
+                 fused: bool = False):
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = _empty_param(hidden_size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused:
+            from loraplex.kernels.triton_elementwise import triton_rms_norm
+            out = triton_rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = x + residual
+            x = residual
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        out = self.weight * x32.to(x.dtype)
+        return out if residual is None else (out, residual)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
     """[num_tokens, 2 * intermediate] (gate | up) -> [num_tokens, intermediate]."""
+    if fused:
+        from loraplex.kernels.triton_elementwise import triton_silu_and_mul
+        return triton_silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

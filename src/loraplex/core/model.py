@@ -7,6 +7,8 @@ that LoRA target names map onto them, except that q/k/v and gate/up are fused:
     mlp.gate_up_proj    slices gate, up     mlp.down_proj      slice down
 
 Every forward works on a flat batch of tokens: [num_tokens, ...], no batch dimension.
+The residual stream is carried beside the hidden states so that each "add, then norm" is
+one fused kernel on CUDA (`fused=True`, the default there; the torch ops elsewhere).
 """
 
 from __future__ import annotations
@@ -47,54 +49,70 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, **factory):
+    def __init__(self, cfg: ModelConfig, *, fused: bool, **factory):
         super().__init__()
+        self.fused = fused
         n = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, (n, n), ("gate", "up"), bias=cfg.mlp_bias, **factory)
         self.down_proj = Linear(n, (cfg.hidden_size,), ("down",), bias=cfg.mlp_bias, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [num_tokens, hidden]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), fused=self.fused))  # [num_tokens, hidden]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, **factory):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, *, fused: bool,
+                 **factory):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused=fused, **factory)
         self.self_attn = Attention(cfg, rotary, backend, **factory)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
-        self.mlp = MLP(cfg, **factory)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused=fused, **factory)
+        self.mlp = MLP(cfg, fused=fused, **factory)
 
-    def forward(self, positions, hidden, k_cache, v_cache, metadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), k_cache, v_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions, hidden, residual, k_cache, v_cache, metadata):
+        """hidden: the previous layer's output, residual: the stream before it (None at layer 0).
+        Returns (this layer's MLP output, the stream before it); their sum is the layer's output."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, k_cache, v_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend, **factory):
+    def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend, *, fused: bool,
+                 **factory):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **factory)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, **factory)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, fused=fused,
+                                 **factory)
         self.rotary_emb = rotary
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend, **factory) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **factory)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend, fused=fused, **factory)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused=fused, **factory)
 
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, k_cache, v_cache, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, k_cache, v_cache, metadata)
+        if residual is None:   # no layers
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
     """One class for every supported architecture; see ModelConfig for what differs."""
 
     def __init__(self, cfg: ModelConfig, *, max_positions: int, backend: AttentionBackend,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, fused: bool | None = None):
+        """fused: Triton kernels for norm, rotary and SiLU-and-mul; None = on CUDA only."""
         super().__init__()
         self.config = cfg
         factory = dict(dtype=dtype, device=device)
-        self.model = LlamaModel(cfg, max_positions, backend, **factory)
+        fused = torch.device(device).type == "cuda" if fused is None else fused
+        self.model = LlamaModel(cfg, max_positions, backend, fused=fused, **factory)
         # Tied: lm_head is the embedding matrix itself, not a copy.
         self.lm_head = self.model.embed_tokens if cfg.tie_word_embeddings else \
             Embedding(cfg.vocab_size, cfg.hidden_size, **factory)

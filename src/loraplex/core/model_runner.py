@@ -58,8 +58,10 @@ class ModelRunner:
         self.eos_token_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
 
         self.attention_backend = get_attention_backend(self.device, config.attention_backend)
+        # The Triton path (CUDA) also fuses norms, rotary and SiLU-and-mul; the torch path is all torch.
         self.model = LlamaForCausalLM(cfg, max_positions=self.max_model_len, backend=self.attention_backend,
-                                      dtype=self.dtype, device=self.device)
+                                      dtype=self.dtype, device=self.device,
+                                      fused=self.attention_backend.name == "triton")
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:

@@ -34,8 +34,10 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) 
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
-                 *, dtype: torch.dtype, device: torch.device):
+                 *, dtype: torch.dtype, device: torch.device, fused: bool = False):
         super().__init__()
+        # fused: one Triton kernel rotating q and k in place (its head_dim must be a power of two).
+        self.fused = fused and head_dim >= 2 and head_dim & (head_dim - 1) == 0
         inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]  # [max_pos, head_dim/2]
         # cos and sin side by side: one gather per step. [max_pos, head_dim]
@@ -44,6 +46,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [num_tokens]; q: [num_tokens, q_heads, head_dim]; k: [num_tokens, kv_heads, head_dim]."""
+        if self.fused:
+            from loraplex.kernels.triton_elementwise import triton_rotary_
+            triton_rotary_(positions, q, k, self.cos_sin_cache)
+            return q, k
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, head_dim/2]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -22,6 +22,7 @@ reference below, which defines the semantics and is the CPU path.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -72,6 +73,38 @@ def apply_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b:
         return
     buf = _shrink_reference(x, lora_a, meta, num_slices)
     _expand_reference(buf, lora_b, meta, out, tuple(slice_offsets))
+
+
+def lora_linear(x: torch.Tensor, base: Callable[[torch.Tensor], torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, meta: LoRABatchMeta, slice_offsets: tuple[int, ...], *,
+                side_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+    """base(x) + LoRA(x): a LoRA-wrapped linear layer.
+
+    With a CUDA `side_stream`, the shrink runs on it while base(x) (the big GEMM) runs on the
+    current stream; the expand then waits for both. At decode both are memory-bound but the
+    shrink is a short, latency-bound kernel, so it hides under the GEMM instead of adding its
+    own few microseconds per layer. Also inside CUDA graph capture (a fork and a join)."""
+    if side_stream is None or not _use_triton("auto", x):
+        out = base(x)
+        apply_lora(x, out, lora_a, lora_b, meta, slice_offsets)
+        return out
+    num_slices = len(slice_offsets) - 1
+    _check_shrink(x, lora_a, meta, num_slices)
+    main = torch.cuda.current_stream(x.device)
+    side_stream.wait_stream(main)   # x is ready
+    with torch.cuda.stream(side_stream):
+        from loraplex.kernels.triton_lora import triton_expand, triton_shrink
+        partials = triton_shrink(x, lora_a, meta, num_slices, zero_init=False)
+    out = base(x)
+    main.wait_stream(side_stream)
+    # The partials live on the side stream's memory and die after the expand below. No
+    # record_stream needed: the side stream's next use of that memory (the next layer's
+    # shrink) comes after its wait_stream(main), hence after this expand.
+    _check_tensor(out, "out", dims=2, row_major=True)
+    _check_slice_offsets(slice_offsets, out)
+    _check_expand_weights(lora_b, lora_a, num_slices, out, x)
+    triton_expand(partials, lora_b, meta, out, tuple(slice_offsets))
+    return out
 
 
 # --- torch reference: per-slot matmuls over the grouped tokens (no per-token loops) ---

@@ -15,7 +15,7 @@ from torch import nn
 
 from loraplex.core.layers import Linear
 from loraplex.core.lora.slots import LoRAStack
-from loraplex.kernels.lora import apply_lora
+from loraplex.kernels.lora import lora_linear
 from loraplex.kernels.lora_meta import LoRABatchMeta
 
 
@@ -23,6 +23,8 @@ from loraplex.kernels.lora_meta import LoRABatchMeta
 class LoRAStepState:
     """The current step's token grouping; None when no token of the step uses an adapter."""
     meta: LoRABatchMeta | None = None
+    # CUDA: the stream each layer's LoRA shrink runs on, beside the base GEMM (kernels/lora.py).
+    side_stream: torch.cuda.Stream | None = None
 
 
 class LoRALinear(nn.Module):
@@ -39,8 +41,8 @@ class LoRALinear(nn.Module):
         self.out_features = base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)                         # [num_tokens, out_features]
         meta = self.state.meta
-        if meta is not None:
-            apply_lora(x, out, self.stack.lora_a, self.stack.lora_b, meta, self.stack.slice_offsets)
-        return out
+        if meta is None:
+            return self.base(x)                    # [num_tokens, out_features]
+        return lora_linear(x, self.base, self.stack.lora_a, self.stack.lora_b, meta, self.stack.slice_offsets,
+                           side_stream=self.state.side_stream)
