@@ -44,7 +44,7 @@ class LoRARuntime:
         self.manager = LoRAManager(self.stacks, max_cpu_loras=config.max_cpu_loras,
                                    served_model_name=config.model,
                                    allow_pickle=config.allow_pickle_lora_weights)
-        self.state = LoRAStepState()
+        self.state = LoRAStepState(side_stream=torch.cuda.Stream(device) if device.type == "cuda" else None)
         self.device = device
         for index, layer in enumerate(model.model.layers):
             for target, (parent_name, attr) in _TARGET_PATHS.items():
