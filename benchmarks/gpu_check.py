@@ -145,8 +145,38 @@ def check_kernels() -> None:
     triton_write_kv_cache(k, v, tk, tv, slots)
     report("write_kv_cache exact with padding", torch.equal(rk, tk) and torch.equal(rv, tv))
 
+    check_elementwise()
     check_decode_graph()
     time_decode()
+
+
+def check_elementwise() -> None:
+    """The fused norm / rotary / SiLU-and-mul kernels at 8B shapes, bf16, against the torch modules."""
+    from loraplex.core.layers import RMSNorm, silu_and_mul
+    from loraplex.core.rotary import RotaryEmbedding
+    from loraplex.kernels.triton_elementwise import triton_rms_norm, triton_rotary_, triton_silu_and_mul
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for tokens in (1, 64, 4099):
+        norm = RMSNorm(4096, 1e-5, dtype=torch.bfloat16, device=torch.device("cuda"))
+        norm.weight.data = (1 + 0.3 * torch.randn(4096, device="cuda", generator=gen)).bfloat16()
+        x = (3 * torch.randn(tokens, 4096, device="cuda", generator=gen)).bfloat16()
+        residual = torch.randn(tokens, 4096, device="cuda", generator=gen).bfloat16()
+        ref_out, ref_res = norm(x, residual.clone())
+        out = triton_rms_norm(x, norm.weight, norm.eps, residual)
+        report(f"rms_norm+residual T{tokens}", rel_err(out, ref_out) < 1e-2 and torch.equal(residual, ref_res),
+               f"err={rel_err(out, ref_out):.2e}")
+        gate_up = torch.randn(tokens, 2 * 14336, device="cuda", generator=gen).bfloat16()
+        err = rel_err(triton_silu_and_mul(gate_up), silu_and_mul(gate_up))
+        report(f"silu_and_mul T{tokens}", err < 1e-2, f"err={err:.2e}")
+        rotary = RotaryEmbedding(128, 8192, 500000.0, None, dtype=torch.bfloat16, device=torch.device("cuda"))
+        qkv = torch.randn(tokens, 6144, device="cuda", generator=gen).bfloat16()
+        positions = torch.randint(0, 8192, (tokens,), device="cuda", generator=gen)
+        q, k, v = qkv.split([4096, 1024, 1024], dim=-1)
+        q, k = q.view(tokens, 32, 128), k.view(tokens, 8, 128)
+        ref_q, ref_k = rotary(positions, q.clone(), k.clone())
+        triton_rotary_(positions, q, k, rotary.cos_sin_cache)
+        err = max(rel_err(q, ref_q), rel_err(k, ref_k))
+        report(f"rotary T{tokens}", err < 1e-2, f"err={err:.2e}")
 
 
 def check_decode_graph() -> None:

@@ -83,6 +83,9 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.attention_backend.name == "triton":
             from loraplex.core.cuda_graphs import DecodeGraphs
             self.decode_graphs = DecodeGraphs(self)
+        if self.device.type == "cuda" and self.attention_backend.name == "triton":
+            from loraplex.core.warmup import warm_up
+            warm_up(self)
         logger.info("%s on %s (%s): %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, attention %s",
                     cfg.architecture, self.device, self.dtype, self.num_kv_blocks, self.block_size,
                     self.kv_cache.num_bytes / 2**20, self.max_model_len, self.attention_backend.name)
