@@ -20,10 +20,11 @@ SPEC = llama_lora_spec(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2
                        intermediate_size=128)
 
 
-def load(path, *, max_lora_rank=16, served="tiny-base", allow_pickle=False, base_model_name=None):
+def load(path, *, max_lora_rank=16, served="tiny-base", allow_pickle=False, base_model_name=None,
+         dtype=torch.float32):
     request = LoRARequest("a", 1, str(path), base_model_name=base_model_name)
     return load_lora_adapter(request, SPEC, max_lora_rank=max_lora_rank, served_model_name=served,
-                             allow_pickle=allow_pickle)
+                             allow_pickle=allow_pickle, dtype=dtype)
 
 
 def edit_config(path, **changes):
@@ -44,20 +45,56 @@ def test_packs_slices_and_folds_scaling(tmp_path):
     raw = load_file(str(path / "adapter_model.safetensors"))
     adapter = load(path)
     assert adapter.rank == 4
-    assert set(adapter.weights) == {(0, "qkv_proj"), (1, "qkv_proj"), (0, "gate_up_proj"), (1, "gate_up_proj")}
-    qkv = adapter.weights[(1, "qkv_proj")]
-    assert qkv.lora_a[0] is None and qkv.lora_a[2] is None          # q and v not adapted
+    assert set(adapter.module_ranks) == {(0, "k_proj"), (1, "k_proj"), (0, "up_proj"), (1, "up_proj")}
+    assert set(adapter.targets) == {"qkv_proj", "gate_up_proj"}          # o_proj and down_proj not adapted
+    assert adapter.module_weights(1, "q_proj") is None and adapter.module_weights(1, "v_proj") is None
     prefix = "base_model.model.model.layers.1.self_attn.k_proj"
-    torch.testing.assert_close(qkv.lora_a[1], raw[f"{prefix}.lora_A.weight"])
-    torch.testing.assert_close(qkv.lora_b[1], raw[f"{prefix}.lora_B.weight"] * (8 / 4))
-    up = adapter.weights[(0, "gate_up_proj")]
-    assert up.lora_a[0] is None and up.lora_b[1].shape == (128, 4)
+    a, b = adapter.module_weights(1, "k_proj")
+    torch.testing.assert_close(a, raw[f"{prefix}.lora_A.weight"])
+    torch.testing.assert_close(b, raw[f"{prefix}.lora_B.weight"] * (8 / 4))
+    assert adapter.module_weights(0, "up_proj")[1].shape == (128, 4)
+
+
+def test_packed_layout_is_the_slot_layout(tmp_path):
+    """Per target one A [layers, slices*rank, in] and B [layers, out, rank] in the model dtype; every
+    slice in its rows/columns, zeros where nothing is adapted; num_bytes counts what is held."""
+    path = write_peft_adapter(tmp_path / "a", rank=4, alpha=8, target_modules=("k_proj", "v_proj", "down_proj"))
+    key = "base_model.model.model.layers.1.self_attn.v_proj"
+    gen = torch.Generator().manual_seed(2)
+    a8, b8 = torch.randn(8, 64, generator=gen), torch.randn(32, 8, generator=gen)
+    edit_tensors(path, lambda t: t.update({f"{key}.lora_A.weight": a8, f"{key}.lora_B.weight": b8}))
+    edit_config(path, rank_pattern={"layers.1.self_attn.v_proj": 8})
+    raw = load_file(str(path / "adapter_model.safetensors"))
+    adapter = load(path, dtype=torch.bfloat16)
+    assert adapter.rank == 8 and set(adapter.targets) == {"qkv_proj", "down_proj"}
+    qkv = adapter.targets["qkv_proj"]
+    assert qkv.lora_a.shape == (2, 3 * 8, 64) and qkv.lora_b.shape == (2, 128, 8)
+    assert qkv.lora_a.dtype == qkv.lora_b.dtype == torch.bfloat16 and not qkv.lora_a.is_pinned()
+    for layer in range(2):
+        k_rank, v_rank = 4, (8 if layer == 1 else 4)
+        k = f"base_model.model.model.layers.{layer}.self_attn.k_proj"
+        v = f"base_model.model.model.layers.{layer}.self_attn.v_proj"
+        assert qkv.lora_a[layer, 0:8].abs().sum() == 0 and qkv.lora_b[layer, 0:64].abs().sum() == 0   # q
+        torch.testing.assert_close(qkv.lora_a[layer, 8:8 + k_rank], raw[f"{k}.lora_A.weight"].bfloat16())
+        assert qkv.lora_a[layer, 8 + k_rank:16].abs().sum() == 0                                     # k padding
+        torch.testing.assert_close(qkv.lora_a[layer, 16:16 + v_rank], raw[f"{v}.lora_A.weight"].bfloat16())
+        # scaling folded in float32, then rounded once: k alpha 8 / r 4, v rank 8 from the pattern: 8 / 8
+        torch.testing.assert_close(qkv.lora_b[layer, 64:96, :k_rank], (raw[f"{k}.lora_B.weight"] * 2.0).bfloat16(),
+                                   rtol=0, atol=0)
+        assert qkv.lora_b[layer, 64:96, k_rank:].abs().sum() == 0
+        torch.testing.assert_close(qkv.lora_b[layer, 96:128, :v_rank],
+                                   (raw[f"{v}.lora_B.weight"] * (8 / v_rank)).bfloat16(), rtol=0, atol=0)
+    down = adapter.targets["down_proj"]
+    assert down.lora_a.shape == (2, 8, 128) and down.lora_b.shape == (2, 64, 8)
+    assert down.lora_a[:, 4:].abs().sum() == 0 and down.lora_b[:, :, 4:].abs().sum() == 0
+    held = sum(t.numel() * 2 for p in adapter.targets.values() for t in (p.lora_a, p.lora_b))
+    assert adapter.num_bytes == held == 2 * 2 * (8 * (3 * 64 + 128) + 8 * (128 + 64))
 
 
 def test_rslora_scaling(tmp_path):
     path = write_peft_adapter(tmp_path / "a", rank=16, alpha=8, target_modules=("o_proj",), use_rslora=True)
     raw = load_file(str(path / "adapter_model.safetensors"))
-    b = load(path).weights[(0, "o_proj")].lora_b[0]
+    _, b = load(path).module_weights(0, "o_proj")
     torch.testing.assert_close(b, raw["base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"] * (8 / math.sqrt(16)))
 
 
@@ -71,12 +108,13 @@ def test_rank_and_alpha_pattern(tmp_path):
     edit_config(path, rank_pattern={"layers.1.self_attn.v_proj": 8}, alpha_pattern={"v_proj": 32})
     adapter = load(path)
     assert adapter.rank == 8
-    torch.testing.assert_close(adapter.weights[(1, "qkv_proj")].lora_b[2], b8 * (32 / 8))
+    torch.testing.assert_close(adapter.module_weights(1, "v_proj")[1], b8 * (32 / 8))
     # layer 0's v_proj: rank 4 from r, alpha 32 from the pattern
-    assert adapter.weights[(0, "qkv_proj")].lora_a[2].shape == (4, 64)
+    a0, b0 = adapter.module_weights(0, "v_proj")
+    assert a0.shape == (4, 64)
     raw0 = load_file(str(path / "adapter_model.safetensors"))["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
-    torch.testing.assert_close(adapter.weights[(0, "qkv_proj")].lora_b[2], raw0 * (32 / 4))
-    assert adapter.weights[(0, "qkv_proj")].lora_b[0].abs().sum() > 0
+    torch.testing.assert_close(b0, raw0 * (32 / 4))
+    assert adapter.module_weights(0, "q_proj")[1].abs().sum() > 0
 
 
 def test_pickle_weights_need_opt_in(tmp_path):
@@ -167,3 +205,17 @@ def test_missing_directory_and_files(tmp_path):
 def test_base_model_matches_by_final_component(tmp_path):
     path = write_peft_adapter(tmp_path / "a", rank=4, base_model_name_or_path="meta-llama/tiny-base")
     assert load(path, served="/models/tiny-base").rank == 4
+
+
+def test_weights_beyond_the_model_dtype_are_refused(tmp_path):
+    # Finite in the file (float32) but not once scaled and cast to a float16 model: refused
+    # rather than put into a slot as inf.
+    path = write_peft_adapter(tmp_path / "a", rank=4, alpha=8, target_modules=("q_proj", "down_proj"))
+
+    def enlarge(t):
+        t["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"][5, 2] = 40000.0   # x2 scaling > 65504
+    edit_tensors(path, enlarge)
+    assert load(path, dtype=torch.float32).rank == 4
+    with pytest.raises(AdapterInvalidError, match=r"layers\.1\.mlp\.down_proj\.lora_B has values beyond the "
+                                                  r"range of the model's torch.float16 once scaled"):
+        load(path, dtype=torch.float16)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import gc
+import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from adapters import write_peft_adapter
 from loraplex.core.lora.manager import LoRAManager
 from loraplex.core.lora.slots import LoRASlotStacks
-from loraplex.core.lora.targets import llama_lora_spec
+from loraplex.core.lora.targets import PEFT_MODULE_TO_PACKED, llama_lora_spec
 from loraplex.errors import AdapterCapacityError, AdapterInvalidError, AdapterNotFoundError
 from loraplex.lora_request import LoRARequest
 
@@ -41,12 +44,12 @@ def test_write_slot_layout_and_zeroing(requests):
     slot = slots[5]
     adapter = manager._cpu[5]
     qkv = stacks.stack(1, "qkv_proj")
-    w = adapter.weights[(1, "qkv_proj")]
-    for i in range(3):
-        torch.testing.assert_close(qkv.lora_a[slot, i * MAX_RANK: i * MAX_RANK + 8], w.lora_a[i])
+    for i, module in enumerate(("q_proj", "k_proj", "v_proj")):
+        a, _ = adapter.module_weights(1, module)
+        torch.testing.assert_close(qkv.lora_a[slot, i * MAX_RANK: i * MAX_RANK + 8], a)
         assert qkv.lora_a[slot, i * MAX_RANK + 8: (i + 1) * MAX_RANK].abs().sum() == 0   # padding rows
     # k's B lands in the k output columns (64:96), padded to MAX_RANK with zeros
-    torch.testing.assert_close(qkv.lora_b[slot, 64:96, :8], w.lora_b[1])
+    torch.testing.assert_close(qkv.lora_b[slot, 64:96, :8], adapter.module_weights(1, "k_proj")[1])
     assert qkv.lora_b[slot, :, 8:].abs().sum() == 0
     assert stacks.slot_rank(slot) == 8 and int(stacks.slot_ranks[slot]) == 8
     manager.end_step()
@@ -58,6 +61,65 @@ def test_write_slot_layout_and_zeroing(requests):
     assert qkv.lora_a[slot].abs().sum() == 0 and qkv.lora_b[slot].abs().sum() == 0
     assert stacks.stack(0, "down_proj").lora_b[slot].abs().sum() > 0
     assert stacks.slot_rank(slot) == 16
+
+
+def reference_slot(request: LoRARequest, dtype: torch.dtype) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """One adapter's slot contents, built slice by slice from its files: (layer, target) -> (A, B)."""
+    config = json.loads(Path(request.lora_path, "adapter_config.json").read_text())
+    raw = load_file(str(Path(request.lora_path, "adapter_model.safetensors")))
+    slot = {(layer, t.name): (torch.zeros(t.num_slices * MAX_RANK, t.in_features, dtype=dtype),
+                              torch.zeros(t.out_features, MAX_RANK, dtype=dtype))
+            for layer in range(SPEC.num_layers) for t in SPEC.targets}
+    for name, a in raw.items():
+        if ".lora_A." not in name:
+            continue
+        layer, module = int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-3]
+        packed, index = PEFT_MODULE_TO_PACKED[module]
+        offsets, rank = SPEC.target(packed).slice_offsets, a.shape[0]
+        slot_a, slot_b = slot[(layer, packed)]
+        slot_a[index * MAX_RANK: index * MAX_RANK + rank] = a.to(dtype)
+        scaled = raw[name.replace(".lora_A.", ".lora_B.")].float() * (config["lora_alpha"] / config["r"])
+        slot_b[offsets[index]:offsets[index + 1], :rank] = scaled.to(dtype)
+    return slot
+
+
+def test_write_slot_matches_a_slice_by_slice_copy_and_leaves_nothing_stale(requests):
+    # bf16 slots: the packed copy is already in the model dtype. One slot takes adapters of
+    # falling and rising rank and other targets in turn (rank 16 gate/down, then rank 8 q/k/v/o,
+    # then rank 4 q/v); the other slot's adapter must stay untouched throughout.
+    stacks = LoRASlotStacks(SPEC, max_loras=2, max_lora_rank=MAX_RANK, dtype=torch.bfloat16, device="cpu")
+    manager = LoRAManager(stacks, max_cpu_loras=5, served_model_name="tiny-base")
+    for r in requests:
+        manager.add_lora(r)
+    stacks.write_slot(0, manager._cpu[2])
+    neighbour = reference_slot(requests[1], torch.bfloat16)
+    for index in (2, 4, 0, 2):
+        stacks.write_slot(1, manager._cpu[requests[index].lora_int_id])
+        expected = reference_slot(requests[index], torch.bfloat16)
+        for (layer, target), (a, b) in expected.items():
+            stack = stacks.stack(layer, target)
+            assert torch.equal(stack.lora_a[1], a) and torch.equal(stack.lora_b[1], b), (index, layer, target)
+            assert torch.equal(stack.lora_a[0], neighbour[(layer, target)][0])
+            assert torch.equal(stack.lora_b[0], neighbour[(layer, target)][1])
+        assert stacks.slot_rank(1) == int(stacks.slot_ranks[1]) == manager._cpu[requests[index].lora_int_id].rank
+    ranks = stacks.slot_ranks
+    stacks.clear_slot(1)
+    assert stacks.slot_ranks is ranks and ranks.tolist() == [8, 0]   # written in place: CUDA graphs read it
+    assert all(stacks.stack(layer, t.name).lora_a[1].abs().sum() == 0 == stacks.stack(layer, t.name).lora_b[1].abs().sum()
+               for layer in range(SPEC.num_layers) for t in SPEC.targets)
+
+
+def test_slot_stacks_share_one_tensor_per_target(requests):
+    stacks = LoRASlotStacks(SPEC, max_loras=3, max_lora_rank=MAX_RANK, dtype=torch.float32, device="cpu")
+    for layer in range(SPEC.num_layers):
+        for t in SPEC.targets:
+            stack = stacks.stack(layer, t.name)
+            # What the kernels get: contiguous [max_loras, ...] views of the all-layer tensors.
+            assert stack.lora_a.shape == (3, t.num_slices * MAX_RANK, t.in_features) and stack.lora_a.is_contiguous()
+            assert stack.lora_b.shape == (3, t.out_features, MAX_RANK) and stack.lora_b.is_contiguous()
+            assert stack.lora_a.data_ptr() == stacks.lora_a[t.name][layer].data_ptr()
+            assert stack.lora_b.data_ptr() == stacks.lora_b[t.name][layer].data_ptr()
+    assert stacks.num_bytes == 4 * 3 * MAX_RANK * SPEC.num_layers * (7 * 64 + 2 * 64 + 2 * 32 + 3 * 128)
 
 
 def test_device_lru_eviction_keeps_the_step(requests):
@@ -164,7 +226,7 @@ def test_remove_frees_slot_and_memory(requests):
     manager.add_lora(requests[2])
     manager.pin_lora(3)
     slot = manager.slot_of(3)
-    cpu_tensor = weakref.ref(manager._cpu[3].weights[(0, "down_proj")].lora_b[0])
+    cpu_tensor = weakref.ref(manager._cpu[3].targets["down_proj"].lora_b)
     assert manager.stacks.stack(0, "down_proj").lora_b[slot].abs().sum() > 0
     assert manager.remove_lora(3) is True
     gc.collect()

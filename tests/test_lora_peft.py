@@ -120,7 +120,7 @@ def test_remove_lora_frees_slot_and_cpu_copy(setup):
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
     llm.generate({"prompt_token_ids": setup["prompts"][1]}, params, lora_request=first, use_tqdm=False)
     manager = llm.llm_engine.lora_manager
-    cpu_copy = weakref.ref(manager._cpu[first.lora_int_id].weights[(0, "qkv_proj")].lora_a[0])
+    cpu_copy = weakref.ref(manager._cpu[first.lora_int_id].targets["qkv_proj"].lora_a)
     llm.pin_lora(first.lora_int_id)
     assert llm.remove_lora(first.lora_int_id)
     gc.collect()

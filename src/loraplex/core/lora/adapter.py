@@ -1,8 +1,11 @@
-"""Load a PEFT LoRA adapter directory into CPU tensors laid out for our fused layers.
+"""Load a PEFT LoRA adapter directory into CPU tensors laid out like a device slot.
 
 Validation is strict: every tensor must belong to a module the model has and adapts, with
-the shape the model expects and finite values; the scaling (alpha/r, or alpha/sqrt(r) with
-rsLoRA) is folded into B here so that activation is a plain copy into a device slot.
+the shape the model expects and finite values. The adapter is then packed once, on the
+loading thread: per fused target, one A and one B covering every decoder layer, in the
+model's dtype, with the scaling (alpha/r, or alpha/sqrt(r) with rsLoRA) folded into B in
+float32 first. Activation is then one copy per tensor into a slot (slots.py), from pinned
+memory when the slots are on a GPU, so it does not hold up the step that needs it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from safetensors.torch import load_file
 
 from loraplex.core.lora.adapter_config import LoRAAdapterConfig, parse_adapter_config
 from loraplex.core.lora.targets import (KNOWN_UNSUPPORTED_MODULES, PEFT_MODULE_PARENT, PEFT_MODULE_TO_PACKED,
-                                        SUPPORTED_PEFT_MODULES, LoRAModelSpec)
+                                        SUPPORTED_PEFT_MODULES, LoRAModelSpec, LoRATarget)
 from loraplex.errors import AdapterInvalidError
 from loraplex.lora_request import LoRARequest
 from loraplex.resolvers.validation import PICKLE_FILE, base_model_compatible, validate_adapter_dir
@@ -30,18 +33,25 @@ _TENSOR_NAME = re.compile(
 
 
 @dataclass
-class PackedLoRAWeights:
-    """One adapter's weights for one fused layer of one decoder layer; None = slice not adapted."""
-    lora_a: list[torch.Tensor | None]   # per slice: [rank_i, in_features]
-    lora_b: list[torch.Tensor | None]   # per slice: [out_i, rank_i], scaling folded in
+class PackedLoRATarget:
+    """One adapter's weights for one fused target (e.g. qkv_proj) in every decoder layer.
+
+    The slot layout of slots.py, but padded to the adapter's own rank rather than
+    max_lora_rank: slice i of a layer holds A rows i*rank : i*rank + rank_i and B rows
+    slice_offsets[i] : slice_offsets[i+1], columns :rank_i. Everything else is zero (padding
+    past a module's rank, slices and layers the adapter does not adapt)."""
+    target: LoRATarget
+    lora_a: torch.Tensor   # [num_layers, num_slices * rank, in_features]
+    lora_b: torch.Tensor   # [num_layers, out_features, rank], scaling folded in
 
 
 @dataclass
 class LoRAAdapter:
     """A validated adapter held in CPU memory, ready to be copied into a device slot."""
     request: LoRARequest
-    rank: int                                            # the largest rank of any module
-    weights: dict[tuple[int, str], PackedLoRAWeights]    # (layer, packed module) -> weights
+    rank: int                                    # the largest rank of any module; the packing width
+    targets: dict[str, PackedLoRATarget]         # fused target -> weights; targets not adapted are absent
+    module_ranks: dict[tuple[int, str], int]     # (layer, PEFT module) -> rank of every adapted module
 
     @property
     def lora_int_id(self) -> int:
@@ -49,14 +59,30 @@ class LoRAAdapter:
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.weights.values()
-                   for t in (*w.lora_a, *w.lora_b) if t is not None)
+        """CPU memory the adapter holds (its packed tensors)."""
+        return sum(t.numel() * t.element_size() for p in self.targets.values() for t in (p.lora_a, p.lora_b))
+
+    def module_weights(self, layer: int, peft_module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of one PEFT module's A [rank_i, in_features] and B [out_i, rank_i] (scaled);
+        None if the adapter does not adapt it."""
+        rank = self.module_ranks.get((layer, peft_module))
+        if rank is None:
+            return None
+        name, index = PEFT_MODULE_TO_PACKED[peft_module]
+        packed = self.targets[name]
+        offsets = packed.target.slice_offsets
+        a = packed.lora_a[layer, index * self.rank: index * self.rank + rank]
+        return a, packed.lora_b[layer, offsets[index]:offsets[index + 1], :rank]
 
 
 def load_lora_adapter(request: LoRARequest, spec: LoRAModelSpec, *, max_lora_rank: int,
                       served_model_name: str | None = None, served_aliases: tuple[str, ...] = (),
-                      allow_pickle: bool = False) -> LoRAAdapter:
-    """Read and validate `request.lora_path`; raise AdapterInvalidError saying what is wrong."""
+                      allow_pickle: bool = False, dtype: torch.dtype = torch.float32,
+                      pin_memory: bool = False) -> LoRAAdapter:
+    """Read, validate and pack `request.lora_path`; raise AdapterInvalidError saying what is wrong.
+
+    dtype: the slots' dtype (the model's); pin_memory: True when the slots are on a GPU
+    (page-locked memory makes the copy into a slot asynchronous; it needs CUDA)."""
     where = f"{request.lora_name!r} ({request.lora_path})"
     files = validate_adapter_dir(request.lora_path, allow_pickle=allow_pickle)
     config = parse_adapter_config(files.config, where)
@@ -66,11 +92,14 @@ def load_lora_adapter(request: LoRARequest, spec: LoRAModelSpec, *, max_lora_ran
             f"adapter {where} has rank {config.max_rank}, above max_lora_rank={max_lora_rank}; "
             f"start the engine with max_lora_rank >= {config.max_rank} (--max-lora-rank)")
     tensors = _read_tensors(files.weights_path, where)
-    weights = _pack(tensors, config, spec, where)
-    if not weights:
+    modules = _validate(tensors, config, spec, where)
+    if not modules:
         raise AdapterInvalidError(f"adapter {where} holds no LoRA weights")
-    rank = max(t.shape[0] for w in weights.values() for t in w.lora_a if t is not None)
-    return LoRAAdapter(request=request, rank=rank, weights=weights)
+    rank = max(a.shape[0] for a, _, _ in modules.values())
+    adapter = LoRAAdapter(request=request, rank=rank, targets=_pack(modules, spec, rank, dtype, pin_memory),
+                          module_ranks={key: a.shape[0] for key, (a, _, _) in modules.items()})
+    _check_finite(adapter, modules, where)
+    return adapter
 
 
 def _check_base_model(config: LoRAAdapterConfig, request: LoRARequest, where: str,
@@ -98,8 +127,9 @@ def _read_tensors(path, where: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _pack(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec: LoRAModelSpec,
-          where: str) -> dict[tuple[int, str], PackedLoRAWeights]:
+def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec: LoRAModelSpec,
+              where: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]:
+    """(layer, PEFT module) -> (A [rank, in], B [out, rank], scaling), every pair checked."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         layer, module, which = _parse_name(name, spec, where)
@@ -108,19 +138,34 @@ def _pack(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec: LoR
                                       f"in the adapter's target_modules {list(config.target_modules)}")
         pairs.setdefault((layer, module), {})[which] = tensor
 
-    weights: dict[tuple[int, str], PackedLoRAWeights] = {}
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for (layer, module), pair in sorted(pairs.items()):
-        key = f"model.layers.{layer}.{PEFT_MODULE_PARENT[module]}.{module}"
+        key = _module_key(layer, module)
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise AdapterInvalidError(f"adapter {where}: {key} has no {missing} weight")
-        a, b = _check_pair(pair["A"], pair["B"], key, module, config, spec, where)
-        packed, index = PEFT_MODULE_TO_PACKED[module]
-        num_slices = spec.target(packed).num_slices
-        entry = weights.setdefault((layer, packed), PackedLoRAWeights([None] * num_slices, [None] * num_slices))
-        entry.lora_a[index] = a
-        entry.lora_b[index] = b * config.scaling(key)
-    return weights
+        _check_pair(pair["A"], pair["B"], key, module, config, spec, where)
+        modules[(layer, module)] = (pair["A"], pair["B"], config.scaling(key))
+    return modules
+
+
+def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]], spec: LoRAModelSpec,
+          rank: int, dtype: torch.dtype, pin_memory: bool) -> dict[str, PackedLoRATarget]:
+    targets: dict[str, PackedLoRATarget] = {}
+    for (layer, module), (a, b, scaling) in modules.items():
+        name, index = PEFT_MODULE_TO_PACKED[module]
+        target = spec.target(name)
+        if name not in targets:
+            targets[name] = PackedLoRATarget(
+                target=target,
+                lora_a=torch.zeros(spec.num_layers, target.num_slices * rank, target.in_features, dtype=dtype,
+                                   pin_memory=pin_memory),
+                lora_b=torch.zeros(spec.num_layers, target.out_features, rank, dtype=dtype, pin_memory=pin_memory))
+        packed, module_rank, offsets = targets[name], a.shape[0], target.slice_offsets
+        packed.lora_a[layer, index * rank: index * rank + module_rank].copy_(a)
+        # Scaling folded in float32, then one rounding to the model's dtype.
+        packed.lora_b[layer, offsets[index]:offsets[index + 1], :module_rank].copy_(b.float() * scaling)
+    return targets
 
 
 def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, str]:
@@ -146,7 +191,7 @@ def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, s
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, key: str, module: str, config: LoRAAdapterConfig,
-                spec: LoRAModelSpec, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+                spec: LoRAModelSpec, where: str) -> None:
     in_features, out_features = spec.peft_module_shape(module)
     rank, _ = config.rank_and_alpha(key)
     for tensor, expected, label in ((a, (rank, in_features), "lora_A"), (b, (out_features, rank), "lora_B")):
@@ -158,8 +203,29 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, key: str, module: str, config:
         if not tensor.is_floating_point():
             raise AdapterInvalidError(f"adapter {where}: {key}.{label} has dtype {tensor.dtype}; "
                                       f"expected floating-point weights")
-        if not torch.isfinite(tensor).all():
-            raise AdapterInvalidError(f"adapter {where}: {key}.{label} holds NaN or infinite values; "
-                                      f"the adapter is corrupt (or diverged in training)")
-    # fp32 on the CPU: scaling is folded in at full precision, the slot copy casts to the model dtype.
-    return a.float().contiguous(), b.float()
+
+
+def _check_finite(adapter: LoRAAdapter, modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]],
+                  where: str) -> None:
+    """Refuse NaN or infinite weights, in the files or once scaled and cast to the model's dtype."""
+    # Fast path: min and max propagate NaN and inf, and one aminmax per packed tensor costs
+    # a fraction of an element-wise check of every module. Only a failure looks closer.
+    packed = [t for p in adapter.targets.values() for t in (p.lora_a, p.lora_b)]
+    if all(torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in packed):
+        return
+    for (layer, module), (a, b, _) in modules.items():
+        for tensor, label in ((a, "lora_A"), (b, "lora_B")):
+            if not torch.isfinite(tensor).all():
+                raise AdapterInvalidError(f"adapter {where}: {_module_key(layer, module)}.{label} holds NaN or "
+                                          f"infinite values; the adapter is corrupt (or diverged in training)")
+    for layer, module in modules:
+        for tensor, label in zip(adapter.module_weights(layer, module), ("lora_A", "lora_B")):
+            if not torch.isfinite(tensor).all():
+                dtype = adapter.targets[PEFT_MODULE_TO_PACKED[module][0]].lora_a.dtype
+                raise AdapterInvalidError(
+                    f"adapter {where}: {_module_key(layer, module)}.{label} has values beyond the range of "
+                    f"the model's {dtype} once scaled; the adapter does not fit this model's dtype")
+
+
+def _module_key(layer: int, module: str) -> str:
+    return f"model.layers.{layer}.{PEFT_MODULE_PARENT[module]}.{module}"

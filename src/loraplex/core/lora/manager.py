@@ -32,8 +32,10 @@ class LoRAManager:
         self.stacks = stacks
         self.max_loras = stacks.max_loras
         self.max_cpu_loras = max_cpu_loras
+        # Adapters are packed for these slots when loaded (dtype; pinned memory when they are on a GPU).
         self._load_options = dict(max_lora_rank=stacks.max_lora_rank, served_model_name=served_model_name,
-                                  served_aliases=served_aliases, allow_pickle=allow_pickle)
+                                  served_aliases=served_aliases, allow_pickle=allow_pickle, dtype=stacks.dtype,
+                                  pin_memory=stacks.device.type == "cuda")
         self._cpu: OrderedDict[int, LoRAAdapter] = OrderedDict()   # LRU first
         self._slot_of: OrderedDict[int, int] = OrderedDict()        # lora_int_id -> slot, LRU first
         self._slot_request: dict[int, LoRARequest] = {}             # lora_int_id -> what its slot holds
@@ -67,8 +69,8 @@ class LoRAManager:
             self._make_cpu_room(request)
             self._cpu[request.lora_int_id] = adapter
             self.stats["loads"] += 1
-        logger.info("loaded LoRA adapter %r (id %d, rank %d, %.1f KiB)", request.lora_name,
-                    request.lora_int_id, adapter.rank, adapter.num_bytes / 1024)
+        logger.info("loaded LoRA adapter %r (id %d, rank %d, %.1f MiB)", request.lora_name,
+                    request.lora_int_id, adapter.rank, adapter.num_bytes / 2**20)
         return True
 
     def remove_lora(self, lora_int_id: int) -> bool:

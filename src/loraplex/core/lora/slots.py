@@ -5,11 +5,15 @@ each padded to `max_lora_rank`, so one batch can mix adapters of any ranks:
 
     lora_a [max_loras, num_slices * max_rank, in_features]   slice i of slot s at rows
                                                               i*max_rank : i*max_rank + rank
-    lora_b [max_loras, out_features, max_rank]                slice i at columns
+    lora_b [max_loras, out_features, max_rank]                slice i at rows
                                                               slice_offsets[i] : slice_offsets[i+1]
 
-Padding and slices an adapter does not adapt stay zero, so they add nothing. Activating an
-adapter is only a copy into its slot; nothing is allocated after start-up.
+These per-layer stacks are views of one tensor per target and A/B covering every layer
+([num_layers, max_loras, ...]), so activating an adapter is one copy per tensor from its
+packed CPU copy (adapter.py): no per-layer loop on the step path. Padding and slices an
+adapter does not adapt are zero, so they add nothing. Nothing is allocated here after
+start-up (on a GPU, torch stages a copy into a strided slot through a temporary of its
+caching allocator).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from loraplex.core.lora.targets import LoRAModelSpec, LoRATarget
 
 @dataclass
 class LoRAStack:
-    """The slots of one fused linear layer in one decoder layer."""
+    """The slots of one fused linear layer in one decoder layer (contiguous views)."""
     target: LoRATarget
     lora_a: torch.Tensor          # [max_loras, num_slices * max_rank, in_features]
     lora_b: torch.Tensor          # [max_loras, out_features, max_rank]
@@ -40,16 +44,22 @@ class LoRASlotStacks:
         self.spec = spec
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
+        self.dtype = dtype
         self.device = torch.device(device)
+        num_layers = spec.num_layers
+        # Per target name: [num_layers, max_loras, num_slices * max_rank, in_features]
+        self.lora_a = {t.name: torch.zeros(num_layers, max_loras, t.num_slices * max_lora_rank, t.in_features,
+                                           dtype=dtype, device=device) for t in spec.targets}
+        # Per target name: [num_layers, max_loras, out_features, max_rank]
+        self.lora_b = {t.name: torch.zeros(num_layers, max_loras, t.out_features, max_lora_rank,
+                                           dtype=dtype, device=device) for t in spec.targets}
         # stacks[layer][target name]
         self.stacks: list[dict[str, LoRAStack]] = [
-            {t.name: LoRAStack(
-                target=t,
-                lora_a=torch.zeros(max_loras, t.num_slices * max_lora_rank, t.in_features, dtype=dtype, device=device),
-                lora_b=torch.zeros(max_loras, t.out_features, max_lora_rank, dtype=dtype, device=device))
+            {t.name: LoRAStack(target=t, lora_a=self.lora_a[t.name][layer], lora_b=self.lora_b[t.name][layer])
              for t in spec.targets}
-            for _ in range(spec.num_layers)]
-        # Rank of the adapter in each slot (0 = empty); the kernels' metadata reads it.
+            for layer in range(num_layers)]
+        # Rank of the adapter in each slot (0 = empty); the kernels' metadata (and CUDA graphs)
+        # read this very tensor, so it is only ever written in place.
         self.slot_ranks = torch.zeros(max_loras, dtype=torch.int32, device=device)
         self._slot_ranks_host = [0] * max_loras
 
@@ -58,34 +68,35 @@ class LoRASlotStacks:
 
     @property
     def num_bytes(self) -> int:
-        return sum(s.lora_a.numel() * s.lora_a.element_size() + s.lora_b.numel() * s.lora_b.element_size()
-                   for layer in self.stacks for s in layer.values())
+        return sum(t.numel() * t.element_size() for t in (*self.lora_a.values(), *self.lora_b.values()))
 
     def write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copy `adapter` into `slot`, zeroing whatever the previous occupant left there."""
-        r_max = self.max_lora_rank
-        for layer, stacks in enumerate(self.stacks):
-            for name, stack in stacks.items():
-                stack.lora_a[slot].zero_()
-                stack.lora_b[slot].zero_()
-                weights = adapter.weights.get((layer, name))
-                if weights is None:
-                    continue
-                offsets = stack.slice_offsets
-                for i, (a, b) in enumerate(zip(weights.lora_a, weights.lora_b)):
-                    if a is None:
-                        continue
-                    rank = a.shape[0]
-                    # a: [rank, in_features] -> rows of slice i; b: [out_i, rank] -> columns of slice i
-                    stack.lora_a[slot, i * r_max: i * r_max + rank].copy_(a, non_blocking=True)
-                    stack.lora_b[slot, offsets[i]:offsets[i + 1], :rank].copy_(b, non_blocking=True)
-        self._set_rank(slot, adapter.rank)
+        """Copy `adapter` into `slot` of every layer, leaving nothing of the previous occupant.
+
+        Per target: one copy for A and one for B (asynchronous from pinned memory on a GPU),
+        plus, for an adapter below max_lora_rank, one zero_() of each one's padding."""
+        max_rank, rank = self.max_lora_rank, adapter.rank
+        for target in self.spec.targets:
+            slot_a = self.lora_a[target.name][:, slot]    # [num_layers, num_slices * max_rank, in_features]
+            slot_b = self.lora_b[target.name][:, slot]    # [num_layers, out_features, max_rank]
+            packed = adapter.targets.get(target.name)
+            if packed is None:
+                slot_a.zero_()
+                slot_b.zero_()
+                continue
+            # [num_layers, num_slices, max_rank, in_features]: the packed A has `rank` rows per slice
+            slot_a_slices = slot_a.unflatten(1, (target.num_slices, max_rank))
+            slot_a_slices[:, :, :rank].copy_(packed.lora_a.unflatten(1, (target.num_slices, rank)),
+                                             non_blocking=True)
+            slot_b[:, :, :rank].copy_(packed.lora_b, non_blocking=True)
+            if rank < max_rank:
+                slot_a_slices[:, :, rank:].zero_()
+                slot_b[:, :, rank:].zero_()
+        self._set_rank(slot, rank)
 
     def clear_slot(self, slot: int) -> None:
-        for stacks in self.stacks:
-            for stack in stacks.values():
-                stack.lora_a[slot].zero_()
-                stack.lora_b[slot].zero_()
+        for tensor in (*self.lora_a.values(), *self.lora_b.values()):
+            tensor[:, slot].zero_()
         self._set_rank(slot, 0)
 
     def slot_rank(self, slot: int) -> int:
