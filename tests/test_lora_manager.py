@@ -85,15 +85,18 @@ def reference_slot(request: LoRARequest, dtype: torch.dtype) -> dict[tuple[int, 
 
 def test_write_slot_matches_a_slice_by_slice_copy_and_leaves_nothing_stale(requests):
     # bf16 slots: the packed copy is already in the model dtype. One slot takes adapters of
-    # falling and rising rank and other targets in turn (rank 16 gate/down, then rank 8 q/k/v/o,
-    # then rank 4 q/v); the other slot's adapter must stay untouched throughout.
+    # falling and rising rank and other targets in turn (rank 16 gate/down, 8 q/k/v/o, 4 q/v,
+    # 16 gate/down, 4 up, 8 k/o); the other slot's adapter must stay untouched throughout.
     stacks = LoRASlotStacks(SPEC, max_loras=2, max_lora_rank=MAX_RANK, dtype=torch.bfloat16, device="cpu")
     manager = LoRAManager(stacks, max_cpu_loras=5, served_model_name="tiny-base")
     for r in requests:
         manager.add_lora(r)
+    # Packed in the slots' dtype when loaded; plain memory for CPU slots (pinned only for a GPU).
+    assert all(t.dtype == torch.bfloat16 and not t.is_pinned()
+               for a in manager._cpu.values() for p in a.targets.values() for t in (p.lora_a, p.lora_b))
     stacks.write_slot(0, manager._cpu[2])
     neighbour = reference_slot(requests[1], torch.bfloat16)
-    for index in (2, 4, 0, 2):
+    for index in (2, 4, 0, 2, 3, 1):
         stacks.write_slot(1, manager._cpu[requests[index].lora_int_id])
         expected = reference_slot(requests[index], torch.bfloat16)
         for (layer, target), (a, b) in expected.items():

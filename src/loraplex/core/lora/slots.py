@@ -62,6 +62,10 @@ class LoRASlotStacks:
         # read this very tensor, so it is only ever written in place.
         self.slot_ranks = torch.zeros(max_loras, dtype=torch.int32, device=device)
         self._slot_ranks_host = [0] * max_loras
+        # What a slot may hold that is not zero: its targets, and rows/columns below a rank.
+        # Everything else is zero, so a write only has to clear what lies inside these.
+        self._dirty_targets: list[frozenset[str]] = [frozenset()] * max_loras
+        self._dirty_rank = [0] * max_loras
 
     def stack(self, layer: int, target: str) -> LoRAStack:
         return self.stacks[layer][target]
@@ -73,30 +77,38 @@ class LoRASlotStacks:
     def write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy `adapter` into `slot` of every layer, leaving nothing of the previous occupant.
 
-        Per target: one copy for A and one for B (asynchronous from pinned memory on a GPU),
-        plus, for an adapter below max_lora_rank, one zero_() of each one's padding."""
+        Per target one copy for A and one for B (asynchronous from pinned memory on a GPU);
+        zero_() only for what the previous occupant left beyond this adapter's rank or in
+        targets this adapter does not adapt."""
         max_rank, rank = self.max_lora_rank, adapter.rank
+        dirty_targets, dirty_rank = self._dirty_targets[slot], self._dirty_rank[slot]
+        # Should a copy fail half-way, the slot may hold both adapters' rows.
+        self._dirty_targets[slot] = dirty_targets | frozenset(adapter.targets)
+        self._dirty_rank[slot] = max(dirty_rank, rank)
         for target in self.spec.targets:
             slot_a = self.lora_a[target.name][:, slot]    # [num_layers, num_slices * max_rank, in_features]
             slot_b = self.lora_b[target.name][:, slot]    # [num_layers, out_features, max_rank]
             packed = adapter.targets.get(target.name)
             if packed is None:
-                slot_a.zero_()
-                slot_b.zero_()
+                if target.name in dirty_targets:
+                    slot_a.zero_()
+                    slot_b.zero_()
                 continue
             # [num_layers, num_slices, max_rank, in_features]: the packed A has `rank` rows per slice
             slot_a_slices = slot_a.unflatten(1, (target.num_slices, max_rank))
             slot_a_slices[:, :, :rank].copy_(packed.lora_a.unflatten(1, (target.num_slices, rank)),
                                              non_blocking=True)
             slot_b[:, :, :rank].copy_(packed.lora_b, non_blocking=True)
-            if rank < max_rank:
-                slot_a_slices[:, :, rank:].zero_()
-                slot_b[:, :, rank:].zero_()
+            if target.name in dirty_targets and dirty_rank > rank:
+                slot_a_slices[:, :, rank:dirty_rank].zero_()
+                slot_b[:, :, rank:dirty_rank].zero_()
+        self._dirty_targets[slot], self._dirty_rank[slot] = frozenset(adapter.targets), rank
         self._set_rank(slot, rank)
 
     def clear_slot(self, slot: int) -> None:
         for tensor in (*self.lora_a.values(), *self.lora_b.values()):
             tensor[:, slot].zero_()
+        self._dirty_targets[slot], self._dirty_rank[slot] = frozenset(), 0
         self._set_rank(slot, 0)
 
     def slot_rank(self, slot: int) -> int:
