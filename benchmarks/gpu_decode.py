@@ -210,6 +210,20 @@ def prefill_bench(runner, blocks, loras, num_seqs, length, repeats=3) -> float:
     return num_seqs * length / statistics.median(times[1:])
 
 
+def compiled_kernels() -> dict[str, int]:
+    """Compiled variants of each loraplex Triton kernel (a step that adds some paid a JIT compile)."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+    counts = {}
+    for name in ("triton_attention", "triton_lora", "triton_lora_meta", "triton_elementwise"):
+        module = importlib.import_module(f"loraplex.kernels.{name}")
+        for attr, fn in vars(module).items():
+            if isinstance(fn, JITFunction):
+                counts[attr] = sum(len(caches[0]) for caches in fn.device_caches.values())
+    return counts
+
+
 def cold_adapter(runner, blocks, loaded: list, cold: LoRARequest, warm: LoRARequest, prompt_len: int) -> dict:
     """Batch 32 decoding with 8 adapters; a request for `warm` (in a slot), later one for `cold` (on disk)."""
     seqs = new_seqs(runner, 32, prompt_len, loaded, first_id=50000, seed=77)
@@ -232,10 +246,16 @@ def cold_adapter(runner, blocks, loaded: list, cold: LoRARequest, warm: LoRARequ
             run_step(runner, blocks, [(s, 1) for s in seqs])
             during.append(time.perf_counter() - t)
         loader.join()
+        loaded_ms = (time.perf_counter() - arrival) * 1e3
+        kernels_before = compiled_kernels() if DEVICE == "cuda" else {}
         run_step(runner, blocks, [(s, 1) for s in seqs] + [(newcomer, newcomer.num_tokens)])  # mixed step
         first_token_ms = (time.perf_counter() - arrival) * 1e3
-        result[label] = {"first_token_ms": first_token_ms, "steps_during_load": len(during),
-                         "step_ms_during_load": statistics.median(during) * 1e3 if during else None}
+        compiled = {k: n - kernels_before.get(k, 0) for k, n in (compiled_kernels() if DEVICE == "cuda" else {}).items()
+                    if n != kernels_before.get(k, 0)}
+        result[label] = {"first_token_ms": first_token_ms, "load_done_ms": loaded_ms,
+                         "steps_during_load": len(during),
+                         "step_ms_during_load": statistics.median(during) * 1e3 if during else None,
+                         "kernels_compiled_in_first_step": compiled}
         blocks.release([newcomer])
     blocks.release(seqs)
     result["baseline_step_ms"] = statistics.median(baseline) * 1e3

@@ -331,6 +331,48 @@ def run_bench(replays):
                     torch.cuda.empty_cache()
 
 
+def run_in_layer(replays):
+    """What LoRA adds to a layer: the base GEMM alone, then GEMM + apply_lora one after the other,
+    then lora_linear (the model's path: the LoRA on a side stream beside the GEMM)."""
+    import torch.nn.functional as F
+
+    from loraplex.kernels.lora import lora_linear
+    print("\n== Part 3: in the layer (64 tokens, 32 adapters, rank 16; CUDA-graph replays, 2 rotated weight sets) ==")
+    print(f"{'module':<8}{'GEMM alone':>12}{'+ LoRA after':>14}{'+ LoRA beside':>15}{'added after':>13}{'added beside':>14}")
+    side = torch.cuda.Stream()
+    for module in ("qkv", "gate_up", "down"):
+        in_features, widths = MODULES[module]
+        sets = [make_inputs(module, 64, 32, base_fraction=0.0, seed=s) for s in range(2)]
+        weights = [torch.randn(sum(widths), in_features, device="cuda").to(torch.bfloat16) * 0.02 for _ in sets]
+        meta = build_lora_meta(sets[0]["token_slots"], sets[0]["slot_ranks"], MAX_LORAS)
+        offsets = sets[0]["offsets"]
+
+        def gemm():
+            for t, w in zip(sets, weights):
+                t["y"] = F.linear(t["x"], w)
+
+        def after():
+            for t, w in zip(sets, weights):
+                t["y"] = F.linear(t["x"], w)
+                apply_lora(t["x"], t["y"], t["lora_a"], t["lora_b"], meta, offsets)
+
+        def beside():
+            for t, w in zip(sets, weights):
+                t["y"] = lora_linear(t["x"], lambda x, w=w: F.linear(x, w), t["lora_a"], t["lora_b"], meta, offsets,
+                                     side_stream=side)
+
+        ref = F.linear(sets[0]["x"], weights[0])
+        apply_lora(sets[0]["x"], ref, sets[0]["lora_a"], sets[0]["lora_b"], meta, offsets, backend="torch")
+        beside()
+        torch.cuda.synchronize()
+        err = rel_err(sets[0]["y"], ref, F.linear(sets[0]["x"], weights[0]))
+        us = [time_graph(fn, len(sets), replays) for fn in (gemm, after, beside)]
+        print(f"{module:<8}{us[0]:>12.1f}{us[1]:>14.1f}{us[2]:>15.1f}{us[1] - us[0]:>13.1f}{us[2] - us[0]:>14.1f}"
+              f"   (lora_linear err {err:.1e})", flush=True)
+        del sets, weights
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-check", action="store_true", help="skip the correctness matrix")
@@ -350,6 +392,7 @@ def main():
         ok = run_checks()
     if not args.skip_bench:
         run_bench(args.replays)
+        run_in_layer(args.replays)
     if args.sweep:
         from gpu_lora_sweep import run_sweep
         run_sweep(max(10, args.replays // 2), args.sweep_seconds)

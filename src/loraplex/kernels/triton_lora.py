@@ -210,6 +210,14 @@ def _expand_kernel(
         mask_n = offs_n < col_hi
         b_cols = b_slot + offs_n[None, :] * stride_b_n                               # [1, BLOCK_N]
         b = _load_b(b_cols, 0, offs_r, mask_n, rank, max_rank, EVEN_R, EVEN_N)       # [BLOCK_R, BLOCK_N]
+        # The out tile is loaded next to B, before the dot, so the two DRAM round trips of a
+        # tile overlap instead of following each other (decode is latency-bound here).
+        out_ptrs = out_rows + offs_n[None, :]
+        if EVEN_N:
+            mask = mask_m[:, None]
+        else:
+            mask = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(out_ptrs, mask=mask, other=0.0)
         if IEEE_DOT:
             acc = tl.dot(h0, b, input_precision="ieee")
         else:
@@ -223,12 +231,6 @@ def _expand_kernel(
                     acc = tl.dot(h, b, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(h.to(b.dtype), b, acc)
-        out_ptrs = out_rows + offs_n[None, :]
-        if EVEN_N:
-            mask = mask_m[:, None]
-        else:
-            mask = mask_m[:, None] & mask_n[None, :]
-        y = tl.load(out_ptrs, mask=mask, other=0.0)
         tl.store(out_ptrs, (y.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
