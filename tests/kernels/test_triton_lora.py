@@ -98,3 +98,19 @@ def test_expand_chunks_of_several_tiles_ignore_nan_padding(max_rank, block_r, wi
     triton_expand(buf.unsqueeze(0), lora_b, case.meta, out, case.slice_offsets,
                   config=ExpandConfig(block_m=16, block_n=16, block_r=block_r, num_stages=2, tiles_per_program=2))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_expand_into_a_float32_delta_with_half_weights():
+    # lora_linear's decode path: the expand adds into a zeroed float32 buffer while the
+    # weights are half precision (the dot's operand dtypes follow B, not out).
+    case = _device(make_case(num_tokens=9, in_features=32, slice_widths=(16, 8), max_loras=3,
+                             max_rank=8, slot_ranks=[8, 4, 2], dtype=torch.float16, seed=21))
+    buf = lora_shrink(case.x, case.lora_a, case.meta, 2, backend="torch")
+    delta = torch.zeros(case.out.shape, dtype=torch.float32, device=case.out.device)
+    triton_expand(buf.unsqueeze(0), case.lora_b, case.meta, delta, case.slice_offsets)
+    expected = case.out.float().clone()
+    lora_expand(buf, case.lora_b.float(), case.meta, expected, case.slice_offsets, backend="torch")
+    lora_rows = case.token_slots >= 0
+    assert rel_err(delta[lora_rows].cpu(), (expected - case.out.float())[lora_rows].cpu(),
+                   torch.zeros_like(delta[lora_rows]).cpu()) < 5e-3
+    assert not delta[~lora_rows].any()

@@ -314,6 +314,6 @@ def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchM
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
         N_TILES=config.tiles_per_program, ONE_R_BLOCK=max_rank <= config.block_r,
         EVEN_R=max_rank % config.block_r == 0, EVEN_N=all(w % chunk == 0 for w in widths),
-        IEEE_DOT=out.dtype == torch.float32, USE_PDL=pdl,
+        IEEE_DOT=lora_b.dtype == torch.float32, USE_PDL=pdl,
         num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
