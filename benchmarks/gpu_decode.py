@@ -309,7 +309,12 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
+    parser.add_argument("--no-shrink-overlap", action="store_true",
+                        help="LoRA shrink after the base GEMM, not beside it on a side stream")
     args = parser.parse_args()
+    if args.no_shrink_overlap:
+        from loraplex.kernels import lora as lora_ops
+        lora_ops.SHRINK_BESIDE_GEMM = False
     global DEVICE
     DEVICE = "cpu" if args.smoke else "cuda"
     cfg = dict(LLAMA3_8B)
@@ -322,7 +327,8 @@ def main() -> None:
         cfg.update(SMOKE_CONFIG)
         prompt_len, new_tokens, peft_tokens, batches = 8, 6, 3, (1, 32)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)"
-    results = {"device": name, "torch": torch.__version__, "config": cfg}
+    results = {"device": name, "torch": torch.__version__, "config": cfg,
+               "lora_shrink_beside_gemm": not args.no_shrink_overlap}
     tmp = Path(tempfile.mkdtemp())
     t = time.perf_counter()
     model_dir = write_model_dir(tmp, cfg)

@@ -333,7 +333,7 @@ def run_bench(replays):
 
 def run_in_layer(replays):
     """What LoRA adds to a layer: the base GEMM alone, then GEMM + apply_lora one after the other,
-    then lora_linear (the model's path: the LoRA on a side stream beside the GEMM)."""
+    then lora_linear (the model's path: the shrink on a side stream beside the GEMM)."""
     import torch.nn.functional as F
 
     from loraplex.kernels.lora import lora_linear

@@ -91,13 +91,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--compare-overlap", action="store_true",
+                        help="only the graphed split, with the LoRA shrink beside the GEMM and without")
     args = parser.parse_args()
     cfg = dict(LLAMA3_8B, num_hidden_layers=args.layers)
     tmp = Path(tempfile.mkdtemp())
     model_dir = write_model_dir(tmp, cfg)
     paths = write_adapters(tmp, cfg, args.adapters)
     requests = [LoRARequest(f"adapter{i}", i + 1, str(p)) for i, p in enumerate(paths)]
-    for eager in (True, False):
+    from loraplex.kernels import lora as lora_ops
+    runs = [(False, True), (False, False)] if args.compare_overlap else [(True, True), (False, True)]
+    for eager, overlap in runs:
+        lora_ops.SHRINK_BESIDE_GEMM = overlap
+        print(f"-- {'eager' if eager else 'graphed'}, LoRA shrink beside the GEMM: {overlap}", flush=True)
         runner = make_runner(model_dir, eager)
         for r in requests:
             runner.lora.manager.add_lora(r)

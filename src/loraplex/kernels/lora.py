@@ -75,10 +75,11 @@ def apply_lora(x: torch.Tensor, out: torch.Tensor, lora_a: torch.Tensor, lora_b:
     _expand_reference(buf, lora_b, meta, out, tuple(slice_offsets))
 
 
-# Up to this many tokens (decode batches) the whole LoRA runs beside the base GEMM into a
-# float32 delta buffer ([num_tokens, out_features]: 14.7 MB for gate_up at 128 tokens);
-# above, only the shrink does and the expand adds into the GEMM's output.
-OVERLAP_EXPAND_MAX_TOKENS = 128
+# Whether lora_linear runs the shrink on the side stream beside the base GEMM. On the H200
+# (2026-11-28) running the expand there too, into a float32 delta joined by an add, was
+# slower (gate_up: +36.6 us per layer against +24.3 us all on one stream): the GEMM leaves
+# too few SMs idle, and the zeroing and the add cost more than they hide.
+SHRINK_BESIDE_GEMM = True
 
 
 def lora_linear(x: torch.Tensor, base: Callable[[torch.Tensor], torch.Tensor], lora_a: torch.Tensor,
@@ -86,39 +87,29 @@ def lora_linear(x: torch.Tensor, base: Callable[[torch.Tensor], torch.Tensor], l
                 side_stream: torch.cuda.Stream | None = None) -> torch.Tensor:
     """base(x) + LoRA(x): a LoRA-wrapped linear layer.
 
-    With a CUDA `side_stream` the LoRA runs on it while base(x) (the big GEMM) runs on the
-    current stream: at decode the LoRA kernels are short and latency-bound, and run on the
-    SMs and bandwidth the GEMM leaves idle instead of after it. Decode batches run shrink and
-    expand there into a zeroed float32 delta, which the current stream adds once both are
-    done (one rounding, as the expand's own add); larger batches overlap only the shrink.
-    Works inside CUDA graph capture (a fork and a join)."""
-    if side_stream is None or not _use_triton("auto", x):
+    With a CUDA `side_stream` the shrink runs on it while base(x) (the big GEMM) runs on the
+    current stream; the expand then adds into the GEMM's output. Works inside CUDA graph
+    capture (a fork and a join)."""
+    if side_stream is None or not SHRINK_BESIDE_GEMM or not _use_triton("auto", x):
         out = base(x)
         apply_lora(x, out, lora_a, lora_b, meta, slice_offsets)
         return out
     from loraplex.kernels.triton_lora import triton_expand, triton_shrink
     num_slices = len(slice_offsets) - 1
     _check_shrink(x, lora_a, meta, num_slices)
-    num_tokens, out_features = x.shape[0], lora_b.shape[1]
-    overlap_expand = num_tokens <= OVERLAP_EXPAND_MAX_TOKENS
     main = torch.cuda.current_stream(x.device)
-    side_stream.wait_stream(main)   # x is ready
-    # Memory allocated on the side stream dies on the main one. No record_stream needed: the
-    # side stream's next use of it (the next layer's LoRA) follows its wait_stream(main).
+    side_stream.wait_stream(main)   # x (and this step's slot copies) are ready
+    # The partials, allocated on the side stream, die on the main one. No record_stream
+    # needed: the side stream's next use of that memory (the next layer's shrink) follows
+    # its wait_stream(main), hence this expand.
     with torch.cuda.stream(side_stream):
         partials = triton_shrink(x, lora_a, meta, num_slices, zero_init=False)
-        if overlap_expand:
-            delta = torch.zeros(num_tokens, out_features, dtype=torch.float32, device=x.device)
-            triton_expand(partials, lora_b, meta, delta, tuple(slice_offsets))
     out = base(x)
     _check_tensor(out, "out", dims=2, row_major=True)
     _check_slice_offsets(slice_offsets, out)
     _check_expand_weights(lora_b, lora_a, num_slices, out, x)
     main.wait_stream(side_stream)
-    if overlap_expand:
-        out.add_(delta)   # computed in float32, rounded once into out's dtype
-    else:
-        triton_expand(partials, lora_b, meta, out, tuple(slice_offsets))
+    triton_expand(partials, lora_b, meta, out, tuple(slice_offsets))
     return out
 
 

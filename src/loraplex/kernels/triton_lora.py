@@ -31,7 +31,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from loraplex.kernels.lora import MAX_SLICES
 from loraplex.kernels.lora_meta import LoRABatchMeta
 from loraplex.kernels.lora_tiles import (  # noqa: F401  (configs are part of this module's API)
-    ExpandConfig, ShrinkConfig, expand_config, max_row_tiles, shrink_config)
+    MAX_SPLIT_K, ExpandConfig, ShrinkConfig, expand_config, max_row_tiles, shrink_config)
 
 # apply_lora overlaps the expand's launch with the shrink on Hopper+ (see triton_expand);
 # False launches them plainly (read when pdl_supported is first called for a device).
@@ -124,16 +124,19 @@ def _next_slice(pid_n, slice_id, col_lo, col_hi, first_tile, tiles_end, lo, hi, 
 
 
 @triton.jit
-def _load_h(h_rows, r0, offs_r, mask_m, rank, max_rank, stride_p_split,
-            SPLIT_K: tl.constexpr, EVEN_R: tl.constexpr):
+def _load_h(h_rows, r0, offs_r, mask_m, rank, max_rank, stride_p_split, split_k,
+            MAX_SPLIT: tl.constexpr, EVEN_R: tl.constexpr):
     """Rank block [r0, r0 + BLOCK_R) of the shrink output, split-K partials summed: [BLOCK_M, BLOCK_R] fp32."""
     rs = r0 + offs_r
     # Masking only on max_rank (a multiple of 16 when EVEN_R) keeps the loads 16 bytes wide;
     # values past the slot's rank are zeroed after the load.
     mask = mask_m[:, None] if EVEN_R else mask_m[:, None] & (rs < max_rank)[None, :]
     h = tl.load(h_rows + rs[None, :], mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        h += tl.load(h_rows + s * stride_p_split + rs[None, :], mask=mask, other=0.0)
+    # Unrolled to MAX_SPLIT with the splits past split_k masked off: every load is issued at
+    # once, and split_k (which varies with the step's token count) is not a compile-time
+    # constant, so a new batch size never triggers a JIT compile.
+    for s in tl.static_range(1, MAX_SPLIT):
+        h += tl.load(h_rows + s * stride_p_split + rs[None, :], mask=mask & (s < split_k), other=0.0)
     return tl.where((rs < rank)[None, :], h, 0.0)
 
 
@@ -155,13 +158,13 @@ def _load_b(b_cols, r0, offs_r, mask_n, rank, max_rank, EVEN_R: tl.constexpr, EV
     return tl.where((rs < rank)[:, None], b, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_k"])
 def _expand_kernel(
     partial_ptr, b_ptr, out_ptr,
     sorted_ids_ptr, counts_ptr, ranks_ptr,
     max_loras, max_rank, end0, end1, end2, end3,
     stride_p_split, stride_p_m, stride_b_slot, stride_b_n, stride_out_m,
-    NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, MAX_LORAS_P2: tl.constexpr,
+    split_k, NUM_SLICES: tl.constexpr, MAX_SPLIT: tl.constexpr, MAX_LORAS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, N_TILES: tl.constexpr,
     ONE_R_BLOCK: tl.constexpr, EVEN_R: tl.constexpr, EVEN_N: tl.constexpr,
     IEEE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
@@ -202,7 +205,7 @@ def _expand_kernel(
         gdc_wait()
 
     # Rank block 0 of h is loaded once and reused for every column tile of the chunk.
-    h0 = _load_h(h_rows, 0, offs_r, mask_m, rank, max_rank, stride_p_split, SPLIT_K, EVEN_R)
+    h0 = _load_h(h_rows, 0, offs_r, mask_m, rank, max_rank, stride_p_split, split_k, MAX_SPLIT, EVEN_R)
     if not IEEE_DOT:
         h0 = h0.to(b_ptr.dtype.element_ty)
     for j in range(N_TILES):
@@ -224,8 +227,9 @@ def _expand_kernel(
             acc = tl.dot(h0, b)
         if not ONE_R_BLOCK:
             # Ranks past the first block; the rank bounds the loop, so B's padding blocks are never read.
-            for r0 in range(BLOCK_R, rank, BLOCK_R):
-                h = _load_h(h_rows, r0, offs_r, mask_m, rank, max_rank, stride_p_split, SPLIT_K, EVEN_R)
+            for r0 in tl.range(BLOCK_R, rank, BLOCK_R, num_stages=1):   # not pipelined: h loads are unrolled
+                h = _load_h(h_rows, r0, offs_r, mask_m, rank, max_rank, stride_p_split, split_k, MAX_SPLIT,
+                            EVEN_R)
                 b = _load_b(b_cols, r0, offs_r, mask_n, rank, max_rank, EVEN_R, EVEN_N)
                 if IEEE_DOT:
                     acc = tl.dot(h, b, acc, input_precision="ieee")
@@ -310,7 +314,7 @@ def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchM
         meta.sorted_token_ids, meta.slot_token_counts, meta.slot_ranks,
         max_loras, max_rank, *ends,
         partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
-        NUM_SLICES=num_slices, SPLIT_K=split_k, MAX_LORAS_P2=_max_loras_p2(max_loras),
+        split_k=split_k, NUM_SLICES=num_slices, MAX_SPLIT=MAX_SPLIT_K, MAX_LORAS_P2=_max_loras_p2(max_loras),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
         N_TILES=config.tiles_per_program, ONE_R_BLOCK=max_rank <= config.block_r,
         EVEN_R=max_rank % config.block_r == 0, EVEN_N=all(w % chunk == 0 for w in widths),
