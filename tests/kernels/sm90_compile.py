@@ -32,7 +32,7 @@ def expand(dtype, num_tokens, widths, max_rank, split_k, pdl):  # split_k: runti
     config = tl_lora.expand_config(num_tokens, widths, max_rank, 32, 132)
     types = ["*fp32", f"*{dtype}", f"*{dtype}"] + ["*i32"] * 3 + ["i32"] * 12   # split_k is a runtime int
     chunk = config.block_n * config.tiles_per_program
-    consts = {"NUM_SLICES": len(widths), "MAX_SPLIT": tl_lora.MAX_SPLIT_K, "MAX_LORAS_P2": 32, "BLOCK_M": config.block_m,
+    consts = {"NUM_SLICES": len(widths), "MAX_SPLIT": tl_lora.expand_split_bound(split_k), "MAX_LORAS_P2": 32, "BLOCK_M": config.block_m,
               "BLOCK_N": config.block_n, "BLOCK_R": config.block_r, "N_TILES": config.tiles_per_program,
               "ONE_R_BLOCK": max_rank <= config.block_r, "EVEN_R": max_rank % config.block_r == 0,
               "EVEN_N": all(w % chunk == 0 for w in widths), "IEEE_DOT": dtype == "fp32", "USE_PDL": pdl}

@@ -114,3 +114,13 @@ def test_expand_into_a_float32_delta_with_half_weights():
     assert rel_err(delta[lora_rows].cpu(), (expected - case.out.float())[lora_rows].cpu(),
                    torch.zeros_like(delta[lora_rows]).cpu()) < 5e-3
     assert not delta[~lora_rows].any()
+
+
+def test_expand_refuses_more_split_k_partials_than_it_sums():
+    from loraplex.errors import KernelArgumentError
+    from loraplex.kernels.lora_tiles import MAX_SPLIT_K
+    case = _device(make_case(num_tokens=4, in_features=16, slice_widths=(8,), max_loras=2,
+                             max_rank=4, slot_ranks=[4, 2], seed=22))
+    partials = torch.zeros(MAX_SPLIT_K + 1, 4, 4, device=case.out.device)
+    with pytest.raises(KernelArgumentError, match=f"at most {MAX_SPLIT_K} split-K partials"):
+        triton_expand(partials, case.lora_b, case.meta, case.out, case.slice_offsets)

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 import triton
 
 MAX_SPLIT_K = 32
+# The expand sums the split-K partials with a loop unrolled to a compile-time bound, masked
+# past the runtime split_k: the bound is SMALL_SPLIT_K when split_k fits (prefill always does,
+# so its unrolled loads stay few), else MAX_SPLIT_K. One bound per module and step class, so a
+# new step size never compiles a new variant.
+SMALL_SPLIT_K = 8
 # Decode tiles (<= 128 tokens), from `benchmarks/gpu_lora_kernels.py --sweep` on an H200
 # (2026-11-28, 64 tokens / 32 adapters, rank 16): the expand of qkv and down is fastest with
 # one 256-wide tile per program (7.4 / 5.5 us vs 8.2 / 6.7 us at two), gate_up with eight
@@ -63,7 +68,7 @@ def shrink_config(num_tokens: int, in_features: int, n: int, max_loras: int, num
         block_k = min(64, max(16, triton.next_power_of_2(in_features)))
         programs = max_row_tiles(num_tokens, max_loras, block_m) * triton.cdiv(n, block_n)
         k_blocks = triton.cdiv(in_features, block_k)
-        split_k = max(1, min(triton.cdiv(2 * num_sms, programs), k_blocks // 4, MAX_SPLIT_K))
+        split_k = max(1, min(triton.cdiv(2 * num_sms, programs), k_blocks // 4, SMALL_SPLIT_K))
         return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
     # Decode: the cost is streaming each active slot's A once, and a program's K loop is a
     # chain of dependent round trips. Narrow A (n <= 32) gets 256-deep K blocks so each load
@@ -106,3 +111,8 @@ def expand_config(num_tokens: int, slice_widths: tuple[int, ...], max_rank: int,
         tiles *= 2
     return ExpandConfig(block_m, block_n, block_r, num_warps=DECODE_EXPAND_WARPS,
                         num_stages=DECODE_EXPAND_STAGES, tiles_per_program=tiles)
+
+
+def expand_split_bound(split_k: int) -> int:
+    """The compile-time unroll bound of the expand's split-K sum (see SMALL_SPLIT_K)."""
+    return SMALL_SPLIT_K if split_k <= SMALL_SPLIT_K else MAX_SPLIT_K

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import functools
 import os
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from loraplex.errors import KernelArgumentError
 from loraplex.kernels.lora import MAX_SLICES
 from loraplex.kernels.lora_meta import LoRABatchMeta
 from loraplex.kernels.lora_tiles import (  # noqa: F401  (configs are part of this module's API)
-    MAX_SPLIT_K, ExpandConfig, ShrinkConfig, expand_config, max_row_tiles, shrink_config)
+    MAX_SPLIT_K, ExpandConfig, ShrinkConfig, expand_config, expand_split_bound, max_row_tiles,
+    shrink_config)
 
 # apply_lora overlaps the expand's launch with the shrink on Hopper+ (see triton_expand);
 # False launches them plainly (read when pdl_supported is first called for a device).
@@ -298,6 +301,9 @@ def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchM
     it waits for the previous kernel.
     """
     split_k, num_tokens, _ = partials.shape
+    if split_k > MAX_SPLIT_K:
+        raise KernelArgumentError(f"the expand sums at most {MAX_SPLIT_K} split-K partials, got {split_k}; "
+                                  f"use a ShrinkConfig with split_k <= {MAX_SPLIT_K}")
     max_loras, _, max_rank = lora_b.shape
     num_slices = len(slice_offsets) - 1
     widths = [hi - lo for lo, hi in zip(slice_offsets, slice_offsets[1:])]
@@ -314,7 +320,7 @@ def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchM
         meta.sorted_token_ids, meta.slot_token_counts, meta.slot_ranks,
         max_loras, max_rank, *ends,
         partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
-        split_k=split_k, NUM_SLICES=num_slices, MAX_SPLIT=MAX_SPLIT_K, MAX_LORAS_P2=_max_loras_p2(max_loras),
+        split_k=split_k, NUM_SLICES=num_slices, MAX_SPLIT=expand_split_bound(split_k), MAX_LORAS_P2=_max_loras_p2(max_loras),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=config.block_r,
         N_TILES=config.tiles_per_program, ONE_R_BLOCK=max_rank <= config.block_r,
         EVEN_R=max_rank % config.block_r == 0, EVEN_N=all(w % chunk == 0 for w in widths),
