@@ -18,8 +18,11 @@ PEFT directories (the same files PEFT loads for the baseline).
 3. Bandwidth floor of each decode step: weights (all but the embedding, whose B rows are
    negligible) + KV cache read at the mean context + the active adapters' A and B,
    over the device-to-device copy bandwidth measured here (4 GiB, read + write).
-4. Prefill: 16 x 512 tokens in one step, without and with 32 adapters.
-5. Cold adapter: batch 32 decoding with 8 adapters; a request arrives for an adapter that
+4. Kernel micro-benchmarks (first; --skip-kernels to skip): gpu_lora_kernels.py's LoRA
+   shrink+expand timings for qkv / gate_up / down at 64 and 4096 tokens with 1, 8 and 32
+   adapters against their floor and a torch gather-and-bmm, and the in-layer cost.
+5. Prefill: 16 x 512 tokens in one step, without and with 32 adapters.
+6. Cold adapter: batch 32 decoding with 8 adapters; a request arrives for an adapter that
    is only on local disk; it loads on a thread (LoRAManager.add_lora) while decoding goes
    on, then the request is prefilled in the next step. Time to its first token vs the
    same for an adapter already loaded, and the others' step time during the load.
@@ -309,6 +312,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
+    parser.add_argument("--skip-kernels", action="store_true",
+                        help="skip the LoRA kernel micro-benchmarks (gpu_lora_kernels.py parts 2 and 3)")
     parser.add_argument("--no-shrink-overlap", action="store_true",
                         help="LoRA shrink after the base GEMM, not beside it on a side stream")
     args = parser.parse_args()
@@ -329,6 +334,13 @@ def main() -> None:
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)"
     results = {"device": name, "torch": torch.__version__, "config": cfg,
                "lora_shrink_beside_gemm": not args.no_shrink_overlap}
+    if DEVICE == "cuda" and not args.skip_kernels:
+        # 4. Kernel micro-benchmarks: shrink+expand as CUDA-graph replays against their floor
+        # and a torch gather-and-bmm, then what the LoRA adds to each layer's GEMM.
+        from gpu_lora_kernels import run_bench, run_in_layer
+        run_bench(50)
+        run_in_layer(50)
+        torch.cuda.empty_cache()
     tmp = Path(tempfile.mkdtemp())
     t = time.perf_counter()
     model_dir = write_model_dir(tmp, cfg)
