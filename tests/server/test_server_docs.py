@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 from loraplex.core.llm_engine import EngineStats
 from loraplex.core.lora.manager import LoRAManager
 from loraplex.server.app import build_app
@@ -94,7 +96,8 @@ def test_every_environment_variable_is_documented():
 
 def exported_metric_names() -> set[str]:
     """Metric names (without the loraplex_ prefix) of a server whose engine has LoRA on."""
-    manager = LoRAManager(SimpleNamespace(max_loras=1, max_lora_rank=8), max_cpu_loras=1)
+    manager = LoRAManager(SimpleNamespace(max_loras=1, max_lora_rank=8, dtype=torch.float32,
+                                          device=torch.device("cpu")), max_cpu_loras=1)
     core = SimpleNamespace(get_stats=lambda: EngineStats(0, 0, 8, 8, 0.0, 0),
                            runner=SimpleNamespace(lora=SimpleNamespace(manager=manager)))
     backend = ServingBackend(SimpleNamespace(engine=core), served_model_names=["base"], model_path="/m")

@@ -69,8 +69,9 @@ class LoRAManager:
             self._make_cpu_room(request)
             self._cpu[request.lora_int_id] = adapter
             self.stats["loads"] += 1
-        logger.info("loaded LoRA adapter %r (id %d, rank %d, %.1f MiB)", request.lora_name,
-                    request.lora_int_id, adapter.rank, adapter.num_bytes / 2**20)
+        size = adapter.num_bytes
+        logger.info("loaded LoRA adapter %r (id %d, rank %d, %s)", request.lora_name, request.lora_int_id,
+                    adapter.rank, f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB")
         return True
 
     def remove_lora(self, lora_int_id: int) -> bool:
