@@ -151,20 +151,30 @@ def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec:
 
 def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]], spec: LoRAModelSpec,
           rank: int, dtype: torch.dtype, pin_memory: bool) -> dict[str, PackedLoRATarget]:
-    targets: dict[str, PackedLoRATarget] = {}
+    by_target: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor, float]]] = {}
     for (layer, module), (a, b, scaling) in modules.items():
         name, index = PEFT_MODULE_TO_PACKED[module]
+        by_target.setdefault(name, []).append((layer, index, a, b, scaling))
+    targets: dict[str, PackedLoRATarget] = {}
+    for name, entries in by_target.items():
         target = spec.target(name)
-        if name not in targets:
-            targets[name] = PackedLoRATarget(
-                target=target,
-                lora_a=torch.zeros(spec.num_layers, target.num_slices * rank, target.in_features, dtype=dtype,
-                                   pin_memory=pin_memory),
-                lora_b=torch.zeros(spec.num_layers, target.out_features, rank, dtype=dtype, pin_memory=pin_memory))
-        packed, module_rank, offsets = targets[name], a.shape[0], target.slice_offsets
-        packed.lora_a[layer, index * rank: index * rank + module_rank].copy_(a)
-        # Scaling folded in float32, then one rounding to the model's dtype.
-        packed.lora_b[layer, offsets[index]:offsets[index + 1], :module_rank].copy_(b.float() * scaling)
+        # Every byte is written below unless a layer or slice is not adapted or a module's
+        # rank is below the adapter's: only then is the buffer zeroed first (a pass over
+        # ~84 MB for an 8B adapter, and fresh pages touched twice on the CPU).
+        full = (len(entries) == spec.num_layers * target.num_slices
+                and all(a.shape[0] == rank for _, _, a, _, _ in entries))
+        alloc = torch.empty if full else torch.zeros
+        packed = targets[name] = PackedLoRATarget(
+            target=target,
+            lora_a=alloc(spec.num_layers, target.num_slices * rank, target.in_features, dtype=dtype,
+                         pin_memory=pin_memory),
+            lora_b=alloc(spec.num_layers, target.out_features, rank, dtype=dtype, pin_memory=pin_memory))
+        offsets = target.slice_offsets
+        for layer, index, a, b, scaling in entries:
+            module_rank = a.shape[0]
+            packed.lora_a[layer, index * rank: index * rank + module_rank].copy_(a)
+            # Scaling folded in float32, then one rounding to the model's dtype.
+            packed.lora_b[layer, offsets[index]:offsets[index + 1], :module_rank].copy_(b.float() * scaling)
     return targets
 
 
