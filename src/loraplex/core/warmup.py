@@ -48,6 +48,7 @@ def warm_up(runner) -> None:
                 finally:
                     if runner.lora is not None:
                         runner.lora.state.meta = None
-    torch.cuda.synchronize(runner.device)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
     logger.info("warm-up: compiled the prefill kernels for %d step sizes in %.1f s", len(sizes),
                 time.perf_counter() - start)
