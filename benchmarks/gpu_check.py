@@ -8,8 +8,9 @@ Part 1, kernels vs the torch reference (kernels/paged_attention.py, float32 math
 28/4, head_dim 128 and 64, auto and forced splits, sliding window), prefill and mixed
 batches (chunked prefill over a cache, long prompts), shuffled block tables. The caching
 allocator is filled with NaN first so unwritten outputs show; error = ||out - ref|| / ||ref||.
-Also the decode kernel replayed from a CUDA graph with new lengths and tables, and the
-decode kernel's time and achieved bandwidth at a few 8B-layer shapes.
+Also the fused norm / rotary / SiLU-and-mul kernels at 8B shapes, the LoRA kernels'
+correctness matrix (gpu_lora_kernels.py part 1), the decode kernel replayed from a CUDA
+graph with new lengths and tables, and the decode kernel's time at a few 8B-layer shapes.
 
 Part 2, the engine: greedy outputs of LLM with Triton attention + CUDA graphs equal the
 torch backend's eager outputs on tiny checkpoints (fp32; Llama and sliding-window
@@ -146,8 +147,16 @@ def check_kernels() -> None:
     report("write_kv_cache exact with padding", torch.equal(rk, tk) and torch.equal(rv, tv))
 
     check_elementwise()
+    check_lora_kernels()
     check_decode_graph()
     time_decode()
+
+
+def check_lora_kernels() -> None:
+    """gpu_lora_kernels.py's correctness matrix (82 cases), so one call checks every kernel."""
+    from gpu_lora_kernels import run_checks
+    report("LoRA kernel matrix (gpu_lora_kernels.py part 1)", run_checks())
+    torch.cuda.empty_cache()
 
 
 def check_elementwise() -> None:
