@@ -48,6 +48,7 @@ from loraplex.core.config import EngineConfig
 from loraplex.core.model_runner import ModelRunner
 from loraplex.core.sequence import ScheduledSeq, Sequence
 from loraplex.lora_request import LoRARequest
+from peft_baseline import peft_baseline
 
 LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -265,47 +266,6 @@ def cold_adapter(runner, blocks, loaded: list, cold: LoRARequest, warm: LoRARequ
     return result
 
 
-def peft_baseline(cfg: dict, adapter_paths: list[Path], batch: int, prompt_len: int, new_tokens: int) -> dict:
-    from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEVICE):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.eval()
-    t = time.perf_counter()
-    model = PeftModel.from_pretrained(model, str(adapter_paths[0]), adapter_name="a0")
-    for i, path in enumerate(adapter_paths[1:], start=1):
-        model.load_adapter(str(path), adapter_name=f"a{i}")
-    load_s = time.perf_counter() - t
-    gen = torch.Generator().manual_seed(3)
-    input_ids = torch.randint(10, cfg["vocab_size"], (batch, prompt_len), generator=gen).to(DEVICE)
-    mask = torch.ones_like(input_ids)
-    out = {"peft_adapter_load_s": load_s}
-    for label, names in (("32 adapters", [f"a{i % len(adapter_paths)}" for i in range(batch)]),
-                         ("0 adapters", ["__base__"] * batch)):
-        def generate(n):
-            sync()
-            t = time.perf_counter()
-            with torch.no_grad():
-                model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, do_sample=False,
-                               max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-            sync()
-            return time.perf_counter() - t
-        generate(2)  # warm-up
-        t_full, t_first = generate(new_tokens), generate(1)
-        out[label] = {"total_s": t_full, "decode_tokens_per_s": batch * (new_tokens - 1) / (t_full - t_first),
-                      "decode_step_ms": (t_full - t_first) / (new_tokens - 1) * 1e3}
-        log(f"PEFT {label}: {json.dumps(out[label])}")
-    del model
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="2 layers, few configs: a smoke test")
@@ -400,7 +360,7 @@ def main() -> None:
         gc.collect()   # the runner and its graphs reference each other
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-        results["peft"] = peft_baseline(cfg, paths[:32], 64, prompt_len, peft_tokens)
+        results["peft"] = peft_baseline(cfg, paths[:32], 64, prompt_len, peft_tokens, DEVICE)
 
     Path(args.out, "gpu_decode.json").write_text(json.dumps(results, indent=1))
     print_table(results)
