@@ -40,6 +40,16 @@ def model_shapes() -> dict[str, tuple[int, int]]:
             "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
 
 
+def build_model_and_adapters(tmp: Path, count: int, rank: int) -> tuple[Path, list[LoRARequest]]:
+    """The benchmark's random Llama and `count` random PEFT adapters (all seven projections)."""
+    model_dir = make_tiny_checkpoint(tmp / "llama-256x4", "llama", **MODEL)
+    adapters = [LoRARequest(f"bench-{i}", i + 1, str(write_peft_adapter(
+        tmp / f"bench-{i}", rank=rank, alpha=2 * rank, target_modules=ALL_TARGETS,
+        num_layers=MODEL["num_hidden_layers"], shapes=model_shapes(), seed=i,
+        base_model_name_or_path=str(model_dir)))) for i in range(count)]
+    return model_dir, adapters
+
+
 def run_once(llm: LLM, timer: StepTimer, prompts, loras, max_tokens: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     timer.reset()
@@ -66,11 +76,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = make_tiny_checkpoint(tmp / "llama-256x4", "llama", **MODEL)
-        adapters = [LoRARequest(f"bench-{i}", i + 1, str(write_peft_adapter(
-            tmp / f"bench-{i}", rank=args.rank, alpha=2 * args.rank, target_modules=ALL_TARGETS,
-            num_layers=MODEL["num_hidden_layers"], shapes=model_shapes(), seed=i,
-            base_model_name_or_path=str(model_dir)))) for i in range(16)]
+        model_dir, adapters = build_model_and_adapters(tmp, 16, args.rank)
         common = dict(device="cpu", dtype="float32", max_model_len=512, max_num_seqs=64,
                       max_num_batched_tokens=4096)
         base = LLM(model=str(model_dir), **common)

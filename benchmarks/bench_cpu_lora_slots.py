@@ -24,12 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from adapters import write_peft_adapter  # noqa: E402
-from bench_cpu_engine import MODEL, prompts_of  # noqa: E402
-from bench_cpu_lora import ALL_TARGETS, model_shapes  # noqa: E402
-from models import make_tiny_checkpoint  # noqa: E402
+from bench_cpu_engine import prompts_of  # noqa: E402
+from bench_cpu_lora import build_model_and_adapters  # noqa: E402
 
-from loraplex import LLM, LoRARequest, SamplingParams  # noqa: E402
+from loraplex import LLM, SamplingParams  # noqa: E402
 
 RANK = 16
 
@@ -73,11 +71,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = make_tiny_checkpoint(tmp / "llama-256x4", "llama", **MODEL)
-        adapters = [LoRARequest(f"bench-{i}", i + 1, str(write_peft_adapter(
-            tmp / f"bench-{i}", rank=RANK, alpha=2 * RANK, target_modules=ALL_TARGETS,
-            num_layers=MODEL["num_hidden_layers"], shapes=model_shapes(), seed=i,
-            base_model_name_or_path=str(model_dir)))) for i in range(args.adapters)]
+        model_dir, adapters = build_model_and_adapters(tmp, args.adapters, RANK)
         choices = [None] + adapters
         loras = [choices[i % len(choices)] for i in range(args.requests)]
         common = dict(device="cpu", dtype="float32", max_model_len=512, max_num_seqs=256,

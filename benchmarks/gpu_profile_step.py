@@ -23,7 +23,6 @@ from torch.profiler import ProfilerActivity, profile
 from gpu_decode import LLAMA3_8B, RANK, Blocks, new_seqs, prefill_all, run_step, write_adapters, write_model_dir
 from loraplex.core.config import EngineConfig
 from loraplex.core.model_runner import ModelRunner
-from loraplex.core.sequence import ScheduledSeq
 from loraplex.lora_request import LoRARequest
 
 
@@ -77,10 +76,6 @@ def graph_split(runner, blocks, batch, loras, steps=40) -> None:
         end.record()
         end.synchronize()
         replay.append(start.elapsed_time(end))
-    t = time.perf_counter()
-    for _ in range(steps):
-        graphs.execute([ScheduledSeq(s, 1) for s in seqs])
-    torch.cuda.synchronize()
     blocks.release(seqs)
     print(f"graphed step, batch {batch}, {len(loras)} adapters: wall {statistics.median(wall) * 1e3:.2f} ms, "
           f"replay alone {statistics.median(replay):.2f} ms")

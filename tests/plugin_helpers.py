@@ -71,35 +71,9 @@ def fake_site(tmp_path, monkeypatch, isolated_plugins):
     site.cleanup()
 
 
-# A pluggy plugin module registering the resolvers named in RESOLVERS, each
-# answering only for names listed in it (a real LoRAResolver, not a mock).
-PLUGGY_MODULE = '''
-from loraplex.lora_request import LoRARequest, lora_id_for_name
-from loraplex.plugins import hookimpl
-from loraplex.resolvers import LoRAResolver
-
-RESOLVERS = {resolvers!r}
-CALLS = []
-
-
-class StaticResolver(LoRAResolver):
-    def __init__(self, adapters):
-        self.adapters = adapters
-
-    async def resolve_lora(self, base_model_name, lora_name):
-        path = self.adapters.get(lora_name)
-        return LoRARequest(lora_name, lora_id_for_name(lora_name), path) if path else None
-
-
-@hookimpl
-def register_lora_resolvers(register):
-    CALLS.append(1)
-    for name, adapters in RESOLVERS.items():
-        register(name, StaticResolver(adapters))
-'''
-
-# The vLLM style: a zero-argument callable that uses the registry itself.
-CALLABLE_MODULE = '''
+# The resolver both plugin styles register: it answers only for the names listed in it
+# (a real LoRAResolver, not a mock).
+STATIC_RESOLVER = '''
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.resolvers import LoRAResolver, LoRAResolverRegistry
 
@@ -113,7 +87,24 @@ class StaticResolver(LoRAResolver):
     async def resolve_lora(self, base_model_name, lora_name):
         path = self.adapters.get(lora_name)
         return LoRARequest(lora_name, lora_id_for_name(lora_name), path) if path else None
+'''
 
+# A pluggy plugin module registering the resolvers named in RESOLVERS.
+PLUGGY_MODULE = STATIC_RESOLVER + '''
+from loraplex.plugins import hookimpl
+
+RESOLVERS = {resolvers!r}
+
+
+@hookimpl
+def register_lora_resolvers(register):
+    CALLS.append(1)
+    for name, adapters in RESOLVERS.items():
+        register(name, StaticResolver(adapters))
+'''
+
+# The vLLM style: a zero-argument callable that uses the registry itself.
+CALLABLE_MODULE = STATIC_RESOLVER + '''
 
 def register():
     CALLS.append(1)

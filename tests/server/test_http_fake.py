@@ -19,6 +19,13 @@ def _client(server, key=API_KEY):
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0)
 
 
+def _wait_until(condition, failure: str, timeout: float = 10.0, poll: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(poll)
+
+
 def _expected(model, prompt, n_tokens, sample=0):
     lora = None if model == "tiny-base" else LoRARequest(model, 1, "/x")
     return expected_text(model_offset(lora), TOK.encode(prompt), n_tokens, sample)
@@ -252,20 +259,13 @@ def test_client_disconnect_aborts_the_request(fake_server):
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            deadline = time.monotonic() + 10
-            while not engine.started or engine.started[-1] in engine.finished:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            _wait_until(lambda: engine.started and engine.started[-1] not in engine.finished,
+                        "the engine never started the request", poll=0.01)
             request_id = engine.started[-1]
-        deadline = time.monotonic() + 10
-        while request_id not in engine.aborted:
-            assert time.monotonic() < deadline, "the engine request was not aborted"
-            time.sleep(0.02)
+        _wait_until(lambda: request_id in engine.aborted, "the engine request was not aborted")
         assert request_id not in engine.finished
-        deadline = time.monotonic() + 10
-        while 'route="/v1/completions",status="499"' not in httpx.get(fake_server.base_url + "/metrics").text:
-            assert time.monotonic() < deadline, "the disconnect was not counted as 499"
-            time.sleep(0.02)
+        _wait_until(lambda: 'route="/v1/completions",status="499"' in httpx.get(fake_server.base_url + "/metrics").text,
+                    "the disconnect was not counted as 499")
     finally:
         engine.step_delay_s = old_delay
 
@@ -292,10 +292,7 @@ def test_client_disconnect_aborts_a_stream(fake_server):
                 if line.startswith("data: "):
                     break
             request_id = engine.started[-1]
-        deadline = time.monotonic() + 10
-        while request_id not in engine.aborted:
-            assert time.monotonic() < deadline, "the streaming request was not aborted"
-            time.sleep(0.02)
+        _wait_until(lambda: request_id in engine.aborted, "the streaming request was not aborted")
         assert request_id not in engine.finished
     finally:
         engine.step_delay_s = old_delay
