@@ -81,3 +81,22 @@ def test_triton_counting_sort_matches_torch(num_tokens, max_loras, block_tokens)
     for name, value in zip(names, got):
         assert value.dtype == torch.int32
         assert value.tolist() == getattr(expected, name).tolist(), name
+
+
+def test_max_active_slots_defaults_to_max_loras_and_is_kept():
+    slots = torch.tensor([2, -1, 0, 2], dtype=torch.int32)
+    assert build_lora_meta(slots, _ranks(4, 8, 2, 16), max_loras=4).max_active_slots == 4
+    assert build_lora_meta(slots, _ranks(4, 8, 2, 16), max_loras=4, max_active_slots=2).max_active_slots == 2
+
+
+@pytest.mark.parametrize("bound,message", [
+    (0, r"max_active_slots must be an int in \[1, max_loras=4\]"),
+    (5, r"max_active_slots must be an int in \[1, max_loras=4\]"),
+    (True, "max_active_slots must be an int"),
+    (2.0, "max_active_slots must be an int"),
+    (1, "token_slots uses 2 distinct slots but max_active_slots=1"),   # below the slot map's count
+])
+def test_bad_max_active_slots_is_explained(bound, message):
+    slots = torch.tensor([2, -1, 0, 2], dtype=torch.int32)
+    with pytest.raises(KernelArgumentError, match=message):
+        build_lora_meta(slots, _ranks(4, 8, 2, 16), max_loras=4, max_active_slots=bound)

@@ -3,9 +3,15 @@
 The LoRA kernels work on tokens grouped by slot: slot s's tokens are a contiguous
 run `sorted_token_ids[slot_token_starts[s] : slot_token_starts[s] + slot_token_counts[s]]`.
 Groups are indexed by slot itself, so every per-slot array has the static length
-`max_loras` and a kernel grid never depends on how many adapters a step uses (which
+`max_loras` and a kernel grid never depends on which adapters a step uses (which
 keeps launches capturable in CUDA graphs). Base-model tokens (slot -1) are sorted
 after all groups and belong to none, so no kernel program ever touches them.
+
+`max_active_slots` is a host-side upper bound on the step's distinct slots, which the
+Triton launchers size their grids with (fewer adapters, fewer row tiles). It is checked
+against the slot map only when `token_slots` is on the CPU; on a GPU it is trusted, and
+a bound below the real count would make the kernels skip some groups' tiles: the caller
+(the engine's runner, or a CUDA graph variant it picks on the host) guarantees it.
 
 Building the metadata is a counting sort with no host sync, so it can run inside a CUDA
 graph: one Triton kernel on CUDA (triton_lora_meta.py), elementwise ops and scans elsewhere. The one check that needs the values
@@ -38,6 +44,13 @@ class LoRABatchMeta:
     # (slot, start, count) of each active group, known without a sync when built on the CPU;
     # None on accelerators (the torch reference then computes it with one sync).
     host_groups: tuple[tuple[int, int, int], ...] | None = None
+    # Upper bound on the distinct slots with tokens (a host int, so grids can depend on it);
+    # None means max_loras.
+    max_active_slots: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_active_slots is None:
+            object.__setattr__(self, "max_active_slots", self.max_loras)
 
     @property
     def device(self) -> torch.device:
@@ -58,16 +71,26 @@ def check_token_slots(token_slots: torch.Tensor, max_loras: int) -> None:
             f"adapter was loaded into")
 
 
-def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_loras: int) -> LoRABatchMeta:
+def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_loras: int,
+                    max_active_slots: int | None = None) -> LoRABatchMeta:
     """Group one step's tokens by LoRA slot. Call once per step, before the forward.
 
     token_slots: [num_tokens] int32 slot per token (-1 = no LoRA).
     slot_ranks:  [max_loras] int32 rank of the adapter in each slot (0 for an empty slot);
                  kept by reference, so a manager updating it in place is seen by kernels.
+    max_active_slots: at least the number of distinct slots >= 0 in token_slots, at most
+                 max_loras (None = max_loras). Checked on the CPU only; see the module docstring.
     """
     _check_token_slots_layout(token_slots)
     if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1:
         raise KernelArgumentError(f"max_loras must be a positive int, got {max_loras!r}")
+    if max_active_slots is None:
+        max_active_slots = max_loras
+    if (isinstance(max_active_slots, bool) or not isinstance(max_active_slots, int)
+            or not 1 <= max_active_slots <= max_loras):
+        raise KernelArgumentError(
+            f"max_active_slots must be an int in [1, max_loras={max_loras}] (an upper bound on the "
+            f"step's distinct adapter slots), got {max_active_slots!r}; pass None for max_loras")
     if slot_ranks.dtype != torch.int32 or tuple(slot_ranks.shape) != (max_loras,):
         raise KernelArgumentError(
             f"slot_ranks must be an int32 tensor of shape [max_loras]=[{max_loras}], got "
@@ -89,7 +112,8 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_lor
         order, starts, counts, active_slots, num_active = triton_lora_meta(token_slots.contiguous(), max_loras)
         return LoRABatchMeta(num_tokens=num_tokens, max_loras=max_loras, token_slots=token_slots,
                              slot_ranks=slot_ranks, sorted_token_ids=order, slot_token_starts=starts,
-                             slot_token_counts=counts, active_slots=active_slots, num_active_slots=num_active)
+                             slot_token_counts=counts, active_slots=active_slots, num_active_slots=num_active,
+                             max_active_slots=max_active_slots)
     slots = token_slots.long()
     # Base tokens (and, on a device, out-of-range slots) get key max_loras: their group comes last.
     is_lora = (slots >= 0) & (slots < max_loras)
@@ -117,6 +141,10 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_lor
     host_groups = None
     if on_host:
         host_groups = tuple((s, int(starts[s]), int(counts[s])) for s in is_active.nonzero().flatten().tolist())
+        if len(host_groups) > max_active_slots:
+            raise KernelArgumentError(
+                f"token_slots uses {len(host_groups)} distinct slots but max_active_slots={max_active_slots}; "
+                f"pass a bound of at least the step's distinct slots >= 0 (or None for max_loras)")
     return LoRABatchMeta(
         num_tokens=num_tokens,
         max_loras=max_loras,
@@ -128,6 +156,7 @@ def build_lora_meta(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_lor
         active_slots=active_slots.to(torch.int32),
         num_active_slots=is_active.sum().to(torch.int32),
         host_groups=host_groups,
+        max_active_slots=max_active_slots,
     )
 
 

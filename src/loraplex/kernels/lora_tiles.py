@@ -3,6 +3,12 @@
 Kept apart from the kernels (triton_lora.py) so the heuristics read in one place; the
 decode constants come from reasoning about bytes in flight per SM and are what
 `benchmarks/gpu_lora_kernels.py --sweep` checks on an H200.
+
+The heuristics take `max_adapters`, an upper bound on the distinct adapters of the step,
+because the row tiles a step can need grow with it (see max_row_tiles). Launchers pass
+`config_bound(...)`, which rounds the step's bound up to one of two classes (FEW_ADAPTERS
+or max_loras): a config is a set of compile-time constants, so one class per bound keeps
+the kernel variants few and lets the warm-up compile them all (adapter_bound_classes).
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ MAX_SPLIT_K = 32
 # so its unrolled loads stay few), else MAX_SPLIT_K. One bound per module and step class, so a
 # new step size never compiles a new variant.
 SMALL_SPLIT_K = 8
+# Steps with at most this many distinct adapters get tiles (and, in the engine, a CUDA graph
+# variant) of their own: sized for max_loras, a 1-adapter decode step at 64 tokens on an H200
+# ran gate_up's expand on 56 programs of 8 column tiles each (14.6 us against 18.5 us for 32 adapters).
+FEW_ADAPTERS = 8
 # Decode tiles (<= 128 tokens), from `benchmarks/gpu_lora_kernels.py --sweep` on an H200
 # (2026-11-28, 64 tokens / 32 adapters, rank 16): the expand of qkv and down is fastest with
 # one 256-wide tile per program (7.4 / 5.5 us vs 8.2 / 6.7 us at two), gate_up with eight
@@ -55,18 +65,32 @@ def _block_m(num_tokens: int) -> int:
     return 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
 
 
-def max_row_tiles(num_tokens: int, max_loras: int, block_m: int) -> int:
-    return triton.cdiv(num_tokens, block_m) + min(max_loras, num_tokens)
+def max_row_tiles(num_tokens: int, max_adapters: int, block_m: int) -> int:
+    """Row tiles of a step with at most max_adapters groups: each wastes at most one partial tile."""
+    return triton.cdiv(num_tokens, block_m) + min(max_adapters, num_tokens)
 
 
-def shrink_config(num_tokens: int, in_features: int, n: int, max_loras: int, num_sms: int) -> ShrinkConfig:
+def config_bound(max_active_slots: int, max_loras: int) -> int:
+    """The adapter count tiles are picked for: FEW_ADAPTERS when the step's bound is at most
+    that (and below max_loras), else max_loras."""
+    if max_active_slots <= FEW_ADAPTERS < max_loras:
+        return FEW_ADAPTERS
+    return max_loras
+
+
+def adapter_bound_classes(max_loras: int) -> tuple[int, ...]:
+    """Every value config_bound can return for max_loras: one warm-up pass each compiles all variants."""
+    return (FEW_ADAPTERS, max_loras) if max_loras > FEW_ADAPTERS else (max_loras,)
+
+
+def shrink_config(num_tokens: int, in_features: int, n: int, max_adapters: int, num_sms: int) -> ShrinkConfig:
     """Tiles for x[num_tokens, in] @ A^T -> [num_tokens, n]: split K until the GPU is full."""
     block_m = _block_m(num_tokens)
     block_n = min(max(16, triton.next_power_of_2(n)), 128)
     if block_m > 16:
         # Prefill: ~2 programs per SM, >= 4 K blocks each (met its targets on the H200; keep).
         block_k = min(64, max(16, triton.next_power_of_2(in_features)))
-        programs = max_row_tiles(num_tokens, max_loras, block_m) * triton.cdiv(n, block_n)
+        programs = max_row_tiles(num_tokens, max_adapters, block_m) * triton.cdiv(n, block_n)
         k_blocks = triton.cdiv(in_features, block_k)
         split_k = max(1, min(triton.cdiv(2 * num_sms, programs), k_blocks // 4, SMALL_SPLIT_K))
         return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
@@ -76,14 +100,14 @@ def shrink_config(num_tokens: int, in_features: int, n: int, max_loras: int, num
     # K blocks each, so more loads are in flight and each chain is short.
     block_k = 256 if block_n <= 32 else 128
     block_k = min(block_k, max(16, triton.next_power_of_2(in_features)))
-    programs = max_row_tiles(num_tokens, max_loras, block_m) * triton.cdiv(n, block_n)
+    programs = max_row_tiles(num_tokens, max_adapters, block_m) * triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(in_features, block_k)
     split_k = max(1, min(triton.cdiv(DECODE_SHRINK_PROGRAMS_PER_SM * num_sms, programs), k_blocks // 2,
                          MAX_SPLIT_K))
     return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
 
 
-def expand_config(num_tokens: int, slice_widths: tuple[int, ...], max_rank: int, max_loras: int,
+def expand_config(num_tokens: int, slice_widths: tuple[int, ...], max_rank: int, max_adapters: int,
                   num_sms: int) -> ExpandConfig:
     """Tiles for h @ B^T added into out.
 
@@ -101,7 +125,7 @@ def expand_config(num_tokens: int, slice_widths: tuple[int, ...], max_rank: int,
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     block_n = min(DECODE_EXPAND_BLOCK_N * 16 // block_r, max(16, triton.next_power_of_2(max(slice_widths))))
     col_tiles = sum(triton.cdiv(w, block_n) for w in slice_widths)
-    row_tiles = max_row_tiles(num_tokens, max_loras, block_m)
+    row_tiles = max_row_tiles(num_tokens, max_adapters, block_m)
     tiles = 1
     # Largest power of 2 that keeps >= DECODE_EXPAND_PROGRAMS_PER_SM programs per SM and divides
     # every slice into whole chunks (then no column masks).

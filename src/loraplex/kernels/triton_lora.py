@@ -1,12 +1,21 @@
 """Triton kernels for batched multi-LoRA: a grouped shrink (x @ A^T) and expand (h @ B^T).
 
 Both kernels run over tokens grouped by adapter slot (see lora_meta.py). Their grids
-are static, a function of (num_tokens, max_loras, shapes) only, so they can be captured
-in a CUDA graph: axis 0 enumerates row tiles of all groups back to back, with the upper
-bound cdiv(num_tokens, BLOCK_M) + min(max_loras, num_tokens) (each group wastes at most
-one partial tile); each program finds its group with a prefix sum over the per-slot
+are static, a function of (num_tokens, bound, shapes) only, so they can be captured in a
+CUDA graph: axis 0 enumerates row tiles of all groups back to back, with the upper bound
+cdiv(num_tokens, BLOCK_M) + min(bound, num_tokens), where bound = min(max_loras,
+meta.max_active_slots); each program finds its group with a prefix sum over the per-slot
 tile counts and exits at once when it is past the last one. Base-model tokens are in no
 group and slots of rank 0 get no tiles, so they cost nothing.
+
+Why the bound suffices: a step whose tokens fall in the active slots S (|S| <= bound,
+and |S| <= num_tokens) with count_s tokens each needs
+    sum_{s in S} cdiv(count_s, BLOCK_M) <= sum_{s in S} (count_s / BLOCK_M + 1)
+                                       <= cdiv(num_tokens, BLOCK_M) + |S|
+row tiles, since the counts add up to at most num_tokens. Only the grid uses the exact
+bound; tile configs are picked for its class (lora_tiles.config_bound), so a new adapter
+count never compiles a new kernel variant. The kernels' max_loras argument stays the real
+one: slot ids, and the per-slot arrays the programs scan, go up to max_loras - 1.
 
 Shrink writes split-K partial sums in float32, [split_k, num_tokens, num_slices * max_rank];
 expand adds the partials up as it loads them, so split-K needs neither atomics nor a
@@ -33,7 +42,7 @@ from loraplex.errors import KernelArgumentError
 from loraplex.kernels.lora import MAX_SLICES
 from loraplex.kernels.lora_meta import LoRABatchMeta
 from loraplex.kernels.lora_tiles import (  # noqa: F401  (configs are part of this module's API)
-    MAX_SPLIT_K, ExpandConfig, ShrinkConfig, expand_config, expand_split_bound, max_row_tiles,
+    MAX_SPLIT_K, ExpandConfig, ShrinkConfig, config_bound, expand_config, expand_split_bound, max_row_tiles,
     shrink_config)
 
 # apply_lora overlaps the expand's launch with the shrink on Hopper+ (see triton_expand);
@@ -249,6 +258,11 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: few programs keep it fast
 
 
+def _row_tiles(num_tokens: int, meta: LoRABatchMeta, block_m: int) -> int:
+    """Grid axis 0: enough row tiles for any slot map within the metadata's bound (module docstring)."""
+    return max_row_tiles(num_tokens, min(meta.max_loras, meta.max_active_slots), block_m)
+
+
 def _max_loras_p2(max_loras: int) -> int:
     return max(2, triton.next_power_of_2(max_loras))
 
@@ -272,14 +286,15 @@ def triton_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, nu
     max_loras, n, _ = lora_a.shape
     max_rank = n // num_slices
     if config is None:
-        config = shrink_config(num_tokens, in_features, n, max_loras, _num_sms(x.device))
+        config = shrink_config(num_tokens, in_features, n, config_bound(meta.max_active_slots, max_loras),
+                               _num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(in_features, k_per_split)
     alloc = torch.zeros if zero_init else torch.empty
     partials = alloc((split_k, num_tokens, n), dtype=torch.float32, device=x.device)
     if num_tokens == 0:
         return partials
-    grid = (max_row_tiles(num_tokens, max_loras, config.block_m), triton.cdiv(n, config.block_n), split_k)
+    grid = (_row_tiles(num_tokens, meta, config.block_m), triton.cdiv(n, config.block_n), split_k)
     _shrink_kernel[grid](
         x, lora_a, partials,
         meta.sorted_token_ids, meta.slot_token_counts, meta.slot_ranks,
@@ -309,13 +324,14 @@ def triton_expand(partials: torch.Tensor, lora_b: torch.Tensor, meta: LoRABatchM
     num_slices = len(slice_offsets) - 1
     widths = [hi - lo for lo, hi in zip(slice_offsets, slice_offsets[1:])]
     if config is None:
-        config = expand_config(num_tokens, tuple(widths), max_rank, max_loras, _num_sms(out.device))
+        config = expand_config(num_tokens, tuple(widths), max_rank, config_bound(meta.max_active_slots, max_loras),
+                               _num_sms(out.device))
     if num_tokens == 0:
         return
     ends = list(slice_offsets[1:]) + [slice_offsets[-1]] * (MAX_SLICES - num_slices)
     chunk = config.block_n * config.tiles_per_program
     col_tiles = sum(triton.cdiv(w, chunk) for w in widths)
-    grid = (max_row_tiles(num_tokens, max_loras, config.block_m), col_tiles)
+    grid = (_row_tiles(num_tokens, meta, config.block_m), col_tiles)
     _expand_kernel[grid](
         partials, lora_b, out,
         meta.sorted_token_ids, meta.slot_token_counts, meta.slot_ranks,
