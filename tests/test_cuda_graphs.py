@@ -8,7 +8,7 @@ import torch
 from adapters import write_peft_adapter
 from runner_helpers import BlockAllocator, decode, make_runner, new_sequences, prefill, random_prompts
 
-from loraplex.core.cuda_graphs import DecodeGraphs, capture_sizes
+from loraplex.core.cuda_graphs import FEW_ADAPTERS, DecodeGraphs, capture_sizes, lora_graph_bound, lora_graph_bounds
 from loraplex.lora_request import LoRARequest
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,3 +62,58 @@ def test_decode_steps_without_adapters_use_the_base_graph(tiny_checkpoint):
     seqs = new_sequences(random_prompts([3, 8, 2], runner.vocab_size, seed=1))
     logits = decode(runner, allocator, seqs, prefill(runner, allocator, seqs))
     assert graphs.num_replays == 1 and torch.isfinite(logits).all() and logits.shape[0] == 3
+
+
+def test_lora_graph_bound_names_the_smallest_variant_that_covers_the_step():
+    assert [lora_graph_bound(n, 32) for n in (0, 1, FEW_ADAPTERS, FEW_ADAPTERS + 1, 32)] == \
+        [0, FEW_ADAPTERS, FEW_ADAPTERS, 32, 32]
+    assert [lora_graph_bound(n, FEW_ADAPTERS) for n in (0, 1, FEW_ADAPTERS)] == [0, FEW_ADAPTERS, FEW_ADAPTERS]
+    assert [lora_graph_bound(n, 3) for n in (0, 1, 3)] == [0, 3, 3]
+    assert lora_graph_bounds(None) == (0,)
+    assert lora_graph_bounds(32) == (0, FEW_ADAPTERS, 32)
+    assert lora_graph_bounds(FEW_ADAPTERS) == (0, FEW_ADAPTERS)
+
+
+def test_few_adapter_steps_replay_the_few_adapter_variant(tiny_checkpoint, tmp_path, monkeypatch):
+    # max_loras above FEW_ADAPTERS: three variants per bucket. A step's distinct adapters pick
+    # one (on the CPU the metadata's host check also proves the bound covers the slot map),
+    # and every step's logits equal the eager runner's (which passes the exact count).
+    from loraplex.core.lora import runtime
+    eager_bounds = []
+    build = runtime.build_lora_meta
+    monkeypatch.setattr(runtime, "build_lora_meta", lambda *args, max_active_slots: (
+        eager_bounds.append(max_active_slots), build(*args, max_active_slots=max_active_slots))[1])
+    model_dir = tiny_checkpoint()
+    num_adapters = FEW_ADAPTERS + 1
+    adapters = [LoRARequest(f"a{i}", i + 1, str(write_peft_adapter(
+        tmp_path / f"a{i}", rank=2 + i % 3, target_modules=("q_proj", "v_proj", "down_proj"), seed=i,
+        base_model_name_or_path=str(model_dir)))) for i in range(num_adapters)]
+    settings = dict(enable_lora=True, max_loras=num_adapters + 1, max_lora_rank=4, max_num_seqs=12, dtype="float32")
+    eager, graphed = make_runner(model_dir, **settings), make_runner(model_dir, **settings)
+    graphed.decode_graphs = graphs = DecodeGraphs(graphed)
+    assert set(graphs.graphs) == {(size, bound) for size in [1, 2, 4, 8, 12]
+                                  for bound in (0, FEW_ADAPTERS, num_adapters + 1)}
+    prompts = random_prompts([3 + i % 4 for i in range(num_adapters + 1)], eager.vocab_size, seed=5)
+    loras = adapters + [None]
+    # Steps over subsets of the sequences: 9 adapters + base, 8 adapters, 1 adapter + base, base only.
+    subsets = [list(range(num_adapters + 1)), list(range(FEW_ADAPTERS)), [0, num_adapters], [num_adapters]]
+    results = []
+    for runner in (eager, graphed):
+        allocator = BlockAllocator(runner.num_kv_blocks, runner.block_size, seed=2)
+        seqs = new_sequences(prompts)
+        for seq, lora in zip(seqs, loras):
+            seq.lora_request = lora
+        last = prefill(runner, allocator, seqs)                              # [num_seqs, vocab]
+        logits = []
+        for subset in subsets:
+            step_logits = decode(runner, allocator, [seqs[i] for i in subset], last[subset])
+            last = last.clone()
+            last[subset] = step_logits
+            logits.append(step_logits)
+        results.append(logits)
+    assert graphs.replays_per_bound == {num_adapters + 1: 1, FEW_ADAPTERS: 2, 0: 1}
+    # Built eagerly with the exact count: the eager runner's prefill and decodes (the base-only
+    # step builds none), then the graphed runner's prefill.
+    assert eager_bounds == [num_adapters, num_adapters, FEW_ADAPTERS, 1, num_adapters]
+    for ours, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

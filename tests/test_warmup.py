@@ -33,3 +33,26 @@ def test_warm_up_writes_nothing(tiny_checkpoint, tmp_path):
                for s, (a0, b0) in zip(runner.lora.stacks.stacks[0].values(), slots))
     assert runner.lora.state.meta is None
     assert runner.lora.stacks.slot_rank(0) == 4
+
+
+def test_warm_up_runs_every_class_of_lora_tiles(tiny_checkpoint, monkeypatch):
+    # The eager path passes each step's exact adapter count; the LoRA tile configs (compile-time
+    # constants on a GPU) depend on it only through config_bound, so warm-up must reach every class.
+    from loraplex.kernels import lora_meta
+    from loraplex.kernels.lora_tiles import FEW_ADAPTERS, config_bound
+    max_loras = FEW_ADAPTERS + 2
+    runner = make_runner(tiny_checkpoint("llama"), enable_lora=True, max_loras=max_loras, max_num_batched_tokens=32)
+    bounds = []
+    build = lora_meta.build_lora_meta
+
+    def recording_build(token_slots, slot_ranks, max_loras, max_active_slots=None):
+        bounds.append((token_slots.numel(), max_active_slots))
+        return build(token_slots, slot_ranks, max_loras, max_active_slots)
+
+    monkeypatch.setattr(lora_meta, "build_lora_meta", recording_build)
+    warm_up(runner)
+    step_sizes = {n for n, _ in bounds}
+    assert step_sizes == {1, 9, 24, 32}
+    for n in step_sizes:
+        warmed = {config_bound(b, max_loras) for size, b in bounds if size == n}
+        assert warmed == {config_bound(a, max_loras) for a in range(1, max_loras + 1)} == {FEW_ADAPTERS, max_loras}

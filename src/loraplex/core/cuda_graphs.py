@@ -15,26 +15,50 @@ Static buffers (max_bs = the largest bucket, max_blocks = cdiv(max_model_len, bl
 
 A batch of n sequences replays the smallest bucket >= n; rows n.. are padding: slot -1
 (their K/V are not written), seq_len 1 (they read one cached token of a valid block), LoRA
-slot -1 (no adapter work). With LoRA enabled every bucket is captured twice: with
-`build_lora_meta` + the LoRA kernels inside the graph (it regroups whatever slot map the
-buffer holds at replay), and without them for steps that use no adapter. The attention
-metadata's max_seq_len is max_model_len, so the captured split-K decode covers any
-context. Nothing in a replayed step syncs with the host. Prefill and mixed steps, and
-batches larger than the largest bucket, run eagerly.
+slot -1 (no adapter work). With LoRA enabled every bucket is captured in variants named
+by `lora_bound`, the most distinct adapters the variant serves: 0 (no LoRA kernels, for
+steps that use no adapter), max_loras, and, when max_loras > FEW_ADAPTERS, FEW_ADAPTERS.
+A LoRA variant runs `build_lora_meta` + the LoRA kernels inside the graph (it regroups
+whatever slot map the buffer holds at replay) with grids and tiles sized for its bound,
+so a step with one adapter does not pay for the row tiles 32 could need. `execute` counts
+the step's distinct slots on the host and replays the smallest variant that covers them
+(lora_graph_bound). The attention metadata's max_seq_len is max_model_len, so the
+captured split-K decode covers any context. Nothing in a replayed step syncs with the
+host. Prefill and mixed steps, and batches larger than the largest bucket, run eagerly.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
+import numpy as np
 import torch
 
 from loraplex.core.attention import AttentionMetadata
 from loraplex.core.sequence import ScheduledSeq
 from loraplex.core.step_inputs import prepare_step_inputs
+from loraplex.kernels.lora_tiles import FEW_ADAPTERS
 
 logger = logging.getLogger(__name__)
+
+
+def lora_graph_bound(num_active: int, max_loras: int) -> int:
+    """The LoRA variant for a step with num_active distinct adapters: 0 (none), FEW_ADAPTERS, or max_loras.
+
+    Also the max_active_slots of that variant's metadata (benchmarks use it to time what the engine runs).
+    """
+    if num_active == 0:
+        return 0
+    return FEW_ADAPTERS if num_active <= FEW_ADAPTERS < max_loras else max_loras
+
+
+def lora_graph_bounds(max_loras: int | None) -> tuple[int, ...]:
+    """The variants captured per bucket: (0,) without LoRA, else 0, FEW_ADAPTERS (if below max_loras), max_loras."""
+    if max_loras is None:
+        return (0,)
+    return tuple(sorted({0, lora_graph_bound(1, max_loras), max_loras}))
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -62,18 +86,21 @@ class DecodeGraphs:
         # Off CUDA (tests) nothing is captured: a "replay" runs the same static-buffer step eagerly.
         self.use_cuda_graphs = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        # (batch bucket, lora_bound) -> (graph, its static logits)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self.num_replays = 0
+        self.replays_per_bound: Counter[int] = Counter()
         start = time.perf_counter()
-        variants = (False, True) if runner.lora is not None else (False,)
+        self.lora_bounds = lora_graph_bounds(runner.lora.stacks.max_loras if runner.lora is not None else None)
         with torch.inference_mode():
-            for with_lora in variants:
+            for lora_bound in self.lora_bounds:
                 for size in reversed(self.sizes):  # largest first: smaller ones reuse its pool memory
-                    self.graphs[size, with_lora] = \
-                        self._capture(size, with_lora) if self.use_cuda_graphs else (None, None)
-        logger.info("captured %d decode CUDA graphs (batch sizes %s%s) in %.1f s", len(self.graphs),
-                    self.sizes, ", with and without LoRA" if len(variants) == 2 else "",
-                    time.perf_counter() - start)
+                    self.graphs[size, lora_bound] = \
+                        self._capture(size, lora_bound) if self.use_cuda_graphs else (None, None)
+        variants = ", ".join("no LoRA" if b == 0 else f"LoRA <= {b} adapters" for b in self.lora_bounds)
+        logger.info("%s %d decode CUDA graphs (batch sizes %s; variants: %s) in %.1f s",
+                    "captured" if self.use_cuda_graphs else "set up (not captured off CUDA)", len(self.graphs),
+                    self.sizes, variants, time.perf_counter() - start)
 
     def _metadata(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -82,27 +109,28 @@ class DecodeGraphs:
             logits_indices=self.logits_indices[:size], max_query_len=1,
             max_seq_len=self.runner.max_model_len, is_decode_only=True)
 
-    def _forward(self, size: int, with_lora: bool) -> torch.Tensor:
+    def _forward(self, size: int, lora_bound: int) -> torch.Tensor:
         runner = self.runner
-        if with_lora:
+        if lora_bound:
             from loraplex.kernels.lora_meta import build_lora_meta
             stacks = runner.lora.stacks
-            runner.lora.state.meta = build_lora_meta(self.token_slots[:size], stacks.slot_ranks, stacks.max_loras)
+            runner.lora.state.meta = build_lora_meta(self.token_slots[:size], stacks.slot_ranks, stacks.max_loras,
+                                                     max_active_slots=lora_bound)
         try:
             hidden = runner.model(self.input_ids[:size], self.positions[:size], runner.kv_cache.layers,
                                   self._metadata(size))                      # [size, hidden]
             return runner.model.compute_logits(hidden).float()               # [size, vocab]
         finally:
-            if with_lora:
+            if lora_bound:
                 runner.lora.state.meta = None
 
-    def _capture(self, size: int, with_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, size: int, lora_bound: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Buffers hold padding (slot -1): the warm-up (which compiles the kernels) writes nothing.
-        self._forward(size, with_lora)
+        self._forward(size, lora_bound)
         torch.cuda.synchronize(self.runner.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(size, with_lora)
+            logits = self._forward(size, lora_bound)
         return graph, logits
 
     def can_run(self, scheduled: list[ScheduledSeq]) -> bool:
@@ -125,20 +153,23 @@ class DecodeGraphs:
             self.slot_mapping[num_seqs:size].fill_(-1)
             self.seq_lens[num_seqs:size].fill_(1)
         if runner.lora is None:
-            return self._replay(size, False, num_seqs)
+            return self._replay(size, 0, num_seqs)
         with runner.lora.step(scheduled, build_meta=False) as token_slots:
             if token_slots is None:
-                return self._replay(size, False, num_seqs)
+                return self._replay(size, 0, num_seqs)
+            # [num_seqs] int32 on the host: counting its distinct slots costs microseconds, no sync.
+            num_active = np.unique(token_slots[token_slots >= 0]).size
             self.token_slots[:num_seqs].copy_(torch.from_numpy(token_slots), non_blocking=True)
             if size > num_seqs:
                 self.token_slots[num_seqs:size].fill_(-1)
-            return self._replay(size, True, num_seqs)
+            return self._replay(size, lora_graph_bound(num_active, runner.lora.stacks.max_loras), num_seqs)
 
-    def _replay(self, size: int, with_lora: bool, num_seqs: int) -> torch.Tensor:
-        graph, logits = self.graphs[size, with_lora]
+    def _replay(self, size: int, lora_bound: int, num_seqs: int) -> torch.Tensor:
+        graph, logits = self.graphs[size, lora_bound]
         self.num_replays += 1
+        self.replays_per_bound[lora_bound] += 1
         if graph is None:
-            return self._forward(size, with_lora)[:num_seqs]
+            return self._forward(size, lora_bound)[:num_seqs]
         graph.replay()
         # A copy: the static output is overwritten by the next replay.
         return logits[:num_seqs].clone()

@@ -72,9 +72,11 @@ class LoRARuntime:
                     # Tokens are laid out sequence after sequence (see step_inputs.py).
                     token_slots = np.repeat(slots, [s.num_new_tokens for s in scheduled])   # [num_tokens]
                     if build_meta:
+                        # The exact count of the step's distinct slots bounds the kernels' grids.
+                        num_active = max(1, np.unique(token_slots[token_slots >= 0]).size)
                         self.state.meta = build_lora_meta(
                             torch.from_numpy(token_slots).to(self.device, non_blocking=True),
-                            self.stacks.slot_ranks, self.stacks.max_loras)
+                            self.stacks.slot_ranks, self.stacks.max_loras, max_active_slots=num_active)
                 yield token_slots
             finally:
                 self.state.meta = None
