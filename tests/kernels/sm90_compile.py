@@ -19,20 +19,24 @@ def _compile(kernel, arg_types, constexprs, config, launch_pdl=False):
                         num_stages=config.num_stages, all_args_aligned=True, launch_pdl=launch_pdl)
 
 
+# max_loras of the compiled variants; the few-adapter tile class is lora_tiles.FEW_ADAPTERS.
+MAX_LORAS = 32
+
+
 def shrink(dtype, num_tokens, in_features, n, even_k):
-    config = tl_lora.shrink_config(num_tokens, in_features, n, 32, 132)
+    config = tl_lora.shrink_config(num_tokens, in_features, n, MAX_LORAS, 132)
     types = [f"*{dtype}", f"*{dtype}", "*fp32"] + ["*i32"] * 3 + ["i32"] * 10
-    consts = {"MAX_LORAS_P2": 32, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+    consts = {"MAX_LORAS_P2": MAX_LORAS, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
               "BLOCK_K": config.block_k, "EVEN_K": even_k, "IEEE_DOT": dtype == "fp32",
               "LAUNCH_DEPENDENTS": True}
     return config, _compile(tl_lora._shrink_kernel, types, consts, config)
 
 
-def expand(dtype, num_tokens, widths, max_rank, split_k, pdl):  # split_k: runtime, named for the record
-    config = tl_lora.expand_config(num_tokens, widths, max_rank, 32, 132)
+def expand(dtype, num_tokens, widths, max_rank, split_k, pdl, max_adapters=MAX_LORAS):  # split_k: runtime
+    config = tl_lora.expand_config(num_tokens, widths, max_rank, max_adapters, 132)
     types = ["*fp32", f"*{dtype}", f"*{dtype}"] + ["*i32"] * 3 + ["i32"] * 12   # split_k is a runtime int
     chunk = config.block_n * config.tiles_per_program
-    consts = {"NUM_SLICES": len(widths), "MAX_SPLIT": tl_lora.expand_split_bound(split_k), "MAX_LORAS_P2": 32, "BLOCK_M": config.block_m,
+    consts = {"NUM_SLICES": len(widths), "MAX_SPLIT": tl_lora.expand_split_bound(split_k), "MAX_LORAS_P2": MAX_LORAS, "BLOCK_M": config.block_m,
               "BLOCK_N": config.block_n, "BLOCK_R": config.block_r, "N_TILES": config.tiles_per_program,
               "ONE_R_BLOCK": max_rank <= config.block_r, "EVEN_R": max_rank % config.block_r == 0,
               "EVEN_N": all(w % chunk == 0 for w in widths), "IEEE_DOT": dtype == "fp32", "USE_PDL": pdl}
@@ -52,6 +56,9 @@ VARIANTS = [
     ("shrink bf16 prefill ragged K", lambda: shrink("bf16", 4096, 14336 + 8, 16, False)),
     ("expand bf16 decode 3 slices split 11 pdl", lambda: expand("bf16", 64, (4096, 1024, 1024), 16, 11, True)),
     ("expand bf16 decode rank 128 ragged", lambda: expand("bf16", 64, (4096, 1000), 128, 8, True)),
+    ("expand bf16 decode gate_up, max_loras tiles", lambda: expand("bf16", 64, (14336, 14336), 16, 8, False)),
+    ("expand bf16 decode gate_up, few-adapter tiles",
+     lambda: expand("bf16", 64, (14336, 14336), 16, 8, False, tl_lora.config_bound(1, MAX_LORAS))),
     ("expand bf16 prefill 2 slices split 3", lambda: expand("bf16", 4096, (14336, 14336), 16, 3, False)),
     ("expand fp32 mid 4 slices", lambda: expand("fp32", 517, (4096, 1024, 1024, 512), 16, 2, False)),
     ("lora meta decode", lambda: meta(64, 32)),
