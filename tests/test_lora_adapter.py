@@ -219,3 +219,78 @@ def test_weights_beyond_the_model_dtype_are_refused(tmp_path):
     with pytest.raises(AdapterInvalidError, match=r"layers\.1\.mlp\.down_proj\.lora_B has values beyond the "
                                                   r"range of the model's torch.float16 once scaled"):
         load(path, dtype=torch.float16)
+
+
+def write_raw_safetensors(path, entries: dict, data: bytes, header_pad: int = 0) -> None:
+    """A safetensors file written by hand: header JSON (padded with spaces) then `data`."""
+    header = json.dumps(entries).encode() + b" " * header_pad
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+def test_unaligned_tensors_in_the_file_load_exactly(tmp_path):
+    # The safetensors writer aligns tensor data, but the format does not require it: a file
+    # whose data starts at an odd byte still loads, with the same values.
+    path = write_peft_adapter(tmp_path / "a", rank=4, target_modules=("q_proj",))
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    expected = load(path)
+    entries, blob = {}, b""
+    for name, tensor in tensors.items():
+        raw = tensor.contiguous().numpy().tobytes()
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [len(blob), len(blob) + len(raw)]}
+        blob += raw
+    header_len = len(json.dumps(entries).encode())
+    write_raw_safetensors(weights, entries, blob, header_pad=(1 - (8 + header_len)) % 4)  # data at 1 mod 4
+    assert (8 + len(json.dumps(entries).encode()) + (1 - (8 + header_len)) % 4) % 4 == 1
+    adapter = load(path)
+    for layer in range(2):
+        for got, want in zip(adapter.module_weights(layer, "q_proj"), expected.module_weights(layer, "q_proj")):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda e: e.update(dtype="X7"), "has dtype 'X7'; expected floating-point"),
+    (lambda e: e.update(dtype="I32"), "has dtype torch.int32; expected floating-point"),
+    (lambda e: e.update(shape=[4, "64"]), "invalid shape"),
+    (lambda e: e.update(shape=[4, 63]), "needs 1008; the file is corrupt"),
+    (lambda e: e.update(data_offsets=[0.5, 1024.5]), "the file is corrupt"),
+])
+def test_corrupt_safetensors_headers_are_refused(tmp_path, change, match):
+    path = write_peft_adapter(tmp_path / "a", rank=4, target_modules=("q_proj",), num_layers=1)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    entries, blob = {}, b""
+    for name, tensor in sorted(tensors.items()):
+        raw = tensor.contiguous().numpy().tobytes()
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [len(blob), len(blob) + len(raw)]}
+        blob += raw
+    change(entries[next(n for n in entries if n.endswith("q_proj.lora_A.weight"))])   # A is [4, 64] float32
+    write_raw_safetensors(weights, entries, blob)
+    with pytest.raises(AdapterInvalidError, match=match):
+        load(path)
+
+
+def test_loaded_adapter_does_not_depend_on_its_file(tmp_path):
+    # The file is mapped while loading, never after: overwriting or deleting it leaves the
+    # loaded weights as they were.
+    path = write_peft_adapter(tmp_path / "a", rank=4, target_modules=("q_proj", "down_proj"))
+    adapter = load(path)
+    before = {k: (p.lora_a.clone(), p.lora_b.clone()) for k, p in adapter.targets.items()}
+    edit_tensors(path, lambda t: t.update({k: torch.full_like(v, 7.0) for k, v in t.items()}))
+    (path / "adapter_model.safetensors").unlink()
+    for name, packed in adapter.targets.items():
+        assert torch.equal(packed.lora_a, before[name][0]) and torch.equal(packed.lora_b, before[name][1])
+    assert before["qkv_proj"][0].abs().sum() > 0
+
+
+def test_scaling_is_rounded_once_from_any_file_dtype(tmp_path):
+    """B * scaling is computed in float32 and rounded once into the model's dtype, whatever the
+    file's dtype (a 16-bit B is exact in float32)."""
+    for file_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for model_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            path = write_peft_adapter(tmp_path / f"{file_dtype}-{model_dtype}", rank=4, alpha=7,
+                                      target_modules=("v_proj",), num_layers=1, dtype=file_dtype)
+            raw = load_file(str(path / "adapter_model.safetensors"))
+            b = raw["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
+            got = load(path, dtype=model_dtype).module_weights(0, "v_proj")[1]
+            assert torch.equal(got, (b.float() * (7 / 4)).to(model_dtype)), (file_dtype, model_dtype)

@@ -6,30 +6,41 @@ loading thread: per fused target, one A and one B covering every decoder layer, 
 model's dtype, with the scaling (alpha/r, or alpha/sqrt(r) with rsLoRA) folded into B in
 float32 first. Activation is then one copy per tensor into a slot (slots.py), from pinned
 memory when the slots are on a GPU, so it does not hold up the step that needs it.
+
+A cold adapter's first token waits for this load, so it touches each byte few times: the
+safetensors file is mapped, not read into fresh tensors, and copied once into one buffer
+(host_buffer.py) that holds every packed tensor, zero from the start and page-locked in
+place when the slots are on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from loraplex.core.lora.adapter_config import LoRAAdapterConfig, parse_adapter_config
+from loraplex.core.lora.host_buffer import HostBuffer
 from loraplex.core.lora.targets import (KNOWN_UNSUPPORTED_MODULES, PEFT_MODULE_PARENT, PEFT_MODULE_TO_PACKED,
                                         SUPPORTED_PEFT_MODULES, LoRAModelSpec, LoRATarget)
 from loraplex.errors import AdapterInvalidError
 from loraplex.lora_request import LoRARequest
-from loraplex.resolvers.validation import PICKLE_FILE, base_model_compatible, validate_adapter_dir
+from loraplex.resolvers.validation import (PICKLE_FILE, base_model_compatible, check_safetensors_file,
+                                          validate_adapter_dir)
 
 logger = logging.getLogger(__name__)
 
 # PEFT's saved names: base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight
 _TENSOR_NAME = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_(A|B)\.weight$")
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @dataclass
@@ -52,6 +63,12 @@ class LoRAAdapter:
     rank: int                                    # the largest rank of any module; the packing width
     targets: dict[str, PackedLoRATarget]         # fused target -> weights; targets not adapted are absent
     module_ranks: dict[tuple[int, str], int]     # (layer, PEFT module) -> rank of every adapted module
+    host_buffer: HostBuffer | None = None        # the memory every packed tensor is a view of
+
+    def record_use(self) -> None:
+        """Call after queueing copies from the packed tensors (its memory outlives them)."""
+        if self.host_buffer is not None:
+            self.host_buffer.record_use()
 
     @property
     def lora_int_id(self) -> int:
@@ -96,7 +113,8 @@ def load_lora_adapter(request: LoRARequest, spec: LoRAModelSpec, *, max_lora_ran
     if not modules:
         raise AdapterInvalidError(f"adapter {where} holds no LoRA weights")
     rank = max(a.shape[0] for a, _, _ in modules.values())
-    adapter = LoRAAdapter(request=request, rank=rank, targets=_pack(modules, spec, rank, dtype, pin_memory),
+    targets, host_buffer = _pack(modules, spec, rank, dtype, pin_memory)
+    adapter = LoRAAdapter(request=request, rank=rank, targets=targets, host_buffer=host_buffer,
                           module_ranks={key: a.shape[0] for key, (a, _, _) in modules.items()})
     _check_finite(adapter, modules, where)
     return adapter
@@ -119,11 +137,42 @@ def _read_tensors(path, where: str) -> dict[str, torch.Tensor]:
             # Reached only when pickle weights were explicitly allowed; weights_only refuses code.
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            tensors = _map_safetensors(path, where)
+    except (OSError, RuntimeError, ValueError) as e:
         raise AdapterInvalidError(f"adapter {where}: cannot read {path.name}: {e}") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise AdapterInvalidError(f"adapter {where}: {path.name} must hold a flat name -> tensor mapping")
+    return tensors
+
+
+def _map_safetensors(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """The file's tensors as views of a private (copy-on-write) mapping of it: nothing is copied
+    up front; pages are read as the packing copies them. Sizes are checked against the header."""
+    header = check_safetensors_file(path)   # the header parses, and every tensor lies inside the file
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    data_start = 8 + header_len
+    mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype_name, shape, (start, end) = info.get("dtype"), info.get("shape"), info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
+            raise AdapterInvalidError(f"adapter {where}: tensor {name!r} in {path.name} has dtype "
+                                      f"{dtype_name!r}; expected floating-point weights (F32, F16 or BF16)")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise AdapterInvalidError(f"adapter {where}: tensor {name!r} in {path.name} has an invalid shape "
+                                      f"{shape!r}; the file is corrupt")
+        size = math.prod(shape) * dtype.itemsize
+        if type(start) is not int or type(end) is not int or start < 0 or end - start != size:
+            raise AdapterInvalidError(f"adapter {where}: tensor {name!r} in {path.name} spans bytes {start}..{end}, "
+                                      f"but {shape} of {dtype_name} needs {size}; the file is corrupt")
+        data = mapped[data_start + start: data_start + end]
+        if (data_start + start) % dtype.itemsize:
+            data = data.clone()   # unaligned in the file: a copy starts aligned
+        tensors[name] = data.view(dtype).view(shape)
     return tensors
 
 
@@ -150,32 +199,40 @@ def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec:
 
 
 def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]], spec: LoRAModelSpec,
-          rank: int, dtype: torch.dtype, pin_memory: bool) -> dict[str, PackedLoRATarget]:
+          rank: int, dtype: torch.dtype, pin_memory: bool) -> tuple[dict[str, PackedLoRATarget], HostBuffer]:
     by_target: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor, float]]] = {}
     for (layer, module), (a, b, scaling) in modules.items():
         name, index = PEFT_MODULE_TO_PACKED[module]
         by_target.setdefault(name, []).append((layer, index, a, b, scaling))
+    shapes = {name: ((spec.num_layers, spec.target(name).num_slices * rank, spec.target(name).in_features),
+                     (spec.num_layers, spec.target(name).out_features, rank)) for name in by_target}
+    total = sum(math.prod(shape) for pair in shapes.values() for shape in pair)
+    # One buffer for every tensor; fresh anonymous memory reads as zero, which is what the
+    # padding, unadapted layers and slices must hold, so only the weights are written.
+    buffer = HostBuffer(total * dtype.itemsize, register=pin_memory)
+    flat = buffer.view_as_tensor(total, dtype)
     targets: dict[str, PackedLoRATarget] = {}
+    offset = 0
     for name, entries in by_target.items():
         target = spec.target(name)
-        # Every byte is written below unless a layer or slice is not adapted or a module's
-        # rank is below the adapter's: only then is the buffer zeroed first (a pass over
-        # ~84 MB for an 8B adapter, and fresh pages touched twice on the CPU).
-        full = (len(entries) == spec.num_layers * target.num_slices
-                and all(a.shape[0] == rank for _, _, a, _, _ in entries))
-        alloc = torch.empty if full else torch.zeros
-        packed = targets[name] = PackedLoRATarget(
-            target=target,
-            lora_a=alloc(spec.num_layers, target.num_slices * rank, target.in_features, dtype=dtype,
-                         pin_memory=pin_memory),
-            lora_b=alloc(spec.num_layers, target.out_features, rank, dtype=dtype, pin_memory=pin_memory))
+        views = []
+        for shape in shapes[name]:
+            views.append(flat[offset: offset + math.prod(shape)].view(shape))
+            offset += math.prod(shape)
+        packed = targets[name] = PackedLoRATarget(target=target, lora_a=views[0], lora_b=views[1])
         offsets = target.slice_offsets
         for layer, index, a, b, scaling in entries:
             module_rank = a.shape[0]
             packed.lora_a[layer, index * rank: index * rank + module_rank].copy_(a)
-            # Scaling folded in float32, then one rounding to the model's dtype.
-            packed.lora_b[layer, offsets[index]:offsets[index + 1], :module_rank].copy_(b.float() * scaling)
-    return targets
+            # Scaling folded in float32, then one rounding to the model's dtype: torch.mul
+            # computes in b's dtype (float32 math for 16-bit types), so that holds when b
+            # is float32 or already the model's dtype, and spares a float32 temporary.
+            b_slot = packed.lora_b[layer, offsets[index]:offsets[index + 1], :module_rank]
+            if b.dtype in (torch.float32, dtype):
+                torch.mul(b, scaling, out=b_slot)
+            else:
+                b_slot.copy_(b.float() * scaling)
+    return targets, buffer
 
 
 def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, str]:

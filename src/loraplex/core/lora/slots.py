@@ -102,6 +102,7 @@ class LoRASlotStacks:
             if target.name in dirty_targets and dirty_rank > rank:
                 slot_a_slices[:, :, rank:dirty_rank].zero_()
                 slot_b[:, :, rank:dirty_rank].zero_()
+        adapter.record_use()   # the copies may still be queued: its memory must outlive them
         self._dirty_targets[slot], self._dirty_rank[slot] = frozenset(adapter.targets), rank
         self._set_rank(slot, rank)
 

@@ -1,0 +1,78 @@
+"""Where a cold adapter's load time goes: each phase of load_lora_adapter timed alone.
+
+    PYTHONPATH=src:tests python benchmarks/bench_lora_load_phases.py [--threads N] [--pin]
+
+Writes one random Llama-3-8B-shaped PEFT adapter (rank 16, all seven projections, bf16,
+84 MB) and times, median of 5: mapping the safetensors file, validating names and shapes,
+packing (allocation and copies, which read the mapped file; --pin: into page-locked memory,
+needs CUDA), the finite check, and the whole load_lora_adapter. Pass --threads to match the engine's torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adapters import write_peft_adapter  # noqa: E402
+from bench_cpu_lora_load import ALL_TARGETS, LLAMA3_8B, RANK, peft_shapes  # noqa: E402
+
+from loraplex.core.lora import adapter as loader  # noqa: E402
+from loraplex.core.lora.adapter_config import parse_adapter_config  # noqa: E402
+from loraplex.core.lora.targets import llama_lora_spec  # noqa: E402
+from loraplex.lora_request import LoRARequest  # noqa: E402
+from loraplex.resolvers.validation import validate_adapter_dir  # noqa: E402
+
+
+def timed(fn, repeats):
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pin", action="store_true", help="pack into pinned memory (CUDA only)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = llama_lora_spec(**LLAMA3_8B)
+    with tempfile.TemporaryDirectory(prefix="bench_lora_phases_") as tmp:
+        path = write_peft_adapter(Path(tmp, "a"), rank=RANK, alpha=32, target_modules=ALL_TARGETS,
+                                  num_layers=spec.num_layers, shapes=peft_shapes(LLAMA3_8B),
+                                  base_model_name_or_path="llama-3-8b", dtype=torch.bfloat16)
+        request = LoRARequest("a", 1, str(path))
+        where = "bench"
+        files = validate_adapter_dir(path)
+        config = parse_adapter_config(files.config, where)
+        phases = {}
+        phases["read"], tensors = timed(lambda: loader._read_tensors(files.weights_path, where), args.repeats)
+        phases["validate"], modules = timed(lambda: loader._validate(tensors, config, spec, where), args.repeats)
+        rank = max(a.shape[0] for a, _, _ in modules.values())
+        phases["pack"], (targets, buffer) = timed(
+            lambda: loader._pack(modules, spec, rank, torch.bfloat16, args.pin), args.repeats)
+        adapter = loader.LoRAAdapter(request=request, rank=rank, targets=targets, host_buffer=buffer,
+                                     module_ranks={key: a.shape[0] for key, (a, _, _) in modules.items()})
+        phases["finite check"], _ = timed(lambda: loader._check_finite(adapter, modules, where), args.repeats)
+        phases["load_lora_adapter (all)"], _ = timed(lambda: loader.load_lora_adapter(
+            request, spec, max_lora_rank=RANK, served_model_name="llama-3-8b", dtype=torch.bfloat16,
+            pin_memory=args.pin), args.repeats)
+    print(f"torch {torch.__version__}, {args.threads} threads, pinned: {args.pin}; median of {args.repeats} (ms)")
+    for name, ms in phases.items():
+        print(f"  {name:26s} {ms:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
