@@ -1,6 +1,6 @@
 """Llama-3-8B-shaped multi-LoRA decode on a GPU: loraplex vs HF PEFT vs the bandwidth floor.
 
-    PYTHONPATH=src python3 benchmarks/gpu_decode.py [--quick] [--skip-peft] [--out DIR]
+    PYTHONPATH=src python3 benchmarks/gpu_decode.py [--quick] [--skip-peft] [--out DIR] [--only SECTION ...]
     PYTHONPATH=src python3 benchmarks/gpu_decode.py --smoke     # tiny model on the CPU: checks the script
 
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 layers, 32 heads / 8 KV
@@ -63,6 +63,9 @@ RANK = 16
 DEVICE = "cuda"
 SMOKE_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, vocab_size=300)
+
+
+SECTIONS = ["kernels", "decode", "prefill", "cold", "peft"]
 
 
 def sync():
@@ -276,7 +279,13 @@ def main() -> None:
                         help="skip the LoRA kernel micro-benchmarks (gpu_lora_kernels.py parts 2 and 3)")
     parser.add_argument("--no-shrink-overlap", action="store_true",
                         help="LoRA shrink after the base GEMM, not beside it on a side stream")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="run these sections only (default: all)")
     args = parser.parse_args()
+    if args.skip_kernels:
+        args.only = [s for s in args.only if s != "kernels"]
+    if args.skip_peft:
+        args.only = [s for s in args.only if s != "peft"]
     if args.no_shrink_overlap:
         from loraplex.kernels import lora as lora_ops
         lora_ops.SHRINK_BESIDE_GEMM = False
@@ -294,7 +303,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test)"
     results = {"device": name, "torch": torch.__version__, "config": cfg,
                "lora_shrink_beside_gemm": not args.no_shrink_overlap}
-    if DEVICE == "cuda" and not args.skip_kernels:
+    if DEVICE == "cuda" and "kernels" in args.only:
         # 4. Kernel micro-benchmarks: shrink+expand as CUDA-graph replays against their floor
         # and a torch gather-and-bmm, then what the LoRA adds to each layer's GEMM.
         from gpu_lora_kernels import run_bench, run_in_layer
@@ -333,7 +342,7 @@ def main() -> None:
     results["weight_GB"], results["adapter_MB"] = weight_bytes / 1e9, per_adapter / 1e6
 
     rows = []
-    for batch in batches:
+    for batch in (batches if "decode" in args.only else ()):
         for count in adapter_counts:
             if count > batch:
                 continue
@@ -346,16 +355,18 @@ def main() -> None:
             log(json.dumps(r))
     results["decode"] = rows
 
-    prefill = {label: prefill_bench(runner, blocks, loras, 16, 512 if not args.smoke else 16)
-               for label, loras in (("0 adapters", []), ("32 adapters", requests[:32]))}
-    results["prefill_tokens_per_s"] = prefill
-    log(f"prefill 16x512 tokens/s: {json.dumps(prefill)}")
+    if "prefill" in args.only:
+        prefill = {label: prefill_bench(runner, blocks, loras, 16, 512 if not args.smoke else 16)
+                   for label, loras in (("0 adapters", []), ("32 adapters", requests[:32]))}
+        results["prefill_tokens_per_s"] = prefill
+        log(f"prefill 16x512 tokens/s: {json.dumps(prefill)}")
 
-    results["cold_adapter"] = cold_adapter(runner, blocks, requests[:8], cold=requests[33], warm=requests[0],
-                                           prompt_len=prompt_len)
-    log(f"cold adapter: {json.dumps(results['cold_adapter'])}")
+    if "cold" in args.only:
+        results["cold_adapter"] = cold_adapter(runner, blocks, requests[:8], cold=requests[33],
+                                               warm=requests[0], prompt_len=prompt_len)
+        log(f"cold adapter: {json.dumps(results['cold_adapter'])}")
 
-    if not args.skip_peft:
+    if "peft" in args.only:
         del runner
         gc.collect()   # the runner and its graphs reference each other
         if DEVICE == "cuda":
@@ -374,14 +385,17 @@ def print_table(results: dict) -> None:
     for r in results["decode"]:
         log(f"| {r['batch']} | {r['adapters']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['floor_ms']:.2f} | {r['vs_floor']:.2f} |")
-    p = results["prefill_tokens_per_s"]
-    log(f"prefill 16x512: {p['0 adapters']:.0f} tok/s without, {p['32 adapters']:.0f} with 32 adapters "
-        f"(ratio {p['32 adapters'] / p['0 adapters']:.2f})")
-    c = results["cold_adapter"]
-    during = c["cold"]["step_ms_during_load"]
-    log(f"first token: loaded adapter {c['warm']['first_token_ms']:.1f} ms, cold (disk) "
-        f"{c['cold']['first_token_ms']:.1f} ms; others' step {c['baseline_step_ms']:.2f} ms, during load "
-        f"{'n/a' if during is None else f'{during:.2f}'} ms over {c['cold']['steps_during_load']} steps")
+    if "prefill_tokens_per_s" in results:
+        p = results["prefill_tokens_per_s"]
+        log(f"prefill 16x512: {p['0 adapters']:.0f} tok/s without, {p['32 adapters']:.0f} with 32 adapters "
+            f"(ratio {p['32 adapters'] / p['0 adapters']:.2f})")
+    if "cold_adapter" in results:
+        c = results["cold_adapter"]
+        during = c["cold"]["step_ms_during_load"]
+        log(f"first token: loaded adapter {c['warm']['first_token_ms']:.1f} ms, cold (disk) "
+            f"{c['cold']['first_token_ms']:.1f} ms (load {c['cold']['load_done_ms']:.1f} ms); others' step "
+            f"{c['baseline_step_ms']:.2f} ms, during load {'n/a' if during is None else f'{during:.2f}'} ms "
+            f"over {c['cold']['steps_during_load']} steps")
     if "peft" in results:
         ours = {(r["batch"], r["adapters"]): r["tokens_per_s"] for r in results["decode"]}
         for label, count in (("32 adapters", 32), ("0 adapters", 0)):
