@@ -9,7 +9,10 @@ NaN first, inputs are fresh random, the error is ||out - ref|| / ||ref - out_bef
 (relative to the LoRA contribution), and base-model rows must be untouched bit for bit.
 Part 2 times shrink+expand as CUDA-graph replays (median over replays; each graph runs
 the op over several rotated copies of x, out and the LoRA weights, so L2 never holds
-them) beside a torch gather+bmm version and the bandwidth floor.
+them) beside a torch gather+bmm version and the bandwidth floor. The metadata of a step
+with N adapters carries the adapter bound the engine's decode graph for N adapters uses
+(lora_graph_bound: FEW_ADAPTERS up to FEW_ADAPTERS, else MAX_LORAS), so grids and tiles
+are the engine's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import traceback
 
 import torch
 
+from loraplex.core.cuda_graphs import FEW_ADAPTERS, lora_graph_bound
 from loraplex.kernels.lora import apply_lora, lora_expand, lora_shrink
 from loraplex.kernels.lora_meta import build_lora_meta
 
@@ -68,6 +72,12 @@ def make_inputs(module, num_tokens, num_adapters, *, max_rank=16, mixed_ranks=Fa
                 slot_ranks=slot_ranks.to(device), offsets=offsets)
 
 
+def engine_meta(token_slots, slot_ranks, num_adapters):
+    """The metadata the engine's decode graph for num_adapters distinct adapters builds."""
+    return build_lora_meta(token_slots, slot_ranks, MAX_LORAS,
+                           max_active_slots=max(1, lora_graph_bound(num_adapters, MAX_LORAS)))
+
+
 def poison_allocator():
     """Fill cached allocator blocks with NaN, so any read of an unwritten buffer shows."""
     blocks = [torch.full((n,), float("nan"), device="cuda") for n in [1 << 16] * 64 + [1 << 20] * 16 + [1 << 26]]
@@ -93,7 +103,7 @@ class Checker:
 def check_apply(chk, module, num_tokens, num_adapters, **kw):
     dtype = kw.get("dtype", torch.bfloat16)
     t = make_inputs(module, num_tokens, num_adapters, **kw)
-    meta = build_lora_meta(t["token_slots"], t["slot_ranks"], MAX_LORAS)
+    meta = engine_meta(t["token_slots"], t["slot_ranks"], num_adapters)
     ref = t["out"].clone()
     apply_lora(t["x"], ref, t["lora_a"], t["lora_b"], meta, t["offsets"], backend="torch")
     poison_allocator()
@@ -112,7 +122,7 @@ def check_apply(chk, module, num_tokens, num_adapters, **kw):
 
 def check_shrink_expand(chk, module, num_tokens, num_adapters):
     t = make_inputs(module, num_tokens, num_adapters, mixed_ranks=True, max_rank=32, seed=7)
-    meta = build_lora_meta(t["token_slots"], t["slot_ranks"], MAX_LORAS)
+    meta = engine_meta(t["token_slots"], t["slot_ranks"], num_adapters)
     num_slices = len(t["offsets"]) - 1
     ref_buf = lora_shrink(t["x"], t["lora_a"], meta, num_slices, backend="torch")
     poison_allocator()
@@ -127,26 +137,28 @@ def check_shrink_expand(chk, module, num_tokens, num_adapters):
                rel_err(out, ref, t["out"]), LIMITS[torch.bfloat16])
 
 
-def check_graph_replay(chk):
-    """Metadata + apply_lora captured once, replayed on new slot maps copied into static inputs."""
+def check_graph_replay(chk, bound, adapter_counts):
+    """Metadata (for `bound` adapters) + apply_lora captured once, replayed on new slot maps of
+    adapter_counts adapters copied into static inputs."""
     t = make_inputs("qkv", 64, MAX_LORAS, mixed_ranks=True, seed=3)  # every slot holds an adapter
     static_slots, out = t["token_slots"].clone(), t["out"].clone()
     run = lambda: apply_lora(t["x"], out, t["lora_a"], t["lora_b"],
-                             build_lora_meta(static_slots, t["slot_ranks"], MAX_LORAS), t["offsets"])
+                             build_lora_meta(static_slots, t["slot_ranks"], MAX_LORAS, max_active_slots=bound),
+                             t["offsets"])
     run()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    for seed in range(3):
-        new = make_inputs("qkv", 64, 8 + 8 * seed, seed=100 + seed)["token_slots"]
+    for seed, num_adapters in enumerate(adapter_counts):
+        new = make_inputs("qkv", 64, num_adapters, seed=100 + seed)["token_slots"]
         static_slots.copy_(new)
         out.copy_(t["out"])
         graph.replay()
         ref = t["out"].clone()
         apply_lora(t["x"], ref, t["lora_a"], t["lora_b"], build_lora_meta(new, t["slot_ranks"], MAX_LORAS),
                    t["offsets"], backend="torch")
-        chk.report(f"CUDA graph replay {seed}: meta+apply qkv T=64, new slot map", rel_err(out, ref, t["out"]),
-                   LIMITS[torch.bfloat16])
+        chk.report(f"CUDA graph replay {seed}: meta+apply qkv T=64 bound {bound}, {num_adapters} adapters",
+                   rel_err(out, ref, t["out"]), LIMITS[torch.bfloat16])
 
 
 def run_checks():
@@ -162,7 +174,9 @@ def run_checks():
                  lambda: check_apply(chk, module, num_tokens, num_adapters, **kw))
     for module, num_tokens in (("qkv", 64), ("gate_up", 517), ("odd", 4096)):
         _guarded(chk, f"shrink/expand {module}", lambda: check_shrink_expand(chk, module, num_tokens, 8))
-    _guarded(chk, "CUDA graph replay", lambda: check_graph_replay(chk))
+    _guarded(chk, "CUDA graph replay", lambda: check_graph_replay(chk, MAX_LORAS, (8, 16, 24)))
+    _guarded(chk, "CUDA graph replay, few adapters",
+             lambda: check_graph_replay(chk, FEW_ADAPTERS, (1, FEW_ADAPTERS // 2, FEW_ADAPTERS)))
     print(f"correctness: {chk.passed} passed, {len(chk.failed)} failed", flush=True)
     for label in chk.failed:
         print(f"  FAILED: {label}")
@@ -245,8 +259,8 @@ def gather_bmm_lora(x, out, lora_a, lora_b, token_slots, offsets):
 
 
 def bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays):
-    from loraplex.kernels.triton_lora import (_num_sms, expand_config, shrink_config, triton_expand,
-                                              triton_shrink)
+    from loraplex.kernels.triton_lora import (_num_sms, config_bound, expand_config, shrink_config,
+                                              triton_expand, triton_shrink)
     in_features, widths = MODULES[module]
     num_slices, out_total, rank = len(widths), sum(widths), 16
     elt = 2
@@ -257,7 +271,7 @@ def bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays):
                 + num_tokens * (in_features + out_total)) * elt
     rotations = max(2, min(64, math.ceil(3 * l2_bytes / floor_bytes), int(16e9 // full_set)))
     sets = [make_inputs(module, num_tokens, num_adapters, base_fraction=0.0, seed=s) for s in range(rotations)]
-    meta = build_lora_meta(sets[0]["token_slots"], sets[0]["slot_ranks"], MAX_LORAS)
+    meta = engine_meta(sets[0]["token_slots"], sets[0]["slot_ranks"], num_adapters)
     offsets = sets[0]["offsets"]
 
     def loraplex_all():
@@ -282,8 +296,9 @@ def bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays):
                             rotations, max(5, replays // 5))
     else:
         bmm_us = float("nan")
-    sc = shrink_config(num_tokens, in_features, num_slices * rank, MAX_LORAS, _num_sms(torch.device("cuda", 0)))
-    ec = expand_config(num_tokens, widths, rank, MAX_LORAS, _num_sms(torch.device("cuda", 0)))
+    tile_class = config_bound(meta.max_active_slots, MAX_LORAS)
+    sc = shrink_config(num_tokens, in_features, num_slices * rank, tile_class, _num_sms(torch.device("cuda", 0)))
+    ec = expand_config(num_tokens, widths, rank, tile_class, _num_sms(torch.device("cuda", 0)))
     floor_us = floor_bytes / bandwidth * 1e6
     target = DECODE_TARGETS_US.get((module, num_tokens, num_adapters))
     if target is not None:
@@ -299,7 +314,7 @@ def bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays):
             f"{bmm_us:>11.1f}{floor_us:>9.1f}{floor_us / us:>8.0%}  {verdict:<26}"
             f" shrink m{sc.block_m} n{sc.block_n} k{sc.block_k} split{sc.split_k} w{sc.num_warps} s{sc.num_stages};"
             f" expand m{ec.block_m} n{ec.block_n}x{ec.tiles_per_program} w{ec.num_warps} s{ec.num_stages}"
-            f"  x{rotations}")
+            f"  bound {meta.max_active_slots} x{rotations}")
 
 
 def run_bench(replays):
@@ -318,7 +333,8 @@ def run_bench(replays):
     print("\nus = microseconds per call. loraplex = apply_lora (shrink + expand launches); shrink/expand = each kernel\n"
           "alone; torch bmm = gather each token's A,B + bmm in a CUDA graph (nan: skipped, too much memory);\n"
           "floor = bytes(x + active A,B + out read+write) / copy bandwidth; %floor = floor / loraplex (higher is\n"
-          "better); xN = rotated input copies per graph replay.")
+          "better); bound = the metadata's max_active_slots (the engine's graph variant for that many adapters);\n"
+          "xN = rotated input copies per graph replay.")
     print(f"\n{'module':<8}{'tokens':>6}{'LoRAs':>5}{'loraplex':>10}{'shrink':>9}{'expand':>9}{'torch bmm':>11}"
           f"{'floor':>9}{'%floor':>8}  {'target':<26} tiles")
     for module in ("qkv", "gate_up", "down"):
@@ -344,7 +360,7 @@ def run_in_layer(replays):
         in_features, widths = MODULES[module]
         sets = [make_inputs(module, 64, 32, base_fraction=0.0, seed=s) for s in range(2)]
         weights = [torch.randn(sum(widths), in_features, device="cuda").to(torch.bfloat16) * 0.02 for _ in sets]
-        meta = build_lora_meta(sets[0]["token_slots"], sets[0]["slot_ranks"], MAX_LORAS)
+        meta = engine_meta(sets[0]["token_slots"], sets[0]["slot_ranks"], 32)
         offsets = sets[0]["offsets"]
 
         def gemm():

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gpu_decode import LLAMA3_8B, RANK, Blocks, new_seqs, prefill_all, run_step, write_adapters, write_model_dir
 from loraplex.core.config import EngineConfig
+from loraplex.core.cuda_graphs import lora_graph_bound
 from loraplex.core.model_runner import ModelRunner
 from loraplex.lora_request import LoRARequest
 
@@ -63,7 +64,8 @@ def graph_split(runner, blocks, batch, loras, steps=40) -> None:
     prefill_all(runner, blocks, seqs, 8192)
     graphs = runner.decode_graphs
     size = next(s for s in graphs.sizes if s >= batch)
-    graph, _ = graphs.graphs[size, bool(loras)]
+    # The variant the step replays: new_seqs gives the sequences the adapters round robin.
+    graph, _ = graphs.graphs[size, lora_graph_bound(min(len(loras), batch), runner.lora.stacks.max_loras)]
     wall, replay = [], []
     for _ in range(steps):
         torch.cuda.synchronize()
