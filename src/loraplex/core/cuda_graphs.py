@@ -39,7 +39,8 @@ import torch
 from loraplex.core.attention import AttentionMetadata
 from loraplex.core.sequence import ScheduledSeq
 from loraplex.core.step_inputs import prepare_step_inputs
-from loraplex.kernels.lora_tiles import FEW_ADAPTERS
+# FEW_ADAPTERS is re-exported: the name of the few-adapter variant's bound.
+from loraplex.kernels.lora_tiles import FEW_ADAPTERS, adapter_bound_classes, config_bound  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +48,15 @@ logger = logging.getLogger(__name__)
 def lora_graph_bound(num_active: int, max_loras: int) -> int:
     """The LoRA variant for a step with num_active distinct adapters: 0 (none), FEW_ADAPTERS, or max_loras.
 
-    Also the max_active_slots of that variant's metadata (benchmarks use it to time what the engine runs).
+    Also the max_active_slots of that variant's metadata, so its grids and tiles are sized by the
+    same classes as the kernels' configs (benchmarks use it to time what the engine runs).
     """
-    if num_active == 0:
-        return 0
-    return FEW_ADAPTERS if num_active <= FEW_ADAPTERS < max_loras else max_loras
+    return 0 if num_active == 0 else config_bound(num_active, max_loras)
 
 
 def lora_graph_bounds(max_loras: int | None) -> tuple[int, ...]:
     """The variants captured per bucket: (0,) without LoRA, else 0, FEW_ADAPTERS (if below max_loras), max_loras."""
-    if max_loras is None:
-        return (0,)
-    return tuple(sorted({0, lora_graph_bound(1, max_loras), max_loras}))
+    return (0,) if max_loras is None else (0, *adapter_bound_classes(max_loras))
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
