@@ -13,6 +13,7 @@ the kernel variants few and lets the warm-up compile them all (adapter_bound_cla
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import triton
@@ -83,6 +84,9 @@ def adapter_bound_classes(max_loras: int) -> tuple[int, ...]:
     return (FEW_ADAPTERS, max_loras) if max_loras > FEW_ADAPTERS else (max_loras,)
 
 
+# Cached: eager steps ask for a config at every layer and projection (128 times per 8B step),
+# and the answer depends only on these ints.
+@functools.lru_cache(maxsize=4096)
 def shrink_config(num_tokens: int, in_features: int, n: int, max_adapters: int, num_sms: int) -> ShrinkConfig:
     """Tiles for x[num_tokens, in] @ A^T -> [num_tokens, n]: split K until the GPU is full."""
     block_m = _block_m(num_tokens)
@@ -107,6 +111,7 @@ def shrink_config(num_tokens: int, in_features: int, n: int, max_adapters: int, 
     return ShrinkConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=3)
 
 
+@functools.lru_cache(maxsize=4096)
 def expand_config(num_tokens: int, slice_widths: tuple[int, ...], max_rank: int, max_adapters: int,
                   num_sms: int) -> ExpandConfig:
     """Tiles for h @ B^T added into out.
