@@ -33,8 +33,11 @@ class BlockAllocator:
             seq.block_table.append(self.free.pop())
 
 
-def new_sequences(prompts: list[list[int]], first_id: int = 0) -> list[Sequence]:
-    return [Sequence(seq_id=first_id + i, token_ids=list(p), num_prompt_tokens=len(p)) for i, p in enumerate(prompts)]
+def new_sequences(prompts: list[list[int]], first_id: int = 0, loras: list | None = None) -> list[Sequence]:
+    """One Sequence per prompt; loras[i] (a LoRARequest or None) is sequence i's adapter."""
+    loras = loras if loras is not None else [None] * len(prompts)
+    return [Sequence(seq_id=first_id + i, token_ids=list(p), num_prompt_tokens=len(p), lora_request=lora)
+            for i, (p, lora) in enumerate(zip(prompts, loras, strict=True))]
 
 
 def step(runner: ModelRunner, allocator: BlockAllocator, seqs: list[Sequence],

@@ -37,9 +37,7 @@ def test_graph_step_equals_eager_step_with_lora_and_padding(tiny_checkpoint, tmp
     results = []
     for runner in (eager, graphed):
         allocator = BlockAllocator(runner.num_kv_blocks, runner.block_size, seed=3)
-        seqs = new_sequences(prompts)
-        for seq, lora in zip(seqs, loras):
-            seq.lora_request = lora
+        seqs = new_sequences(prompts, loras=loras)
         logits = [prefill(runner, allocator, seqs)]
         for _ in range(3):
             logits.append(decode(runner, allocator, seqs, logits[-1]))
@@ -100,9 +98,7 @@ def test_few_adapter_steps_replay_the_few_adapter_variant(tiny_checkpoint, tmp_p
     results = []
     for runner in (eager, graphed):
         allocator = BlockAllocator(runner.num_kv_blocks, runner.block_size, seed=2)
-        seqs = new_sequences(prompts)
-        for seq, lora in zip(seqs, loras):
-            seq.lora_request = lora
+        seqs = new_sequences(prompts, loras=loras)
         last = prefill(runner, allocator, seqs)                              # [num_seqs, vocab]
         logits = []
         for subset in subsets:

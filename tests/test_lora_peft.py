@@ -147,7 +147,6 @@ def test_rank_and_alpha_patterns_match_peft(setup, tmp_path):
                        ignore_eos=True), lora_request=[lora, None], use_tqdm=False)
     assert list(out[0].outputs[0].token_ids) == expected
     runner = llm.llm_engine.runner
-    seq = new_sequences([prompt])[0]
-    seq.lora_request = lora
+    seq = new_sequences([prompt], loras=[lora])[0]
     logits = prefill(runner, BlockAllocator(runner.num_kv_blocks, runner.block_size), [seq])
     assert relative_error(logits[0], expected_logits) < 1e-4
