@@ -13,7 +13,8 @@ correctness matrix (gpu_lora_kernels.py part 1), the decode kernel replayed from
 graph with new lengths and tables, and the decode kernel's time at a few 8B-layer shapes.
 
 Part 2, the engine: an adapter packed in page-locked memory reaches its slot intact even
-when freed while its copies are queued; greedy outputs of LLM with Triton attention + CUDA graphs equal the
+when freed while its copies are queued; after start-up (graph capture and warm-up) serving
+batches of many sizes and adapter counts compiles no Triton kernel; greedy outputs of LLM with Triton attention + CUDA graphs equal the
 torch backend's eager outputs on tiny checkpoints (fp32; Llama and sliding-window
 Mistral), with and without LoRA adapters in a mixed batch; a replayed decode step under
 torch.cuda.set_sync_debug_mode("error"); graphs are used (replay counts). Exit code 1 on
@@ -297,6 +298,58 @@ def check_engine() -> None:
                        got == ref and (replays > 0 or DEVICE != "cuda"), f"graph replays={replays}")
             if DEVICE == "cuda":
                 check_replay_has_no_sync(path)
+                if arch_kwargs["arch"] == "llama":
+                    check_no_compile_after_warm_up(path, tmp)
+
+
+def check_no_compile_after_warm_up(path, tmp: Path) -> None:
+    """After start-up (graph capture + warm-up) serving compiles no Triton kernel: eager mixed
+    and decode steps of many sizes, 1 to 12 adapters at max_loras 64 (two tile classes)."""
+    from adapters import write_peft_adapter
+    from gpu_decode import compiled_kernels
+    from runner_helpers import random_prompts
+
+    from loraplex import LLM, LoRARequest, SamplingParams
+    adapters = [LoRARequest(f"c{i}", 100 + i, str(write_peft_adapter(
+        tmp / f"compile-a{i}", rank=8, alpha=16, seed=50 + i, base_model_name_or_path=str(path),
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))))
+        for i in range(12)]
+    for enforce_eager in (False, True):   # graphs first: the eager run then also sees what graphs compiled
+        llm = LLM(model=str(path), device=DEVICE, dtype="float32", max_model_len=256, max_num_seqs=64,
+                  kv_cache_bytes=64 << 20, attention_backend="triton", enable_lora=True, max_loras=64,
+                  max_lora_rank=8, enforce_eager=enforce_eager, max_num_batched_tokens=512)
+        before = compiled_kernels()
+        lengths = [1 + (7 * i) % 61 for i in range(40)]            # 1..61-token prompts
+        prompts = [{"prompt_token_ids": p} for p in random_prompts(lengths, 300, seed=3)]
+        loras = [adapters[i % (1 + i % 12)] if i % 5 else None for i in range(len(prompts))]
+        params = [SamplingParams(temperature=0, max_tokens=2 + i % 9, ignore_eos=True) for i in range(len(prompts))]
+        for start in (0, 3, 11):   # batches of different sizes and adapter counts
+            llm.generate(prompts[start:start + 9 + 3 * start], params[start:start + 9 + 3 * start],
+                         lora_request=loras[start:start + 9 + 3 * start], use_tqdm=False)
+        after = compiled_kernels()
+        new = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        report(f"no Triton compile while serving after start-up (enforce_eager={enforce_eager})", not new,
+               f"compiled: {new}" if new else "")
+        if new:
+            for name, keys in _variant_keys().items():
+                if name in new:
+                    print(f"  {name} variants:\n    " + "\n    ".join(sorted(keys)), flush=True)
+        del llm
+        release_memory()
+
+
+def _variant_keys() -> dict[str, set[str]]:
+    """Each loraplex Triton kernel's compiled variants, as Triton's cache keys (for a failure report)."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+    keys = {}
+    for module_name in ("triton_attention", "triton_lora"):
+        module = importlib.import_module(f"loraplex.kernels.{module_name}")
+        for attr, fn in vars(module).items():
+            if isinstance(fn, JITFunction):
+                keys[attr] = {str(k) for caches in fn.device_caches.values() for k in caches[0]}
+    return keys
 
 
 def check_pinned_adapter() -> None:

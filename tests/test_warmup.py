@@ -51,8 +51,33 @@ def test_warm_up_runs_every_class_of_lora_tiles(tiny_checkpoint, monkeypatch):
 
     monkeypatch.setattr(lora_meta, "build_lora_meta", recording_build)
     warm_up(runner)
-    step_sizes = {n for n, _ in bounds}
-    assert step_sizes == {1, 9, 24, 32}
-    for n in step_sizes:
-        warmed = {config_bound(b, max_loras) for size, b in bounds if size == n}
-        assert warmed == {config_bound(a, max_loras) for a in range(1, max_loras + 1)} == {FEW_ADAPTERS, max_loras}
+    classes = {config_bound(a, max_loras) for a in range(1, max_loras + 1)}
+    assert classes == {FEW_ADAPTERS, max_loras}
+    # The model passes at the WARMUP_TOKENS sizes (capped at max_num_batched_tokens), then the
+    # LoRA kernels alone at every decode-tile count: all 32 here, in every class.
+    warmed = {(n, config_bound(b, max_loras)) for n, b in bounds}
+    assert warmed == {(n, c) for n in range(1, 33) for c in classes}
+
+
+def test_lora_prefill_tiles_depend_only_on_the_row_tile_class():
+    """Above DECODE_TILE_MAX_TOKENS warm-up runs only a few token counts (WARMUP_TOKENS and
+    max_num_batched_tokens): that covers every compile-time choice of the LoRA kernels only
+    while those choices depend on the count through the row-tile class alone. Checked at
+    Llama-3-8B shapes for every count up to 8192 tokens."""
+    from loraplex.core.warmup import WARMUP_TOKENS
+    from loraplex.kernels.lora_tiles import (DECODE_TILE_MAX_TOKENS, FEW_ADAPTERS, expand_config,
+                                             expand_split_bound, shrink_config, split_k_chunks)
+    modules = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
+               "down": (14336, (4096,))}
+    max_batched = 8192
+    for in_features, widths in modules.values():
+        for adapters in (FEW_ADAPTERS, 32):
+            def variant(n):
+                shrink = shrink_config(n, in_features, len(widths) * 16,
+                                       adapters, 132)
+                _, split_k = split_k_chunks(in_features, shrink)
+                compile_time = (shrink.block_m, shrink.block_n, shrink.block_k, shrink.num_warps, shrink.num_stages)
+                return compile_time, expand_config(n, widths, 16, adapters, 132), expand_split_bound(split_k)
+            warmed = {variant(n) for n in {*WARMUP_TOKENS, max_batched} if n > DECODE_TILE_MAX_TOKENS}
+            reachable = {variant(n) for n in range(DECODE_TILE_MAX_TOKENS + 1, max_batched + 1)}
+            assert reachable == warmed, (in_features, widths, adapters)

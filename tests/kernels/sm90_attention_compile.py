@@ -28,15 +28,15 @@ def write_kv(dtype):
 
 def decode(dtype, num_splits, group=4):
     block_d, block_n = 128, 32   # what the decode launcher picks for head_dim 128
-    types = [f"*{dtype}"] * 3 + ["*i32", "*i32", f"*{dtype}", "*fp32", "*fp32", "fp32"] + ["i32"] * 11
+    types = [f"*{dtype}"] * 3 + ["*i32", "*i32", f"*{dtype}", "*fp32", "*fp32", "fp32"] + ["i32"] * 12
     consts = {"GROUP": group, "BLOCK_G": max(16, group), "BLOCK_N": block_n, "BLOCK_D": block_d,
-              "NUM_SPLITS": num_splits, "USE_WINDOW": False, "IEEE_DOT": dtype == "fp32", "LARGE_CACHE": False}
+              "SPLIT": num_splits > 1, "USE_WINDOW": False, "IEEE_DOT": dtype == "fp32", "LARGE_CACHE": False}
     return _compile(ta._decode_kernel, types, consts, _Config(8 if dtype == "fp32" else 4, ta.DECODE_STAGES))
 
 
 def reduce(dtype, num_splits):
-    types = ["*fp32", "*fp32", f"*{dtype}"] + ["i32"] * 4
-    consts = {"NUM_SPLITS": num_splits, "BLOCK_S": triton.next_power_of_2(num_splits), "BLOCK_D": 128}
+    types = ["*fp32", "*fp32", f"*{dtype}"] + ["i32"] * 5
+    consts = {"BLOCK_S": triton.next_power_of_2(num_splits), "BLOCK_D": 128}
     return _compile(ta._decode_reduce_kernel, types, consts, _Config(4))
 
 

@@ -51,3 +51,18 @@ def test_dummy_load_format_needs_only_config_json(tiny_checkpoint, tmp_path):
     allocator, seqs = BlockAllocator(runner.num_kv_blocks, runner.block_size), new_sequences([[5, 6, 7]])
     logits = prefill(runner, allocator, seqs)
     assert logits.shape == (1, runner.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_warm_up_with_the_triton_backend_leaves_the_cache_alone(tiny_checkpoint):
+    # On CUDA the warm-up is what compiles the kernels; here (interpreter) it must run the same
+    # launches, decode splits included, and write nothing.
+    from loraplex.core.warmup import warm_up
+    runner = make_runner(tiny_checkpoint(arch="mistral", sliding_window=6), attention_backend="triton",
+                         max_num_batched_tokens=8)
+    gen = torch.Generator().manual_seed(0)
+    for k_cache, v_cache in runner.kv_cache.layers:
+        k_cache.copy_(torch.randn(k_cache.shape, generator=gen))
+        v_cache.copy_(torch.randn(v_cache.shape, generator=gen))
+    caches = [(k.clone(), v.clone()) for k, v in runner.kv_cache.layers]
+    warm_up(runner)
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(runner.kv_cache.layers, caches))

@@ -61,9 +61,14 @@ class ExpandConfig:
 
 
 
+# Steps of at most this many tokens get the decode tiles, whose choice (tiles per program,
+# split-K) changes with the token count itself; above it only the row-tile class does.
+DECODE_TILE_MAX_TOKENS = 128
+
+
 def _block_m(num_tokens: int) -> int:
     # Decode batches have few tokens per adapter; prefill has long runs of one adapter.
-    return 16 if num_tokens <= 128 else (32 if num_tokens <= 1024 else 64)
+    return 16 if num_tokens <= DECODE_TILE_MAX_TOKENS else (32 if num_tokens <= 1024 else 64)
 
 
 def max_row_tiles(num_tokens: int, max_adapters: int, block_m: int) -> int:
@@ -140,6 +145,13 @@ def expand_config(num_tokens: int, slice_widths: tuple[int, ...], max_rank: int,
         tiles *= 2
     return ExpandConfig(block_m, block_n, block_r, num_warps=DECODE_EXPAND_WARPS,
                         num_stages=DECODE_EXPAND_STAGES, tiles_per_program=tiles)
+
+
+def split_k_chunks(in_features: int, config: ShrinkConfig) -> tuple[int, int]:
+    """(K per split, number of splits) of a shrink: whole K blocks per split, so the count run
+    can be below config.split_k."""
+    k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
+    return k_per_split, triton.cdiv(in_features, k_per_split)
 
 
 def expand_split_bound(split_k: int) -> int:

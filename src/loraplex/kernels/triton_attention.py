@@ -9,11 +9,13 @@ sliding window (a token at position p sees positions > p - W).
 - `_decode_kernel`: one query token per sequence. A program handles one (sequence, KV head,
   context split) and all query heads of that KV head at once (GQA: the group is the M
   dimension of the dot, padded to 16), so each K/V tile is read once per group. With
-  NUM_SPLITS > 1 ("flash decoding") each program covers a slice of the context, computed
-  in-kernel from seq_len, and writes a float32 partial (output, log-sum-exp);
+  more than one split ("flash decoding") each program covers a slice of the context,
+  computed in-kernel from seq_len, and writes a float32 partial (output, log-sum-exp);
   `_decode_reduce_kernel` merges them. The split count depends only on host-known bounds
   (batch size, KV heads, max_seq_len), so a CUDA graph captured with max_seq_len =
-  max_model_len replays correctly for any context length.
+  max_model_len replays correctly for any context length. It is a runtime argument (only
+  "split or not" and the reduction's power-of-2 width are compile-time), so eager decode
+  steps of new sizes compile nothing: the warm-up covers the few variants.
 - `_prefill_kernel`: one program per (query tile of a sequence, query head); loops over
   the KV tiles that the tile's causal/sliding-window bounds allow. Handles mixed batches
   (decode sequences are one-row tiles). Its grid uses max_query_len, a host int.
@@ -71,14 +73,16 @@ def _load_kv_tile(cache_ptr, table_row_ptr, positions, kv_mask, dims, dim_mask, 
     return tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask[:, None] & dim_mask[None, :], other=0.0)
 
 
-@triton.jit
+# The block tables' row stride (the step's longest table) and the split count change from one
+# eager step to the next: runtime values, not specialised, so they never compile a new variant.
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                    out_ptr, part_out_ptr, part_lse_ptr,
                    scale, sliding_window, head_dim, block_size,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-                   stride_cb, stride_cs, stride_ch,
+                   stride_cb, stride_cs, stride_ch, num_splits,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
+                   SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr,
                    LARGE_CACHE: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -88,7 +92,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     if USE_WINDOW:
         lo = tl.maximum(seq_len - sliding_window, 0)
     # This split's share of [lo, seq_len), in whole tiles.
-    chunk = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
@@ -127,13 +131,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         m_i = m_new
 
     out_mask = row_mask[:, None] & dim_mask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # part_out: [num_seqs, num_q_heads, NUM_SPLITS, BLOCK_D]; part_lse: [num_seqs, num_q_heads, NUM_SPLITS]
-        row = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split     # [BLOCK_G]
+        # part_out: [num_seqs, num_q_heads, num_splits, BLOCK_D]; part_lse: [num_seqs, num_q_heads, num_splits]
+        row = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + split     # [BLOCK_G]
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -141,26 +145,26 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
         tl.store(part_lse_ptr + row, lse, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_q_heads, head_dim,
-                          stride_ot, stride_oh,
-                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                          stride_ot, stride_oh, num_splits,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
-    row0 = (seq * num_q_heads + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + row0 + splits, mask=splits < NUM_SPLITS, other=float("-inf"))  # [BLOCK_S]
+    row0 = (seq * num_q_heads + head) * num_splits
+    lse = tl.load(part_lse_ptr + row0 + splits, mask=splits < num_splits, other=float("-inf"))  # [BLOCK_S]
     m = tl.maximum(tl.max(lse, 0), _NEG_INIT)
     weights = tl.exp(lse - m)                                                                     # 0 for empty splits
     parts = tl.load(part_out_ptr + (row0 + splits)[:, None] * BLOCK_D + dims[None, :],
-                    mask=(splits < NUM_SPLITS)[:, None], other=0.0)                               # [BLOCK_S, BLOCK_D]
+                    mask=(splits < num_splits)[:, None], other=0.0)                               # [BLOCK_S, BLOCK_D]
     out = tl.sum(parts * weights[:, None], 0) / tl.maximum(tl.sum(weights, 0), 1e-30)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
              mask=dims < head_dim)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])   # the step's longest block table: varies
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
                     out_ptr, scale, sliding_window, head_dim, block_size,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
@@ -319,14 +323,14 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         float(scale), int(sliding_window or 0), head_dim, block_size,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None, IEEE_DOT=q.dtype == torch.float32,
+        SPLIT=num_splits > 1, USE_WINDOW=sliding_window is not None, IEEE_DOT=q.dtype == torch.float32,
         LARGE_CACHE=_large(k_cache), num_warps=8 if q.dtype == torch.float32 else 4, num_stages=DECODE_STAGES)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
-            part_out, part_lse, out, num_q_heads, head_dim, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4)
+            part_out, part_lse, out, num_q_heads, head_dim, out.stride(0), out.stride(1), num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4)
     return out
 
 

@@ -43,7 +43,7 @@ from loraplex.kernels.lora import MAX_SLICES
 from loraplex.kernels.lora_meta import LoRABatchMeta
 from loraplex.kernels.lora_tiles import (  # noqa: F401  (configs are part of this module's API)
     MAX_SPLIT_K, ExpandConfig, ShrinkConfig, config_bound, expand_config, expand_split_bound, max_row_tiles,
-    shrink_config)
+    shrink_config, split_k_chunks)
 
 # apply_lora overlaps the expand's launch with the shrink on Hopper+ (see triton_expand);
 # False launches them plainly (read when pdl_supported is first called for a device).
@@ -77,7 +77,9 @@ def _group_tile(pid_m, counts_ptr, ranks_ptr, max_loras, max_rank,
     return slot, (pid_m - first_tile) * BLOCK_M, count, start, rank
 
 
-@triton.jit
+# The partials' split stride is num_tokens * N: not specialised (on % 16), or each parity of a
+# step's token count would compile its own variant.
+@triton.jit(do_not_specialize=["stride_p_split"])
 def _shrink_kernel(
     x_ptr, a_ptr, partial_ptr,
     sorted_ids_ptr, counts_ptr, ranks_ptr,
@@ -171,7 +173,7 @@ def _load_b(b_cols, r0, offs_r, mask_n, rank, max_rank, EVEN_R: tl.constexpr, EV
     return tl.where((rs < rank)[:, None], b, 0.0)
 
 
-@triton.jit(do_not_specialize=["split_k"])
+@triton.jit(do_not_specialize=["split_k", "stride_p_split"])
 def _expand_kernel(
     partial_ptr, b_ptr, out_ptr,
     sorted_ids_ptr, counts_ptr, ranks_ptr,
@@ -288,8 +290,7 @@ def triton_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, nu
     if config is None:
         config = shrink_config(num_tokens, in_features, n, config_bound(meta.max_active_slots, max_loras),
                                _num_sms(x.device))
-    k_per_split = triton.cdiv(triton.cdiv(in_features, config.split_k), config.block_k) * config.block_k
-    split_k = triton.cdiv(in_features, k_per_split)
+    k_per_split, split_k = split_k_chunks(in_features, config)
     alloc = torch.zeros if zero_init else torch.empty
     partials = alloc((split_k, num_tokens, n), dtype=torch.float32, device=x.device)
     if num_tokens == 0:
