@@ -77,9 +77,7 @@ def _group_tile(pid_m, counts_ptr, ranks_ptr, max_loras, max_rank,
     return slot, (pid_m - first_tile) * BLOCK_M, count, start, rank
 
 
-# The partials' split stride is num_tokens * N: not specialised (on % 16), or each parity of a
-# step's token count would compile its own variant.
-@triton.jit(do_not_specialize=["stride_p_split"])
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, partial_ptr,
     sorted_ids_ptr, counts_ptr, ranks_ptr,
@@ -173,7 +171,7 @@ def _load_b(b_cols, r0, offs_r, mask_n, rank, max_rank, EVEN_R: tl.constexpr, EV
     return tl.where((rs < rank)[:, None], b, 0.0)
 
 
-@triton.jit(do_not_specialize=["split_k", "stride_p_split"])
+@triton.jit(do_not_specialize=["split_k"])
 def _expand_kernel(
     partial_ptr, b_ptr, out_ptr,
     sorted_ids_ptr, counts_ptr, ranks_ptr,
@@ -292,7 +290,10 @@ def triton_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta, nu
                                _num_sms(x.device))
     k_per_split, split_k = split_k_chunks(in_features, config)
     alloc = torch.zeros if zero_init else torch.empty
-    partials = alloc((split_k, num_tokens, n), dtype=torch.float32, device=x.device)
+    # Rows padded to a multiple of 16, so the split stride is one too, whatever the step's
+    # token count: Triton then compiles one variant (specialised on it, for wide loads).
+    rows = triton.cdiv(max(num_tokens, 1), 16) * 16
+    partials = alloc((split_k, rows, n), dtype=torch.float32, device=x.device)[:, :num_tokens]
     if num_tokens == 0:
         return partials
     grid = (_row_tiles(num_tokens, meta, config.block_m), triton.cdiv(n, config.block_n), split_k)
