@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import sys
 
 import torch
 
@@ -61,8 +62,11 @@ class HostBuffer(mmap.mmap):
         self.registered_address = address
 
     def __del__(self) -> None:
-        if self.registered_address:
-            if self.last_use is not None:
-                self.last_use.synchronize()   # a queued copy must not read unregistered, unmapped memory
-            torch.cuda.cudart().cudaHostUnregister(self.registered_address)
-            self.registered_address = 0
+        if not self.registered_address:
+            return
+        if sys.is_finalizing():
+            return   # at interpreter exit CUDA may be gone already; the process releases everything
+        if self.last_use is not None:
+            self.last_use.synchronize()   # a queued copy must not read unregistered, unmapped memory
+        torch.cuda.cudart().cudaHostUnregister(self.registered_address)
+        self.registered_address = 0
