@@ -33,7 +33,6 @@ import logging
 import time
 from collections import Counter
 
-import numpy as np
 import torch
 
 from loraplex.core.attention import AttentionMetadata
@@ -155,12 +154,11 @@ class DecodeGraphs:
         with runner.lora.step(scheduled, build_meta=False) as token_slots:
             if token_slots is None:
                 return self._replay(size, 0, num_seqs)
-            # [num_seqs] int32 on the host: counting its distinct slots costs microseconds, no sync.
-            num_active = np.unique(token_slots[token_slots >= 0]).size
             self.token_slots[:num_seqs].copy_(torch.from_numpy(token_slots), non_blocking=True)
             if size > num_seqs:
                 self.token_slots[num_seqs:size].fill_(-1)
-            return self._replay(size, lora_graph_bound(num_active, runner.lora.stacks.max_loras), num_seqs)
+            bound = lora_graph_bound(runner.lora.state.num_adapters, runner.lora.stacks.max_loras)
+            return self._replay(size, bound, num_seqs)
 
     def _replay(self, size: int, lora_bound: int, num_seqs: int) -> torch.Tensor:
         graph, logits = self.graphs[size, lora_bound]

@@ -23,6 +23,8 @@ from loraplex.kernels.lora_meta import LoRABatchMeta
 class LoRAStepState:
     """The current step's token grouping; None when no token of the step uses an adapter."""
     meta: LoRABatchMeta | None = None
+    # Distinct adapters (hence slots) of the current step: bounds the LoRA kernels' grids.
+    num_adapters: int = 0
     # CUDA: the stream each layer's LoRA shrink runs on, beside the base GEMM (kernels/lora.py).
     side_stream: torch.cuda.Stream | None = None
 

@@ -61,6 +61,7 @@ class LoRARuntime:
         with self.manager.step_lock:
             requests = [s.seq.lora_request for s in scheduled if s.seq.lora_request is not None]
             slot_of = self.manager.activate(requests)
+            self.state.num_adapters = len(slot_of)   # one slot per adapter
             try:
                 slots = np.empty(len(scheduled), dtype=np.int32)
                 for i, s in enumerate(scheduled):
@@ -72,12 +73,11 @@ class LoRARuntime:
                     # Tokens are laid out sequence after sequence (see step_inputs.py).
                     token_slots = np.repeat(slots, [s.num_new_tokens for s in scheduled])   # [num_tokens]
                     if build_meta:
-                        # The exact count of the step's distinct slots bounds the kernels' grids.
-                        num_active = max(1, np.unique(token_slots[token_slots >= 0]).size)
                         self.state.meta = build_lora_meta(
                             torch.from_numpy(token_slots).to(self.device, non_blocking=True),
-                            self.stacks.slot_ranks, self.stacks.max_loras, max_active_slots=num_active)
+                            self.stacks.slot_ranks, self.stacks.max_loras, max_active_slots=len(slot_of))
                 yield token_slots
             finally:
                 self.state.meta = None
+                self.state.num_adapters = 0
                 self.manager.end_step()
