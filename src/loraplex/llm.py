@@ -125,7 +125,7 @@ class LLM:
         progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
         try:
             for request in requests:
-                engine.add_processed_request(request)
+                engine.add_processed_request(request, stream=False)   # outputs only when finished
             while any(r is None for r in results):
                 for output in engine.step():
                     if output.finished:

@@ -29,8 +29,12 @@ def patched_env(values: dict[str, str]):
 @contextmanager
 def real_server(argv: list[str], env: dict[str, str]):
     """`argv` as after `loraplex` (e.g. ["serve", MODEL, "--enable-lora", ...]); `env` is set
-    for the server's lifetime. Plugins are reloaded so the env's VLLM_PLUGINS applies."""
-    args = build_parser().parse_args(argv)
+    for the server's lifetime. Plugins are reloaded so the env's VLLM_PLUGINS applies.
+
+    The engine loop runs in a thread of this process (--disable-frontend-multiprocessing), so
+    tests can look at the engine's state; `loraplex serve` as a subprocess (serve_process.py)
+    covers the engine process."""
+    args = build_parser().parse_args([*argv, "--disable-frontend-multiprocessing"])
     with patched_env(env):
         reset_plugins()
         server = ServerThread(lambda: build_app(build_state(args)))

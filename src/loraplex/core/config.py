@@ -24,6 +24,8 @@ class EngineConfig:
     enforce_eager: bool = False         # True: never use CUDA graphs
     attention_backend: str = "auto"     # "auto": Triton on CUDA, torch elsewhere; or "torch" / "triton"
     load_format: str = "auto"           # "dummy": random weights from config.json alone (benchmarks)
+    # Overlap the host's work on step N with the device's on step N+1 (engine_core.py).
+    async_scheduling: bool = True
     # LoRA (issue 4)
     enable_lora: bool = False
     max_loras: int = 4

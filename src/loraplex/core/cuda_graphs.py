@@ -37,7 +37,7 @@ import torch
 
 from loraplex.core.attention import AttentionMetadata
 from loraplex.core.sequence import ScheduledSeq
-from loraplex.core.step_inputs import prepare_step_inputs
+from loraplex.core.step_inputs import fill_pending_tokens, prepare_step_inputs
 # FEW_ADAPTERS is re-exported: the name of the few-adapter variant's bound.
 from loraplex.kernels.lora_tiles import FEW_ADAPTERS, adapter_bound_classes, config_bound  # noqa: F401
 
@@ -133,8 +133,9 @@ class DecodeGraphs:
     def can_run(self, scheduled: list[ScheduledSeq]) -> bool:
         return 0 < len(scheduled) <= self.max_bs and all(s.num_new_tokens == 1 for s in scheduled)
 
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """One decode step by graph replay: float32 logits [len(scheduled), vocab]."""
+    def execute(self, scheduled: list[ScheduledSeq], sampled_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step by graph replay: float32 logits [len(scheduled), vocab].
+        sampled_token_ids: the previous step's, for pending tokens (ModelRunner.execute)."""
         runner = self.runner
         inputs = prepare_step_inputs(scheduled, block_size=runner.block_size, num_kv_blocks=runner.num_kv_blocks,
                                      max_model_len=runner.max_model_len, device=torch.device("cpu"))
@@ -142,6 +143,7 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= num_seqs)
         meta = inputs.metadata
         self.input_ids[:num_seqs].copy_(inputs.input_ids, non_blocking=True)
+        fill_pending_tokens(self.input_ids, inputs.pending, sampled_token_ids)
         self.positions[:num_seqs].copy_(inputs.positions, non_blocking=True)
         self.slot_mapping[:num_seqs].copy_(meta.slot_mapping, non_blocking=True)
         self.seq_lens[:num_seqs].copy_(meta.seq_lens, non_blocking=True)

@@ -2,7 +2,11 @@
 
 The boundary with the engine: the scheduler hands over `list[ScheduledSeq]` (whose block
 tables the block manager filled); `execute` returns float32 logits, one row per sequence,
-for the last token it computed. Inputs are prepared once per step on the host (numpy,
+for the last token it computed. With overlapped scheduling, a sequence's last token may
+still be on the device (sampled by the step before, `seq.num_pending_tokens == 1`):
+execute then also takes that step's sampled ids, and the token's input id is
+`sampled_token_ids[seq.pending_row]`, gathered on the device (step_inputs.py). That
+argument is the whole of what overlapped scheduling asks of a runner. Inputs are prepared once per step on the host (numpy,
 no per-token Python) and copied to the device; the forward pass never reads the device
 back, so a decode step can later be captured in a CUDA graph.
 """
@@ -21,7 +25,7 @@ from loraplex.core.loader import init_dummy_weights, load_weights
 from loraplex.core.model import LlamaForCausalLM
 from loraplex.core.model_config import ModelConfig, resolve_dtype
 from loraplex.core.sequence import ScheduledSeq
-from loraplex.core.step_inputs import StepInputs, prepare_step_inputs, profile_step_inputs
+from loraplex.core.step_inputs import StepInputs, fill_pending_tokens, prepare_step_inputs, profile_step_inputs
 from loraplex.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -125,11 +129,16 @@ class ModelRunner:
                                    max_model_len=self.max_model_len, device=self.device)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Compute the scheduled tokens; float32 logits [len(scheduled), vocab] of each one's last token."""
+    def execute(self, scheduled: list[ScheduledSeq], sampled_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute the scheduled tokens; float32 logits [len(scheduled), vocab] of each one's last token.
+
+        sampled_token_ids: the previous step's sampled ids ([rows] int64, on this device), needed
+        when a scheduled sequence's last token is pending. Nothing here waits for the device.
+        """
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
-            return self.decode_graphs.execute(scheduled)
+            return self.decode_graphs.execute(scheduled, sampled_token_ids)
         inputs = self.prepare_inputs(scheduled)
+        fill_pending_tokens(inputs.input_ids, inputs.pending, sampled_token_ids)
         if self.lora is None:
             return self._forward(inputs, self.kv_cache.layers)
         with self.lora.step(scheduled):   # slots filled, token -> slot metadata built once

@@ -8,6 +8,10 @@ num_computed_tokens), the step holds sum(n_b) tokens laid out sequence after seq
     query_start_loc            [B + 1]       cumulative n_b
     seq_lens                   [B]           c_b + n_b
     block_tables               [B, max_blocks], rows padded with block 0
+
+A sequence's last token may be pending (overlapped scheduling, see sequence.py): its
+value is only on the device, in the previous step's sampled ids. Its input id is then 0
+here and `pending` says where it goes; fill_pending_tokens writes it on the device.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ import torch
 
 from loraplex.core.attention import AttentionMetadata
 from loraplex.core.sequence import ScheduledSeq
+from loraplex.core.transfer import device_tensor
 from loraplex.errors import InvalidRequestError, LoraplexError
+
+
+@dataclass
+class PendingTokens:
+    """Input ids the host does not know yet: input_ids[index[i]] = previous step's sampled[rows[i]]."""
+    index: list[int]
+    rows: list[int]
 
 
 @dataclass
@@ -27,6 +39,21 @@ class StepInputs:
     input_ids: torch.Tensor   # [num_tokens] int64
     positions: torch.Tensor   # [num_tokens] int64
     metadata: AttentionMetadata
+    pending: PendingTokens | None = None
+
+
+def fill_pending_tokens(input_ids: torch.Tensor, pending: PendingTokens | None,
+                        sampled_token_ids: torch.Tensor | None) -> None:
+    """Write the pending tokens' ids from the previous step's sampled ids, on the device."""
+    if pending is None:
+        return
+    if sampled_token_ids is None:
+        raise LoraplexError("the step computes tokens sampled by the previous step, but execute() was not "
+                            "given that step's sampled token ids")
+    device = input_ids.device
+    index = device_tensor(pending.index, torch.long, device)
+    rows = device_tensor(pending.rows, torch.long, device)
+    input_ids.index_copy_(0, index, sampled_token_ids.index_select(0, rows))
 
 
 def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_kv_blocks: int,
@@ -40,6 +67,8 @@ def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_k
     max_blocks = max(len(s.seq.block_table) for s in scheduled)
     block_tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)
     token_ids: list[int] = []
+    pending_index: list[int] = []
+    pending_rows: list[int] = []
     for b, s in enumerate(scheduled):
         seq = s.seq
         if s.num_new_tokens < 1 or seq_lens[b] > seq.num_tokens:
@@ -53,6 +82,10 @@ def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_k
                                 f"hold {seq_lens[b]} tokens (block_size {block_size}); allocate blocks first.")
         block_tables[b, :len(seq.block_table)] = seq.block_table
         token_ids.extend(seq.token_ids[seq.num_computed_tokens:seq_lens[b]])
+        if seq_lens[b] > len(seq.token_ids):      # the last token is pending
+            pending_index.append(len(token_ids))
+            pending_rows.append(seq.pending_row)
+            token_ids.append(0)
     if block_tables.min() < 0 or block_tables.max() >= num_kv_blocks:
         raise LoraplexError(f"block tables hold ids outside [0, {num_kv_blocks}); the block manager and the "
                             "KV cache disagree on the number of blocks.")
@@ -66,7 +99,7 @@ def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_k
     slots = block_tables[token_seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
     def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, non_blocking=True)
+        return device_tensor(np.ascontiguousarray(array), dtype, device)
 
     metadata = AttentionMetadata(
         slot_mapping=to_device(slots, torch.int64),
@@ -78,8 +111,9 @@ def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_k
         max_seq_len=int(seq_lens.max()),
         is_decode_only=bool((num_new == 1).all()),
     )
+    pending = PendingTokens(pending_index, pending_rows) if pending_index else None
     return StepInputs(to_device(np.asarray(token_ids, dtype=np.int64), torch.int64),
-                      to_device(positions, torch.int64), metadata)
+                      to_device(positions, torch.int64), metadata, pending)
 
 
 def profile_step_inputs(num_tokens: int, max_model_len: int, block_size: int,

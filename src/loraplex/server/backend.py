@@ -13,7 +13,8 @@ The engine object must provide:
     abort(request_id)                      (sync or async)
     add_lora(lora_request)                 (sync or async; loads and validates, raises if unusable)
     remove_lora(lora_int_id)               (sync or async; frees the adapter's memory)
-and a tokenizer, as `engine.tokenizer` or `engine.get_tokenizer()`.
+and a tokenizer, as `engine.tokenizer` or `engine.get_tokenizer()`; optionally
+`engine_stats()` (a flat dict of counters), `is_running` and `shutdown()`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ async def maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-# LLMEngine.get_stats() field -> metric name (without the loraplex_ prefix).
+# EngineCore.get_stats() field -> metric name (without the loraplex_ prefix).
 ENGINE_STAT_NAMES = {"num_running": "num_requests_running", "num_waiting": "num_requests_waiting",
                      "kv_cache_usage": "kv_cache_usage_perc", "num_preemptions": "num_preemptions_total",
                      "num_kv_blocks": "kv_cache_blocks", "num_free_kv_blocks": "kv_cache_free_blocks"}
@@ -107,27 +108,11 @@ class ServingBackend:
                 await asyncio.to_thread(stop)
 
     def engine_stats(self) -> dict[str, float]:
-        """The engine's counters for /metrics, as flat names (see metrics.EngineStatsCollector).
-
-        Read from the event loop while the engine thread runs: only sizes and counters
-        are read, never structures that are iterated by the engine.
-        """
-        core = getattr(self.engine, "engine", self.engine)
-        get_stats = getattr(core, "get_stats", None)
-        raw = get_stats() if callable(get_stats) else {}
-        if dataclasses.is_dataclass(raw):
-            raw = dataclasses.asdict(raw)
-        stats = {ENGINE_STAT_NAMES.get(k, k): v for k, v in dict(raw).items()}
-        manager = getattr(getattr(getattr(core, "runner", None), "lora", None), "manager", None)
-        if manager is not None:
-            on_cpu = manager.list_loras()
-            stats["lora_adapters_cpu"] = len(on_cpu)
-            stats["lora_adapters_device"] = sum(manager.slot_of(i) is not None for i in on_cpu)
-            stats["lora_adapters_pinned"] = sum(manager.is_pinned(i) for i in on_cpu)
-            # Cache counters, once the manager keeps them: {"cpu_hits": n, "loads": n, ...}.
-            for key, value in dict(getattr(manager, "stats", None) or {}).items():
-                stats[f"lora_{key}_total"] = value
-        return stats
+        """The engine's counters for /metrics, as flat names (see metrics.EngineStatsCollector):
+        the engine's own flat dict (AsyncEngine.engine_stats: engine_loop.core_stats), renamed."""
+        source = getattr(self.engine, "engine_stats", None)
+        raw = source() if callable(source) else {}
+        return {ENGINE_STAT_NAMES.get(k, k): v for k, v in dict(raw).items()}
 
     def is_healthy(self) -> bool:
         return bool(getattr(self.engine, "is_running", True))

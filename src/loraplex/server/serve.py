@@ -90,7 +90,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per batch (default: 256)")
     eng.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     eng.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                     help="most tokens computed in one step, prompt chunks and decodes (default: 8192)")
     eng.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    eng.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                     help="dummy: random weights from MODEL's config.json, no checkpoint read "
+                          "(benchmarks at real shapes; the output is noise) (default: auto)")
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                     help="overlap the host's work on one step with the device's on the next "
+                          "(default: on; --no-async-scheduling runs them in lock step)")
+    eng.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                     help="run the engine's step loop in a thread of the API server's process "
+                          "instead of its own process (slower under load; for debugging)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
     lora.add_argument("--lora-modules", nargs="+", default=[], metavar="MODULE",
@@ -110,7 +121,9 @@ def engine_config_from_args(args: argparse.Namespace):
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_bytes=args.kv_cache_bytes,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        load_format=args.load_format, async_scheduling=args.async_scheduling,
         enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_cpu_loras=args.max_cpu_loras, allow_pickle_lora_weights=args.allow_pickle_lora_weights)
 
@@ -118,7 +131,9 @@ def engine_config_from_args(args: argparse.Namespace):
 def build_state(args: argparse.Namespace, engine=None):
     """Everything `serve` runs, without the network: engine, plugins, chain, backend.
 
-    `engine` (an AsyncEngine) may be passed in; otherwise one is built from the args.
+    `engine` (an AsyncEngine) may be passed in; otherwise one is built from the args: its
+    step loop in an engine process of its own, or, with --disable-frontend-multiprocessing,
+    in a thread of this process.
     """
     from loraplex.plugins.loader import load_plugins
     from loraplex.resolvers.chain import ResolverChain
@@ -140,18 +155,17 @@ def build_state(args: argparse.Namespace, engine=None):
         # Resolvers read the opt-in from the environment; the flag opts them in too.
         os.environ[ALLOW_PICKLE_ENV] = "1"
     config = engine_config_from_args(args)
+    names = args.served_model_name or [args.model]
     if engine is None:
         from loraplex.core.async_engine import AsyncEngine
-        engine = AsyncEngine.from_config(config)
+        # Adapters may name the base model by a served name.
+        engine = AsyncEngine.from_config(config, engine_process=not args.disable_frontend_multiprocessing,
+                                         served_model_names=names, log_level=args.log_level)
     records = load_plugins()
     chain = ResolverChain.from_registry() if args.enable_lora else None
-    names = args.served_model_name or [args.model]
-    lora_runtime = getattr(getattr(getattr(engine, "engine", None), "runner", None), "lora", None)
-    if lora_runtime is not None:   # adapters may name the base model by a served name
-        lora_runtime.manager.add_served_names(names)
     backend = ServingBackend(engine, served_model_names=names, model_path=args.model, resolver_chain=chain,
                              allow_runtime_lora_updating=allow_runtime, enable_lora=args.enable_lora,
-                             max_model_len=getattr(getattr(engine, "engine", engine), "max_model_len", None))
+                             max_model_len=getattr(engine, "max_model_len", None))
     backend.static_adapters.extend(modules)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
@@ -161,14 +175,15 @@ def build_state(args: argparse.Namespace, engine=None):
 
 
 def log_startup(args, config, engine, records, chain, allow_runtime: bool, static_names: list[str]) -> None:
-    core = getattr(engine, "engine", engine)
-    runner = getattr(core, "runner", None)
-    block_manager = getattr(core, "block_manager", None)
+    info = dict(getattr(engine, "info", None) or {})
     logger.info("serving model %s as %s", args.model, ", ".join(args.served_model_name or [args.model]))
-    logger.info("dtype %s, device %s, max_model_len %s", getattr(runner, "dtype", config.dtype),
-                getattr(core, "device", config.device), getattr(core, "max_model_len", config.max_model_len))
-    if block_manager is not None:
-        logger.info("KV cache: %d blocks of %d tokens", block_manager.num_blocks, block_manager.block_size)
+    logger.info("dtype %s, device %s, max_model_len %s", info.get("dtype", config.dtype),
+                info.get("device", config.device), info.get("max_model_len", config.max_model_len))
+    if "num_kv_blocks" in info:
+        logger.info("KV cache: %d blocks of %d tokens", info["num_kv_blocks"], info["block_size"])
+    pid = getattr(engine, "engine_pid", None)
+    logger.info("engine loop: %s; scheduling: %s", f"engine process {pid}" if pid else "a thread of this process",
+                "overlapped (async)" if config.async_scheduling else "in lock step (--no-async-scheduling)")
     if config.enable_lora:
         logger.info("LoRA: max_loras %d, max_lora_rank %d, max_cpu_loras %d, static adapters: %s",
                     config.max_loras, config.max_lora_rank, config.max_cpu_loras,
@@ -213,8 +228,12 @@ def run_server(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("loraplex").setLevel(args.log_level.upper())
+    from loraplex.errors import EngineDeadError
     try:
         return run_server(args)
     except ConfigError as e:
         logger.error("%s", e)
         return 2
+    except EngineDeadError as e:     # the engine process died while starting
+        logger.error("%s", e)
+        return 1
