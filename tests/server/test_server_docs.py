@@ -117,3 +117,15 @@ def test_every_metric_is_in_the_metrics_table():
     documented = table_names(section("Metrics"))
     assert exported - documented == set(), "docs/server.md's Metrics table lacks these"
     assert documented - exported == set(), "documented but not exported"
+
+
+def test_every_bench_serve_flag_is_documented():
+    parser = build_parser()
+    bench = next(a for a in parser._actions if a.dest == "command").choices["bench"]
+    serve = next(a for a in bench._actions if a.dest == "bench").choices["serve"]
+    flags = {opt for action in serve._actions for opt in action.option_strings
+             if opt.startswith("--") and opt != "--help"}
+    documented = {name.split()[0] for name in table_names(section("Benchmarking: `loraplex bench serve`"))}
+    assert len(flags) > 15
+    assert flags - documented == set(), "docs/server.md's bench serve table lacks these"
+    assert {n for n in documented if n.startswith("--")} - flags == set(), "documented but gone"

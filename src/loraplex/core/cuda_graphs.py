@@ -38,6 +38,7 @@ import torch
 from loraplex.core.attention import AttentionMetadata
 from loraplex.core.sequence import ScheduledSeq
 from loraplex.core.step_inputs import fill_pending_tokens, prepare_step_inputs
+from loraplex.core.transfer import copy_to_device
 # FEW_ADAPTERS is re-exported: the name of the few-adapter variant's bound.
 from loraplex.kernels.lora_tiles import FEW_ADAPTERS, adapter_bound_classes, config_bound  # noqa: F401
 
@@ -142,12 +143,12 @@ class DecodeGraphs:
         num_seqs = len(scheduled)
         size = next(s for s in self.sizes if s >= num_seqs)
         meta = inputs.metadata
-        self.input_ids[:num_seqs].copy_(inputs.input_ids, non_blocking=True)
+        copy_to_device(self.input_ids[:num_seqs], inputs.input_ids)
         fill_pending_tokens(self.input_ids, inputs.pending, sampled_token_ids)
-        self.positions[:num_seqs].copy_(inputs.positions, non_blocking=True)
-        self.slot_mapping[:num_seqs].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:num_seqs].copy_(meta.seq_lens, non_blocking=True)
-        self.block_tables[:num_seqs, :meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+        copy_to_device(self.positions[:num_seqs], inputs.positions)
+        copy_to_device(self.slot_mapping[:num_seqs], meta.slot_mapping)
+        copy_to_device(self.seq_lens[:num_seqs], meta.seq_lens)
+        copy_to_device(self.block_tables[:num_seqs, :meta.block_tables.shape[1]], meta.block_tables)
         if size > num_seqs:
             self.slot_mapping[num_seqs:size].fill_(-1)
             self.seq_lens[num_seqs:size].fill_(1)
@@ -156,7 +157,7 @@ class DecodeGraphs:
         with runner.lora.step(scheduled, build_meta=False) as token_slots:
             if token_slots is None:
                 return self._replay(size, 0, num_seqs)
-            self.token_slots[:num_seqs].copy_(torch.from_numpy(token_slots), non_blocking=True)
+            copy_to_device(self.token_slots[:num_seqs], torch.from_numpy(token_slots))
             if size > num_seqs:
                 self.token_slots[num_seqs:size].fill_(-1)
             bound = lora_graph_bound(runner.lora.state.num_adapters, runner.lora.stacks.max_loras)

@@ -22,3 +22,12 @@ def device_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Ten
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def copy_to_device(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for a CPU `src` without waiting: through page-locked memory on CUDA (a
+    copy from pageable memory may wait for the stream; the caching host allocator keeps the
+    page-locked copy alive until the transfer has run)."""
+    if dst.device.type == "cuda" and not src.is_pinned():
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)

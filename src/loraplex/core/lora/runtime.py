@@ -21,6 +21,7 @@ from loraplex.core.lora.manager import LoRAManager
 from loraplex.core.lora.slots import LoRASlotStacks
 from loraplex.core.lora.targets import LoRAModelSpec, llama_lora_spec
 from loraplex.core.sequence import ScheduledSeq
+from loraplex.core.transfer import device_tensor
 from loraplex.kernels.lora_meta import build_lora_meta
 
 # (parent module attribute, projection attribute) of each LoRA target in a decoder layer.
@@ -74,7 +75,7 @@ class LoRARuntime:
                     token_slots = np.repeat(slots, [s.num_new_tokens for s in scheduled])   # [num_tokens]
                     if build_meta:
                         self.state.meta = build_lora_meta(
-                            torch.from_numpy(token_slots).to(self.device, non_blocking=True),
+                            device_tensor(token_slots, torch.int32, self.device),
                             self.stacks.slot_ranks, self.stacks.max_loras, max_active_slots=len(slot_of))
                 yield token_slots
             finally:

@@ -1,0 +1,208 @@
+"""The demo through `loraplex serve` against `LLM.generate` on the same requests, on the CPU.
+
+Workload (both sides identical, built by `loraplex bench serve`'s own generator): N
+requests round robin over the demo's base model and its three adapters, prompts of
+random token ids, greedy, `ignore_eos`, a fixed number of output tokens.
+
+- offline: `LLM(demo, enable_lora=True, max_num_seqs=C).generate(all N)` in a fresh
+  process (after a warm-up generate that loads the adapters); tokens/s of the call.
+- served: `loraplex serve --demo --max-num-seqs C` (a subprocess; its engine in its own
+  process unless the mode says otherwise), warmed up the same way, then `loraplex bench
+  serve --max-concurrency C` (another process) streaming the N requests; its output
+  tokens/s. The CPU seconds the API server and the engine process used during the timed
+  run are read from /proc, per 1000 output tokens: robust to the load of a shared machine,
+  unlike wall time.
+
+Runs alternate offline and served, `--runs` times; the table gives medians and ranges.
+
+    .venv/bin/python benchmarks/bench_serve_cpu.py [--runs 3] [--modes process thread] [--num-prompts 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = {"process": [], "thread": ["--disable-frontend-multiprocessing"],
+         "process-sync": ["--no-async-scheduling"]}
+
+
+def bench_args(args, num_prompts=None) -> list[str]:
+    from loraplex.demo import DEMO_ADAPTER_NAMES
+    from loraplex.server.demo_mode import DEMO_SERVED_NAME
+    return ["--models", DEMO_SERVED_NAME, *DEMO_ADAPTER_NAMES, "--model-distribution", "round-robin",
+            "--num-prompts", str(num_prompts or args.num_prompts), "--random-input-len", str(args.input_len),
+            "--random-output-len", str(args.output_len), "--ignore-eos", "--seed", str(args.seed)]
+
+
+# ---- offline ------------------------------------------------------------------------------
+
+def offline_worker(spec_path: str) -> None:
+    """In a fresh process: LLM.generate over the requests in spec_path; prints JSON."""
+    import torch
+
+    from loraplex import LLM, LoRARequest, SamplingParams
+    from loraplex.demo import demo_adapters_dir, demo_model_path
+    from loraplex.lora_request import lora_id_for_name
+    from loraplex.server.bench_serve import build_requests
+    from loraplex.server.cli import build_parser
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(1)
+    requests = build_requests(build_parser().parse_args(["bench", "serve", *spec["bench_args"]]))
+    llm = LLM(str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"], device="cpu")
+    loras = {}
+    for r in requests:
+        if r.model in ("loraplex-demo-base",) or r.model in loras:
+            continue
+        loras[r.model] = LoRARequest(r.model, lora_id_for_name(r.model), str(demo_adapters_dir() / r.model))
+    lora_of = [loras.get(r.model) for r in requests]
+    params = SamplingParams(temperature=0, max_tokens=requests[0].max_tokens, ignore_eos=True)
+    warm = list(loras.values()) + [None]
+    llm.generate([requests[0].prompt] * len(warm), params, lora_request=warm, use_tqdm=False)
+    cpu0, start = time.process_time(), time.perf_counter()
+    outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu_s": cpu}))
+
+
+def run_offline(args, spec_path: Path) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--offline-worker", str(spec_path)], capture_output=True,
+                          text=True, env=child_env(), timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"tok_s": result["tokens"] / result["seconds"], **result}
+
+
+# ---- served ---------------------------------------------------------------------------------
+
+def child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
+    env["OMP_NUM_THREADS"] = "1"          # the CPU path's setting on a shared machine (docs/performance.md)
+    return env
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+class Server:
+    def __init__(self, args, mode: str, log: Path) -> None:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraplex.server.cli", "serve", "--demo", "--device", "cpu", "--port",
+             str(self.port), "--max-num-seqs", str(args.concurrency), "--log-level", "warning", *MODES[mode]],
+            stdout=self.log, stderr=subprocess.STDOUT, env=child_env())
+        deadline = time.monotonic() + 300
+        while True:
+            assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        engine = [p for p in children(self.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        self.engine_pid = engine[0] if engine else None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+
+
+def run_bench(url: str, argv: list[str], result: Path, concurrency: int) -> dict:
+    subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--base-url", url,
+                    "--max-concurrency", str(concurrency), "--result-file", str(result), "--disable-tqdm", *argv],
+                   check=True, capture_output=True, env=child_env(), timeout=1800)
+    return json.loads(result.read_text())
+
+
+def run_served(args, server: Server, tmp: Path) -> dict:
+    run_bench(server.url, bench_args(args, num_prompts=8), tmp / "warm.json", args.concurrency)   # adapters loaded
+    pids = {"api": server.proc.pid, "engine": server.engine_pid}
+    before = {k: cpu_seconds(p) for k, p in pids.items() if p}
+    out = run_bench(server.url, bench_args(args), tmp / "run.json", args.concurrency)
+    used = {k: cpu_seconds(p) - before[k] for k, p in pids.items() if p}
+    assert out["failed"] == 0, out["errors"]
+    per_kilo = {f"{k}_cpu_s_per_1k_tok": v / out["total_output_tokens"] * 1000 for k, v in used.items()}
+    return {"tok_s": out["output_throughput"], "ttft_p50_ms": out["median_ttft_ms"],
+            "itl_p50_ms": out["median_itl_ms"], "itl_p99_ms": out["p99_itl_ms"], **per_kilo}
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def spread(values: list[float], digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["process", "thread"], choices=list(MODES))
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=16)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--offline-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.offline_worker:
+        offline_worker(args.offline_worker)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-cpu-"))
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"bench_args": bench_args(args), "concurrency": args.concurrency}))
+    results: dict[str, list[dict]] = {"offline": []}
+    servers = {mode: Server(args, mode, tmp / f"{mode}.log") for mode in args.modes}
+    try:
+        for run in range(args.runs):
+            order = ["offline", *args.modes] if run % 2 == 0 else [*reversed(args.modes), "offline"]
+            for name in order:
+                r = run_offline(args, spec) if name == "offline" else run_served(args, servers[name], tmp)
+                results.setdefault(name, []).append(r)
+                print(f"run {run + 1} {name}: {json.dumps({k: round(v, 3) for k, v in r.items()})}", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    offline = statistics.median(r["tok_s"] for r in results["offline"])
+    print(f"\n{args.num_prompts} requests, prompt {args.input_len}, output {args.output_len}, "
+          f"concurrency / max_num_seqs {args.concurrency}; {args.runs} runs; load {os.getloadavg()[0]:.1f}")
+    print(f"{'path':<14} {'tokens/s':>22} {'vs offline':>11} {'TTFT p50 ms':>20} {'ITL p99 ms':>20} "
+          f"{'API cpu s/1k tok':>20} {'engine cpu s/1k tok':>20}")
+    for name, runs in results.items():
+        tok = [r["tok_s"] for r in runs]
+        cells = [spread(tok), f"{statistics.median(tok) / offline:.2f}"]
+        for key, digits in (("ttft_p50_ms", 0), ("itl_p99_ms", 0), ("api_cpu_s_per_1k_tok", 3),
+                            ("engine_cpu_s_per_1k_tok", 3)):
+            cells.append(spread([r[key] for r in runs], digits) if key in runs[0] else "")
+        if name == "offline":
+            cells[5] = spread([r["cpu_s"] / r["tokens"] * 1000 for r in runs], 3)
+        print(f"{name:<14} {cells[0]:>22} {cells[1]:>11} {cells[2]:>20} {cells[3]:>20} {cells[4]:>20} {cells[5]:>20}")
+
+
+if __name__ == "__main__":
+    main()
