@@ -15,7 +15,11 @@ random token ids, greedy, `ignore_eos`, a fixed number of output tokens.
 
 Runs alternate offline and served, `--runs` times; the table gives medians and ranges.
 
-    .venv/bin/python benchmarks/bench_serve_cpu.py [--runs 3] [--modes process thread] [--num-prompts 256]
+    .venv/bin/python benchmarks/bench_serve_cpu.py [--runs 3] [--modes process thread process-sync]
+        [--offline-engine-process] [--num-prompts 256]
+
+`--offline-engine-process` adds the offline requests submitted all at once to an AsyncEngine
+whose loop runs in an engine process (what LLM would get from one).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,7 +65,6 @@ def offline_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
     requests = build_requests(build_parser().parse_args(["bench", "serve", *spec["bench_args"]]))
-    llm = LLM(str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"], device="cpu")
     loras = {}
     for r in requests:
         if r.model in ("loraplex-demo-base",) or r.model in loras:
@@ -69,6 +73,10 @@ def offline_worker(spec_path: str) -> None:
     lora_of = [loras.get(r.model) for r in requests]
     params = SamplingParams(temperature=0, max_tokens=requests[0].max_tokens, ignore_eos=True)
     warm = list(loras.values()) + [None]
+    if spec.get("engine_process"):
+        print(json.dumps(offline_through_engine_process(spec, requests, lora_of, params, warm)))
+        return
+    llm = LLM(str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"], device="cpu")
     llm.generate([requests[0].prompt] * len(warm), params, lora_request=warm, use_tqdm=False)
     cpu0, start = time.process_time(), time.perf_counter()
     outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
@@ -77,7 +85,43 @@ def offline_worker(spec_path: str) -> None:
     print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu_s": cpu}))
 
 
-def run_offline(args, spec_path: Path) -> dict:
+def offline_through_engine_process(spec, requests, lora_of, params, warm) -> dict:
+    """The same requests all submitted at once to an AsyncEngine whose loop runs in an engine
+    process: what LLM would get if it used the engine process too."""
+    import asyncio
+
+    from loraplex.core.async_engine import AsyncEngine
+    from loraplex.core.config import EngineConfig
+    from loraplex.demo import demo_model_path
+
+    async def go() -> dict:
+        config = EngineConfig(model=str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"],
+                              device="cpu")
+        engine = AsyncEngine.from_config(config, engine_process=True)
+
+        async def one(name, prompt, lora) -> int:
+            async for out in engine.generate(prompt, params, name, lora_request=lora):
+                final = out
+            return len(final.outputs[0].token_ids)
+
+        try:
+            await asyncio.gather(*(one(f"w{i}", requests[0].prompt, lora) for i, lora in enumerate(warm)))
+            cpu0, engine0, start = time.process_time(), cpu_seconds(engine.engine_pid), time.perf_counter()
+            counts = await asyncio.gather(*(one(f"r{i}", r.prompt, lora_of[i]) for i, r in enumerate(requests)))
+            seconds = time.perf_counter() - start
+            cpu = time.process_time() - cpu0 + cpu_seconds(engine.engine_pid) - engine0
+        finally:
+            engine.shutdown()
+        return {"tokens": sum(counts), "seconds": seconds, "cpu_s": cpu}
+
+    return asyncio.run(go())
+
+
+def run_offline(args, spec_path: Path, engine_process: bool = False) -> dict:
+    if engine_process:
+        spec = json.loads(spec_path.read_text())
+        spec_path = spec_path.with_name("spec-process.json")
+        spec_path.write_text(json.dumps({**spec, "engine_process": True}))
     proc = subprocess.run([sys.executable, __file__, "--offline-worker", str(spec_path)], capture_output=True,
                           text=True, env=child_env(), timeout=1800)
     if proc.returncode:
@@ -135,10 +179,14 @@ class Server:
 
 
 def run_bench(url: str, argv: list[str], result: Path, concurrency: int) -> dict:
+    """One `loraplex bench serve` run; adds the CPU seconds the client itself used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--base-url", url,
                     "--max-concurrency", str(concurrency), "--result-file", str(result), "--disable-tqdm", *argv],
                    check=True, capture_output=True, env=child_env(), timeout=1800)
-    return json.loads(result.read_text())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {**json.loads(result.read_text()), "client_cpu_s": client_cpu}
 
 
 def run_served(args, server: Server, tmp: Path) -> dict:
@@ -148,6 +196,7 @@ def run_served(args, server: Server, tmp: Path) -> dict:
     out = run_bench(server.url, bench_args(args), tmp / "run.json", args.concurrency)
     used = {k: cpu_seconds(p) - before[k] for k, p in pids.items() if p}
     assert out["failed"] == 0, out["errors"]
+    used["client"] = out["client_cpu_s"]
     per_kilo = {f"{k}_cpu_s_per_1k_tok": v / out["total_output_tokens"] * 1000 for k, v in used.items()}
     return {"tok_s": out["output_throughput"], "ttft_p50_ms": out["median_ttft_ms"],
             "itl_p50_ms": out["median_itl_ms"], "itl_p99_ms": out["p99_itl_ms"], **per_kilo}
@@ -163,6 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["process", "thread"], choices=list(MODES))
+    parser.add_argument("--offline-engine-process", action="store_true",
+                        help="also run the offline requests through an AsyncEngine with an engine process")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=16)
@@ -180,9 +231,13 @@ def main() -> None:
     servers = {mode: Server(args, mode, tmp / f"{mode}.log") for mode in args.modes}
     try:
         for run in range(args.runs):
-            order = ["offline", *args.modes] if run % 2 == 0 else [*reversed(args.modes), "offline"]
+            offline = ["offline", "offline-process"] if args.offline_engine_process else ["offline"]
+            order = [*offline, *args.modes] if run % 2 == 0 else [*reversed(args.modes), *reversed(offline)]
             for name in order:
-                r = run_offline(args, spec) if name == "offline" else run_served(args, servers[name], tmp)
+                if name.startswith("offline"):
+                    r = run_offline(args, spec, engine_process=name == "offline-process")
+                else:
+                    r = run_served(args, servers[name], tmp)
                 results.setdefault(name, []).append(r)
                 print(f"run {run + 1} {name}: {json.dumps({k: round(v, 3) for k, v in r.items()})}", flush=True)
     finally:
@@ -191,17 +246,18 @@ def main() -> None:
     offline = statistics.median(r["tok_s"] for r in results["offline"])
     print(f"\n{args.num_prompts} requests, prompt {args.input_len}, output {args.output_len}, "
           f"concurrency / max_num_seqs {args.concurrency}; {args.runs} runs; load {os.getloadavg()[0]:.1f}")
-    print(f"{'path':<14} {'tokens/s':>22} {'vs offline':>11} {'TTFT p50 ms':>20} {'ITL p99 ms':>20} "
-          f"{'API cpu s/1k tok':>20} {'engine cpu s/1k tok':>20}")
+    columns = (("ttft_p50_ms", 0, "TTFT p50 ms"), ("itl_p99_ms", 0, "ITL p99 ms"),
+               ("api_cpu_s_per_1k_tok", 3, "API cpu s/1k tok"), ("engine_cpu_s_per_1k_tok", 3, "engine cpu s/1k"),
+               ("client_cpu_s_per_1k_tok", 3, "client cpu s/1k"))
+    print(f"{'path':<16} {'tokens/s':>22} {'vs offline':>11}" + "".join(f" {title:>20}" for _, _, title in columns))
     for name, runs in results.items():
         tok = [r["tok_s"] for r in runs]
         cells = [spread(tok), f"{statistics.median(tok) / offline:.2f}"]
-        for key, digits in (("ttft_p50_ms", 0), ("itl_p99_ms", 0), ("api_cpu_s_per_1k_tok", 3),
-                            ("engine_cpu_s_per_1k_tok", 3)):
+        for key, digits, _ in columns:
             cells.append(spread([r[key] for r in runs], digits) if key in runs[0] else "")
-        if name == "offline":
+        if name.startswith("offline"):       # one process (offline-process: client + engine process)
             cells[5] = spread([r["cpu_s"] / r["tokens"] * 1000 for r in runs], 3)
-        print(f"{name:<14} {cells[0]:>22} {cells[1]:>11} {cells[2]:>20} {cells[3]:>20} {cells[4]:>20} {cells[5]:>20}")
+        print(f"{name:<16} {cells[0]:>22} {cells[1]:>11}" + "".join(f" {c:>20}" for c in cells[2:]))
 
 
 if __name__ == "__main__":
