@@ -180,7 +180,9 @@ class EngineCore:
         return failed
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or self._in_flight is not None
+        # A step still in flight whose sequences have all finished (a stop string, an abort)
+        # holds nothing to report: its tokens are dropped whenever the next step runs.
+        return bool(self._requests)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
