@@ -180,3 +180,15 @@ def test_decode_steps_feed_the_sampled_ids_on_the_device():
     overlapped = run_all(engine, [("a", [1], stop)])
     assert overlapped["a"].outputs[0].token_ids == sync["a"].outputs[0].token_ids == [10, 11, 12]
     assert engine.core.num_discarded_tokens == 1             # the step after the stop token ran
+
+
+def test_a_runner_without_sampled_ids_runs_in_lock_step():
+    class OldRunner(FakeRunner):
+        def execute(self, scheduled):                      # no sampled_token_ids: cannot overlap
+            return super().execute(scheduled)
+
+    params = SamplingParams(temperature=0, max_tokens=8)
+    engine = fake_engine(OldRunner())
+    assert not engine.core.async_scheduling and fake_engine(FakeRunner()).core.async_scheduling
+    out = run_all(engine, [("a", [1, 2, 3], params)])
+    assert out["a"].outputs[0].token_ids == run_all(fake_engine(), [("a", [1, 2, 3], params)])["a"].outputs[0].token_ids

@@ -34,7 +34,9 @@ Not thread-safe: one thread owns a core (the engine loop's, or LLM's caller).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,8 @@ from loraplex.core.stop_checker import StopChecker
 from loraplex.core.transfer import device_tensor
 from loraplex.errors import AdapterError, InvalidRequestError
 from loraplex.lora_request import LoRARequest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +81,14 @@ def sample_seed(seed: int, sample_index: int) -> int:
         return seed
     digest = hashlib.blake2b(f"{seed}:{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def takes_sampled_token_ids(runner) -> bool:
+    """Whether runner.execute accepts `sampled_token_ids` (what overlapped scheduling needs)."""
+    try:
+        return "sampled_token_ids" in inspect.signature(runner.execute).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def runner_eos_ids(runner) -> set[int]:
@@ -112,7 +124,11 @@ class EngineCore:
         self.stop_checker = StopChecker(eos, self.max_model_len)
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
-        self.async_scheduling = config.async_scheduling
+        # A runner whose execute() cannot take the previous step's sampled ids runs in lock step.
+        self.async_scheduling = config.async_scheduling and takes_sampled_token_ids(runner)
+        if config.async_scheduling and not self.async_scheduling:
+            logger.info("%s.execute takes no sampled_token_ids: steps run in lock step (no overlapped "
+                        "scheduling)", type(runner).__name__)
         self._requests: dict[str, list[Sequence]] = {}
         self._failed: list[tuple[str, BaseException]] = []   # (request_id, error) a step had to drop
         self._in_flight: _InFlight | None = None
