@@ -59,7 +59,7 @@ def engine_info(core) -> dict[str, Any]:
     runner = core.runner
     return {"dtype": str(getattr(runner, "dtype", "")), "device": str(core.device),
             "max_model_len": core.max_model_len, "num_kv_blocks": core.block_manager.num_blocks,
-            "block_size": core.block_manager.block_size}
+            "block_size": core.block_manager.block_size, "async_scheduling": core.async_scheduling}
 
 
 def build_core(config: EngineConfig, served_model_names: tuple[str, ...] = ()):

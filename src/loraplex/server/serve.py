@@ -183,7 +183,7 @@ def log_startup(args, config, engine, records, chain, allow_runtime: bool, stati
         logger.info("KV cache: %d blocks of %d tokens", info["num_kv_blocks"], info["block_size"])
     pid = getattr(engine, "engine_pid", None)
     logger.info("engine loop: %s; scheduling: %s", f"engine process {pid}" if pid else "a thread of this process",
-                "overlapped (async)" if config.async_scheduling else "in lock step (--no-async-scheduling)")
+                "overlapped (async)" if info.get("async_scheduling", config.async_scheduling) else "in lock step")
     if config.enable_lora:
         logger.info("LoRA: max_loras %d, max_lora_rank %d, max_cpu_loras %d, static adapters: %s",
                     config.max_loras, config.max_lora_rank, config.max_cpu_loras,
