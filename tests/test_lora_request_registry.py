@@ -55,7 +55,7 @@ def test_registry_register_get_replace_unregister(isolated_plugins, caplog):
     assert "already registered" in caplog.text
     assert LoRAResolverRegistry.get_resolver("first") is replacement
     assert LoRAResolverRegistry.get_supported_resolvers() == ["first", "second"]  # keeps its place
-    with pytest.raises(KeyError, match="'nope' is not registered; available: first, second"):
+    with pytest.raises(KeyError, match=r"LoRA resolver 'nope' not found. Available resolvers: \['first', 'second'\]"):
         LoRAResolverRegistry.get_resolver("nope")
     assert LoRAResolverRegistry.unregister_resolver("first") is replacement
     assert LoRAResolverRegistry.unregister_resolver("first") is None

@@ -38,6 +38,12 @@ class AdapterInvalidError(AdapterError, ValueError):
     """An adapter was found but is unusable (bad config, weights, shapes, base model)."""
 
 
+class AdapterMismatchError(AdapterInvalidError):
+    """What a resolver found is not a LoRA adapter for the served base model (another PEFT
+    method, another base model). For a resolver that means "not mine": the chain asks the
+    next one, and reports the reason only if none finds a usable adapter."""
+
+
 class ResolverError(AdapterError):
     """Every resolver that was asked failed with an error (source down, refused...)."""
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import filelock
 
-from loraplex.errors import AdapterInvalidError, AdapterNameError, ConfigError, ResolverError
+from loraplex.errors import (AdapterInvalidError, AdapterMismatchError, AdapterNameError, ConfigError,
+                             ResolverError)
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.resolvers.env import allow_pickle_lora_weights, env_seconds
 from loraplex.resolvers.names import check_adapter_name
@@ -263,7 +264,7 @@ class AdapterCache:
 
     def _use(self, entry: Path, manifest: Manifest, base_model_name: str | None) -> Path:
         if not base_model_compatible(manifest.base_model_name_or_path, base_model_name):
-            raise AdapterInvalidError(
+            raise AdapterMismatchError(
                 f"adapter {manifest.lora_name!r} was trained on {manifest.base_model_name_or_path!r}, "
                 f"not on the served model {base_model_name!r}")
         try:

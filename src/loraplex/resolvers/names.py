@@ -13,7 +13,8 @@ def check_adapter_name(lora_name: object) -> str:
     Rejects what could escape a cache dir or bucket prefix: '..' components,
     absolute paths, backslashes, NUL and other control characters, and names
     longer than MAX_ADAPTER_NAME_LENGTH. A single '/' is allowed between
-    normal components (HF-style 'org/repo' names).
+    normal components (HF-style 'org/repo' names), and one at the end of such a
+    name ('org/repo/', which vLLM's Hub resolver accepts for the repo's root).
     """
     if not isinstance(lora_name, str) or not lora_name:
         raise AdapterNameError(f"adapter name must be a non-empty string, got {lora_name!r}")
@@ -28,6 +29,8 @@ def check_adapter_name(lora_name: object) -> str:
         raise AdapterNameError(f"adapter name {lora_name!r} looks like an absolute path; "
                                f"give the adapter's name, not its location")
     parts = lora_name.split("/")
+    if len(parts) > 2 and parts[-1] == "":
+        parts.pop()   # 'org/repo/': the trailing '/' of a Hub-style name
     if any(p in ("", ".", "..") for p in parts):
         raise AdapterNameError(f"adapter name {lora_name!r} has an empty, '.' or '..' path component")
     return lora_name

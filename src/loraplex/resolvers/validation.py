@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from loraplex.errors import AdapterInvalidError
+from loraplex.errors import AdapterInvalidError, AdapterMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ def read_adapter_config(path: Path) -> dict:
         raise AdapterInvalidError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise AdapterInvalidError(f"adapter {str(path)!r} has peft_type {peft_type!r}; only 'LORA' "
-                                  f"adapters are supported")
+        # Another PEFT method: not a LoRA adapter at all, which resolvers treat as "not mine".
+        raise AdapterMismatchError(f"adapter {str(path)!r} has peft_type {peft_type!r}; only 'LORA' "
+                                   f"adapters are supported")
     return config
 
 

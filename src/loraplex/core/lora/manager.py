@@ -57,7 +57,18 @@ class LoRAManager:
     # ---- the user-facing operations (LLM.add_lora, pin_lora, remove_lora, list_loras)
 
     def add_lora(self, request: LoRARequest) -> bool:
-        """Load and validate an adapter into the CPU cache; False if it was already there."""
+        """Load and validate an adapter into the CPU cache; False if it was already there.
+
+        With request.load_inplace the files are read again even then, and the new weights
+        replace the old ones (cache entry and device slot) once they are validated."""
+        if not request.load_inplace:
+            return self._load(request)
+        with self._lock:
+            self._is_cached(request)   # an id/name clash is refused before any I/O
+        self._replace(load_lora_adapter(request, self.stacks.spec, **self._load_options))
+        return True
+
+    def _load(self, request: LoRARequest) -> bool:
         with self._lock:
             if self._is_cached(request):
                 return False
@@ -131,9 +142,11 @@ class LoRAManager:
 
     def is_loaded(self, request: LoRARequest) -> bool:
         """Whether the CPU cache or a device slot holds `request` (raises AdapterInvalidError on an
-        id/name clash). One only in a slot is served from there, and reloaded if it loses the slot."""
+        id/name clash). One only in a slot is served from there, and reloaded if it loses the slot.
+        A request with load_inplace never counts as loaded: it asks for its files to be read again."""
         with self._lock:
-            return self._is_cached(request) or request.lora_int_id in self._slot_request
+            loaded = self._is_cached(request) or request.lora_int_id in self._slot_request
+            return loaded and not request.load_inplace
 
     def find_by_name(self, lora_name: str) -> LoRARequest | None:
         """The request of the CPU-cached adapter called `lora_name` (marked recently used)."""
@@ -192,7 +205,7 @@ class LoRAManager:
                         continue
                     self.stats["cpu_hits" if lora_id in self._cpu else "cpu_misses"] += 1
                     try:
-                        self.add_lora(request)   # a no-op unless it was evicted: then it is reloaded from disk
+                        self._load(request)   # a no-op unless it was evicted: then it is reloaded from disk
                     except AdapterError as exc:
                         error = type(exc)(
                             f"LoRA adapter {request.lora_name!r} (id {lora_id}) was evicted from the CPU "
@@ -217,6 +230,22 @@ class LoRAManager:
             self._in_step = False
 
     # ---- internals
+
+    def _replace(self, adapter: LoRAAdapter) -> None:
+        """Put a freshly loaded adapter in place of the cached one with its id (load_inplace)."""
+        lora_id = adapter.lora_int_id
+        with self.step_lock, self._lock:
+            if self._in_step and lora_id in self._step_ids:
+                raise AdapterCapacityError(f"adapter id {lora_id} is used by the step now running; "
+                                           f"retry the in-place load once the step has finished")
+            self._free_slot(lora_id)   # refilled from the new weights when next needed
+            if lora_id not in self._cpu:
+                self._make_cpu_room(adapter.request)
+            self._cpu[lora_id] = adapter
+            self._cpu.move_to_end(lora_id)
+            self.stats["loads"] += 1
+        logger.info("reloaded LoRA adapter %r (id %d) in place from %s", adapter.request.lora_name, lora_id,
+                    adapter.request.lora_path)
 
     def _make_cpu_room(self, incoming: LoRARequest) -> None:
         while len(self._cpu) >= self.max_cpu_loras:
