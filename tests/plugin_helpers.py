@@ -51,12 +51,13 @@ class FakeSite:
     def add_module(self, name: str, source: str) -> None:
         (self.root / f"{name}.py").write_text(textwrap.dedent(source))
 
-    def add_distribution(self, dist_name: str, entry_points: dict[str, str]) -> None:
-        """Declare `entry_points` (plugin name -> "module[:attr]") in group loraplex.plugins."""
+    def add_distribution(self, dist_name: str, entry_points: dict[str, str],
+                         group: str = "loraplex.plugins") -> None:
+        """Declare `entry_points` (plugin name -> "module[:attr]") in `group`."""
         info = self.root / f"{dist_name}-1.0.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
-        lines = ["[loraplex.plugins]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+        lines = [f"[{group}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
         (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 
     def cleanup(self) -> None:
