@@ -205,21 +205,28 @@ def _place(snapshot_dir: Path, remote: RemoteAdapter, dest: Path) -> bool:
 
 
 class HfHubResolver(LoRAResolver):
-    """Resolves `org/repo[/sub/dir]` names from the listed Hub repos into the adapter cache."""
+    """Resolves `org/repo[/sub/dir]` names from the listed Hub repos into the adapter cache.
+
+    `HfHubResolver(repo_list)` as in vLLM works: what is not given comes from the
+    environment when the resolver is built (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE, and the
+    adapter cache's VLLM_LORA_RESOLVER_CACHE_DIR...), not from huggingface_hub's values
+    read at its import."""
 
     def __init__(self, repos: str | list[str], *, cache: AdapterCache | None = None, revision: str = "main",
                  endpoint: str | None = None, token: str | None = None, hf_cache_dir: str | None = None,
                  relist_s: float = DEFAULT_RELIST_S) -> None:
         logger.warning("the Hugging Face Hub resolver downloads adapters from %s on request; only list "
                        "repos you trust", repos)
-        self.source = HfHubSource(parse_repo_list(repos, revision), endpoint=endpoint, token=token,
-                                  hf_cache_dir=hf_cache_dir, relist_s=relist_s)
+        env = os.environ
+        self.source = HfHubSource(parse_repo_list(repos, revision), relist_s=relist_s,
+                                  endpoint=endpoint or env.get("HF_ENDPOINT") or None,
+                                  token=token or env.get("HF_TOKEN") or None,
+                                  hf_cache_dir=hf_cache_dir or env.get("HF_HUB_CACHE") or None)
         self.cache = cache if cache is not None else AdapterCache.from_env()
 
     @classmethod
     def from_env(cls, env=os.environ) -> "HfHubResolver":
         relist_s = env_seconds(RELIST_ENV, DEFAULT_RELIST_S, allow_zero=True, env=env)
-        # Passed explicitly: huggingface_hub reads HF_ENDPOINT / HF_HUB_CACHE only at import.
         return cls(env[REPO_LIST_ENV], cache=AdapterCache.from_env(env),
                    revision=env.get(REVISION_ENV) or "main", endpoint=env.get("HF_ENDPOINT") or None,
                    token=env.get("HF_TOKEN") or None, hf_cache_dir=env.get("HF_HUB_CACHE") or None,

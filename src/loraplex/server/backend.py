@@ -32,7 +32,7 @@ from loraplex.errors import (
     AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError, ConfigError, LoraplexError)
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.resolvers.names import check_adapter_name
-from loraplex.server.errors import HTTPError
+from loraplex.server.errors import INVALID_USER_INPUT, HTTPError
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class ServingBackend:
             if old is not None and not load_inplace:
                 raise HTTPError(400, f"The lora adapter '{name}' has already been loaded. If you "
                                      f"want to load the adapter in place, set 'load_inplace' to True.",
-                                param="lora_name")
+                                param="lora_name", error_type=INVALID_USER_INPUT)
             request = LoRARequest(name, self._unique_id(name), path)
             if old is not None:
                 # In place: the engine must drop the old weights before loading the new ones.

@@ -31,14 +31,20 @@ from loraplex.errors import (
 logger = logging.getLogger(__name__)
 
 
+# vLLM's `type` for a management call's bad input (an empty name, a duplicate adapter).
+INVALID_USER_INPUT = "InvalidUserInput"
+
+
 class HTTPError(LoraplexError):
     """An error raised by the server itself with an explicit status (401, 404 of a
-    route, 400 of a management call...)."""
+    route, 400 of a management call...) and, where vLLM sends a specific one, its type."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 error_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
+        self.error_type = error_type
 
 
 # Most specific first: the first class an exception is an instance of decides.
@@ -80,8 +86,8 @@ def error_type_for_status(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type_for_status(status),
+def error_body(status: int, message: str, param: str | None = None, error_type: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type or error_type_for_status(status),
                       "param": param, "code": status}}
 
 
@@ -101,7 +107,7 @@ def exception_to_body(exc: BaseException) -> tuple[int, dict]:
     param = getattr(exc, "param", None)
     if param is None and isinstance(exc, (AdapterNotFoundError, AdapterNameError, AdapterInvalidError)):
         param = "model"   # a generation request's adapter; management calls set their own field
-    return status, error_body(status, message, param)
+    return status, error_body(status, message, param, getattr(exc, "error_type", None))
 
 
 def _format_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:

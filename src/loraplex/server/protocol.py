@@ -110,13 +110,15 @@ class ChatCompletionRequest(SamplingFields):
     echo: bool = False
 
 
+# Empty names and paths pass validation here: the routes refuse them with vLLM's
+# InvalidUserInput error.
 class LoadLoRAAdapterRequest(BaseModel):
-    lora_name: NonEmptyStr
-    lora_path: NonEmptyStr
+    lora_name: StrictStr
+    lora_path: StrictStr
     load_inplace: bool = False
     base_model_name: StrictStr | None = None
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
-    lora_name: NonEmptyStr
+    lora_name: StrictStr = ""
     lora_int_id: int | None = None
