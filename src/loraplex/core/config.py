@@ -30,6 +30,12 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     allow_pickle_lora_weights: bool = False
+    # vLLM's lora_dtype: "auto" is the model's dtype, the only one the LoRA kernels take;
+    # naming another is refused when the model's dtype is known (LoRARuntime).
+    lora_dtype: str = "auto"
+    # vLLM's --lora-target-modules: None for every supported layer, else the fused layers
+    # (qkv_proj, o_proj, gate_up_proj, down_proj; PEFT names map to theirs) that get LoRA.
+    lora_target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -50,6 +56,17 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.lora_dtype not in _DTYPES:
+            raise ConfigError(f"lora_dtype must be one of {', '.join(_DTYPES)}, got {self.lora_dtype!r}")
+        if self.lora_target_modules is not None:
+            from loraplex.core.lora.targets import packed_target_names
+            if isinstance(self.lora_target_modules, str) or not self.lora_target_modules:
+                raise ConfigError(f"lora_target_modules must be a non-empty list of module names, "
+                                  f"got {self.lora_target_modules!r}")
+            try:
+                self.lora_target_modules = packed_target_names(self.lora_target_modules)
+            except ValueError as e:
+                raise ConfigError(f"lora_target_modules: {e}") from None
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         if self.max_cpu_loras < self.max_loras:

@@ -64,7 +64,8 @@ def model_not_found(name: str) -> AdapterNotFoundError:
 class ServingBackend:
     def __init__(self, engine: Any, *, served_model_names: list[str], model_path: str,
                  resolver_chain: Any = None, allow_runtime_lora_updating: bool = False,
-                 enable_lora: bool = True, max_model_len: int | None = None) -> None:
+                 enable_lora: bool = True, max_model_len: int | None = None,
+                 skip_model_name_validation: bool = False) -> None:
         if not served_model_names:
             raise ValueError("served_model_names must name the base model at least once")
         self.engine = engine
@@ -74,6 +75,8 @@ class ServingBackend:
         self.allow_runtime_lora_updating = allow_runtime_lora_updating
         self.enable_lora = enable_lora
         self.max_model_len = max_model_len
+        # VLLM_SKIP_MODEL_NAME_VALIDATION: a name that is no loaded adapter is the base model.
+        self.skip_model_name_validation = skip_model_name_validation
         self.created = int(time.time())
         self._adapters: dict[str, LoRARequest] = {}
         # Lineage for /v1/models. The engine's LoRARequests carry no base model name:
@@ -140,6 +143,14 @@ class ServingBackend:
     def is_base_model(self, name: str | None) -> bool:
         return not name or name in self.served_model_names
 
+    def response_model_name(self, model: str | None, lora_request: LoRARequest | None) -> str:
+        """The `model` a response reports: the name asked for, or the base model's first
+        name when none was given or when VLLM_SKIP_MODEL_NAME_VALIDATION let an unknown
+        name through (as vLLM reports it)."""
+        if model and (lora_request is not None or self.is_base_model(model)):
+            return model
+        return self.base_model_name
+
     def list_adapters(self) -> list[LoRARequest]:
         return list(self._adapters.values())
 
@@ -184,6 +195,8 @@ class ServingBackend:
         adapter = self._adapters.get(model)
         if adapter is not None and not self._is_gone(model, adapter):
             return adapter
+        if self.skip_model_name_validation:
+            return None   # as vLLM does: no resolver is asked either
         if not (self.enable_lora and self.allow_runtime_lora_updating and self.resolver_chain):
             raise model_not_found(model)
         check_adapter_name(model)

@@ -45,7 +45,7 @@ def render_chat_prompt(tokenizer, request: ChatCompletionRequest) -> list[int]:
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request, state: ServerState):
     backend = state.backend
     lora_request = await backend.lora_request_for(request.model)
-    model_name = request.model or backend.base_model_name
+    model_name = backend.response_model_name(request.model, lora_request)
     prompt_ids = render_chat_prompt(backend.tokenizer, request)
     params = chat_sampling_params(request, len(prompt_ids), backend.max_model_len)
     request_id = new_id("chatcmpl")

@@ -254,6 +254,13 @@ def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, s
     if layer >= spec.num_layers:
         raise AdapterInvalidError(f"adapter {where}: tensor {name!r} is for layer {layer}, but the model "
                                   f"has {spec.num_layers} layers; was it trained on a larger model?")
+    packed = PEFT_MODULE_TO_PACKED[module][0]
+    if packed not in {t.name for t in spec.targets}:
+        # Served as a plain LoRA without those weights, it would compute something else.
+        raise AdapterInvalidError(
+            f"adapter {where} adapts {module!r} (part of {packed}), but this engine applies LoRA only to "
+            f"{', '.join(t.name for t in spec.targets)} (lora_target_modules, --lora-target-modules); "
+            f"add {packed} there, or use an adapter trained without {module!r}")
     return layer, module, which
 
 

@@ -21,6 +21,7 @@ from loraplex.core.lora.manager import LoRAManager
 from loraplex.core.lora.slots import LoRASlotStacks
 from loraplex.core.lora.targets import LoRAModelSpec, llama_lora_spec
 from loraplex.core.sequence import ScheduledSeq
+from loraplex.errors import ConfigError
 from loraplex.kernels.lora_meta import build_lora_meta
 
 # (parent module attribute, projection attribute) of each LoRA target in a decoder layer.
@@ -38,7 +39,12 @@ def lora_spec_for(model_config) -> LoRAModelSpec:
 class LoRARuntime:
     def __init__(self, model: torch.nn.Module, model_config, config: EngineConfig, *,
                  dtype: torch.dtype, device: torch.device):
+        if config.lora_dtype != "auto" and getattr(torch, config.lora_dtype) != dtype:
+            raise ConfigError(f"lora_dtype={config.lora_dtype} (--lora-dtype), but the model runs in {dtype}: "
+                              f"LoRA weights are kept in the model's dtype; use 'auto' or the model's dtype")
         spec = lora_spec_for(model_config)
+        if config.lora_target_modules is not None:
+            spec = spec.restricted(config.lora_target_modules)
         self.stacks = LoRASlotStacks(spec, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
                                      dtype=dtype, device=device)
         self.manager = LoRAManager(self.stacks, max_cpu_loras=config.max_cpu_loras,
@@ -47,9 +53,11 @@ class LoRARuntime:
         self.state = LoRAStepState(side_stream=torch.cuda.Stream(device) if device.type == "cuda" else None)
         self.device = device
         for index, layer in enumerate(model.model.layers):
-            for target, (parent_name, attr) in _TARGET_PATHS.items():
+            for target in spec.targets:
+                parent_name, attr = _TARGET_PATHS[target.name]
                 parent = getattr(layer, parent_name)
-                setattr(parent, attr, LoRALinear(getattr(parent, attr), self.stacks.stack(index, target), self.state))
+                setattr(parent, attr, LoRALinear(getattr(parent, attr), self.stacks.stack(index, target.name),
+                                                 self.state))
 
     @contextmanager
     def step(self, scheduled: list[ScheduledSeq], *, build_meta: bool = True) -> Iterator[np.ndarray | None]:

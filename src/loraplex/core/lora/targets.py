@@ -54,6 +54,25 @@ class LoRATarget:
         return tuple(offsets)
 
 
+# Our fused layers, in model order: the names `lora_target_modules` restricts LoRA to.
+PACKED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def packed_target_names(modules) -> tuple[str, ...]:
+    """The fused layers that `modules` name (fused names, as vLLM's --lora-target-modules
+    takes, or PEFT names: q_proj means qkv_proj), in model order; ValueError if unknown."""
+    names = set()
+    for module in modules:
+        if module in PACKED_MODULES:
+            names.add(module)
+        elif module in PEFT_MODULE_TO_PACKED:
+            names.add(PEFT_MODULE_TO_PACKED[module][0])
+        else:
+            raise ValueError(f"{module!r} is not a LoRA target module of this model; choose from "
+                             f"{', '.join(PACKED_MODULES)} (or the PEFT names {', '.join(SUPPORTED_PEFT_MODULES)})")
+    return tuple(n for n in PACKED_MODULES if n in names)
+
+
 @dataclass(frozen=True)
 class LoRAModelSpec:
     """The LoRA targets of a model: the same in every decoder layer."""
@@ -65,6 +84,10 @@ class LoRAModelSpec:
             if t.name == name:
                 return t
         raise KeyError(name)
+
+    def restricted(self, names: tuple[str, ...]) -> "LoRAModelSpec":
+        """The same model with LoRA on the fused layers `names` only."""
+        return LoRAModelSpec(self.num_layers, tuple(t for t in self.targets if t.name in names))
 
     def peft_module_shape(self, peft_module: str) -> tuple[int, int]:
         """(in_features, out_features) of a PEFT module, e.g. k_proj -> (hidden, kv_heads*head_dim)."""
