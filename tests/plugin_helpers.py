@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -126,3 +128,14 @@ def add_callable_plugin(site: FakeSite, plugin_name: str, resolvers: dict[str, d
     site.add_module(module, CALLABLE_MODULE.format(resolvers=resolvers))
     site.add_distribution(f"dist_{module}", {plugin_name: f"{module}:register"})
     return module
+
+
+def pip_install(package_dir: Path, work: Path) -> Path:
+    """Install the package in `package_dir` with pip into `work/site` (the shared venv stays
+    clean) and return that directory, to put on PYTHONPATH."""
+    source = work / "src"
+    shutil.copytree(package_dir, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    target = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True, timeout=300)
+    return target

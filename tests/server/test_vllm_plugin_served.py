@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import openai
 import pytest
 
 from adapters import write_peft_adapter
+from plugin_helpers import pip_install
 from servers.fixtures import s3_server  # noqa: F401 (fixture)
 from servers.s3_server import upload_dir
 from server.serve_process import ServeProcess
@@ -27,12 +27,7 @@ BUCKET = "vllm-plugin-bucket"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The package installed with pip into a private target directory, as a user installs it."""
-    work = tmp_path_factory.mktemp("vllm-plugin")
-    source = work / "src"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    target = work / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(source)], check=True, timeout=300)
+    target = pip_install(EXAMPLE, tmp_path_factory.mktemp("vllm-plugin"))
     [dist_info] = target.glob("vllm_s3_lora_resolver-*.dist-info")
     assert "[vllm.general_plugins]" in (dist_info / "entry_points.txt").read_text()
     return target
