@@ -192,8 +192,8 @@ def _load_vllm_plugin(ep: EntryPoint, record: PluginRecord, records: list[Plugin
         if record.loaded:
             vllm_compat.import_all()   # a later, lazy `import vllm.x` in the plugin still works
     if record.error:
-        record.error += (f" (a vLLM plugin: loraplex provides vllm.lora.resolver, vllm.lora.request, "
-                         f"vllm.logger and vllm.envs to it, enough for LoRA resolver plugins; see docs/vllm.md)")
+        record.error += (" (a vLLM plugin: loraplex provides vllm.lora.resolver, vllm.lora.request, "
+                         "vllm.logger and vllm.envs to it, enough for LoRA resolver plugins; see docs/vllm.md)")
 
 
 def _load_one(ep: EntryPoint, record: PluginRecord, records: list[PluginRecord]) -> None:
