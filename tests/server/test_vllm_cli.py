@@ -52,7 +52,7 @@ def test_large_vllm_rank_runs(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint()
     adapter = write_peft_adapter(tmp_path / "r320", rank=320, alpha=4 * 320, base_model_name_or_path=str(ckpt),
                                  target_modules=("q_proj", "v_proj", "o_proj", "down_proj"))
-    llm = LLM(str(ckpt), enable_lora=True, max_lora_rank=320, dtype="float32")
+    llm = LLM(str(ckpt), enable_lora=True, max_loras=1, max_lora_rank=320, dtype="float32")
     params = SamplingParams(temperature=0, max_tokens=4)
     [with_lora] = llm.generate(["hello"], params, lora_request=LoRARequest("r320", 1, str(adapter)), use_tqdm=False)
     [base] = llm.generate(["hello"], params, use_tqdm=False)
