@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from loraplex.core.lora.layers import LoRALinear
 from loraplex.errors import AdapterInvalidError, ConfigError
 from loraplex.server.app import build_app
 from loraplex.server.cli import build_parser
+from loraplex.server.demo_mode import apply_demo_args
 from loraplex.server.serve import VLLM_MAX_LORA_RANKS, build_state, engine_config_from_args
 from plugin_helpers import isolated_plugins  # noqa: F401
 from server.conftest import FakeChain
@@ -30,6 +32,18 @@ def serve_args(*argv):
 def test_max_loras_defaults_to_one_as_in_vllm():
     config = engine_config_from_args(serve_args("/m", "--enable-lora"))
     assert (config.max_loras, config.max_cpu_loras, config.max_lora_rank) == (1, 1, 16)
+
+
+def test_demo_keeps_room_for_its_adapters():
+    """--demo (and the README's command it equals) batch all three shipped adapters."""
+    args = serve_args("--demo")
+    apply_demo_args(args, {})
+    assert engine_config_from_args(args).max_loras == 4
+    args = serve_args("--demo", "--max-loras", "2")
+    apply_demo_args(args, {})
+    assert engine_config_from_args(args).max_loras == 2
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "--served-model-name loraplex-demo-base --enable-lora \\\n    --max-loras 4" in readme
 
 
 @pytest.mark.parametrize("rank", VLLM_MAX_LORA_RANKS)
