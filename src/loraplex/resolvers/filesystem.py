@@ -83,8 +83,8 @@ class FilesystemResolver(LoRAResolver):
 
     def _resolve(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         adapter_dir = self.lora_cache_dir / lora_name
-        if not adapter_dir.is_dir() or (adapter_dir / MANIFEST_FILE).exists():
-            return None
+        if (adapter_dir / MANIFEST_FILE).exists():
+            return None   # a remote resolver's download: its own to serve
         return self._request_for_path(lora_name, adapter_dir, base_model_name)
 
     def _request_for_path(self, lora_name: str, adapter_dir: Path, base_model_name: str) -> LoRARequest | None:
