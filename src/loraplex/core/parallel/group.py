@@ -5,9 +5,11 @@ NCCL between GPUs), rendezvoused through a TCPStore on 127.0.0.1 that rank 0 ope
 not the process-global default group, so an engine does not claim torch.distributed for
 the whole process, and two engines in one process do not collide.
 
-Every collective has the group's timeout: a peer that hangs makes it raise after
-`timeout_s` (gloo raises at once when a peer's process is gone; NCCL is unblocked by
-`abort()`, which rank 0's watchdog calls, see runner.py). The model calls only three
+Every collective has the group's timeout: a peer that hangs makes it raise after it (gloo
+raises at once when a peer's process is gone; NCCL is unblocked by `abort()`, which rank
+0's watchdog calls, see runner.py). While the ranks start, a collective waits for the
+slowest rank to load its shard, so the timeout is at least STARTUP_TIMEOUT_S until
+`set_timeout` lowers it to the engine's distributed_timeout_seconds. The model calls only three
 operations, all of them usable inside a CUDA graph with NCCL:
 
     all_reduce(x)   x summed over ranks, in place    row-parallel layers, the embedding
@@ -23,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 HOST = "127.0.0.1"
+# Collectives' timeout while the ranks start: loading a large checkpoint's shard from a slow disk
+# takes minutes, and the first collective after it waits for the slowest rank.
+STARTUP_TIMEOUT_S = 1800.0
 
 
 class TPGroup:
@@ -80,6 +85,10 @@ class TPGroup:
         options.reduceOp = dist.ReduceOp.MIN
         self.backend.allreduce([t], options).wait()
         return int(t.item())
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """The timeout of every later collective (each rank sets its own; set them alike)."""
+        self.backend._set_default_timeout(_timedelta(timeout_s))
 
     def abort(self) -> None:
         """Unblock collectives stuck on a dead or hung peer (they fail); the group is unusable after."""

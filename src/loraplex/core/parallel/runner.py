@@ -48,7 +48,7 @@ import torch
 from loraplex.core.config import EngineConfig
 from loraplex.core.model_config import ModelConfig
 from loraplex.core.model_runner import ModelRunner, resolve_device
-from loraplex.core.parallel.group import TPGroup
+from loraplex.core.parallel.group import STARTUP_TIMEOUT_S, TPGroup
 from loraplex.core.parallel.layout import check_tensor_parallel_size
 from loraplex.core.parallel.lora_mirror import LoRAMirror
 from loraplex.core.parallel.worker import WorkerSpec, run_worker
@@ -69,12 +69,15 @@ def rank_device(requested: str | None, rank: int, size: int) -> torch.device:
     if device.index not in (None, 0):
         raise ConfigError(f"device {requested!r} with tensor_parallel_size={size}: the ranks use cuda:0 to "
                           f"cuda:{size - 1}; choose the GPUs with CUDA_VISIBLE_DEVICES and pass device='cuda'")
-    available = torch.cuda.device_count()
+    check_gpu_count(size, torch.cuda.device_count())
+    return torch.device("cuda", rank)
+
+
+def check_gpu_count(size: int, available: int) -> None:
     if size > available:
         raise ConfigError(f"tensor_parallel_size={size} needs {size} GPUs but {available} "
                           f"{'is' if available == 1 else 'are'} visible; lower tensor_parallel_size or make "
                           f"more GPUs visible (CUDA_VISIBLE_DEVICES)")
-    return torch.device("cuda", rank)
 
 
 class _Channel:
@@ -95,7 +98,7 @@ class TensorParallelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
         size = self.size = config.tensor_parallel_size
-        timeout_s = config.distributed_timeout_seconds
+        startup_timeout_s = max(config.distributed_timeout_seconds, STARTUP_TIMEOUT_S)
         # Bad sizes fail here, before any process starts.
         cfg = ModelConfig.from_dir(config.model)
         check_tensor_parallel_size(size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
@@ -107,7 +110,7 @@ class TensorParallelRunner:
         self._step_started: float | None = None   # monotonic time of the step in flight, for the watchdog
         self._stopping = threading.Event()
         self._recv_lock = threading.Lock()
-        store = TPGroup.open_store(size, timeout_s)
+        store = TPGroup.open_store(size, startup_timeout_s)
         context = multiprocessing.get_context("spawn")   # fork is unsafe once torch (or CUDA) runs
         self._processes, connections = [], []
         for rank in range(1, size):
@@ -124,11 +127,13 @@ class TensorParallelRunner:
         # Stops the other ranks when this runner is collected, shut down, or at interpreter exit.
         self._finalizer = weakref.finalize(self, _stop_ranks, self._processes, connections, self._stopping)
         try:
-            self._wait_for("started", timeout_s)
-            self.tp = TPGroup.connect(0, size, self.device, port=store.port, timeout_s=timeout_s, store=store)
+            self._wait_for("started", startup_timeout_s)
+            self.tp = TPGroup.connect(0, size, self.device, port=store.port, timeout_s=startup_timeout_s,
+                                      store=store)
             self._mirror = LoRAMirror(self._send) if config.enable_lora else None
             self.local = ModelRunner(config, tp=self.tp, lora_mirror=self._mirror)
-            self._wait_for("ready", timeout_s)
+            self.tp.set_timeout(config.distributed_timeout_seconds)
+            self._wait_for("ready", startup_timeout_s)
         except BaseException as exc:
             # Rank 0's own errors (a bad setting the other ranks hit alike, a rank that never
             # started) are raised as they are; a collective that broke names the rank behind it.
@@ -295,8 +300,7 @@ class TensorParallelRunner:
             left = deadline - time.monotonic()
             ready = multiprocessing.connection.wait([*waiting.values(), *sentinels], timeout=max(left, 0))
             if not ready:
-                raise TensorParallelError(f"ranks {sorted(waiting)} did not get {kind} within "
-                                          f"distributed_timeout_seconds={timeout_s}")
+                raise TensorParallelError(f"rank(s) {sorted(waiting)} did not report {kind!r} within {timeout_s:g} s")
             for rank, connection in list(waiting.items()):
                 if connection in ready and connection.poll(0):
                     message = connection.recv()

@@ -28,7 +28,7 @@ import torch
 
 from loraplex.core.config import EngineConfig
 from loraplex.core.model_runner import ModelRunner
-from loraplex.core.parallel.group import TPGroup
+from loraplex.core.parallel.group import STARTUP_TIMEOUT_S, TPGroup
 from loraplex.core.parallel.lora_mirror import WorkerAdapters
 
 
@@ -64,8 +64,9 @@ def run_worker(spec: WorkerSpec, connection) -> None:
 def _serve(spec: WorkerSpec, connection) -> None:
     config = spec.config
     tp = TPGroup.connect(spec.rank, spec.size, torch.device(spec.device), port=spec.port,
-                         timeout_s=config.distributed_timeout_seconds)
+                         timeout_s=max(config.distributed_timeout_seconds, STARTUP_TIMEOUT_S))
     runner = ModelRunner(config, tp=tp)
+    tp.set_timeout(config.distributed_timeout_seconds)
     adapters = WorkerAdapters(runner.lora.stacks, allow_pickle=config.allow_pickle_lora_weights) \
         if runner.lora is not None else None
     connection.send(("ready", spec.rank))
