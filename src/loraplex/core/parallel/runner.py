@@ -110,6 +110,10 @@ class TensorParallelRunner:
         self._step_started: float | None = None   # monotonic time of the step in flight, for the watchdog
         self._stopping = threading.Event()
         self._recv_lock = threading.Lock()
+        if self.device.type == "cpu":
+            # The ranks share the host's cores: threads of two ranks spinning on the same core
+            # while one waits in a collective made steps many times slower.
+            torch.set_num_threads(max(1, torch.get_num_threads() // size))
         store = TPGroup.open_store(size, startup_timeout_s)
         context = multiprocessing.get_context("spawn")   # fork is unsafe once torch (or CUDA) runs
         self._processes, connections = [], []

@@ -39,13 +39,14 @@ class WorkerSpec:
     port: int            # of rank 0's TCPStore on 127.0.0.1
     device: str          # this rank's: "cuda:<rank>" or "cpu"
     config: EngineConfig
-    num_threads: int     # torch intra-op threads (rank 0's count)
+    num_threads: int     # torch intra-op threads
 
 
 def run_worker(spec: WorkerSpec, connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s tp-rank{spec.rank} %(levelname)s "
                                                       f"%(name)s: %(message)s")
+    logging.getLogger("loraplex.core.lora.adapter").setLevel(logging.ERROR)   # rank 0 warns about adapters
     torch.set_num_threads(spec.num_threads)
     try:
         connection.send(("started", spec.rank))
