@@ -1,7 +1,14 @@
 """Tensor-parallel decode over the GPUs of one host, each size against its floor.
 
-    PYTHONPATH=src python3 benchmarks/gpu_tensor_parallel.py [--tp 1 2 4] [--models 8b 70b] [--out DIR]
-    PYTHONPATH=src python3 benchmarks/gpu_tensor_parallel.py --smoke    # tiny model, 2 CPU processes (gloo)
+    PYTHONPATH=src:tests python3 benchmarks/gpu_tensor_parallel.py [--tp 1 2 4] [--models 8b 70b] [--out DIR]
+    PYTHONPATH=src:tests python3 benchmarks/gpu_tensor_parallel.py --smoke    # tiny model, 2 CPU processes (gloo)
+
+First a correctness check (--skip-check skips it): greedy outputs of a tiny fp32 Llama with
+one KV head (replicated on every rank) and three PEFT adapters mixed with base rows, at
+every TP size that fits, on the GPU path (Triton kernels, decode CUDA graphs with the NCCL
+collectives inside), must equal one device's torch-backend eager outputs; the decode
+graphs must have been replayed. It prints PASS or FAIL per size; the exit code is 1 if any
+failed.
 
 Models (random bf16 weights, load_format="dummy"): Llama-3-8B shapes at TP 1, 2, 4 and a
 70B shape (80 layers, hidden 8192, 64 / 8 heads, intermediate 28672, vocab 128256) at TP
@@ -37,8 +44,10 @@ import gc
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -49,6 +58,7 @@ from gpu_decode import LLAMA3_8B, RANK, SMOKE_CONFIG, Blocks, copy_bandwidth, de
 from loraplex.core.config import EngineConfig
 from loraplex.core.model_runner import create_model_runner
 from loraplex.core.parallel.group import TPGroup
+from loraplex import LLM, SamplingParams
 from loraplex.lora_request import LoRARequest
 
 LLAMA_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -56,6 +66,50 @@ LLAMA_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidde
 MODELS = {"8b": LLAMA3_8B, "70b": LLAMA_70B}
 TP_SIZES = {"8b": (1, 2, 4), "70b": (2, 4)}
 BATCH, PROMPT_LEN, NEW_TOKENS, NUM_ADAPTERS = 64, 128, 128, 32
+
+
+def check_outputs(sizes: list[int], device: str) -> bool:
+    """TP outputs on the device path (graphs, NCCL) equal one device's torch-backend eager outputs."""
+    from adapters import TINY_SHAPES, write_peft_adapter
+    from models import make_tiny_checkpoint
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    settings = dict(dtype="float32", device=device, max_model_len=128, kv_cache_bytes=64 * 2**20, max_num_seqs=16,
+                    enable_lora=True, max_loras=2, max_lora_rank=8)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(make_tiny_checkpoint(Path(tmp) / "tiny", "llama", num_key_value_heads=1))
+        loras = [LoRARequest(f"a{i}", i + 1, str(write_peft_adapter(Path(tmp) / f"a{i}", rank=4 + 2 * i, seed=i,
+                 target_modules=targets, base_model_name_or_path=ckpt,
+                 shapes=dict(TINY_SHAPES, k_proj=(64, 16), v_proj=(64, 16))))) for i in range(3)]
+        prompts = [{"prompt_token_ids": [3 + (7 * i + j) % 250 for j in range(4 + i)]} for i in range(12)]
+        rows = [None if i % 4 == 3 else loras[i % 4] for i in range(12)]   # 3 adapters through 2 slots
+
+        def outputs(llm):
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=rows, use_tqdm=False)]
+
+        expected = outputs(LLM(ckpt, attention_backend="torch", enforce_eager=True, **settings))
+        for size in sizes:
+            label = f"TP {size}: greedy outputs (graphs, 3 adapters in 2 slots) == one device, torch eager"
+            llm = None
+            try:
+                llm = LLM(ckpt, tensor_parallel_size=size, **settings)
+                got = outputs(llm)
+                runner = getattr(llm.llm_engine.runner, "local", llm.llm_engine.runner)
+                replays = runner.decode_graphs.num_replays if runner.decode_graphs is not None else 0
+                passed = got == expected and (device != "cuda" or replays > 0)
+                log(f"{'PASS' if passed else 'FAIL'} {label} ({replays} graph replays)")
+                ok &= passed
+            except Exception:
+                log(f"FAIL {label}:\n{traceback.format_exc()}")
+                ok = False
+            finally:
+                if llm is not None and hasattr(llm.llm_engine.runner, "shutdown"):
+                    llm.llm_engine.runner.shutdown()
+                del llm
+                gc.collect()
+    return ok
 
 
 def collective_times(size: int, cfg: dict, batch: int, device_type: str, replays: int = 50) -> float:
@@ -159,9 +213,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, gloo: checks this script only")
+    parser.add_argument("--skip-check", action="store_true", help="skip the correctness check")
     args = parser.parse_args()
     device = gpu_decode.DEVICE = "cpu" if args.smoke else "cuda"
     num_gpus = torch.cuda.device_count() if device == "cuda" else 2
+    checked = args.skip_check or check_outputs([s for s in (1, 2, 4, 8) if s <= num_gpus], device)
     new_tokens, prompt_len = (6, 8) if args.smoke else (NEW_TOKENS, PROMPT_LEN)
     bandwidth = copy_bandwidth()
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke test)",
@@ -184,6 +240,9 @@ def main() -> None:
                 results["rows"].extend(bench_one(model, cfg, size, paths, bandwidth, device, new_tokens, prompt_len))
         Path(args.out, "gpu_tensor_parallel.json").write_text(json.dumps(results, indent=1))
     print_table(results)
+    if not checked:
+        log("the correctness check FAILED (above)")
+        sys.exit(1)
 
 
 def print_table(results: dict) -> None:

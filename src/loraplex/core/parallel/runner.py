@@ -109,7 +109,7 @@ class TensorParallelRunner:
         self._failure: str | None = None
         self._step_started: float | None = None   # monotonic time of the step in flight, for the watchdog
         self._stopping = threading.Event()
-        self._recv_lock = threading.Lock()
+        self._recv_lock = threading.RLock()   # reading the other ranks' replies (tests, errors)
         if self.device.type == "cpu":
             # The ranks share the host's cores: threads of two ranks spinning on the same core
             # while one waits in a collective made steps many times slower.
@@ -188,10 +188,13 @@ class TensorParallelRunner:
         """Each other rank's mirrored LoRA state (WorkerAdapters.state(); {} without LoRA), ranks 1..N-1."""
         self._send(("report",))
         states = []
+        deadline = time.monotonic() + self.config.distributed_timeout_seconds
         with self._recv_lock:
             for rank, connection in enumerate(self._channel.connections, start=1):
-                if not connection.poll(self.config.distributed_timeout_seconds):
-                    raise self._fatal(TimeoutError(f"rank {rank} did not answer"))
+                while not connection.poll(0.1):
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise self._fatal(TimeoutError(f"rank {rank} did not answer"))
                 reply = connection.recv()
                 if reply[0] != "report":
                     raise self._fatal(RuntimeError(f"rank {rank} answered {reply[0]!r}"))
@@ -207,6 +210,8 @@ class TensorParallelRunner:
         if self._failure is None:
             self._failure = "the engine was shut down"
         self._finalizer()
+        if self.tp is not None:
+            self.tp.abort()   # releases the communicator (NCCL) now rather than at collection
 
     # ---- failures ------------------------------------------------------------------------------
 
