@@ -58,3 +58,8 @@ class KernelArgumentError(LoraplexError, ValueError):
 
 class EngineDeadError(LoraplexError, RuntimeError):
     """The engine loop stopped (after an error, or shut down); in-flight and new requests fail."""
+
+
+class TensorParallelError(EngineDeadError):
+    """A rank of the tensor-parallel group died, hung past distributed_timeout_seconds or failed;
+    the engine cannot continue and must be restarted."""

@@ -38,20 +38,22 @@ class LLM:
     """Generate text for batches of prompts (vLLM-compatible).
 
     Extra keyword arguments are EngineConfig fields (block_size, kv_cache_bytes,
-    max_num_batched_tokens, enforce_eager, ...).
+    max_num_batched_tokens, enforce_eager, ...). With tensor_parallel_size > 1 the engine
+    starts one process per further rank (`spawn`): a script that creates an LLM at import
+    time needs the `if __name__ == "__main__":` guard, as with vLLM.
     """
 
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
-                 max_num_seqs: int = 256, enable_lora: bool = False, max_loras: int = 4,
-                 max_lora_rank: int = 16, max_cpu_loras: int | None = None, **kwargs) -> None:
+                 max_num_seqs: int = 256, tensor_parallel_size: int = 1, enable_lora: bool = False,
+                 max_loras: int = 4, max_lora_rank: int = 16, max_cpu_loras: int | None = None, **kwargs) -> None:
         unknown = sorted(set(kwargs) - _CONFIG_FIELDS)
         if unknown:
             raise ConfigError(f"unknown LLM argument(s) {', '.join(unknown)}; valid extra arguments "
                               f"are EngineConfig fields: {', '.join(sorted(_CONFIG_FIELDS - {'model'}))}")
         config = EngineConfig(model=model, dtype=dtype, device=device, seed=seed, max_model_len=max_model_len,
                               gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                              enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                              tensor_parallel_size=tensor_parallel_size, enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
                               max_cpu_loras=max_cpu_loras, **kwargs)
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()

@@ -24,6 +24,10 @@ class EngineConfig:
     enforce_eager: bool = False         # True: never use CUDA graphs
     attention_backend: str = "auto"     # "auto": Triton on CUDA, torch elsewhere; or "torch" / "triton"
     load_format: str = "auto"           # "dummy": random weights from config.json alone (benchmarks)
+    # Tensor parallelism (issue 18): ranks (GPUs, or CPU processes) the model is split over,
+    # and how long a collective may wait for a peer before the engine stops with an error.
+    tensor_parallel_size: int = 1
+    distributed_timeout_seconds: float = 600.0
     # LoRA (issue 4)
     enable_lora: bool = False
     max_loras: int = 4
@@ -51,7 +55,9 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ConfigError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
+        if self.distributed_timeout_seconds <= 0:
+            raise ConfigError(f"distributed_timeout_seconds must be positive, got {self.distributed_timeout_seconds}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:

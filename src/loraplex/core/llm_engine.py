@@ -65,8 +65,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, runner=None, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         if runner is None:
-            from loraplex.core.model_runner import ModelRunner
-            runner = ModelRunner(config)
+            from loraplex.core.model_runner import create_model_runner
+            runner = create_model_runner(config)
         self.runner = runner
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         self.max_model_len = runner.max_model_len

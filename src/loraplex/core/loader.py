@@ -5,6 +5,9 @@ the device parameter, converting dtype on the way, so the host never holds a sec
 of the model. Checkpoint quirks are resolved here, never in forward():
 q/k/v and gate/up matrices are written into the slices of the fused projections, tied
 embeddings need no lm_head, stale buffers (rotary_emb.inv_freq) are skipped.
+
+Under tensor parallelism each rank reads only its shard of each tensor (the layers'
+`in_shard` / `out_shards` / `vocab`, see core/parallel/layout.py), straight from the file.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from loraplex.core.layers import Linear
+from loraplex.core.layers import Embedding, Linear
+from loraplex.core.parallel.layout import Shard
 from loraplex.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,8 +34,13 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 @dataclass
 class _Target:
     param: torch.Tensor
-    start: int            # row offset inside param (fused projections)
-    shape: tuple[int, ...]
+    start: int                 # row offset inside param (fused projections)
+    shape: tuple[int, ...]     # of the checkpoint tensor
+    shards: tuple[Shard, ...]  # the part of each of its dims this rank holds
+
+
+def _whole(shape: tuple[int, ...]) -> tuple[Shard, ...]:
+    return tuple(Shard.whole(n) for n in shape)
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -59,14 +68,20 @@ def _checkpoint_targets(model: nn.Module) -> dict[str, _Target]:
     for path, module in model.named_modules():  # tied lm_head is the embedding: listed once
         if isinstance(module, Linear):
             parent = path.rsplit(".", 1)[0]
-            for slice_name, (start, width) in zip(module.slice_names,
-                                                  (module.slice_offset(n) for n in module.slice_names)):
+            for slice_name, out in zip(module.slice_names, module.out_shards):
+                start = module.slice_offset(slice_name)[0]
                 ckpt_module = f"{parent}.{slice_name}_proj" if len(module.slice_names) > 1 else path
-                targets[f"{ckpt_module}.weight"] = _Target(module.weight, start, (width, module.in_features))
+                targets[f"{ckpt_module}.weight"] = _Target(module.weight, start, (out.full, module.in_shard.full),
+                                                           (out, module.in_shard))
                 if module.bias is not None:
-                    targets[f"{ckpt_module}.bias"] = _Target(module.bias, start, (width,))
+                    targets[f"{ckpt_module}.bias"] = _Target(module.bias, start, (out.full,), (out,))
+        elif isinstance(module, Embedding):
+            hidden = Shard.whole(module.weight.shape[1])
+            targets[f"{path}.weight"] = _Target(module.weight, 0, (module.vocab.full, hidden.full),
+                                                (module.vocab, hidden))
         elif not any(True for _ in module.children()) and hasattr(module, "weight"):
-            targets[f"{path}.weight"] = _Target(module.weight, 0, tuple(module.weight.shape))
+            shape = tuple(module.weight.shape)
+            targets[f"{path}.weight"] = _Target(module.weight, 0, shape, _whole(shape))
     return targets
 
 
@@ -88,11 +103,15 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                             continue
                         raise ConfigError(f"checkpoint tensor {name!r} (in {file.name}) is not part of a "
                                           f"{model.config.architecture}; the checkpoint does not match its config.json.")
-                    tensor = f.get_tensor(name)
-                    if tuple(tensor.shape) != target.shape:
-                        raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    tensor = f.get_slice(name)
+                    if tuple(tensor.get_shape()) != target.shape:
+                        raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.get_shape())}, "
                                           f"config.json implies {target.shape}; the checkpoint does not match its config.")
-                    target.param[target.start:target.start + target.shape[0]].copy_(tensor)
+                    # Only this rank's shard is read (all of it without tensor parallelism).
+                    part = tensor[tuple(slice(s.start, s.start + s.num_valid) for s in target.shards)]
+                    rows = target.param[target.start:target.start + target.shards[0].size]
+                    rows[:part.shape[0]].copy_(part)
+                    rows[part.shape[0]:].zero_()   # the vocab's padding rows on its last rank
                     loaded.add(name)
     missing = sorted(set(targets) - loaded)
     if missing:

@@ -35,6 +35,7 @@ class ModelConfig:
     rope_scaling: dict | None        # None, or {"rope_type": "linear"|"llama3", ...}
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool                     # Llama/Mistral attention_bias covers o_proj too; Qwen2's bias does not
     mlp_bias: bool
     sliding_window: int | None       # tokens a query may look back (Mistral), None = unlimited
     checkpoint_dtype: str | None     # torch_dtype of config.json, e.g. "bfloat16"
@@ -95,6 +96,7 @@ class ModelConfig:
             architecture=arch, **fields, rope_theta=rope_theta, rope_scaling=rope_scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+            o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             sliding_window=int(sliding_window) if sliding_window else None,
             checkpoint_dtype=raw.get("torch_dtype") or raw.get("dtype"),

@@ -5,11 +5,19 @@ tables the block manager filled); `execute` returns float32 logits, one row per 
 for the last token it computed. Inputs are prepared once per step on the host (numpy,
 no per-token Python) and copied to the device; the forward pass never reads the device
 back, so a decode step can later be captured in a CUDA graph.
+
+`execute` is two halves: `step(scheduled)` builds the step's HostStepInputs and holds its
+adapters in slots, `run(host)` computes them. Under tensor parallelism (`tp`) each rank
+has a ModelRunner over its shard; rank 0's TensorParallelRunner (core/parallel/runner.py)
+calls `step`, sends the HostStepInputs to the other ranks, and every rank calls `run`.
+`create_model_runner(config)` picks the runner for a config.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -21,7 +29,7 @@ from loraplex.core.loader import init_dummy_weights, load_weights
 from loraplex.core.model import LlamaForCausalLM
 from loraplex.core.model_config import ModelConfig, resolve_dtype
 from loraplex.core.sequence import ScheduledSeq
-from loraplex.core.step_inputs import StepInputs, prepare_step_inputs, profile_step_inputs
+from loraplex.core.step_inputs import HostStepInputs, StepInputs, host_step_inputs, profile_step_inputs
 from loraplex.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -41,10 +49,22 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
+def create_model_runner(config: EngineConfig):
+    """The engine's runner: a ModelRunner, or with tensor_parallel_size > 1 rank 0 of a
+    tensor-parallel group (which starts the other ranks' processes)."""
+    if config.tensor_parallel_size > 1:
+        from loraplex.core.parallel.runner import TensorParallelRunner
+        return TensorParallelRunner(config)
+    return ModelRunner(config)
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp=None, lora_mirror=None):
+        """tp: this rank's TPGroup under tensor parallelism (its device is the rank's), else None.
+        lora_mirror: rank 0's LoRAMirror, which copies adapter changes to the other ranks."""
         self.config = config
-        self.device = resolve_device(config.device)
+        self.tp = tp
+        self.device = tp.device if tp is not None else resolve_device(config.device)
         self.model_config = cfg = ModelConfig.from_dir(config.model)
         self.dtype = resolve_dtype(config.dtype, cfg.checkpoint_dtype, self.device)
         if config.max_model_len is not None and config.max_model_len > cfg.max_position_embeddings:
@@ -61,7 +81,8 @@ class ModelRunner:
         # The Triton path (CUDA) also fuses norms, rotary and SiLU-and-mul; the torch path is all torch.
         self.model = LlamaForCausalLM(cfg, max_positions=self.max_model_len, backend=self.attention_backend,
                                       dtype=self.dtype, device=self.device,
-                                      fused=self.attention_backend.name == "triton")
+                                      fused=self.attention_backend.name == "triton", tp=tp)
+        self.num_kv_heads = self.model.shards.kv_heads.size   # this rank's
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
@@ -70,12 +91,15 @@ class ModelRunner:
         self.lora = None
         if config.enable_lora:
             from loraplex.core.lora.runtime import LoRARuntime
-            self.lora = LoRARuntime(self.model, cfg, config, dtype=self.dtype, device=self.device)
+            self.lora = LoRARuntime(self.model, cfg, config, dtype=self.dtype, device=self.device,
+                                    mirror=lora_mirror)
 
-        block_bytes = bytes_per_block(cfg.num_layers, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        block_bytes = bytes_per_block(cfg.num_layers, self.block_size, self.num_kv_heads, cfg.head_dim, self.dtype)
         self.num_kv_blocks = num_blocks_for_budget(self._kv_cache_budget(block_bytes), block_bytes,
                                                    max_model_len=self.max_model_len, block_size=self.block_size)
-        self.kv_cache = KVCache(cfg.num_layers, self.num_kv_blocks, self.block_size, cfg.num_kv_heads,
+        if tp is not None:   # one block manager (rank 0's) for every rank's cache: the smallest budget wins
+            self.num_kv_blocks = tp.min(self.num_kv_blocks)
+        self.kv_cache = KVCache(cfg.num_layers, self.num_kv_blocks, self.block_size, self.num_kv_heads,
                                 cfg.head_dim, dtype=self.dtype, device=self.device)
         # Decode steps replay CUDA graphs (Triton attention only: the torch reference pads
         # every sequence to max_seq_len, which a graph fixes at max_model_len).
@@ -86,9 +110,11 @@ class ModelRunner:
         if self.device.type == "cuda" and self.attention_backend.name == "triton":
             from loraplex.core.warmup import warm_up
             warm_up(self)
-        logger.info("%s on %s (%s): %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, attention %s",
-                    cfg.architecture, self.device, self.dtype, self.num_kv_blocks, self.block_size,
-                    self.kv_cache.num_bytes / 2**20, self.max_model_len, self.attention_backend.name)
+        logger.info("%s on %s (%s%s): %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, attention %s",
+                    cfg.architecture, self.device, self.dtype,
+                    f", tensor-parallel rank {tp.rank} of {tp.size}" if tp is not None else "",
+                    self.num_kv_blocks, self.block_size, self.kv_cache.num_bytes / 2**20, self.max_model_len,
+                    self.attention_backend.name)
 
     def _kv_cache_budget(self, block_bytes: int) -> int:
         if self.device.type == "cpu" or self.config.kv_cache_bytes is not None:
@@ -104,7 +130,7 @@ class ModelRunner:
         num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         inputs, num_blocks = profile_step_inputs(num_tokens, self.max_model_len, self.block_size, self.device)
         # One scratch layer cache, shared by every layer: the real cache does not exist yet.
-        scratch = torch.zeros(2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+        scratch = torch.zeros(2, num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim,
                               dtype=self.dtype, device=self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -121,16 +147,36 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.metadata.logits_indices]).float()  # [num_seqs, vocab]
 
     def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> StepInputs:
-        return prepare_step_inputs(scheduled, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
-                                   max_model_len=self.max_model_len, device=self.device)
+        return self._host_inputs(scheduled).to_device(self.device)
+
+    def _host_inputs(self, scheduled: list[ScheduledSeq]) -> HostStepInputs:
+        return host_step_inputs(scheduled, block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                                max_model_len=self.max_model_len)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Compute the scheduled tokens; float32 logits [len(scheduled), vocab] of each one's last token."""
-        if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
-            return self.decode_graphs.execute(scheduled)
-        inputs = self.prepare_inputs(scheduled)
+        with self.step(scheduled) as host:
+            return self.run(host)
+
+    @contextmanager
+    def step(self, scheduled: list[ScheduledSeq]) -> Iterator[HostStepInputs]:
+        """The step's host inputs, its adapters in slots (and each token's slot in the inputs) until exit."""
+        host = self._host_inputs(scheduled)
+        if self.lora is None:
+            yield host
+            return
+        with self.lora.step(scheduled) as (token_slots, num_adapters):
+            host.token_slots, host.num_adapters = token_slots, num_adapters
+            yield host
+
+    @torch.inference_mode()
+    def run(self, host: HostStepInputs) -> torch.Tensor:
+        """One step's forward pass: float32 logits [num_seqs, vocab]."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(host):
+            return self.decode_graphs.execute(host)
+        inputs = host.to_device(self.device)
         if self.lora is None:
             return self._forward(inputs, self.kv_cache.layers)
-        with self.lora.step(scheduled):   # slots filled, token -> slot metadata built once
+        with self.lora.batch(host.token_slots, host.num_adapters):   # token -> slot metadata built once
             return self._forward(inputs, self.kv_cache.layers)

@@ -59,6 +59,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     eng.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
     eng.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                     help="split the model over N GPUs of this host (N CPU processes without a GPU) (default: 1)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
     lora.add_argument("--lora-modules", nargs="+", default=[], metavar="MODULE",
@@ -90,6 +92,7 @@ def engine_config_from_args(args: argparse.Namespace):
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank,
         max_loras=DEFAULT_MAX_LORAS if args.max_loras is None else args.max_loras,
         max_cpu_loras=args.max_cpu_loras, allow_pickle_lora_weights=args.allow_pickle_lora_weights,

@@ -223,6 +223,8 @@ def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float
         offsets = target.slice_offsets
         for layer, index, a, b, scaling in entries:
             module_rank = a.shape[0]
+            # This rank's shard (all of it on one device): A's input columns, B's output rows.
+            a, b = target.in_shard.take(a, 1), target.out_shards[index].take(b, 0)
             packed.lora_a[layer, index * rank: index * rank + module_rank].copy_(a)
             # Scaling folded in float32, then one rounding to the model's dtype: torch.mul
             # computes in b's dtype (float32 math for 16-bit types), so that holds when b
@@ -282,23 +284,40 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, key: str, module: str, config:
 def _check_finite(adapter: LoRAAdapter, modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]],
                   where: str) -> None:
     """Refuse NaN or infinite weights, in the files or once scaled and cast to the model's dtype."""
+    dtype = next(iter(adapter.targets.values())).lora_a.dtype
+    whole = all(p.target.is_whole for p in adapter.targets.values())
     # Fast path: min and max propagate NaN and inf, and one aminmax per packed tensor costs
     # a fraction of an element-wise check of every module. Only a failure looks closer.
-    packed = [t for p in adapter.targets.values() for t in (p.lora_a, p.lora_b)]
-    if all(torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in packed):
+    # A tensor-parallel rank packs only its shard, but must refuse exactly what one device
+    # would (every rank decides alike): it checks every module's range in the files.
+    if whole:
+        packed = [t for p in adapter.targets.values() for t in (p.lora_a, p.lora_b)]
+        if all(torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in packed):
+            return
+    elif all(_fits(a, 1.0, dtype) and _fits(b, scaling, dtype) for a, b, scaling in modules.values()):
         return
     for (layer, module), (a, b, _) in modules.items():
         for tensor, label in ((a, "lora_A"), (b, "lora_B")):
             if not torch.isfinite(tensor).all():
                 raise AdapterInvalidError(f"adapter {where}: {_module_key(layer, module)}.{label} holds NaN or "
                                           f"infinite values; the adapter is corrupt (or diverged in training)")
-    for layer, module in modules:
-        for tensor, label in zip(adapter.module_weights(layer, module), ("lora_A", "lora_B")):
-            if not torch.isfinite(tensor).all():
-                dtype = adapter.targets[PEFT_MODULE_TO_PACKED[module][0]].lora_a.dtype
+    for (layer, module), (a, b, scaling) in modules.items():
+        if whole:
+            fits = [bool(torch.isfinite(t).all()) for t in adapter.module_weights(layer, module)]
+        else:
+            fits = [_fits(a, 1.0, dtype), _fits(b, scaling, dtype)]
+        for ok, label in zip(fits, ("lora_A", "lora_B")):
+            if not ok:
                 raise AdapterInvalidError(
                     f"adapter {where}: {_module_key(layer, module)}.{label} has values beyond the range of "
                     f"the model's {dtype} once scaled; the adapter does not fit this model's dtype")
+
+
+def _fits(tensor: torch.Tensor, scaling: float, dtype: torch.dtype) -> bool:
+    """All of tensor * scaling finite and within dtype's range (one aminmax)."""
+    low, high = (float(v) * scaling for v in torch.aminmax(tensor))
+    limit = torch.finfo(dtype).max
+    return math.isfinite(low) and math.isfinite(high) and max(abs(low), abs(high)) <= limit
 
 
 def _module_key(layer: int, module: str) -> str:

@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 class LoRAManager:
     def __init__(self, stacks: LoRASlotStacks, *, max_cpu_loras: int, served_model_name: str | None = None,
-                 served_aliases: tuple[str, ...] = (), allow_pickle: bool = False):
+                 served_aliases: tuple[str, ...] = (), allow_pickle: bool = False,
+                 cpu_cache: OrderedDict | None = None):
+        """cpu_cache: an empty OrderedDict (subclass) to hold the CPU cache; tensor parallelism
+        passes one that mirrors its inserts and deletes to the other ranks."""
         self.stacks = stacks
         self.max_loras = stacks.max_loras
         self.max_cpu_loras = max_cpu_loras
@@ -36,7 +39,7 @@ class LoRAManager:
         self._load_options = dict(max_lora_rank=stacks.max_lora_rank, served_model_name=served_model_name,
                                   served_aliases=served_aliases, allow_pickle=allow_pickle, dtype=stacks.dtype,
                                   pin_memory=stacks.device.type == "cuda")
-        self._cpu: OrderedDict[int, LoRAAdapter] = OrderedDict()   # LRU first
+        self._cpu: OrderedDict[int, LoRAAdapter] = cpu_cache if cpu_cache is not None else OrderedDict()  # LRU first
         self._slot_of: OrderedDict[int, int] = OrderedDict()        # lora_int_id -> slot, LRU first
         self._slot_request: dict[int, LoRARequest] = {}             # lora_int_id -> what its slot holds
         self._pinned: set[int] = set()
