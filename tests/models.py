@@ -25,6 +25,9 @@ TINY_CONFIG = dict(
     num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
     rope_theta=10000.0, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )
+# Granite's four scalars, as Granite checkpoints set them (values of the tiny test models).
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                           logits_scaling=8.0)
 TINY_VOCAB_SIZE = 300  # 3 specials + 256 bytes + 41 merges
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 CHAT_TEMPLATE = (
@@ -40,10 +43,10 @@ _TOKENIZER_CORPUS = [
 
 
 def _model_classes(arch: str):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "granite": (GraniteConfig, GraniteForCausalLM)}
     if arch not in classes:
         raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
     return classes[arch]
@@ -56,6 +59,8 @@ def make_tiny_config(arch: str = "llama", *, tie_word_embeddings: bool = False, 
     kwargs = dict(TINY_CONFIG, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings)
     if arch == "mistral":
         kwargs["sliding_window"] = None
+    if arch == "granite":   # multipliers far from 1, so a dropped or misplaced one shows
+        kwargs.update(GRANITE_MULTIPLIERS)
     if rope_scaling is not None:
         kwargs["rope_scaling"] = dict(rope_scaling)
     kwargs.update(config_overrides)

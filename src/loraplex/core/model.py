@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 1/2/3, Mistral, Qwen2), readable top to bottom.
+"""The Llama-family decoder (Llama 1/2/3, Mistral, Qwen2, Granite), readable top to bottom.
 
 Module names follow the checkpoints' (model.layers.N.self_attn..., mlp..., lm_head) so
 that LoRA target names map onto them, except that q/k/v and gate/up are fused:
@@ -15,6 +15,14 @@ With tensor parallelism (`tp`, a TPGroup) each rank builds the same model over i
 vocab. The code is the same; the collectives sit in the layers: o_proj and down_proj
 all-reduce their partial sums, the embedding all-reduces its lookups, and compute_logits
 all-gathers the vocab slices. Norms and the residual stream are replicated.
+
+Granite differs only by four scalars (ModelConfig): embeddings are scaled, each sublayer's
+output is scaled before it joins the residual stream, attention uses its own scale and
+logits are divided. For Llama they are 1 and cost nothing.
+
+The language model of a multimodal checkpoint is this class too: the encoder towers
+(core/models/) turn images or audio into embeddings that `forward(mm_embeds=...)` writes
+over the placeholder tokens' embeddings, before any scaling, as transformers does.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ class Attention(nn.Module):
         self.o_proj = _linear(shards, "o_proj", ("o",), bias=cfg.o_bias, tp=tp, **factory)
         self.rotary = rotary  # one cos/sin cache shared by every layer
         self.backend = backend
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else cfg.head_dim ** -0.5
         self.sliding_window = cfg.sliding_window
 
     def forward(self, positions, hidden, k_cache, v_cache, metadata: AttentionMetadata) -> torch.Tensor:
@@ -79,6 +87,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, shards, rotary, backend, tp=tp, **factory)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused=fused, **factory)
         self.mlp = MLP(cfg, shards, fused=fused, tp=tp, **factory)
+        self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, positions, hidden, residual, k_cache, v_cache, metadata):
         """hidden: the previous layer's output, residual: the stream before it (None at layer 0).
@@ -87,9 +96,12 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, k_cache, v_cache, metadata)
+        hidden = self._scaled(self.self_attn(positions, hidden, k_cache, v_cache, metadata))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self._scaled(self.mlp(hidden)), residual
+
+    def _scaled(self, sublayer_out: torch.Tensor) -> torch.Tensor:
+        return sublayer_out if self.residual_multiplier == 1.0 else sublayer_out * self.residual_multiplier
 
 
 class LlamaModel(nn.Module):
@@ -104,9 +116,15 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, shards, rotary, backend, fused=fused, tp=tp, **factory)
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused=fused, **factory)
+        self.embedding_multiplier = cfg.embedding_multiplier
 
-    def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches, metadata, mm_embeds=None) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
+        if mm_embeds is not None:
+            token_indices, embeds = mm_embeds            # [k], [k, hidden]: rows replacing placeholder tokens
+            hidden = hidden.index_copy(0, token_indices, embeds.to(hidden.dtype))
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, k_cache, v_cache, metadata)
         if residual is None:   # no layers
@@ -132,16 +150,21 @@ class LlamaForCausalLM(nn.Module):
         # Tied: lm_head is the embedding matrix itself, not a copy.
         self.lm_head = self.model.embed_tokens if cfg.tie_word_embeddings else \
             Embedding(self.model.embed_tokens.vocab, cfg.hidden_size, tp=tp, **factory)
+        self.logits_scaling = cfg.logits_scaling
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metadata: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
-        return self.model(input_ids, positions, kv_caches, metadata)
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metadata: AttentionMetadata,
+                mm_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden].
+
+        mm_embeds: (token indices [k], embeddings [k, hidden]) of a multimodal step: the
+        encoder outputs that stand in for the placeholder tokens at those indices."""
+        return self.model(input_ids, positions, kv_caches, metadata, mm_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_seqs, hidden] -> [num_seqs, vocab] in the model dtype (on every rank)."""
         logits = F.linear(hidden, self.lm_head.weight)        # [num_seqs, this rank's vocab rows]
-        if self.lm_head.tp is None:
-            return logits
-        # Gathered in the model dtype (half the bytes of float32); padding columns dropped.
-        return self.lm_head.tp.all_gather(logits)[:, :self.config.vocab_size]
+        if self.lm_head.tp is not None:
+            # Gathered in the model dtype (half the bytes of float32); padding columns dropped.
+            logits = self.lm_head.tp.all_gather(logits)[:, :self.config.vocab_size]
+        return logits if self.logits_scaling == 1.0 else logits / self.logits_scaling
