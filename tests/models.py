@@ -83,9 +83,11 @@ def make_tiny_model(arch: str = "llama", *, seed: int = 0, **config_kwargs):
     return model.eval()
 
 
-def write_tiny_tokenizer(path: str | Path, vocab_size: int = TINY_VOCAB_SIZE) -> Path:
+def write_tiny_tokenizer(path: str | Path, vocab_size: int = TINY_VOCAB_SIZE, *,
+                         extra_special_tokens: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE) -> Path:
     """A byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json + special_tokens_map.json)
-    that `transformers.AutoTokenizer.from_pretrained(path)` and `tokenizers.Tokenizer.from_file` load."""
+    that `transformers.AutoTokenizer.from_pretrained(path)` and `tokenizers.Tokenizer.from_file` load.
+    extra_special_tokens (e.g. "<image>") get the ids after the trained vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     path = Path(path)
@@ -96,13 +98,15 @@ def write_tiny_tokenizer(path: str | Path, vocab_size: int = TINY_VOCAB_SIZE) ->
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    if extra_special_tokens:
+        tokenizer.add_special_tokens(list(extra_special_tokens))
     tokenizer.save(str(path / "tokenizer.json"))
     pad, bos, eos = SPECIAL_TOKENS
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
         # unk None: otherwise Qwen2Tokenizer adds its own <|endoftext|> beyond the model's vocab.
         "unk_token": None, "add_bos_token": False, "model_max_length": TINY_CONFIG["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }, indent=2))
     (path / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=2))

@@ -40,6 +40,13 @@ class EngineConfig:
     # vLLM's --lora-target-modules: None for every supported layer, else the fused layers
     # (qkv_proj, o_proj, gate_up_proj, down_proj; PEFT names map to theirs) that get LoRA.
     lora_target_modules: tuple[str, ...] | None = None
+    # Multimodal models (docs/multimodal.md)
+    limit_mm_per_prompt: dict[str, int] | None = None   # most items per prompt, per modality (None: no cap)
+    default_mm_loras: dict[str, str] | None = None      # modality -> adapter path (or a resolver's name)
+    allow_remote_media: bool = False                    # fetch http(s) image/audio URLs in chat messages
+    allowed_media_domains: list[str] | None = None      # with allow_remote_media: only these hosts
+    media_fetch_timeout: float = 5.0                    # seconds for one remote media download
+    max_media_bytes: int = 25 * 2**20                   # largest image or audio file accepted
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -75,5 +82,40 @@ class EngineConfig:
                 raise ConfigError(f"lora_target_modules: {e}") from None
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
+        self._check_multimodal()
         if self.max_cpu_loras < self.max_loras:
             raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+    def _check_multimodal(self) -> None:
+        from loraplex.core.multimodal.inputs import MODALITIES
+
+        for name, mapping, check in (("limit_mm_per_prompt", self.limit_mm_per_prompt, _is_count),
+                                     ("default_mm_loras", self.default_mm_loras, _is_path)):
+            if mapping is None:
+                continue
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"{name} must map modalities to values, e.g. {{\"image\": ...}}, got {mapping!r}")
+            for modality, value in mapping.items():
+                if modality not in MODALITIES:
+                    raise ConfigError(f"{name} names the modality {modality!r}; known: {', '.join(MODALITIES)}")
+                if not check(value):
+                    raise ConfigError(f"{name}[{modality!r}] must be {check.__doc__}, got {value!r}")
+        if self.default_mm_loras and not self.enable_lora:
+            raise ConfigError("default_mm_loras needs enable_lora=True (--enable-lora)")
+        if not self.media_fetch_timeout > 0:
+            raise ConfigError(f"media_fetch_timeout must be > 0 seconds, got {self.media_fetch_timeout}")
+        if self.max_media_bytes < 1:
+            raise ConfigError(f"max_media_bytes must be >= 1, got {self.max_media_bytes}")
+        if self.allowed_media_domains is not None and not all(
+                isinstance(d, str) and d for d in self.allowed_media_domains):
+            raise ConfigError(f"allowed_media_domains must be a list of host names, got {self.allowed_media_domains!r}")
+
+
+def _is_count(value) -> bool:
+    """an integer >= 0"""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_path(value) -> bool:
+    """a non-empty adapter path or name"""
+    return isinstance(value, str) and bool(value.strip())

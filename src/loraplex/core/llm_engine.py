@@ -22,6 +22,7 @@ import torch
 from loraplex.core.block_manager import BlockManager
 from loraplex.core.config import EngineConfig
 from loraplex.core.detokenizer import IncrementalDetokenizer
+from loraplex.core.multimodal.encoder_runner import MultimodalState
 from loraplex.core.outputs import RequestOutput
 from loraplex.core.request import Request, logprob_entry
 from loraplex.core.sampler import Sampler
@@ -85,9 +86,23 @@ class LLMEngine:
         self.stop_checker = StopChecker(eos, self.max_model_len)
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
+        self.mm_processor = self._multimodal_processor()   # None for a text model
         self._requests: dict[str, Request] = {}
         self._failed: list[tuple[str, BaseException]] = []   # (request_id, error) a step had to drop
         self._seq_counter = itertools.count()
+
+    def _multimodal_processor(self):
+        model_config = getattr(self.runner, "model_config", None)
+        if model_config is None or model_config.multimodal is None:
+            return None
+        from loraplex.core.multimodal.processor import MultimodalProcessor
+        from loraplex.core.models import family
+
+        placeholder = None
+        if self.tokenizer is not None:
+            placeholder = self.tokenizer.convert_ids_to_tokens([family(model_config).placeholder_token_id(model_config)])[0]
+        return MultimodalProcessor(model_config, self.config.model, max_model_len=self.max_model_len,
+                                   limits=self.config.limit_mm_per_prompt, placeholder_text=placeholder)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -95,7 +110,9 @@ class LLMEngine:
                         lora_request: LoRARequest | None = None) -> Request:
         """Validate and tokenize a request without queueing it (safe from any thread).
 
-        prompt: a string, a list of token ids, or a dict with "prompt" and/or "prompt_token_ids".
+        prompt: a string, a list of token ids, or a dict with "prompt" and/or "prompt_token_ids",
+        and "multi_modal_data" ({"image": PIL image(s)} or {"audio": (waveform, rate) pair(s)})
+        for a multimodal model.
         """
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -109,18 +126,26 @@ class LLMEngine:
                 f"request {request_id!r} asks for LoRA adapter {lora_request.lora_name!r} but LoRA is "
                 f"not enabled; start the engine with enable_lora=True")
         text, token_ids = self._tokenize(prompt)
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        mm_inputs = None
+        if self.mm_processor is not None:
+            token_ids, mm_inputs = self.mm_processor.process(token_ids, mm_data)
+        elif mm_data is not None:
+            raise InvalidRequestError("multi_modal_data was given, but this model takes text only; serve a "
+                                      "multimodal checkpoint (docs/multimodal.md) or drop it")
         self._check_fits(len(token_ids), params)
-        return Request(request_id, text, token_ids, params, lora_request)
+        return Request(request_id, text, token_ids, params, lora_request, mm_inputs=mm_inputs)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         text, token_ids = None, None
         if isinstance(prompt, str):
             text = prompt
         elif isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown or not prompt:
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+            if unknown or not set(prompt) & {"prompt", "prompt_token_ids"}:
                 raise InvalidRequestError(
-                    f"a prompt dict takes the keys 'prompt' and/or 'prompt_token_ids', got {sorted(prompt)}")
+                    f"a prompt dict takes the keys 'prompt' and/or 'prompt_token_ids' (and 'multi_modal_data'), "
+                    f"got {sorted(prompt)}")
             text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
             if text is not None and not isinstance(text, str):
                 raise InvalidRequestError(f"'prompt' must be a string, got {type(text).__name__}")
@@ -168,11 +193,13 @@ class LLMEngine:
         if request.request_id in self._requests:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         params = request.sampling_params
+        mm_state = MultimodalState(request.mm_inputs, params.n) if request.mm_inputs is not None else None
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_counter), token_ids=list(request.prompt_token_ids),
                            num_prompt_tokens=len(request.prompt_token_ids))
             seq.request_id, seq.sample_index, seq.arrival_index = request.request_id, index, seq.seq_id
             seq.lora_request, seq.sampling_params = request.lora_request, params
+            seq.mm = mm_state
             seq.logprobs = [] if params.logprobs is not None else None
             if params.seed is not None:
                 seq.generator = torch.Generator(self.device).manual_seed(sample_seed(params.seed, index))

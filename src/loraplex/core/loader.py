@@ -1,10 +1,13 @@
-"""Load a Hugging Face safetensors checkpoint into LlamaForCausalLM.
+"""Load a Hugging Face safetensors checkpoint into LlamaForCausalLM (or a multimodal checkpoint's modules).
 
 Files are memory-mapped (safe_open) and each tensor is copied straight into its slot of
 the device parameter, converting dtype on the way, so the host never holds a second copy
 of the model. Checkpoint quirks are resolved here, never in forward():
 q/k/v and gate/up matrices are written into the slices of the fused projections, tied
-embeddings need no lm_head, stale buffers (rotary_emb.inv_freq) are skipped.
+embeddings need no lm_head, stale buffers (rotary_emb.inv_freq) are skipped. A model with a
+`checkpoint_name(name)` method (core/models' MultimodalCheckpoint) says where each checkpoint
+tensor goes, or that it is deliberately unused; other modules' parameters and persistent
+buffers (the encoder towers' biases, BatchNorm statistics...) load whole under their own names.
 
 Under tensor parallelism each rank reads only its shard of each tensor (the layers'
 `in_shard` / `out_shards` / `vocab`, see core/parallel/layout.py), straight from the file.
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 # Tensors some checkpoints carry that the model recomputes; safe to skip.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# A PEFT adapter shipped inside the model directory (Granite Speech's audio LoRA) is not model weights.
+_ADAPTER_FILE_PREFIX = "adapter_model"
 
 
 @dataclass
@@ -55,7 +60,7 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
             raise ConfigError(f"{model_dir}: shard(s) {', '.join(missing)} listed in "
                               "model.safetensors.index.json are missing; re-download the checkpoint.")
         return files
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = sorted(f for f in model_dir.glob("*.safetensors") if not f.name.startswith(_ADAPTER_FILE_PREFIX))
     if not files:
         hint = " (it has PyTorch .bin weights; convert them to safetensors)" if any(model_dir.glob("*.bin")) else ""
         raise ConfigError(f"{model_dir} has no *.safetensors weights{hint}.")
@@ -79,9 +84,13 @@ def _checkpoint_targets(model: nn.Module) -> dict[str, _Target]:
             hidden = Shard.whole(module.weight.shape[1])
             targets[f"{path}.weight"] = _Target(module.weight, 0, (module.vocab.full, hidden.full),
                                                 (module.vocab, hidden))
-        elif not any(True for _ in module.children()) and hasattr(module, "weight"):
-            shape = tuple(module.weight.shape)
-            targets[f"{path}.weight"] = _Target(module.weight, 0, shape, _whole(shape))
+        else:
+            prefix = f"{path}." if path else ""
+            persistent = [(n, b) for n, b in module.named_buffers(recurse=False)
+                          if n not in module._non_persistent_buffers_set]
+            for name, tensor in [*module.named_parameters(recurse=False), *persistent]:
+                shape = tuple(tensor.shape)
+                targets[prefix + name] = _Target(tensor, 0, shape, _whole(shape))
     return targets
 
 
@@ -90,23 +99,33 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
 
     Raises ConfigError naming the tensor when one is missing, unexpected or mis-shaped.
     """
+    from loraplex.core.models import UNUSED
+
     targets = _checkpoint_targets(model)
     tie = getattr(model.config, "tie_word_embeddings", False)
+    rename = getattr(model, "checkpoint_name", lambda name: name)
     loaded: set[str] = set()
     with torch.no_grad():
         for file in checkpoint_files(model_dir):
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for checkpoint_name in f.keys():
+                    name = rename(checkpoint_name) or checkpoint_name
                     target = targets.get(name)
                     if target is None:
-                        if name.endswith(_IGNORED_SUFFIXES) or (tie and name == "lm_head.weight"):
+                        if name == UNUSED or name.endswith(_IGNORED_SUFFIXES) or \
+                                (tie and name.endswith("lm_head.weight")):
                             continue
-                        raise ConfigError(f"checkpoint tensor {name!r} (in {file.name}) is not part of a "
+                        raise ConfigError(f"checkpoint tensor {checkpoint_name!r} (in {file.name}) is not part of a "
                                           f"{model.config.architecture}; the checkpoint does not match its config.json.")
-                    tensor = f.get_slice(name)
+                    tensor = f.get_slice(checkpoint_name)
                     if tuple(tensor.get_shape()) != target.shape:
-                        raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.get_shape())}, "
-                                          f"config.json implies {target.shape}; the checkpoint does not match its config.")
+                        raise ConfigError(f"checkpoint tensor {checkpoint_name!r} has shape "
+                                          f"{tuple(tensor.get_shape())}, config.json implies {target.shape}; "
+                                          f"the checkpoint does not match its config.")
+                    if not target.shape:   # a scalar (BatchNorm's num_batches_tracked)
+                        target.param.copy_(f.get_tensor(checkpoint_name))
+                        loaded.add(name)
+                        continue
                     # Only this rank's shard is read (all of it without tensor parallelism).
                     part = tensor[tuple(slice(s.start, s.start + s.num_valid) for s in target.shards)]
                     rows = target.param[target.start:target.start + target.shards[0].size]
@@ -123,15 +142,19 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights for load_format="dummy" (benchmarks at real shapes without a checkpoint):
-    matrices ~ N(0, 0.02), norm weights ~ 1. Drawn on the parameters' device."""
+    matrices ~ N(0, 0.02), norm weights ~ 1, BatchNorm statistics those of a fresh layer.
+    Drawn on the parameters' device."""
     generator = None
     with torch.no_grad():
         for name, param in model.named_parameters():
             if generator is None or generator.device != param.device:
                 generator = torch.Generator(device=param.device).manual_seed(seed)
             if param.dim() == 1:
-                param.uniform_(0.9, 1.1, generator=generator) if name.endswith("norm.weight") else \
+                param.uniform_(0.9, 1.1, generator=generator) if name.lower().endswith("norm.weight") else \
                     param.normal_(0.0, 0.02, generator=generator)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
     logger.info("initialised %s with random weights (load_format='dummy')", model.config.architecture)

@@ -11,6 +11,12 @@ adapters in slots, `run(host)` computes them. Under tensor parallelism (`tp`) ea
 has a ModelRunner over its shard; rank 0's TensorParallelRunner (core/parallel/runner.py)
 calls `step`, sends the HostStepInputs to the other ranks, and every rank calls `run`.
 `create_model_runner(config)` picks the runner for a config.
+
+A multimodal checkpoint adds an encoder tower (core/models/) beside the language model, which
+stays this same LlamaForCausalLM (LoRA, CUDA graphs and tensor parallelism apply to it as to a
+text model). `step` encodes what the step needs (core/multimodal/encoder_runner.py, on rank
+0 only) and puts the rows for placeholder positions in the HostStepInputs; under tensor
+parallelism `run` broadcasts them to the other ranks. Such steps run eagerly.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from loraplex.core.kv_cache import (KVCache, bytes_per_block, cpu_kv_cache_budge
 from loraplex.core.loader import init_dummy_weights, load_weights
 from loraplex.core.model import LlamaForCausalLM
 from loraplex.core.model_config import ModelConfig, resolve_dtype
+from loraplex.core.models import MultimodalCheckpoint, family
+from loraplex.core.multimodal.encoder_runner import EncoderRunner
 from loraplex.core.sequence import ScheduledSeq
 from loraplex.core.step_inputs import HostStepInputs, StepInputs, host_step_inputs, profile_step_inputs
 from loraplex.errors import ConfigError
@@ -83,10 +91,7 @@ class ModelRunner:
                                       dtype=self.dtype, device=self.device,
                                       fused=self.attention_backend.name == "triton", tp=tp)
         self.num_kv_heads = self.model.shards.kv_heads.size   # this rank's
-        if config.load_format == "dummy":
-            init_dummy_weights(self.model, config.seed)
-        else:
-            load_weights(self.model, config.model)
+        self.mm_encoder = self._load_weights(cfg)     # EncoderRunner of a multimodal checkpoint, else None
         self.model.eval()
         self.lora = None
         if config.enable_lora:
@@ -116,6 +121,20 @@ class ModelRunner:
                     self.num_kv_blocks, self.block_size, self.kv_cache.num_bytes / 2**20, self.max_model_len,
                     self.attention_backend.name)
 
+    def _load_weights(self, cfg: ModelConfig):
+        """Fill the model (and a multimodal checkpoint's encoder) from the checkpoint or at random.
+        Under tensor parallelism only rank 0 holds the encoder (its outputs are broadcast)."""
+        module = family(cfg)
+        encoder = None
+        if module is not None and (self.tp is None or self.tp.rank == 0):
+            encoder = module.build_encoder(cfg, dtype=self.dtype, device=self.device)
+        target = self.model if module is None else MultimodalCheckpoint(cfg, self.model, encoder)
+        if self.config.load_format == "dummy":
+            init_dummy_weights(target, self.config.seed)
+        else:
+            load_weights(target, self.config.model)
+        return None if encoder is None else EncoderRunner(encoder, self.device)
+
     def _kv_cache_budget(self, block_bytes: int) -> int:
         if self.device.type == "cpu" or self.config.kv_cache_bytes is not None:
             return cpu_kv_cache_budget(self.config.kv_cache_bytes, max_num_seqs=self.config.max_num_seqs,
@@ -136,14 +155,17 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         self._forward(inputs, [(scratch[0], scratch[1])] * cfg.num_layers)
+        if self.mm_encoder is not None:   # a full encoder batch, on top of the step's activations
+            self.mm_encoder.encoder(self.mm_encoder.encoder.dummy_items(self.mm_encoder.max_batch, self.device))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         del scratch
         torch.cuda.empty_cache()
         return peak
 
-    def _forward(self, inputs: StepInputs, kv_caches) -> torch.Tensor:
-        hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.metadata)  # [num_tokens, hidden]
+    def _forward(self, inputs: StepInputs, kv_caches, mm_embeds=None) -> torch.Tensor:
+        hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.metadata,
+                            mm_embeds)                                                     # [num_tokens, hidden]
         return self.model.compute_logits(hidden[inputs.metadata.logits_indices]).float()  # [num_seqs, vocab]
 
     def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> StepInputs:
@@ -161,22 +183,43 @@ class ModelRunner:
 
     @contextmanager
     def step(self, scheduled: list[ScheduledSeq]) -> Iterator[HostStepInputs]:
-        """The step's host inputs, its adapters in slots (and each token's slot in the inputs) until exit."""
+        """The step's host inputs, its adapters in slots (and each token's slot in the inputs) until
+        exit; a multimodal step's encoder outputs for its placeholder positions with them."""
         host = self._host_inputs(scheduled)
+        if self.mm_encoder is not None:
+            host.mm_indices, host.mm_embeds = self.mm_encoder.step_embeddings(scheduled) or (None, None)
         if self.lora is None:
             yield host
-            return
-        with self.lora.step(scheduled) as (token_slots, num_adapters):
-            host.token_slots, host.num_adapters = token_slots, num_adapters
-            yield host
+        else:
+            with self.lora.step(scheduled) as (token_slots, num_adapters):
+                host.token_slots, host.num_adapters = token_slots, num_adapters
+                yield host
+        if self.mm_encoder is not None:
+            self.mm_encoder.after_step(scheduled)
 
     @torch.inference_mode()
     def run(self, host: HostStepInputs) -> torch.Tensor:
         """One step's forward pass: float32 logits [num_seqs, vocab]."""
-        if self.decode_graphs is not None and self.decode_graphs.can_run(host):
+        # Placeholder tokens take the encoder's outputs: such a step (even of single-token
+        # chunks) cannot replay a decode graph, which reads token embeddings only.
+        if host.mm_indices is None and self.decode_graphs is not None and self.decode_graphs.can_run(host):
             return self.decode_graphs.execute(host)
         inputs = host.to_device(self.device)
+        mm_embeds = self._mm_embeds(host)
         if self.lora is None:
-            return self._forward(inputs, self.kv_cache.layers)
+            return self._forward(inputs, self.kv_cache.layers, mm_embeds)
         with self.lora.batch(host.token_slots, host.num_adapters):   # token -> slot metadata built once
-            return self._forward(inputs, self.kv_cache.layers)
+            return self._forward(inputs, self.kv_cache.layers, mm_embeds)
+
+    def _mm_embeds(self, host: HostStepInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token indices, embeddings) of the step's placeholder positions, on this rank's device."""
+        if host.mm_indices is None:
+            return None
+        embeds = host.mm_embeds
+        if self.tp is not None:   # rank 0 encoded; the others receive the rows (HostStepInputs carries none)
+            if embeds is None:
+                embeds = torch.empty(len(host.mm_indices), self.model_config.hidden_size, dtype=self.dtype,
+                                     device=self.device)
+            self.tp.broadcast(embeds, src=0)
+        indices = torch.from_numpy(host.mm_indices).to(self.device, non_blocking=True)
+        return indices, embeds

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from loraplex.core.outputs import CompletionOutput, Logprob, RequestOutput
+from loraplex.core.multimodal.inputs import MultimodalInputs
 from loraplex.core.sampling_params import SamplingParams
 from loraplex.core.sequence import Sequence
 from loraplex.core.stop_checker import StopChecker
@@ -18,6 +19,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     lora_request: LoRARequest | None = None
+    mm_inputs: MultimodalInputs | None = None      # images / audio of a multimodal prompt
     seqs: list[Sequence] = field(default_factory=list)
     aborted: bool = False
 

@@ -44,6 +44,9 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # A multimodal request's items and encoder outputs (MultimodalState, shared by its n
+    # sequences); the model runner reads it. None for text-only requests.
+    mm: Any = None
 
     @property
     def num_tokens(self) -> int:

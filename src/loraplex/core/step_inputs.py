@@ -50,6 +50,14 @@ class HostStepInputs:
     # the step uses an adapter; and the step's number of distinct adapters (sizes kernel grids).
     token_slots: np.ndarray | None = None
     num_adapters: int = 0
+    # Multimodal: the flat indices of placeholder tokens ([k] int64) and the encoder's rows for
+    # them ([k, hidden], on rank 0's device). The rows are not pickled: under tensor parallelism
+    # the other ranks get them by broadcast (ModelRunner.run).
+    mm_indices: np.ndarray | None = None
+    mm_embeds: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, mm_embeds=None)
 
     @property
     def num_seqs(self) -> int:

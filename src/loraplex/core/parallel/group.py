@@ -10,11 +10,12 @@ raises at once when a peer's process is gone; NCCL is unblocked by `abort()`, wh
 0's watchdog calls, see runner.py). While the ranks start, a collective waits for the
 slowest rank to load its shard, so the timeout is at least STARTUP_TIMEOUT_S until
 `set_timeout` lowers it to the engine's distributed_timeout_seconds. The model calls only three
-operations, all of them usable inside a CUDA graph with NCCL:
+operations, all of them usable inside a CUDA graph with NCCL, and the runner one more:
 
     all_reduce(x)   x summed over ranks, in place    row-parallel layers, the embedding
     all_gather(x)   [n, k] per rank -> [n, size * k]  the vocab-parallel logits
     min(value)      an int agreed by all ranks         the KV-cache size (budgets differ per GPU)
+    broadcast(x)    rank 0's x on every rank           a multimodal step's encoder outputs (eager steps)
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class TPGroup:
         out = torch.empty(self.size * n, k, dtype=x.dtype, device=x.device)   # [size * n, k], rank-major
         self.backend._allgather_base(out, x.contiguous()).wait()
         return out.view(self.size, n, k).transpose(0, 1).reshape(n, self.size * k)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """x of rank `src` copied into x on every rank, in place; returns x."""
+        options = dist.BroadcastOptions()
+        options.rootRank = src
+        self.backend.broadcast([x], options).wait()
+        return x
 
     def min(self, value: int) -> int:
         """The smallest of the ranks' values (each rank passes its own)."""
