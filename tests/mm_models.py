@@ -191,3 +191,35 @@ def hf_granite_speech_greedy(model, tokenizer, prompt: str, wave: np.ndarray | N
     out = model.generate(torch.tensor([ids]), input_features=features, do_sample=False,
                          max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0)
     return ids, out[0, len(ids):].tolist()
+
+
+# ---- PEFT adapters on the language model ------------------------------------------------------
+
+LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def write_mm_peft_lora(model, out_dir, *, target_modules=LM_TARGETS, rank: int = 8, alpha: float = 16,
+                       seed: int = 0) -> Path:
+    """PEFT's own adapter for a transformers multimodal model (get_peft_model, random lora_B, saved)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules,
+                                                           lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    peft.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def with_adapter(model, adapter_dir):
+    """`model` (a fresh copy) with the PEFT adapter applied."""
+    import copy
+
+    from peft import PeftModel
+    return PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir)).eval()

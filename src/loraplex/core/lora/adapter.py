@@ -35,9 +35,13 @@ from loraplex.resolvers.validation import (PICKLE_FILE, base_model_compatible, c
 
 logger = logging.getLogger(__name__)
 
-# PEFT's saved names: base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight
+# PEFT's saved names: base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight; a
+# multimodal model's language model sits under model.language_model. (or language_model.model.).
 _TENSOR_NAME = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_(A|B)\.weight$")
+    r"^(?:base_model\.model\.)?((?:model\.language_model\.|language_model\.model\.|model\.)layers\.(\d+)"
+    r"\.(\w+)\.(\w+))\.lora_(A|B)\.weight$")
+# Modules of a multimodal model's encoder towers, which loraplex does not adapt.
+_TOWER_MODULES = ("vision_tower.", "multi_modal_projector.", "encoder.", "projector.")
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -180,8 +184,10 @@ def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec:
               where: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]:
     """(layer, PEFT module) -> (A [rank, in], B [out, rank], scaling), every pair checked."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    module_paths: dict[tuple[int, str], str] = {}   # as PEFT names it: what rank/alpha patterns match
     for name, tensor in tensors.items():
-        layer, module, which = _parse_name(name, spec, where)
+        path, layer, module, which = _parse_name(name, spec, where)
+        module_paths[(layer, module)] = path
         if config.target_modules is not None and module not in {m.rsplit(".", 1)[-1] for m in config.target_modules}:
             raise AdapterInvalidError(f"adapter {where}: tensor {name!r} adapts {module!r}, which is not "
                                       f"in the adapter's target_modules {list(config.target_modules)}")
@@ -189,7 +195,7 @@ def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec:
 
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for (layer, module), pair in sorted(pairs.items()):
-        key = _module_key(layer, module)
+        key = module_paths[(layer, module)]
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise AdapterInvalidError(f"adapter {where}: {key} has no {missing} weight")
@@ -237,9 +243,16 @@ def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float
     return targets, buffer
 
 
-def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, str]:
+def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[str, int, str, str]:
+    """(module path, layer, PEFT module, "A" | "B") of a tensor name."""
     match = _TENSOR_NAME.match(name)
     if match is None:
+        local = name.removeprefix("base_model.model.").removeprefix("model.")
+        if local.startswith(_TOWER_MODULES):
+            raise AdapterInvalidError(
+                f"adapter {where} adapts the model's {local.split('.')[0].replace('_', ' ')} (tensor {name!r}); "
+                f"loraplex applies LoRA to the language model only. Retrain with target_modules limited to it, "
+                f"e.g. the regex '.*language_model.*\\.(q_proj|v_proj)'")
         for module in KNOWN_UNSUPPORTED_MODULES:
             if f"{module}." in name:
                 raise AdapterInvalidError(
@@ -248,7 +261,7 @@ def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, s
         raise AdapterInvalidError(
             f"adapter {where} has an unexpected tensor {name!r}; expected PEFT LoRA names like "
             f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
-    layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
+    path, layer, parent, module, which = match[1], int(match[2]), match[3], match[4], match[5]
     if module not in PEFT_MODULE_TO_PACKED or PEFT_MODULE_PARENT[module] != parent:
         raise AdapterInvalidError(
             f"adapter {where}: tensor {name!r} adapts {parent}.{module}, which does not exist in this "
@@ -263,7 +276,7 @@ def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, s
             f"adapter {where} adapts {module!r} (part of {packed}), but this engine applies LoRA only to "
             f"{', '.join(t.name for t in spec.targets)} (lora_target_modules, --lora-target-modules); "
             f"add {packed} there, or use an adapter trained without {module!r}")
-    return layer, module, which
+    return path, layer, module, which
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, key: str, module: str, config: LoRAAdapterConfig,
