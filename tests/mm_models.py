@@ -223,3 +223,30 @@ def with_adapter(model, adapter_dir):
 
     from peft import PeftModel
     return PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir)).eval()
+
+
+# ---- media as clients send them --------------------------------------------------------------------
+
+def png_bytes(image) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wav_bytes(wave: np.ndarray, rate: int = 16000) -> bytes:
+    """16-bit PCM mono WAV."""
+    import io
+    import wave as wavelib
+    buffer = io.BytesIO()
+    with wavelib.open(buffer, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(np.clip(wave * 32767, -32768, 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str) -> str:
+    import base64
+    return f"data:{mime};base64," + base64.b64encode(data).decode()

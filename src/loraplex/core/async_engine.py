@@ -102,7 +102,12 @@ class AsyncEngine:
         elif lora_request is not None and self._lora_resolution is not None:
             await self._lora_resolution.ensure_loaded(lora_request)   # validated before it is queued
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        request = self.engine.process_request(request_id, prompt, sampling_params, lora_request)
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            # Decoding and preprocessing images or audio takes milliseconds: not on the event loop.
+            request = await asyncio.to_thread(self.engine.process_request, request_id, prompt, sampling_params,
+                                              lora_request)
+        else:
+            request = self.engine.process_request(request_id, prompt, sampling_params, lora_request)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._wakeup:
             self._check_alive()

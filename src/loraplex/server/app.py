@@ -43,6 +43,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI):
         try:
             await state.backend.startup()
+            if state.multimodal is not None:
+                await state.multimodal.startup(state.backend)
             yield
         finally:
             state.metrics.detach()

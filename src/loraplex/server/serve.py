@@ -83,6 +83,38 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                            "(default: every layer)")
     lora.add_argument("--allow-pickle-lora-weights", action="store_true",
                       help="accept adapters whose only weights are adapter_model.bin (pickle can run code)")
+    add_multimodal_arguments(parser)
+
+
+def _json_object(flag: str):
+    def parse(text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object ({e})") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object like '{{\"image\": 2}}'")
+        return value
+    return parse
+
+
+def add_multimodal_arguments(parser: argparse.ArgumentParser) -> None:
+    mm = parser.add_argument_group("multimodal (docs/multimodal.md)")
+    mm.add_argument("--limit-mm-per-prompt", type=_json_object("--limit-mm-per-prompt"), default=None,
+                    metavar="JSON", help="most items per prompt, per modality, e.g. '{\"image\": 2}' "
+                                         "(default: no cap but max_model_len)")
+    mm.add_argument("--default-mm-loras", type=_json_object("--default-mm-loras"), default=None, metavar="JSON",
+                    help="a LoRA applied to chat requests with that modality unless they name an adapter, "
+                         "e.g. '{\"audio\": \"/path/to/lora\"}' (a path, or a name a resolver finds); "
+                         "needs --enable-lora")
+    mm.add_argument("--allow-remote-media", action="store_true",
+                    help="fetch http(s) image/audio URLs in chat messages (default: data: URLs only)")
+    mm.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                    help="with --allow-remote-media: fetch only from these hosts")
+    mm.add_argument("--media-fetch-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="time allowed for one remote media download (default: 5)")
+    mm.add_argument("--max-media-bytes", type=int, default=25 * 2**20, metavar="BYTES",
+                    help="largest image or audio file accepted (default: 25 MiB)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -97,7 +129,10 @@ def engine_config_from_args(args: argparse.Namespace):
         max_loras=DEFAULT_MAX_LORAS if args.max_loras is None else args.max_loras,
         max_cpu_loras=args.max_cpu_loras, allow_pickle_lora_weights=args.allow_pickle_lora_weights,
         lora_dtype=args.lora_dtype,
-        lora_target_modules=tuple(args.lora_target_modules) if args.lora_target_modules else None)
+        lora_target_modules=tuple(args.lora_target_modules) if args.lora_target_modules else None,
+        limit_mm_per_prompt=args.limit_mm_per_prompt, default_mm_loras=args.default_mm_loras,
+        allow_remote_media=args.allow_remote_media, allowed_media_domains=args.allowed_media_domains,
+        media_fetch_timeout=args.media_fetch_timeout, max_media_bytes=args.max_media_bytes)
 
 
 def build_state(args: argparse.Namespace, engine=None):
@@ -111,6 +146,7 @@ def build_state(args: argparse.Namespace, engine=None):
     from loraplex.server.backend import ServingBackend
     from loraplex.server.demo_mode import apply_demo_args
     from loraplex.server.metrics import ServerMetrics
+    from loraplex.server.multimodal import ServerMultimodal
     from loraplex.server.state import ServerState
 
     apply_demo_args(args)
@@ -145,7 +181,8 @@ def build_state(args: argparse.Namespace, engine=None):
     backend.static_adapters.extend(static_adapters)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
-                        api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora)
+                        api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
+                        multimodal=ServerMultimodal.from_engine(engine, config))
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 

@@ -188,12 +188,17 @@ class AudioItems:
     def __init__(self, features: LogMelFeatures):
         self.features = features
 
-    def __call__(self, item, where: str, *, max_tokens: int) -> tuple[torch.Tensor, int]:
+    def num_tokens(self, item, where: str, *, max_tokens: int | None = None) -> int:
+        """Placeholder tokens of a clip; InvalidRequestError if it is malformed or takes more than max_tokens."""
         wave, rate = check_waveform(item, where)
-        target = self.features.sample_rate
-        tokens = self.features.num_tokens(math.ceil(wave.size * target / rate))
-        if tokens > max_tokens:   # before any resampling or feature work
+        tokens = self.features.num_tokens(math.ceil(wave.size * self.features.sample_rate / rate))
+        if max_tokens is not None and tokens > max_tokens:
             raise InvalidRequestError(
                 f"{where} lasts {wave.size / rate:.1f} s, which makes {tokens} tokens, but only {max_tokens} are "
                 f"left of max_model_len beside the rest of the prompt; send a shorter clip")
-        return self.features(resample(wave, rate, target)), tokens
+        return tokens
+
+    def __call__(self, item, where: str, *, max_tokens: int) -> tuple[torch.Tensor, int]:
+        tokens = self.num_tokens(item, where, max_tokens=max_tokens)   # before any resampling or feature work
+        wave, rate = check_waveform(item, where)
+        return self.features(resample(wave, rate, self.features.sample_rate)), tokens

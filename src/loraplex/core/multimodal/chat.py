@@ -11,8 +11,8 @@ Content parts (OpenAI's, and vLLM's offline extras):
 Templates come in two kinds, told apart as vLLM does, by whether the template loops over a
 message's content:
 
-- "openai" (LLaVA's): content stays a list of parts; media become {"type": "image"} /
-  {"type": "audio"} and the template writes the placeholders;
+- "openai" (LLaVA's): content is a list of parts (a plain string becomes one text part);
+  media become {"type": "image"} / {"type": "audio"} and the template writes the placeholders;
 - "string" (Granite's and most text templates): content becomes one string, the text parts
   joined, and each medium's placeholder ("<|audio|>") is put in front unless the text already
   holds enough of them (then the user placed them).
@@ -69,6 +69,8 @@ def parse_chat_messages(messages: list[dict], *, fmt: str, placeholders: dict[st
     rendered, mm_data = [], {}
     for m_index, message in enumerate(messages):
         content = message.get("content")
+        if isinstance(content, str) and fmt == "openai":   # such templates expect parts, as vLLM gives them
+            content = [{"type": "text", "text": content}]
         if not isinstance(content, list):
             rendered.append(message)
             continue

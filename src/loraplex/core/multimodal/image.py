@@ -150,12 +150,17 @@ class ImageItems:
     def __init__(self, preprocess: ImagePreprocessor, tokens_per_image: int):
         self.preprocess, self.tokens_per_image = preprocess, tokens_per_image
 
-    def __call__(self, image, where: str, *, max_tokens: int) -> tuple[torch.Tensor, int]:
+    def num_tokens(self, image, where: str, *, max_tokens: int | None = None) -> int:
+        """Placeholder tokens of `image`; InvalidRequestError if it is no image or takes more than max_tokens."""
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise InvalidRequestError(f"{where} must be a PIL.Image.Image, got {type(image).__name__}")
-        if self.tokens_per_image > max_tokens:
+        if max_tokens is not None and self.tokens_per_image > max_tokens:
             raise InvalidRequestError(f"{where} takes {self.tokens_per_image} tokens, but only {max_tokens} are left "
                                       f"of max_model_len beside the rest of the prompt; shorten the prompt")
-        return self.preprocess(image), self.tokens_per_image
+        return self.tokens_per_image
+
+    def __call__(self, image, where: str, *, max_tokens: int) -> tuple[torch.Tensor, int]:
+        tokens = self.num_tokens(image, where, max_tokens=max_tokens)
+        return self.preprocess(image), tokens

@@ -102,7 +102,8 @@ class MediaLoader:
                              timeout=self.timeout) as response:
                 declared = response.headers.get("Content-Length")
                 if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise InvalidRequestError(f"{where} is {declared} bytes, more than the {self.max_bytes} allowed")
+                    raise InvalidRequestError(f"{where} is larger than the {self.max_bytes} bytes allowed "
+                                              f"({declared} bytes)")
                 chunks, size = [], 0
                 while chunk := response.read(_CHUNK):
                     size += len(chunk)

@@ -51,10 +51,24 @@ class MultimodalProcessor:
         budget = self.max_model_len - 1 - (len(token_ids) - len(placeholders))
         items = []
         for index, raw in enumerate(raw_items):
-            where = f"{self.modality} {index}" if len(raw_items) > 1 else f"the {self.modality}"
-            data_tensor, length = self.items(raw, where, max_tokens=budget)
+            data_tensor, length = self.items(raw, self._where(index, len(raw_items)), max_tokens=budget)
             items.append(MultimodalItem(self.modality, data_tensor, -1, length))
         return self._place(token_ids, placeholders, items), MultimodalInputs(items)
+
+    def num_prompt_tokens(self, token_ids: list[int], data) -> int:
+        """The prompt's length once its placeholders are expanded (cheap: no preprocessing); the
+        unexpanded length when they do not match the items (process() then says why)."""
+        raw_items = self._raw_items(data)
+        placeholders = sum(t == self.placeholder_id for t in token_ids)
+        if not raw_items or placeholders != len(raw_items):
+            return len(token_ids)
+        budget = self.max_model_len - 1 - (len(token_ids) - placeholders)
+        return len(token_ids) - placeholders + sum(
+            self.items.num_tokens(item, self._where(index, len(raw_items)), max_tokens=budget)
+            for index, item in enumerate(raw_items))
+
+    def _where(self, index: int, count: int) -> str:
+        return f"{self.modality} {index}" if count > 1 else f"the {self.modality}"
 
     def _raw_items(self, data) -> list:
         if data is None:
