@@ -245,3 +245,18 @@ def test_text_model_refuses_multimodal_data(tiny_checkpoint):
 
 def test_audio_placeholder_text_comes_from_the_tokenizer(speech_llm):
     assert speech_llm.llm_engine.mm_processor.placeholder_text == AUDIO_TOKEN
+
+
+def test_processed_requests_are_plain_picklable_data(llava_llm, speech_llm):
+    """Requests cross to the engine (its own process when serving) as plain data."""
+    import pickle
+
+    for llm, prompt in ((llava_llm, {"prompt": LLAVA_TWO, "multi_modal_data": {"image": [random_image(0),
+                                                                                          random_image(1)]}}),
+                        (speech_llm, {"prompt": SPEECH_PROMPT, "multi_modal_data": {"audio": (random_audio(0, 1.0),
+                                                                                              16000)}})):
+        request = llm.llm_engine.process_request("r", prompt)
+        copy = pickle.loads(pickle.dumps(request))
+        assert [(i.modality, i.offset, i.length) for i in copy.mm_inputs.items] == \
+            [(i.modality, i.offset, i.length) for i in request.mm_inputs.items]
+        assert all(torch.equal(a.data, b.data) for a, b in zip(copy.mm_inputs.items, request.mm_inputs.items))

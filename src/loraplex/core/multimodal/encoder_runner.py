@@ -30,7 +30,7 @@ class MultimodalState:
         self.items = inputs.items
         self.num_seqs = num_seqs
         self.outputs: dict[int, torch.Tensor] = {}     # item index -> [length, hidden], device or host
-        self._passed: dict[int, set[int]] = {}         # item index -> seq ids that computed past it
+        self.passed: dict[int, set[int]] = {}          # item index -> seq ids that computed past it
 
     def overlaps(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """(item index, first, last + 1) prompt positions of items within [start, end)."""
@@ -42,15 +42,6 @@ class EncoderRunner:
     def __init__(self, encoder: torch.nn.Module, device: torch.device, max_batch: int = 16):
         self.encoder, self.device, self.max_batch = encoder, device, max_batch
         self.num_items_encoded = 0     # for tests and metrics: items that went through the encoder
-
-    @staticmethod
-    def needs_embeddings(scheduled: list[ScheduledSeq]) -> bool:
-        for s in scheduled:
-            state = s.seq.mm
-            if state is not None and state.overlaps(s.seq.num_computed_tokens,
-                                                    s.seq.num_computed_tokens + s.num_new_tokens):
-                return True
-        return False
 
     @torch.inference_mode()
     def step_embeddings(self, scheduled: list[ScheduledSeq]) -> tuple[np.ndarray, torch.Tensor] | None:
@@ -99,7 +90,7 @@ class EncoderRunner:
             computed = s.seq.num_computed_tokens + s.num_new_tokens
             for index, item in enumerate(state.items):
                 if item.end <= computed and index in state.outputs:
-                    passed = state._passed.setdefault(index, set())
+                    passed = state.passed.setdefault(index, set())
                     passed.add(s.seq.seq_id)
                     if len(passed) == state.num_seqs and self.device.type == "cuda":
                         state.outputs[index] = _to_host(state.outputs[index])
