@@ -260,3 +260,21 @@ def test_processed_requests_are_plain_picklable_data(llava_llm, speech_llm):
         assert [(i.modality, i.offset, i.length) for i in copy.mm_inputs.items] == \
             [(i.modality, i.offset, i.length) for i in request.mm_inputs.items]
         assert all(torch.equal(a.data, b.data) for a, b in zip(copy.mm_inputs.items, request.mm_inputs.items))
+
+
+def test_tensor_parallel_ranks_get_the_encoder_outputs(tiny_llava, tiny_granite_speech, llava_llm, speech_llm):
+    """With 2 ranks (gloo, CPU) only rank 0 encodes; the others receive its rows by broadcast.
+    Chunked steps cut through the image so steps mix placeholder rows with text and decodes."""
+    cases = [(tiny_llava, llava_llm, {"prompt": LLAVA_TWO, "multi_modal_data": {"image": [random_image(1),
+                                                                                         random_image(2)]}}),
+             (tiny_granite_speech, speech_llm, {"prompt": SPEECH_PROMPT,
+                                                "multi_modal_data": {"audio": (random_audio(0, 1.37), 16000)}})]
+    for path, one_device, prompt in cases:
+        expected = _tokens(one_device.generate([prompt, "hello there"], GREEDY, use_tqdm=False))
+        tp = LLM(model=str(path), device="cpu", max_model_len=256, block_size=4, tensor_parallel_size=2,
+                 max_num_batched_tokens=12, distributed_timeout_seconds=60)
+        try:
+            assert tp.llm_engine.runner.local.mm_encoder is not None
+            assert _tokens(tp.generate([prompt, "hello there"], GREEDY, use_tqdm=False)) == expected
+        finally:
+            tp.llm_engine.runner.shutdown()
