@@ -8,6 +8,7 @@ finish (up to --graceful-shutdown-timeout seconds), then stops the engine.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 
