@@ -251,13 +251,17 @@ def test_remove_during_step_is_refused(requests):
     assert manager.remove_lora(1)
 
 
-def test_id_and_name_clashes(requests, tmp_path):
+def test_id_name_and_path_clashes(requests, tmp_path):
     manager = make_manager()
     manager.add_lora(requests[0])
     with pytest.raises(AdapterInvalidError, match="already used by adapter 'a1'"):
         manager.add_lora(LoRARequest("other", 1, requests[1].lora_path))
-    with pytest.raises(AdapterInvalidError, match="already loaded with lora_int_id 1"):
-        manager.add_lora(LoRARequest("a1", 7, requests[0].lora_path))
+    # The id is loaded from another path: never "already cached" with the other weights.
+    with pytest.raises(AdapterInvalidError, match="loaded as lora_int_id 1 from .*a1'.*new lora_int_id"):
+        manager.add_lora(LoRARequest("a1", 1, requests[1].lora_path))
+    # A new version of a name under a new id is a second adapter (load_inplace's new version).
+    assert manager.add_lora(LoRARequest("a1", 7, requests[1].lora_path))
+    assert manager.list_loras() == {1, 7} and manager.find_by_name("a1").lora_int_id == 7
 
 
 def test_id_clash_with_an_adapter_only_left_in_a_slot(requests):

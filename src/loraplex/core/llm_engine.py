@@ -251,6 +251,11 @@ class LLMEngine:
     def pin_lora(self, lora_int_id: int) -> bool:
         return self._require_lora().pin_lora(lora_int_id)
 
+    def retire_lora(self, lora_int_id: int) -> bool:
+        """A new version of this adapter was loaded under another id: requests already queued
+        finish on these weights, which stay in memory until remove_lora."""
+        return self._require_lora().retire_lora(lora_int_id)
+
     def list_loras(self) -> set[int]:
         return self._require_lora().list_loras()
 
