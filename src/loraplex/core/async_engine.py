@@ -160,10 +160,10 @@ class AsyncEngine:
     async def remove_lora(self, lora_int_id: int) -> bool:
         return await self._call_in_engine(self.engine.remove_lora, lora_int_id)
 
-    async def retire_lora(self, lora_int_id: int) -> bool:
-        """A new version replaces this adapter: queued requests finish on its weights (see
-        LoRAManager.retire_lora); remove_lora frees it."""
-        return await self._call_in_engine(self.engine.retire_lora, lora_int_id)
+    async def replace_lora(self, old_lora_int_id: int, lora_request: LoRARequest) -> bool:
+        """Load a new version of an adapter under its own id (runs on the engine thread, between
+        steps); requests already using the old id finish on its weights (LLMEngine.replace_lora)."""
+        return await self._call_in_engine(self.engine.replace_lora, old_lora_int_id, lora_request)
 
     async def pin_lora(self, lora_int_id: int) -> bool:
         return await self._call_in_engine(self.engine.pin_lora, lora_int_id)

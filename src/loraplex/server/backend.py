@@ -25,8 +25,10 @@ The engine object must provide:
     abort(request_id)                      (sync or async)
     add_lora(lora_request)                 (sync or async; loads and validates, raises if unusable)
     remove_lora(lora_int_id)               (sync or async; frees the adapter's memory)
-    retire_lora(lora_int_id)               (optional, sync or async: a new version replaced this
-                                            one; keep its weights for the requests still running)
+    replace_lora(old_lora_int_id, lora_request)
+                                           (optional, sync or async: add_lora of a new version; the
+                                            old id keeps its weights for the requests still running
+                                            on it until remove_lora; without it, add_lora is used)
 and a tokenizer, as `engine.tokenizer` or `engine.get_tokenizer()`.
 """
 
@@ -44,7 +46,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.core.lora.resolution import LoRAResolution
+from loraplex.core.lora.resolution import LoRAResolution, load_errors
 from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError, ConfigError, LoraplexError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.resolvers.holds import hold_directory
@@ -265,8 +267,11 @@ class ServingBackend:
             # The new version is loaded and validated under its own id while the old one
             # serves; if it is unusable, nothing changes.
             request = LoRARequest(name, self._fresh_id(name), path)
-            with blame_field("lora_path", AdapterInvalidError):
-                await self.resolution.load(request)
+            with blame_field("lora_path", AdapterInvalidError), load_errors(request):
+                if old is not None and callable(getattr(self.engine, "replace_lora", None)):
+                    await self._call_engine_lora("replace_lora", old.lora_int_id, request)
+                else:
+                    await self._call_engine_lora("add_lora", request)
             # The switch, with no await in between: new requests get the new version.
             self._adapters[name] = request
             self._resolved.discard(name)
@@ -292,16 +297,14 @@ class ServingBackend:
 
     async def _retire(self, request: LoRARequest) -> None:
         """Drop a version nobody will get any more: from the engine now if no request runs on
-        it, else once the last one ends (retire_lora keeps its weights for them meanwhile)."""
+        it, else once the last one ends (after replace_lora, the engine keeps its weights for
+        them meanwhile)."""
         lora_id = request.lora_int_id
         if any(r.lora_int_id == lora_id for r in self._adapters.values()):
             return   # still current (e.g. the same version adopted twice)
         self._retiring[lora_id] = request   # its id stays taken until the engine has dropped it
-        if self._in_flight[lora_id]:
-            if callable(getattr(self.engine, "retire_lora", None)):
-                await self._engine_call_logged("retire_lora", lora_id)
-            return
-        await self._drop_from_engine(lora_id)
+        if not self._in_flight[lora_id]:
+            await self._drop_from_engine(lora_id)
 
     async def _drop_from_engine(self, lora_id: int) -> None:
         try:
@@ -321,12 +324,12 @@ class ServingBackend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call_engine_lora(self, method: str, arg):
+    async def _call_engine_lora(self, method: str, *args):
         fn = getattr(self.engine, method)
         if inspect.iscoroutinefunction(fn):
-            return await fn(arg)
+            return await fn(*args)
         # Reading adapter weights from disk must not stall the event loop.
-        return await asyncio.to_thread(fn, arg)
+        return await asyncio.to_thread(fn, *args)
 
     # ---- generation -------------------------------------------------------------
     @property

@@ -12,8 +12,8 @@ made the error says so (AdapterCapacityError).
 
 An adapter is identified by its id, name and path: a request whose id is loaded from another
 path is refused rather than served the other weights. A new version of a name is loaded under
-a new id (the server's load_inplace does so); retire_lora(old_id) then keeps the old version's
-CPU copy outside the LRU bound, so requests already running finish on the old weights, until
+a new id with replace_lora(old_id, request) (the server's load_inplace): the old version's CPU
+copy then leaves the LRU bound, so requests already running finish on the old weights, until
 remove_lora(old_id). Every adapter in the CPU cache or a slot holds its directory
 (resolvers/holds.py): a download cache never evicts what the engine may have to reload.
 """
@@ -68,6 +68,17 @@ class LoRAManager:
 
     def add_lora(self, request: LoRARequest) -> bool:
         """Load and validate an adapter into the CPU cache; False if it was already there."""
+        return self._add(request)
+
+    def replace_lora(self, old_lora_int_id: int, request: LoRARequest) -> bool:
+        """add_lora of a new version (its own id) of the adapter loaded as `old_lora_int_id`.
+        Once the new version is loaded and valid, the old one is retired in the same step: no
+        new request should use it, the requests already using it finish on its weights, and its
+        CPU copy is kept outside the cache's bound (never evicted, taking no room from others)
+        until remove_lora(old_lora_int_id). If the new version is unusable nothing changes."""
+        return self._add(request, replaces=old_lora_int_id)
+
+    def _add(self, request: LoRARequest, replaces: int | None = None) -> bool:
         with self._lock:
             if self._is_cached(request):
                 return False
@@ -77,6 +88,8 @@ class LoRAManager:
             # Disk I/O and validation outside the lock: a running step is not held up by them.
             adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
             with self._lock:
+                if replaces is not None and (replaces in self._cpu or replaces in self._slot_of):
+                    self._retired.add(replaces)
                 if self._is_cached(request):
                     return False
                 self._make_cpu_room(request)
@@ -102,17 +115,6 @@ class LoRAManager:
             removed = self._cpu.pop(lora_int_id, None) is not None
             self._drop_hold(lora_int_id)
             return removed
-
-    def retire_lora(self, lora_int_id: int) -> bool:
-        """Mark an adapter as superseded by a new version: no new request will use it, the
-        requests already queued finish on its weights. Its CPU copy leaves the LRU cache's
-        bound (it is never evicted, and takes no room from others) until remove_lora.
-        False if it is not loaded here."""
-        with self._lock:
-            if lora_int_id not in self._cpu and lora_int_id not in self._slot_of:
-                return False
-            self._retired.add(lora_int_id)
-            return True
 
     def pin_lora(self, lora_int_id: int) -> bool:
         """Keep an adapter in the CPU cache and a device slot until it is removed."""

@@ -24,6 +24,7 @@ the caller's table is updated exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -40,6 +41,19 @@ from loraplex.resolvers.names import check_adapter_name
 logger = logging.getLogger(__name__)
 
 MAX_INVALID_REMEMBERED = 4096
+
+
+@contextlib.contextmanager
+def load_errors(request: LoRARequest):
+    """An engine's load failures as adapter errors: AdapterError passes; ValueError, OSError,
+    RuntimeError and KeyError (an engine that does not use loraplex's errors) become
+    AdapterInvalidError naming the adapter."""
+    try:
+        yield
+    except AdapterError:
+        raise
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise AdapterInvalidError(f"LoRA adapter {request.lora_name!r} could not be loaded: {e}") from e
 
 
 class LoRAResolution:
@@ -131,16 +145,11 @@ class LoRAResolution:
                     logger.exception("LoRA resolution listener %r failed", listener)
 
     async def load(self, request: LoRARequest) -> None:
-        """Load and validate `request` through `load`; failures other than AdapterError
-        (an engine that raises ValueError, OSError...) become AdapterInvalidError."""
-        try:
+        """Load and validate `request` through `load` (errors as load_errors says)."""
+        with load_errors(request):
             result = self._load(request)
             if inspect.isawaitable(result):
                 await result
-        except AdapterError:
-            raise
-        except (ValueError, OSError, RuntimeError, KeyError) as e:
-            raise AdapterInvalidError(f"LoRA adapter {request.lora_name!r} could not be loaded: {e}") from e
 
     def _finish(self, lora_name: str, future: asyncio.Future) -> None:
         if self._in_flight.get(lora_name) is future:
