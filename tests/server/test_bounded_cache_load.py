@@ -20,6 +20,7 @@ from adapters import write_peft_adapter
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.resolvers.remote import URI_ENV
 from server.harness import API_KEY
+from server.load_client import run_completions
 from server.real_server import lora_manager, real_server
 from servers.fixtures import s3_server  # noqa: F401 (fixture)
 from servers.s3_server import upload_dir
@@ -63,24 +64,6 @@ def bounded(tiny_checkpoint, tmp_path_factory, s3_server):  # noqa: F811
                "local": local}
 
 
-async def run_requests(base_url: str, jobs: list, expected: dict) -> list[str]:
-    failures: list[str] = []
-    gate = asyncio.Semaphore(CONCURRENCY)
-    async with openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=120) as c:
-        async def one(model: str, prompt: str) -> None:
-            async with gate:
-                try:
-                    out = await c.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                     temperature=0)
-                except openai.APIError as e:
-                    failures.append(f"{model}/{prompt}: {e}")
-                    return
-                if out.choices[0].text != expected[(model, prompt)]:
-                    failures.append(f"{model}/{prompt}: {out.choices[0].text!r} != {expected[(model, prompt)]!r}")
-        await asyncio.gather(*(one(m, p) for m, p in jobs))
-    return failures
-
-
 def metric(server, name: str, **labels) -> float:
     text = server.state.metrics.render().decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
@@ -92,7 +75,8 @@ def test_a_quarter_sized_cache_serves_everything_right(bounded):
     rng = random.Random(0)
     jobs = [rng.choice(list(expected)) for _ in range(NUM_REQUESTS)]
     started = time.monotonic()
-    failures = asyncio.run(run_requests(server.base_url, jobs, expected))
+    failures = asyncio.run(run_completions(server.base_url, jobs, expected, max_tokens=MAX_TOKENS,
+                                           concurrency=CONCURRENCY))
     downloads = sum(bounded["s3"].downloads(BUCKET, f"loras/b{i}/adapter_model.safetensors")
                     for i in range(NUM_ADAPTERS))
     evictions = metric(server, "loraplex_lora_cache_evictions_total")

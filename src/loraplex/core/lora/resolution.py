@@ -29,7 +29,7 @@ import inspect
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNotFoundError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
