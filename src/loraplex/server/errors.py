@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -33,9 +34,11 @@ from loraplex.errors import (
     ResolverError,
 )
 from loraplex.resolvers.cache import CACHE_DIR_ENV
-from loraplex.resolvers.holds import cache_roots
+from loraplex.resolvers.holds import LOCK_DIR, TMP_DIR, cache_roots
 
 logger = logging.getLogger(__name__)
+
+_BOOKKEEPING_PATH = re.compile(rf"\${CACHE_DIR_ENV}/(?:{re.escape(TMP_DIR)}|{re.escape(LOCK_DIR)})[^\s'\"]*")
 
 
 class HTTPError(LoraplexError):
@@ -119,7 +122,8 @@ def redact_server_paths(message: str) -> str:
     # Longest first: a root inside another is replaced as a whole.
     for root in sorted((r.rstrip("/") for r in roots if r and r != "/"), key=len, reverse=True):
         message = message.replace(root, f"${CACHE_DIR_ENV}")
-    return message
+    # The cache's own bookkeeping (downloads in progress, locks) says nothing to a client.
+    return _BOOKKEEPING_PATH.sub(f"${CACHE_DIR_ENV} (a temporary file of the adapter cache)", message)
 
 
 def _format_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
