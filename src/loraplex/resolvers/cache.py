@@ -190,7 +190,10 @@ class AdapterCache:
                 logger.exception("download listener %r failed", listener)
         hold = hold_entry(self.root, lora_name)
         if self.max_bytes is not None:
-            eviction.evict_to_fit(self.root, self.max_bytes, keep=entry)
+            try:
+                eviction.evict_to_fit(self.root, self.max_bytes, keep=entry)
+            except OSError:   # the bound is kept on a best-effort basis; the download is served
+                logger.exception("evicting from the adapter cache %s failed", self.root)
         return self._use(entry, manifest, base_model_name, hold)
 
     def _stat(self, lora_name: str, source: AdapterSource) -> RemoteAdapter | None:

@@ -123,8 +123,8 @@ class _Registry:
             held = self._held.get(path)
             if held is None:
                 kind = (root, name) if root is not None else self._classify(path)
-                if kind is None:
-                    return NO_HOLD
+                if kind is None or (root is None and not os.path.isdir(path)):
+                    return NO_HOLD   # not a cache entry, or one evicted since: nothing to keep
                 try:
                     fd = _lock_shared(hold_file(*kind))
                 except OSError as e:   # e.g. a read-only cache: serve, unprotected, rather than fail

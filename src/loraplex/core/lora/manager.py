@@ -88,11 +88,19 @@ class LoRAManager:
             # Disk I/O and validation outside the lock: a running step is not held up by them.
             adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
             with self._lock:
-                if replaces is not None and (replaces in self._cpu or replaces in self._slot_of):
-                    self._retired.add(replaces)
                 if self._is_cached(request):
                     return False
-                self._make_cpu_room(request)
+                # Retired before room is made, so the old version is not what gets evicted.
+                retire = replaces is not None and replaces not in self._retired and (
+                    replaces in self._cpu or replaces in self._slot_of)
+                if retire:
+                    self._retired.add(replaces)
+                try:
+                    self._make_cpu_room(request)
+                except AdapterCapacityError:
+                    if retire:
+                        self._retired.discard(replaces)
+                    raise
                 self._cpu[request.lora_int_id] = adapter
                 self.stats["loads"] += 1
                 hold = self._keep_hold(request.lora_int_id, hold)
