@@ -58,9 +58,10 @@ def validate_adapter_dir(path: str | os.PathLike, *, allow_pickle: bool = False,
     """Check that `path` holds a usable PEFT LoRA adapter; raise AdapterInvalidError if not.
     `where` names the adapter in messages (default: "adapter '<path>'")."""
     path = Path(path)
-    where = where or f"adapter {str(path)!r}"
     if not path.is_dir():
-        raise AdapterInvalidError(f"{where} does not exist (no such directory)")
+        raise AdapterInvalidError(f"{where} does not exist (no such directory)" if where
+                                  else f"adapter directory {str(path)!r} does not exist")
+    where = where or f"adapter {str(path)!r}"
     config = read_adapter_config(path, where)
     weights = path / SAFETENSORS_FILE
     header = None
