@@ -385,7 +385,8 @@ class ServingBackend:
         name = request.lora_name
         if os.path.isdir(request.lora_path):
             return False
-        return self._adapters.get(name) not in (None, request) or (
+        current = self._adapters.get(name)   # (LoRARequests compare by name: ids tell versions apart)
+        return (current is not None and current.lora_int_id != request.lora_int_id) or (
             name in self._resolved and self.allow_runtime_lora_updating and self.resolver_chain is not None)
 
     def _done_with(self, lora_id: int) -> None:
