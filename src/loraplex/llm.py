@@ -164,7 +164,7 @@ class LLM:
                                                                 self._default_mm_loras)
         # Load (and validate) each adapter up front: an unusable one raises here, not mid-batch.
         for lora in {r.lora_request.lora_int_id: r.lora_request for r in requests if r.lora_request}.values():
-            if not engine.lora_manager.is_loaded(lora):
+            if lora.load_inplace or not engine.lora_manager.is_loaded(lora):
                 engine.add_lora(lora)
             engine.lora_manager.check_servable(lora.lora_int_id)
         order = {r.request_id: i for i, r in enumerate(requests)}

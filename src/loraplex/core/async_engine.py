@@ -47,9 +47,11 @@ class AsyncEngine:
         self.engine = engine
         self._lora_resolution = None
         if engine.lora_manager is not None:
+            # Loaded off the engine thread (the manager is thread-safe): steps go on meanwhile.
             self._lora_resolution = LoRAResolution(
-                engine.lora_manager, engine.config.model,
-                (lambda: resolver_chain) if resolver_chain is not None else ResolverChain.from_registry)
+                load=lambda request: asyncio.to_thread(engine.lora_manager.add_lora, request),
+                base_model_name=engine.config.model,
+                chain_factory=(lambda: resolver_chain) if resolver_chain is not None else ResolverChain.from_registry)
         self._streams: dict[str, _Stream] = {}
         self._new: list = []                 # processed Requests for the engine thread
         self._aborts: list[str] = []
@@ -100,7 +102,7 @@ class AsyncEngine:
                 raise InvalidRequestError("pass lora_request or lora_name, not both")
             lora_request = await self.get_lora_request(lora_name)
         elif lora_request is not None and self._lora_resolution is not None:
-            await self._lora_resolution.ensure_loaded(lora_request)   # validated before it is queued
+            await self._ensure_loaded(lora_request)   # validated before it is queued
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
             # Decoding and preprocessing images or audio takes milliseconds: not on the event loop.
@@ -138,7 +140,19 @@ class AsyncEngine:
         if self._lora_resolution is None:
             raise InvalidRequestError(f"request names LoRA adapter {lora_name!r} but LoRA is not "
                                       f"enabled; start the engine with enable_lora=True")
-        return await self._lora_resolution.lora_request_for(lora_name)
+        manager = self.engine.lora_manager
+        request = manager.find_by_name(lora_name)
+        if request is None:
+            request = await self._lora_resolution.resolve(lora_name)
+        manager.check_servable(request.lora_int_id)
+        return request
+
+    async def _ensure_loaded(self, request: LoRARequest) -> None:
+        """Load and validate `request` unless the CPU cache or a slot holds it (the common case)."""
+        manager = self.engine.lora_manager
+        if not manager.is_loaded(request):
+            await asyncio.to_thread(manager.add_lora, request)
+        manager.check_servable(request.lora_int_id)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its consumer gets a last output with finish_reason "abort"."""
@@ -150,6 +164,11 @@ class AsyncEngine:
 
     async def remove_lora(self, lora_int_id: int) -> bool:
         return await self._call_in_engine(self.engine.remove_lora, lora_int_id)
+
+    async def replace_lora(self, old_lora_int_id: int, lora_request: LoRARequest) -> bool:
+        """Load a new version of an adapter under its own id (runs on the engine thread, between
+        steps); requests already using the old id finish on its weights (LLMEngine.replace_lora)."""
+        return await self._call_in_engine(self.engine.replace_lora, old_lora_int_id, lora_request)
 
     async def pin_lora(self, lora_int_id: int) -> bool:
         return await self._call_in_engine(self.engine.pin_lora, lora_int_id)

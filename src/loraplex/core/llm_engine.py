@@ -278,6 +278,13 @@ class LLMEngine:
     def pin_lora(self, lora_int_id: int) -> bool:
         return self._require_lora().pin_lora(lora_int_id)
 
+    def replace_lora(self, old_lora_int_id: int, lora_request: LoRARequest) -> bool:
+        """Load a new version of an adapter under its own id; requests already using the old id
+        finish on the old weights, kept until remove_lora(old_lora_int_id) (LoRAManager.replace_lora)."""
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError(f"replace_lora takes a LoRARequest, got {lora_request!r}")
+        return self._require_lora().replace_lora(old_lora_int_id, lora_request)
+
     def list_loras(self) -> set[int]:
         return self._require_lora().list_loras()
 

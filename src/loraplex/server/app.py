@@ -50,7 +50,9 @@ def build_app(state: ServerState) -> FastAPI:
             state.metrics.detach()
             await state.backend.shutdown()
 
-    app = FastAPI(title="loraplex", version=loraplex_version(), lifespan=lifespan,
+    # /docs and /openapi.json describe the API (documented in docs/server.md); FastAPI's
+    # second renderer of the same schema, /redoc, is not served.
+    app = FastAPI(title="loraplex", version=loraplex_version(), lifespan=lifespan, redoc_url=None,
                   description="OpenAI-compatible multi-LoRA server")
     app.state.loraplex = state
     install_error_handlers(app)

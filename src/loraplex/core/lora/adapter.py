@@ -30,8 +30,7 @@ from loraplex.core.lora.targets import (KNOWN_UNSUPPORTED_MODULES, PEFT_MODULE_P
                                         SUPPORTED_PEFT_MODULES, LoRAModelSpec, LoRATarget)
 from loraplex.errors import AdapterInvalidError
 from loraplex.lora_request import LoRARequest
-from loraplex.resolvers.validation import (PICKLE_FILE, base_model_compatible, check_safetensors_file,
-                                          validate_adapter_dir)
+from loraplex.resolvers.validation import AdapterFiles, base_model_compatible, validate_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ def load_lora_adapter(request: LoRARequest, spec: LoRAModelSpec, *, max_lora_ran
         raise AdapterInvalidError(
             f"adapter {where} has rank {config.max_rank}, above max_lora_rank={max_lora_rank}; "
             f"start the engine with max_lora_rank >= {config.max_rank} (--max-lora-rank)")
-    tensors = _read_tensors(files.weights_path, where)
+    tensors = _read_tensors(files, where)
     modules = _validate(tensors, config, spec, where)
     if not modules:
         raise AdapterInvalidError(f"adapter {where} holds no LoRA weights")
@@ -135,13 +134,14 @@ def _check_base_model(config: LoRAAdapterConfig, request: LoRARequest, where: st
         logger.warning("adapter %s does not name its base model; assuming it fits %r", where, served)
 
 
-def _read_tensors(path, where: str) -> dict[str, torch.Tensor]:
+def _read_tensors(files: AdapterFiles, where: str) -> dict[str, torch.Tensor]:
+    path = files.weights_path
     try:
-        if path.name == PICKLE_FILE:
+        if files.header is None:
             # Reached only when pickle weights were explicitly allowed; weights_only refuses code.
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            tensors = _map_safetensors(path, where)
+            tensors = _map_safetensors(path, files.header, where)
     except (OSError, RuntimeError, ValueError) as e:
         raise AdapterInvalidError(f"adapter {where}: cannot read {path.name}: {e}") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
@@ -149,10 +149,11 @@ def _read_tensors(path, where: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _map_safetensors(path: Path, where: str) -> dict[str, torch.Tensor]:
+def _map_safetensors(path: Path, header: dict, where: str) -> dict[str, torch.Tensor]:
     """The file's tensors as views of a private (copy-on-write) mapping of it: nothing is copied
-    up front; pages are read as the packing copies them. Sizes are checked against the header."""
-    header = check_safetensors_file(path)   # the header parses, and every tensor lies inside the file
+    up front; pages are read as the packing copies them. `header` was checked by validation
+    (it parses within bounds, and every tensor lies inside the file); each tensor's dtype,
+    shape and byte span are checked against each other here."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
     data_start = 8 + header_len
