@@ -1,0 +1,104 @@
+"""build_ray_app: `loraplex serve-ray`'s flags -> the Ray Serve application.
+
+Three deployments: LoRAIngress (the HTTP front, no CPU reserved), LoRAReplica (N
+engines: one GPU each when there are GPUs, --ray-replica-cpus otherwise; a fixed
+--replicas count or Ray's autoscaling between --ray-min-replicas and
+--ray-max-replicas) and ReplicaDirectory (one, no CPU reserved).
+
+Replicas may start on other nodes, whose environment is not this one's: the
+variables that configure loraplex, its resolvers and their sources (VLLM_*,
+LORAPLEX_*, AWS_*, HF_*) are passed to every deployment through Ray's runtime_env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+from ray import serve
+
+from loraplex.errors import ConfigError
+from loraplex.ray.cli import ROUTINGS
+from loraplex.ray.directory import ReplicaDirectory
+from loraplex.ray.ingress import LoRAIngress
+from loraplex.ray.replica import LoRAReplica
+from loraplex.server.serve import engine_config_from_args
+
+FORWARDED_ENV_PREFIXES = ("VLLM_", "LORAPLEX_", "AWS_", "HF_")
+# The ingress only awaits the replicas: it may hold many requests at once.
+INGRESS_MAX_ONGOING_REQUESTS = 4096
+
+
+def forwarded_environment(environ=os.environ) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def replica_gpus(args: argparse.Namespace) -> float:
+    """--ray-replica-gpus, or by default one GPU per replica unless told to run on the CPU
+    or the cluster has no GPU (its replicas then run on the CPU)."""
+    if args.ray_replica_gpus is not None:
+        return args.ray_replica_gpus
+    if args.device == "cpu":
+        return 0
+    import ray
+
+    has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    if args.device == "cuda" and not has_gpus:
+        raise ConfigError("--device cuda, but the Ray cluster has no GPU; start its nodes with GPUs, "
+                          "or use --device cpu")
+    return 1 if has_gpus else 0
+
+
+def scaling_options(args: argparse.Namespace) -> dict:
+    """num_replicas, or Ray's autoscaling_config when --ray-min/max-replicas are given."""
+    autoscaled = args.ray_min_replicas is not None or args.ray_max_replicas is not None
+    if not autoscaled:
+        if args.ray_target_ongoing_requests is not None:
+            raise ConfigError("--ray-target-ongoing-requests needs autoscaling: give --ray-max-replicas")
+        if args.replicas < 1:
+            raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
+        return {"num_replicas": args.replicas}
+    low = args.ray_min_replicas if args.ray_min_replicas is not None else 1
+    high = args.ray_max_replicas if args.ray_max_replicas is not None else max(low, args.replicas)
+    if not 0 <= low <= high or high < 1:
+        raise ConfigError(f"autoscaling needs 0 <= --ray-min-replicas <= --ray-max-replicas and "
+                          f"--ray-max-replicas >= 1, got {low} and {high}")
+    config = {"min_replicas": low, "max_replicas": high,
+              "initial_replicas": min(max(args.replicas, low), high)}
+    if args.ray_target_ongoing_requests is not None:
+        config["target_ongoing_requests"] = args.ray_target_ongoing_requests
+    return {"autoscaling_config": config}
+
+
+def build_ray_app(args: argparse.Namespace) -> serve.Application:
+    """args: `loraplex serve-ray`'s flags after resolve_args (model path, names and key filled in)."""
+    config = engine_config_from_args(args)   # every engine flag checked before anything starts
+    if args.ray_routing not in ROUTINGS:
+        raise ConfigError(f"--ray-routing must be one of {', '.join(ROUTINGS)}, got {args.ray_routing!r}")
+    max_ongoing = args.ray_max_ongoing_requests or config.max_num_seqs
+    runtime_env = {"env_vars": forwarded_environment()}
+    # Calls between deployments are not logged one by one (the ingress logs each HTTP request).
+    quiet = {"enable_access_log": False}
+    directory = serve.deployment(ReplicaDirectory, num_replicas=1, max_ongoing_requests=1024, logging_config=quiet,
+                                 ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env}).bind()
+    replica = serve.deployment(
+        LoRAReplica, max_ongoing_requests=max_ongoing, logging_config=quiet,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout,
+        ray_actor_options={"num_cpus": args.ray_replica_cpus, "num_gpus": replica_gpus(args),
+                           "runtime_env": runtime_env},
+        **scaling_options(args))
+    # Ray's router keeps, per replica, the adapters it holds; the engine keeps as many in its
+    # CPU cache: what Ray believes a replica holds is what the replica holds.
+    replicas = replica.bind(replica_args(args), directory, config.max_cpu_loras)
+    ingress = serve.deployment(LoRAIngress, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+                               ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
+    return ingress.bind(args, replicas, directory, args.ray_routing == "adapter")
+
+
+def replica_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags a replica starts its engine from: --demo is already resolved into MODEL and
+    the environment, so the replica serves that path like any other."""
+    resolved = copy.copy(args)
+    resolved.demo = False
+    return resolved

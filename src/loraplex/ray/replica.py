@@ -1,0 +1,127 @@
+"""LoRAReplica: one whole loraplex engine as a Ray Serve replica.
+
+A replica starts exactly like `loraplex serve` (server/serve.build_state: the engine,
+the plugins, its own resolver chain, the ServingBackend, the static --lora-modules)
+and serves the ingress's calls instead of HTTP. It never reaches inside the engine:
+everything goes through the backend, as the HTTP routes do.
+
+Routing by adapter uses Ray Serve's model multiplexing: the ingress sets the
+request's adapter name as the multiplexed model id, and `generate` passes it through
+a `serve.multiplexed` loader, which tells Ray's router which adapters this replica
+holds (an LRU of max_num_models_per_replica names, set to max_cpu_loras so that it
+tracks the engine's own CPU cache of adapters). The loader itself only asks the
+backend, so resolution on first request, single-flight downloads and reloads of
+evicted adapters are the server's code paths, unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from ray import serve
+
+from loraplex.ray.directory import REPORT_INTERVAL_S
+from loraplex.ray.wire import AdapterCard, ReplicaError, ReplicaSnapshot
+
+logger = logging.getLogger("loraplex.ray")
+
+REPORT_TIMEOUT_S = 2 * REPORT_INTERVAL_S
+
+
+class LoRAReplica:
+    async def __init__(self, serve_args, directory, max_adapters: int) -> None:
+        """serve_args: `loraplex serve`'s parsed flags (a namespace); directory: a handle to
+        the ReplicaDirectory; max_adapters: adapters Ray's router counts per replica."""
+        from prometheus_client import Counter
+
+        from loraplex.server.serve import build_state
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("loraplex").setLevel(serve_args.log_level.upper())
+        self.state = build_state(serve_args)
+        self.backend = self.state.backend
+        # The same engine-side metrics as `loraplex serve` (resolutions, downloads, engine
+        # counters), rendered into this replica's snapshots.
+        self.state.metrics.attach_backend(self.backend)
+        self.requests = Counter("loraplex_replica_requests", "generation requests this replica ran, "
+                                "for the base model or an adapter", ["target"],
+                                registry=self.state.metrics.registry)
+        await self.backend.startup()
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._directory = directory
+        self._adapters_changed = asyncio.Event()
+
+        async def load_adapter(name: str):
+            request = await self.backend.lora_request_for(name)
+            self._adapters_changed.set()   # report it now: /v1/models lists it at once
+            return request
+
+        self._load_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter)
+        self._reporter = asyncio.create_task(self._report_forever())
+        logger.info("replica %s (pid %d) ready", self.replica_id, os.getpid())
+
+    # ---- called by the ingress --------------------------------------------------------
+    async def generate(self, model: str | None, prompt, sampling_params, request_id: str):
+        """Stream the engine's RequestOutputs for one prompt; an error ends the stream as
+        one ReplicaError. Cancelled by the ingress (client gone): the engine aborts it."""
+        try:
+            lora_request = await self._lora_request(model)
+            self.requests.labels("adapter" if lora_request is not None else "base").inc()
+            outputs = self.backend.generate(prompt, sampling_params, request_id, lora_request)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    yield output
+        except Exception as exc:   # noqa: BLE001 - every error goes back to the client
+            yield ReplicaError.from_exception(exc)
+
+    async def _lora_request(self, model: str | None):
+        if self.backend.is_base_model(model):
+            return None
+        if serve.get_multiplexed_model_id():
+            await self._load_adapter(model)   # Ray's bookkeeping of what this replica holds
+        return await self.backend.lora_request_for(model)
+
+    async def info(self) -> dict:
+        return {"replica_id": self.replica_id, "pid": os.getpid(),
+                "max_model_len": self.backend.max_model_len,
+                "served_model_names": self.backend.served_model_names}
+
+    def check_health(self) -> None:
+        """Ray calls this periodically; a replica whose engine stopped is replaced."""
+        if not self.backend.is_healthy():
+            raise RuntimeError(f"replica {self.replica_id}: the engine has stopped")
+
+    # ---- reports to the directory --------------------------------------------------------
+    def snapshot(self) -> ReplicaSnapshot:
+        import ray
+
+        adapters = [AdapterCard(a.lora_name, a.lora_path, self.backend.parent_of(a.lora_name))
+                    for a in self.backend.list_adapters()]
+        return ReplicaSnapshot(self.replica_id, os.getpid(), ray.util.get_node_ip_address(), adapters,
+                               self.state.metrics.render().decode(), self.backend.is_healthy())
+
+    async def _report_forever(self) -> None:
+        while True:
+            self._adapters_changed.clear()
+            try:
+                # Bounded: a call to a directory that is being replaced waits for its successor.
+                await asyncio.wait_for(self._directory.report.remote(self.snapshot()), REPORT_TIMEOUT_S)
+            except Exception:   # noqa: BLE001 - the directory restarts; the next report rebuilds it
+                logger.warning("replica %s: reporting to the directory failed", self.replica_id,
+                               exc_info=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._adapters_changed.wait(), REPORT_INTERVAL_S)
+
+    async def __del__(self) -> None:
+        """Graceful stop (scale-down, redeploy, shutdown): leave the directory, stop the engine."""
+        if not hasattr(self, "_reporter"):   # the constructor failed: Ray reports why
+            return
+        self._reporter.cancel()
+        # The application's deletion may have stopped the directory already: do not wait for it.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._directory.leave.remote(self.replica_id), REPORT_TIMEOUT_S)
+        self.state.metrics.detach()
+        await self.backend.shutdown()
