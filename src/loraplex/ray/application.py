@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 
 from ray import serve
@@ -94,6 +95,40 @@ def build_ray_app(args: argparse.Namespace) -> serve.Application:
     ingress = serve.deployment(LoRAIngress, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
                                ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
     return ingress.bind(args, replicas, directory, args.ray_routing == "adapter")
+
+
+def app_builder(config: dict) -> serve.Application:
+    """Ray Serve's application builder, for config files (`serve deploy`, KubeRay's
+    RayService): `import_path: loraplex.ray.application:app_builder`, and `args` holding
+    serve-ray's flags by name, e.g. {"model": "/models/base", "enable-lora": true,
+    "max-loras": 8, "replicas": 4}. Host and port are the config file's http_options."""
+    from loraplex.ray.cli import resolve_args
+    from loraplex.server.cli import build_parser
+
+    argv = flags_to_argv(config)
+    try:
+        args = build_parser().parse_args(["serve-ray", *argv])
+    except SystemExit:   # argparse has printed what was wrong
+        raise ConfigError(f"invalid serve-ray flags in the application's args: {argv}") from None
+    resolve_args(args)
+    return build_ray_app(args)
+
+
+def flags_to_argv(config: dict) -> list[str]:
+    """{"model": M, "flag-name": value, ...} -> [M, "--flag-name", "value", ...]: true is a bare
+    flag, false or null leaves it out, a list gives several values (objects as JSON)."""
+    argv = [str(config["model"])] if config.get("model") is not None else []
+    for key, value in config.items():
+        if key == "model" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def replica_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -28,7 +28,7 @@ from typing import Any
 from loraplex.errors import EngineDeadError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.ray.directory import REPORT_INTERVAL_S
-from loraplex.ray.wire import AdapterRoute, ReplicaError, ReplicaSnapshot
+from loraplex.ray.wire import AdapterCard, AdapterRoute, ReplicaError, ReplicaSnapshot
 from loraplex.resolvers.names import check_adapter_name
 from loraplex.server.backend import ServingBackend, model_not_found
 from loraplex.server.errors import HTTPError
@@ -58,6 +58,7 @@ class RayBackend(ServingBackend):
         self.static_adapter_names = set(static_adapter_names)
         self.route_by_adapter = route_by_adapter
         self.snapshots: list[ReplicaSnapshot] = []
+        self._cards: dict[str, AdapterCard] = {}  # every adapter some replica serves, by name
         self._responses: dict[str, Any] = {}    # request id -> its DeploymentResponseGenerator
         self._refresher: asyncio.Task | None = None
 
@@ -75,6 +76,11 @@ class RayBackend(ServingBackend):
 
     async def refresh(self) -> None:
         self.snapshots = await self.directory.snapshots.remote()
+        cards: dict[str, AdapterCard] = {}
+        for snapshot in self.snapshots:   # an adapter on several replicas: the first one's card
+            for card in snapshot.adapters:
+                cards.setdefault(card.name, card)
+        self._cards = cards
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -92,17 +98,15 @@ class RayBackend(ServingBackend):
 
     # ---- names ----------------------------------------------------------------------------
     def list_adapters(self) -> list[LoRARequest]:
-        """Every adapter some replica serves, once, with the first replica's directory as root."""
-        seen: dict[str, LoRARequest] = {}
-        for snapshot in self.snapshots:
-            for card in snapshot.adapters:
-                if card.name not in seen:
-                    seen[card.name] = LoRARequest(card.name, lora_id_for_name(card.name), card.path)
-                    self._parents[card.name] = card.parent
-        return list(seen.values())
+        return [LoRARequest(c.name, lora_id_for_name(c.name), c.path) for c in self._cards.values()]
 
     def get_adapter(self, name: str) -> LoRARequest | None:
-        return next((a for a in self.list_adapters() if a.lora_name == name), None)
+        card = self._cards.get(name)
+        return LoRARequest(card.name, lora_id_for_name(card.name), card.path) if card else None
+
+    def parent_of(self, name: str) -> str:
+        card = self._cards.get(name)
+        return card.parent if card else self.base_model_name
 
     async def lora_request_for(self, model: str | None) -> AdapterRoute | None:
         if self.is_base_model(model):

@@ -12,6 +12,12 @@ holds (an LRU of max_num_models_per_replica names, set to max_cpu_loras so that 
 tracks the engine's own CPU cache of adapters). The loader itself only asks the
 backend, so resolution on first request, single-flight downloads and reloads of
 evicted adapters are the server's code paths, unchanged.
+
+The same LRU says whether a request found its adapter warm here: it is cold when the
+adapter was loaded (into the LRU) after the request arrived. Requests that Ray routes
+without the id (--ray-routing default) go through the loader too, so both routings are
+counted alike in `loraplex_replica_requests_total{target}` (base, adapter_warm,
+adapter_cold); adapters every replica loads at start-up (--lora-modules) count as warm.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 
 from ray import serve
 
@@ -46,18 +53,19 @@ class LoRAReplica:
         # The same engine-side metrics as `loraplex serve` (resolutions, downloads, engine
         # counters), rendered into this replica's snapshots.
         self.state.metrics.attach_backend(self.backend)
-        self.requests = Counter("loraplex_replica_requests", "generation requests this replica ran, "
-                                "for the base model or an adapter", ["target"],
-                                registry=self.state.metrics.registry)
+        self.requests = Counter("loraplex_replica_requests", "generation requests this replica took, for "
+                                "the base model or an adapter it held already (warm) or not (cold)",
+                                ["target"], registry=self.state.metrics.registry)
+        self._static_names = {name for name, _, _ in self.backend.static_adapters}
         await self.backend.startup()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._directory = directory
         self._adapters_changed = asyncio.Event()
 
-        async def load_adapter(name: str):
-            request = await self.backend.lora_request_for(name)
+        async def load_adapter(name: str) -> float:
+            await self.backend.lora_request_for(name)
             self._adapters_changed.set()   # report it now: /v1/models lists it at once
-            return request
+            return time.monotonic()        # when this replica came to hold it
 
         self._load_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter)
         self._reporter = asyncio.create_task(self._report_forever())
@@ -69,7 +77,6 @@ class LoRAReplica:
         one ReplicaError. Cancelled by the ingress (client gone): the engine aborts it."""
         try:
             lora_request = await self._lora_request(model)
-            self.requests.labels("adapter" if lora_request is not None else "base").inc()
             outputs = self.backend.generate(prompt, sampling_params, request_id, lora_request)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
@@ -79,10 +86,16 @@ class LoRAReplica:
 
     async def _lora_request(self, model: str | None):
         if self.backend.is_base_model(model):
+            self.requests.labels("base").inc()
             return None
-        if serve.get_multiplexed_model_id():
-            await self._load_adapter(model)   # Ray's bookkeeping of what this replica holds
-        return await self.backend.lora_request_for(model)
+        warm = True
+        if model not in self._static_names:
+            arrived = time.monotonic()
+            held_since = await self._load_adapter(model)   # Ray's bookkeeping of what this replica holds
+            warm = held_since < arrived
+        request = await self.backend.lora_request_for(model)
+        self.requests.labels("adapter_warm" if warm else "adapter_cold").inc()
+        return request
 
     async def info(self) -> dict:
         return {"replica_id": self.replica_id, "pid": os.getpid(),
