@@ -142,6 +142,8 @@ def run_config(replicas: int, routing: str, names: list[str], adapters_dir: Path
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
+    # Ray's own metrics are not measured; their collector has crashed a raylet at start-up here.
+    env.setdefault("RAY_enable_metrics_collection", "0")
     env.update({"VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_LORA_RESOLVER_CACHE_DIR": str(adapters_dir),
                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
     argv = [sys.executable, "-m", "loraplex.server.cli", "serve-ray", str(args.model),
