@@ -20,7 +20,6 @@ import os
 from ray import serve
 
 from loraplex.errors import ConfigError
-from loraplex.ray.cli import ROUTINGS
 from loraplex.ray.directory import ReplicaDirectory
 from loraplex.ray.ingress import LoRAIngress
 from loraplex.ray.replica import LoRAReplica
@@ -75,8 +74,6 @@ def scaling_options(args: argparse.Namespace) -> dict:
 def build_ray_app(args: argparse.Namespace) -> serve.Application:
     """args: `loraplex serve-ray`'s flags after resolve_args (model path, names and key filled in)."""
     config = engine_config_from_args(args)   # every engine flag checked before anything starts
-    if args.ray_routing not in ROUTINGS:
-        raise ConfigError(f"--ray-routing must be one of {', '.join(ROUTINGS)}, got {args.ray_routing!r}")
     max_ongoing = args.ray_max_ongoing_requests or config.max_num_seqs
     runtime_env = {"env_vars": forwarded_environment()}
     # Calls between deployments are not logged one by one (the ingress logs each HTTP request).

@@ -148,10 +148,13 @@ class RayBackend(ServingBackend):
                     raise item.to_exception()
                 yield item
             ended = True
-        except (RayActorError, RayServeException) as exc:
+        except RayActorError as exc:
             raise EngineDeadError(
                 f"the replica serving this request stopped ({type(exc).__name__}); retry the request: "
                 f"Ray restarts the replica and new requests go to the replicas still running") from exc
+        except RayServeException as exc:   # no replica could take it (none running, queues full)
+            raise EngineDeadError(f"no replica could take this request ({type(exc).__name__}: {exc}); "
+                                  f"retry it later") from exc
         finally:
             self._responses.pop(request_id, None)
             if not ended:   # left early (client gone, error): stop the replica's work too

@@ -38,6 +38,14 @@ logger = logging.getLogger("loraplex.ray")
 REPORT_TIMEOUT_S = 2 * REPORT_INTERVAL_S
 
 
+def adapter_failures_are_not_errors(record: logging.LogRecord) -> bool:
+    """Ray logs every exception of a multiplexed loader at ERROR; ours are the client's 4xx
+    (a name nobody has) or the resolver chain's, which logs source failures itself."""
+    if record.levelno == logging.ERROR and record.getMessage().startswith("Failed to load model"):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
 class LoRAReplica:
     async def __init__(self, serve_args, directory, max_adapters: int) -> None:
         """serve_args: `loraplex serve`'s parsed flags (a namespace); directory: a handle to
@@ -48,6 +56,7 @@ class LoRAReplica:
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("loraplex").setLevel(serve_args.log_level.upper())
+        logging.getLogger("ray.serve").addFilter(adapter_failures_are_not_errors)
         self.state = build_state(serve_args)
         self.backend = self.state.backend
         # The same engine-side metrics as `loraplex serve` (resolutions, downloads, engine
