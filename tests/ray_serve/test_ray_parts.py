@@ -18,7 +18,7 @@ from loraplex.ray.backend import RayBackend
 from loraplex.ray.cluster_metrics import ClusterMetrics
 from loraplex.ray.wire import AdapterCard, AdapterRoute, ReplicaError, ReplicaSnapshot
 from loraplex.server.cli import build_parser, main
-from loraplex.server.errors import HTTPError
+from loraplex.server.errors import INVALID_USER_INPUT, HTTPError, exception_to_body
 from loraplex.server.metrics import ServerMetrics
 
 
@@ -31,6 +31,10 @@ def test_replica_errors_keep_their_status_message_and_field_across_pickling():
         assert isinstance(again, HTTPError) and again.status == status == record.status
         assert str(exc).strip("'") in str(again)
     assert ReplicaError.from_exception(AdapterNotFoundError("gone")).param == "model"
+    vllm_typed = ReplicaError.from_exception(HTTPError(400, "dup", error_type=INVALID_USER_INPUT)).to_exception()
+    assert exception_to_body(vllm_typed)[1]["error"]["type"] == INVALID_USER_INPUT
+    assert exception_to_body(ReplicaError.from_exception(KeyError("x")).to_exception())[1]["error"]["type"] == \
+        "InternalServerError"
     assert ReplicaError.from_exception(HTTPError(400, "x", param="max_tokens")).param == "max_tokens"
 
 
@@ -51,6 +55,10 @@ def test_the_ingress_routes_names_and_leaves_resolution_to_the_replicas():
         asyncio.run(ray_backend.lora_request_for("../secrets"))
     with pytest.raises(AdapterNotFoundError, match="does not exist"):   # no resolution on first request
         asyncio.run(backend(allow_runtime_lora_updating=False).lora_request_for("any-new-lora"))
+    lenient = backend(skip_model_name_validation=True)   # VLLM_SKIP_MODEL_NAME_VALIDATION
+    lenient._cards = {"served-lora": AdapterCard("served-lora", "/c/served-lora", "base")}
+    assert asyncio.run(lenient.lora_request_for("served-lora")) == AdapterRoute("served-lora")
+    assert asyncio.run(lenient.lora_request_for("nobody-has-it")) is None
     for call in (ray_backend.load_adapter("x", "/tmp/x"), ray_backend.unload_adapter("x")):
         with pytest.raises(HTTPError, match="not available with Ray replicas") as refused:
             asyncio.run(call)

@@ -47,11 +47,13 @@ RUNTIME_LOADING_REFUSED = (
 class RayBackend(ServingBackend):
     def __init__(self, replicas: Any, directory: Any, *, tokenizer: Any, served_model_names: list[str],
                  model_path: str, static_adapter_names: list[str], allow_runtime_lora_updating: bool,
-                 enable_lora: bool, route_by_adapter: bool = True) -> None:
+                 enable_lora: bool, skip_model_name_validation: bool = False,
+                 route_by_adapter: bool = True) -> None:
         """replicas, directory: DeploymentHandles of the LoRAReplica and ReplicaDirectory
         deployments. route_by_adapter=False leaves routing to Ray's default (for comparison)."""
         super().__init__(None, served_model_names=served_model_names, model_path=model_path,
-                         allow_runtime_lora_updating=allow_runtime_lora_updating, enable_lora=enable_lora)
+                         allow_runtime_lora_updating=allow_runtime_lora_updating, enable_lora=enable_lora,
+                         skip_model_name_validation=skip_model_name_validation)
         self.replicas = replicas
         self.directory = directory
         self._tokenizer = tokenizer
@@ -113,6 +115,8 @@ class RayBackend(ServingBackend):
             return None
         if model in self.static_adapter_names:
             return AdapterRoute(model, on_every_replica=True)
+        if self.skip_model_name_validation and model not in self._cards:
+            return None   # VLLM_SKIP_MODEL_NAME_VALIDATION: a name no replica serves is the base model
         if not (self.enable_lora and self.allow_runtime_lora_updating):
             raise model_not_found(model)
         check_adapter_name(model)   # refuse unsafe names here, before any replica sees them

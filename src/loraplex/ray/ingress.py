@@ -15,7 +15,8 @@ from loraplex.ray.backend import RayBackend
 from loraplex.ray.cluster_metrics import ClusterMetrics
 from loraplex.resolvers.env import env_flag
 from loraplex.server.app import build_app
-from loraplex.server.serve import RUNTIME_LORA_ENV, parse_lora_module
+from loraplex.server.lora_modules import parse_lora_module
+from loraplex.server.serve import RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV
 from loraplex.server.state import ServerState
 
 
@@ -26,8 +27,9 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
     backend = RayBackend(
         replicas, directory, tokenizer=load_tokenizer(serve_args.model),
         served_model_names=serve_args.served_model_name or [serve_args.model], model_path=serve_args.model,
-        static_adapter_names=[parse_lora_module(m)[0] for m in serve_args.lora_modules],
+        static_adapter_names=[parse_lora_module(m).name for m in serve_args.lora_modules],
         allow_runtime_lora_updating=allow_runtime, enable_lora=serve_args.enable_lora,
+        skip_model_name_validation=env_flag(SKIP_MODEL_NAME_VALIDATION_ENV, default=False),
         route_by_adapter=route_by_adapter)
     return ServerState(backend, metrics=ClusterMetrics(max_adapter_labels=serve_args.max_adapter_metric_labels),
                        api_key=serve_args.api_key,

@@ -103,7 +103,10 @@ class LoRAReplica:
             held_since = await self._load_adapter(model)   # Ray's bookkeeping of what this replica holds
             warm = held_since < arrived
         request = await self.backend.lora_request_for(model)
-        self.requests.labels("adapter_warm" if warm else "adapter_cold").inc()
+        if request is None:   # VLLM_SKIP_MODEL_NAME_VALIDATION: an unknown name is the base model
+            self.requests.labels("base").inc()
+        else:
+            self.requests.labels("adapter_warm" if warm else "adapter_cold").inc()
         return request
 
     async def info(self) -> dict:

@@ -33,14 +33,16 @@ class ReplicaError:
     status: int
     message: str
     param: str | None = None
+    error_type: str | None = None
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ReplicaError:
         status, body = exception_to_body(exc)
-        return cls(status, body["error"]["message"], body["error"]["param"])
+        error = body["error"]
+        return cls(status, error["message"], error["param"], error["type"])
 
     def to_exception(self) -> HTTPError:
-        return HTTPError(self.status, self.message, param=self.param)
+        return HTTPError(self.status, self.message, param=self.param, error_type=self.error_type)
 
 
 @dataclass(frozen=True)
