@@ -13,7 +13,7 @@ from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.errors import AdapterCapacityError, AdapterNotFoundError, ConfigError, EngineDeadError
-from loraplex.ray.application import forwarded_environment, replica_args, scaling_options
+from loraplex.ray.application import forwarded_environment, replica_args, replica_gpus, scaling_options
 from loraplex.ray.backend import RayBackend
 from loraplex.ray.cluster_metrics import ClusterMetrics
 from loraplex.ray.wire import AdapterCard, AdapterRoute, ReplicaError, ReplicaSnapshot
@@ -130,6 +130,12 @@ def test_scaling_flags_become_ray_deployment_options():
                 ("--ray-min-replicas", "3", "--ray-max-replicas", "2")):
         with pytest.raises(ConfigError):
             scaling_options(ray_args(*bad))
+
+
+def test_gpus_per_replica():
+    assert replica_gpus(ray_args("--device", "cpu", "--tensor-parallel-size", "2")) == 0
+    assert replica_gpus(ray_args("--ray-replica-gpus", "0.5")) == 0.5
+    assert replica_gpus(ray_args()) == 0   # no Ray cluster with GPUs here: replicas on the CPU
 
 
 def test_replicas_get_the_resolved_flags_and_the_loraplex_environment():

@@ -35,8 +35,9 @@ def forwarded_environment(environ=os.environ) -> dict[str, str]:
 
 
 def replica_gpus(args: argparse.Namespace) -> float:
-    """--ray-replica-gpus, or by default one GPU per replica unless told to run on the CPU
-    or the cluster has no GPU (its replicas then run on the CPU)."""
+    """--ray-replica-gpus, or by default one GPU per replica (--tensor-parallel-size GPUs with
+    tensor parallelism) unless told to run on the CPU or the cluster has no GPU (its
+    replicas then run on the CPU)."""
     if args.ray_replica_gpus is not None:
         return args.ray_replica_gpus
     if args.device == "cpu":
@@ -47,7 +48,7 @@ def replica_gpus(args: argparse.Namespace) -> float:
     if args.device == "cuda" and not has_gpus:
         raise ConfigError("--device cuda, but the Ray cluster has no GPU; start its nodes with GPUs, "
                           "or use --device cpu")
-    return 1 if has_gpus else 0
+    return args.tensor_parallel_size if has_gpus else 0
 
 
 def scaling_options(args: argparse.Namespace) -> dict:

@@ -43,8 +43,8 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--ray-replica-cpus", type=float, default=1.0, metavar="N",
                      help="CPUs Ray reserves per replica (default: 1)")
     ray.add_argument("--ray-replica-gpus", type=float, default=None, metavar="N",
-                     help="GPUs per replica (default: 1 when the cluster has GPUs and --device is "
-                          "not cpu, else 0)")
+                     help="GPUs per replica (default: --tensor-parallel-size when the cluster has "
+                          "GPUs and --device is not cpu, else 0)")
     ray.add_argument("--ray-routing", default="adapter", choices=ROUTINGS,
                      help="adapter: send each request to a replica that holds its adapter (Ray "
                           "Serve's model multiplexing); default: Ray's default routing, blind to "
