@@ -72,9 +72,18 @@ def scaling_options(args: argparse.Namespace) -> dict:
     return {"autoscaling_config": config}
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse what the Ray deployment does not do (yet), and bad scaling flags: before Ray starts."""
+    scaling_options(args)
+    if args.default_mm_loras:
+        raise ConfigError("--default-mm-loras is not available with serve-ray yet: the ingress does not "
+                          "pick default adapters; name the adapter in each request's model instead")
+
+
 def build_ray_app(args: argparse.Namespace) -> serve.Application:
     """args: `loraplex serve-ray`'s flags after resolve_args (model path, names and key filled in)."""
     config = engine_config_from_args(args)   # every engine flag checked before anything starts
+    check_flags(args)
     max_ongoing = args.ray_max_ongoing_requests or config.max_num_seqs
     runtime_env = {"env_vars": forwarded_environment()}
     # Calls between deployments are not logged one by one (the ingress logs each HTTP request).

@@ -108,10 +108,10 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
         return 2
     try:
         resolve_args(args)
-        from loraplex.ray.application import scaling_options
+        from loraplex.ray.application import check_flags
         from loraplex.server.serve import engine_config_from_args
         engine_config_from_args(args)   # a bad flag fails here, before Ray starts
-        scaling_options(args)
+        check_flags(args)
         start(args)
     except ConfigError as e:
         logger.error("%s", e)
