@@ -122,8 +122,9 @@ async def _collect(engine: AsyncEngine, prompt, **kwargs) -> list[int]:
     return list(final.outputs[0].token_ids)
 
 
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
 def test_async_engine_resolves_names_through_the_filesystem_resolver(
-        model_dir, prompt, tmp_path, monkeypatch, isolated_plugins):  # noqa: F811
+        model_dir, prompt, tmp_path, monkeypatch, isolated_plugins, engine_process):  # noqa: F811
     cache_dir = tmp_path / "lora-cache"
     good_adapter(cache_dir / "sql", model_dir, seed=1)
     good_adapter(cache_dir / "team" / "chat", model_dir, seed=2)
@@ -135,7 +136,10 @@ def test_async_engine_resolves_names_through_the_filesystem_resolver(
     expected_base = reference_greedy(peft_model(model_dir, None), prompt, NUM_TOKENS)[0]
 
     async def main():
-        engine = AsyncEngine(LLMEngine(EngineConfig(model=str(model_dir), **SETTINGS)))
+        config = EngineConfig(model=str(model_dir), **SETTINGS)
+        # The names resolve in this process either way; the loads run in the engine loop's.
+        engine = AsyncEngine.from_config(config, engine_process=True) if engine_process \
+            else AsyncEngine(LLMEngine(config))
         outcomes = []
         try:
             engine._lora_resolution.chain.add_listener(lambda name, outcome, s: outcomes.append((name, outcome)))

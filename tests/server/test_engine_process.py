@@ -14,6 +14,7 @@ import pytest
 
 from adapters import write_peft_adapter
 from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.lora_request import lora_id_for_name
 from server.serve_process import ServeProcess
 
 PROMPTS = ["the quick brown fox", "hello world, hello", "what is the answer?"]
@@ -38,8 +39,9 @@ def is_gone(pid: int) -> bool:
         return True
 
 
-def start(ckpt, tmp_path, *extra) -> ServeProcess:
+def start(ckpt, tmp_path, *extra, env_vars=None) -> ServeProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
+    env.update(env_vars or {})
     server = ServeProcess([ckpt, "--device", "cpu", "--host", "127.0.0.1", *extra], env, tmp_path / "server.log")
     server.wait_ready()
     return server
@@ -50,9 +52,14 @@ def setup(tiny_checkpoint, tmp_path_factory):
     ckpt = str(tiny_checkpoint())
     root = tmp_path_factory.mktemp("engine-process")
     adapter = str(write_peft_adapter(root / "a", seed=5, base_model_name_or_path=ckpt))
-    server = start(ckpt, root, "--enable-lora", "--lora-modules", f"a-lora={adapter}")
+    # Adapters a resolver finds on first request (the filesystem resolver, over this directory).
+    resolvable = root / "resolvable"
+    write_peft_adapter(resolvable / "b-lora", seed=6, base_model_name_or_path=ckpt)
+    server = start(ckpt, root, "--enable-lora", "--lora-modules", f"a-lora={adapter}", "--max-loras", "2",
+                   env_vars={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
+                             "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolvable)})
     try:
-        yield {"server": server, "ckpt": ckpt, "adapter": adapter}
+        yield {"server": server, "ckpt": ckpt, "adapter": adapter, "root": root, "resolvable": resolvable}
     finally:
         server.stop()
 
@@ -99,6 +106,35 @@ def test_outputs_equal_the_offline_llm(setup):
         assert time.monotonic() < deadline, metrics
         time.sleep(0.1)
         metrics = httpx.get(server.base_url + "/metrics", timeout=10).text
+
+
+def test_adapters_resolved_and_replaced_in_place_through_the_engine_process(setup):
+    """Resolution on first request (LoRAResolution in the API process, the load in the engine's)
+    and /v1/load_lora_adapter with load_inplace (the engine's replace_lora) both reach the
+    engine process; the answers are the offline LLM's with the same adapter."""
+    server, ckpt = setup["server"], setup["ckpt"]
+    llm = LLM(ckpt, enable_lora=True)
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+
+    def served(model: str) -> str:
+        r = httpx.post(server.base_url + "/v1/completions", timeout=60,
+                       json={"model": model, "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    def offline(path: str) -> str:
+        return llm.generate(PROMPTS[1], greedy, lora_request=LoRARequest(path, lora_id_for_name(path), path),
+                            use_tqdm=False)[0].outputs[0].text
+
+    b_path = str(setup["resolvable"] / "b-lora")
+    assert served("b-lora") == offline(b_path)
+    new_a = str(write_peft_adapter(setup["root"] / "a2", seed=9, base_model_name_or_path=ckpt))
+    before = served("a-lora")
+    assert before == offline(setup["adapter"]) != offline(new_a)
+    r = httpx.post(server.base_url + "/v1/load_lora_adapter", timeout=60,
+                   json={"lora_name": "a-lora", "lora_path": new_a, "load_inplace": True})
+    assert r.status_code == 200, r.text
+    assert served("a-lora") == offline(new_a)
 
 
 def test_a_crashed_engine_process_fails_in_flight_requests_with_503(setup):

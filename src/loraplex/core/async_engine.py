@@ -13,6 +13,15 @@ token ids into streamed outputs (OutputProcessor). The loop runs either
 Both talk to the client through the same messages; nothing else differs. The client
 never touches engine state: requests, aborts, stop notices and LoRA calls are messages.
 
+Multimodal requests are preprocessed here too (images decoded and resized, audio turned
+into features), in a worker thread so the event loop never waits for it; their tensors
+travel to the engine with the request.
+
+Adapters by name (`generate(lora_name=...)`): the name is looked up in the engine, and one
+it does not know goes through LoRAResolution (core/lora/resolution.py), the one code path
+the server's backend uses too, which loads it with add_lora. This works the same whether the
+loop runs in a thread or in the engine process.
+
 Threads of the client: the callers' (event loops) submit; one output thread,
 `loraplex-outputs`, reads the loop's messages, detokenizes, checks stop strings, and
 hands each output to the asyncio.Queue of its request on the loop that submitted it
@@ -43,14 +52,16 @@ from loraplex.core.config import EngineConfig
 from loraplex.core.engine_loop import (
     Abort, AddRequest, Call, CallResult, EngineLoop, EngineStopped, Shutdown, Stats, StepOutputs, StopSequences,
     core_stats)
-from loraplex.core.input_processor import InputProcessor
+from loraplex.core.input_processor import InputProcessor, multimodal_processor
 from loraplex.core.llm_engine import LLMEngine
+from loraplex.core.lora.resolution import LoRAResolution
 from loraplex.core.output_processor import OutputProcessor
 from loraplex.core.outputs import RequestOutput
 from loraplex.core.sampling_params import SamplingParams
 from loraplex.core.tokenizer import load_tokenizer
 from loraplex.errors import EngineDeadError, InvalidRequestError
 from loraplex.lora_request import LoRARequest
+from loraplex.resolvers.chain import ResolverChain
 
 logger = logging.getLogger(__name__)
 
@@ -88,25 +99,24 @@ class ThreadHandle:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | None = None, resolver_chain=None, *, handle=None,
-                 tokenizer=None) -> None:
+                 tokenizer=None, mm_processor=None) -> None:
         """Over an LLMEngine: its loop runs in a thread here. (from_config(engine_process=True)
-        passes a process handle instead.) resolver_chain finds adapters named by
-        `generate(lora_name=...)` (in-process engines only); None: the registered resolvers."""
+        passes a process handle, the tokenizer and a multimodal model's processor instead.)
+        resolver_chain finds adapters named by `generate(lora_name=...)`; None: the registered
+        resolvers (ResolverChain.from_registry()), built on first use."""
         self.engine = engine                 # the in-process LLMEngine, None with an engine process
         if handle is None:
             handle = ThreadHandle(engine)
-            tokenizer = engine.tokenizer
+            tokenizer, mm_processor = engine.tokenizer, engine.mm_processor
         self._handle = handle
         self.tokenizer = tokenizer
-        self._inputs = InputProcessor(handle.limits, tokenizer)
+        self._inputs = InputProcessor(handle.limits, tokenizer, mm_processor)
         self._outputs = OutputProcessor(tokenizer)
         self._lora_resolution = None
-        if engine is not None and engine.lora_manager is not None:
-            from loraplex.core.lora.resolution import LoRAResolution
-            from loraplex.resolvers.chain import ResolverChain
+        if handle.limits.enable_lora:
             self._lora_resolution = LoRAResolution(
-                engine.lora_manager, engine.config.model,
-                (lambda: resolver_chain) if resolver_chain is not None else ResolverChain.from_registry)
+                load=self.add_lora, base_model_name=handle.limits.model,
+                chain_factory=(lambda: resolver_chain) if resolver_chain is not None else ResolverChain.from_registry)
         self._lock = threading.Lock()        # guards everything below, and the output processor
         self._streams: dict[str, _Stream] = {}           # core id -> stream
         self._core_ids: dict[str, str] = {}              # caller's request id -> core id
@@ -128,8 +138,17 @@ class AsyncEngine:
                 engine.lora_manager.add_served_names(served_model_names)
             return cls(engine)
         from loraplex.core.engine_process import ProcessHandle
+        from loraplex.core.model_config import ModelConfig
         tokenizer = load_tokenizer(config.model)
-        return cls(handle=ProcessHandle(config, served_model_names, log_level), tokenizer=tokenizer)
+        handle = ProcessHandle(config, served_model_names, log_level)
+        try:
+            mm_processor = multimodal_processor(config, ModelConfig.from_dir(config.model),
+                                                handle.limits.max_model_len, tokenizer)
+        except BaseException:
+            handle.send(Shutdown())
+            handle.close(10)
+            raise
+        return cls(handle=handle, tokenizer=tokenizer, mm_processor=mm_processor)
 
     @property
     def max_model_len(self) -> int:
@@ -152,6 +171,11 @@ class AsyncEngine:
         return self.tokenizer
 
     @property
+    def mm_processor(self):
+        """A multimodal model's MultimodalProcessor (what the server renders chat media with), else None."""
+        return self._inputs.mm_processor
+
+    @property
     def is_running(self) -> bool:
         return self._dead is None and not self._stopping and self._handle.is_alive()
 
@@ -167,10 +191,10 @@ class AsyncEngine:
                        lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its cumulative outputs; the last one has finished=True.
 
-        An adapter is given either as a LoRARequest or by name (`lora_name`, in-process
-        engines): a name that is not loaded is looked up through the resolver chain and
-        loaded first. A LoRARequest that is not loaded is loaded by the engine before the
-        request runs; if it cannot be, the error is raised here.
+        An adapter is given either as a LoRARequest or by name (`lora_name`): a name that is
+        not loaded is looked up through the resolver chain and loaded first. A LoRARequest that
+        is not loaded is loaded by the engine before the request runs (other requests go on
+        meanwhile); if it cannot be, the error is raised here.
 
         Leaving the iteration early (break, cancellation of the consuming task)
         aborts the request and frees its KV-cache blocks.
@@ -181,7 +205,12 @@ class AsyncEngine:
                 raise InvalidRequestError("pass lora_request or lora_name, not both")
             lora_request = await self.get_lora_request(lora_name)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        request = self._inputs.process(request_id, prompt, sampling_params, lora_request)
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            # Decoding and preprocessing images or audio takes milliseconds: not on the event loop.
+            request = await asyncio.to_thread(self._inputs.process, request_id, prompt, sampling_params,
+                                              lora_request)
+        else:
+            request = self._inputs.process(request_id, prompt, sampling_params, lora_request)
         stream = _Stream(request_id, asyncio.get_running_loop(), asyncio.Queue())
         core_id = f"{request_id}#{next(self._ids)}"
         request.request_id = core_id
@@ -230,11 +259,12 @@ class AsyncEngine:
     async def get_lora_request(self, lora_name: str) -> LoRARequest:
         """The loaded adapter `lora_name`, resolved and loaded on first use (single flight)."""
         if self._lora_resolution is None:
-            why = ("LoRA is not enabled; start the engine with enable_lora=True" if self.engine is not None
-                   else "adapter names are resolved by the server (ServingBackend) when the engine runs in "
-                        "its own process; pass a LoRARequest")
-            raise InvalidRequestError(f"request names LoRA adapter {lora_name!r}, but {why}")
-        return await self._lora_resolution.lora_request_for(lora_name)
+            raise InvalidRequestError(f"request names LoRA adapter {lora_name!r} but LoRA is not "
+                                      f"enabled; start the engine with enable_lora=True")
+        request = await self._call("find_lora", lora_name)
+        if request is None:
+            request = await self._lora_resolution.resolve(lora_name)
+        return request
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load and validate an adapter (on the engine's loader threads, beside the steps)."""
@@ -242,6 +272,11 @@ class AsyncEngine:
 
     async def remove_lora(self, lora_int_id: int) -> bool:
         return await self._call("remove_lora", lora_int_id)
+
+    async def replace_lora(self, old_lora_int_id: int, lora_request: LoRARequest) -> bool:
+        """Load a new version of an adapter under its own id (on the engine's loader threads);
+        requests already using the old id finish on its weights (LoRAManager.replace_lora)."""
+        return await self._call("replace_lora", old_lora_int_id, lora_request)
 
     async def pin_lora(self, lora_int_id: int) -> bool:
         return await self._call("pin_lora", lora_int_id)

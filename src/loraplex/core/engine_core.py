@@ -44,6 +44,7 @@ import torch
 from loraplex.core.block_manager import BlockManager
 from loraplex.core.config import EngineConfig
 from loraplex.core.input_processor import EngineLimits
+from loraplex.core.multimodal.encoder_runner import MultimodalState
 from loraplex.core.output_processor import SeqOutput
 from loraplex.core.request import Request
 from loraplex.core.sampler import HostCopy, Sampler, SamplerOutput
@@ -105,8 +106,8 @@ class EngineCore:
         """fallback_eos_token_id: the tokenizer's EOS, used when the checkpoint names none."""
         self.config = config
         if runner is None:
-            from loraplex.core.model_runner import ModelRunner
-            runner = ModelRunner(config)
+            from loraplex.core.model_runner import create_model_runner
+            runner = create_model_runner(config)
         self.runner = runner
         self.max_model_len = runner.max_model_len
         self.vocab_size = runner.vocab_size
@@ -148,12 +149,15 @@ class EngineCore:
         if request.request_id in self._requests:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         params = request.sampling_params
+        # A multimodal request's items and their encoder outputs, shared by its n sequences.
+        mm_state = MultimodalState(request.mm_inputs, params.n) if request.mm_inputs is not None else None
         seqs = []
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_counter), token_ids=list(request.prompt_token_ids),
                            num_prompt_tokens=len(request.prompt_token_ids))
             seq.request_id, seq.sample_index, seq.arrival_index = request.request_id, index, seq.seq_id
             seq.lora_request, seq.sampling_params = request.lora_request, params
+            seq.mm = mm_state
             seq.max_num_tokens = self.stop_checker.max_num_tokens(seq.num_prompt_tokens, params)
             if params.seed is not None:
                 seq.generator = torch.Generator(self.device).manual_seed(sample_seed(params.seed, index))
@@ -233,8 +237,19 @@ class EngineCore:
     def pin_lora(self, lora_int_id: int) -> bool:
         return self._require_lora().pin_lora(lora_int_id)
 
+    def replace_lora(self, old_lora_int_id: int, lora_request: LoRARequest) -> bool:
+        """Load a new version of an adapter under its own id; requests already using the old id
+        finish on the old weights, kept until remove_lora(old_lora_int_id) (LoRAManager.replace_lora)."""
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError(f"replace_lora takes a LoRARequest, got {lora_request!r}")
+        return self._require_lora().replace_lora(old_lora_int_id, lora_request)
+
     def list_loras(self) -> set[int]:
         return self._require_lora().list_loras()
+
+    def find_lora(self, lora_name: str) -> LoRARequest | None:
+        """The loaded adapter called `lora_name` (its newest version), or None."""
+        return self._require_lora().find_by_name(lora_name)
 
     # ---- the step ------------------------------------------------------------------------
 

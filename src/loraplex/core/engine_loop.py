@@ -55,7 +55,7 @@ class StopSequences(NamedTuple):
 
 class Call(NamedTuple):
     call_id: int
-    method: str                          # an EngineCore method: add_lora, remove_lora, pin_lora, list_loras
+    method: str                          # an EngineCore method named in CALLS
     args: tuple
 
 
@@ -95,8 +95,8 @@ class _CallDone(NamedTuple):
     result: CallResult
 
 
-CALLS = frozenset({"add_lora", "remove_lora", "pin_lora", "list_loras"})
-_SLOW_CALLS = frozenset({"add_lora"})
+CALLS = frozenset({"add_lora", "replace_lora", "remove_lora", "pin_lora", "list_loras", "find_lora"})
+_SLOW_CALLS = frozenset({"add_lora", "replace_lora"})
 
 
 class Inbox:
@@ -211,6 +211,16 @@ class EngineLoop:
                 if len(waiting) == 1:
                     self._load_adapter(lora)
                 return
+        except Exception as exc:  # noqa: BLE001 - the request's caller gets it
+            self.send(StepOutputs([], [(request.request_id, exc)]))
+            return
+        self._admit(request)
+
+    def _admit(self, request: Request) -> None:
+        """Queue a request whose adapter (if any) is loaded."""
+        lora = request.lora_request
+        manager = self.core.lora_manager
+        try:
             if lora is not None and manager is not None:
                 manager.check_servable(lora.lora_int_id)
             self.core.add_request(request)
@@ -232,7 +242,8 @@ class EngineLoop:
             if message.error is not None:
                 self.send(StepOutputs([], [(request.request_id, message.error)]))
             else:
-                self._add(request)
+                # Not _add: a request with load_inplace never counts as loaded, and would load again.
+                self._admit(request)
 
     def _call(self, message: Call) -> None:
         if message.method not in CALLS:

@@ -4,6 +4,10 @@ It reads only immutable facts about the engine (EngineLimits), so it runs wherev
 request arrives: in the caller's thread for LLM and AsyncEngine, in the API server
 process when the engine runs in its own process. A bad request raises here, with
 InvalidRequestError, and never reaches the engine.
+
+A multimodal model's images and audio are preprocessed here too (MultimodalProcessor):
+the Request then carries them as MultimodalInputs, plain tensors that pickle across to the
+engine process.
 """
 
 from __future__ import annotations
@@ -27,14 +31,32 @@ class EngineLimits:
     enable_lora: bool
 
 
+def multimodal_processor(config, model_config, max_model_len: int, tokenizer=None):
+    """The MultimodalProcessor of a multimodal checkpoint (model_config: its ModelConfig), else None."""
+    if model_config is None or model_config.multimodal is None:
+        return None
+    from loraplex.core.models import family
+    from loraplex.core.multimodal.processor import MultimodalProcessor
+
+    placeholder = None
+    if tokenizer is not None:
+        placeholder = tokenizer.convert_ids_to_tokens([family(model_config).placeholder_token_id(model_config)])[0]
+    return MultimodalProcessor(model_config, config.model, max_model_len=max_model_len,
+                               limits=config.limit_mm_per_prompt, placeholder_text=placeholder)
+
+
 class InputProcessor:
-    def __init__(self, limits: EngineLimits, tokenizer=None) -> None:
+    def __init__(self, limits: EngineLimits, tokenizer=None, mm_processor=None) -> None:
+        """mm_processor: a multimodal model's MultimodalProcessor (multimodal_processor()), else None."""
         self.limits = limits
         self.tokenizer = tokenizer
+        self.mm_processor = mm_processor
 
     def process(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
                 lora_request: LoRARequest | None = None) -> Request:
-        """prompt: a string, a list of token ids, or a dict with "prompt" and/or "prompt_token_ids"."""
+        """prompt: a string, a list of token ids, or a dict with "prompt" and/or "prompt_token_ids",
+        and "multi_modal_data" ({"image": PIL image(s)} or {"audio": (waveform, rate) pair(s)})
+        for a multimodal model."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -47,18 +69,26 @@ class InputProcessor:
                 f"request {request_id!r} asks for LoRA adapter {lora_request.lora_name!r} but LoRA is "
                 f"not enabled; start the engine with enable_lora=True")
         text, token_ids = self._tokenize(prompt)
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        mm_inputs = None
+        if self.mm_processor is not None:
+            token_ids, mm_inputs = self.mm_processor.process(token_ids, mm_data)
+        elif mm_data is not None:
+            raise InvalidRequestError("multi_modal_data was given, but this model takes text only; serve a "
+                                      "multimodal checkpoint (docs/multimodal.md) or drop it")
         self._check_fits(len(token_ids), params)
-        return Request(request_id, text, token_ids, params, lora_request)
+        return Request(request_id, text, token_ids, params, lora_request, mm_inputs=mm_inputs)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         text, token_ids = None, None
         if isinstance(prompt, str):
             text = prompt
         elif isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown or not prompt:
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+            if unknown or not set(prompt) & {"prompt", "prompt_token_ids"}:
                 raise InvalidRequestError(
-                    f"a prompt dict takes the keys 'prompt' and/or 'prompt_token_ids', got {sorted(prompt)}")
+                    f"a prompt dict takes the keys 'prompt' and/or 'prompt_token_ids' (and 'multi_modal_data'), "
+                    f"got {sorted(prompt)}")
             text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
             if text is not None and not isinstance(text, str):
                 raise InvalidRequestError(f"'prompt' must be a string, got {type(text).__name__}")

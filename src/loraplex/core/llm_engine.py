@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from loraplex.core.config import EngineConfig
 from loraplex.core.engine_core import EngineCore, EngineStats  # noqa: F401 - EngineStats re-exported
-from loraplex.core.input_processor import InputProcessor
+from loraplex.core.input_processor import InputProcessor, multimodal_processor
 from loraplex.core.output_processor import OutputProcessor
 from loraplex.core.outputs import RequestOutput
 from loraplex.core.request import Request
@@ -32,7 +32,10 @@ class LLMEngine:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         self.core = EngineCore(config, runner, fallback_eos_token_id=eos)
-        self.input_processor = InputProcessor(self.core.limits, self.tokenizer)
+        # A fake runner (tests) may have no model_config: text only.
+        mm_processor = multimodal_processor(config, getattr(self.core.runner, "model_config", None),
+                                            self.core.max_model_len, self.tokenizer)
+        self.input_processor = InputProcessor(self.core.limits, self.tokenizer, mm_processor)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     # The core's parts, for callers that inspect them (benchmarks, tests).
@@ -43,6 +46,7 @@ class LLMEngine:
     max_model_len = property(lambda self: self.core.max_model_len)
     vocab_size = property(lambda self: self.core.vocab_size)
     device = property(lambda self: self.core.device)
+    mm_processor = property(lambda self: self.input_processor.mm_processor)   # None for a text model
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -50,7 +54,9 @@ class LLMEngine:
                         lora_request: LoRARequest | None = None) -> Request:
         """Validate and tokenize a request without queueing it (safe from any thread).
 
-        prompt: a string, a list of token ids, or a dict with "prompt" and/or "prompt_token_ids".
+        prompt: a string, a list of token ids, or a dict with "prompt" and/or "prompt_token_ids",
+        and "multi_modal_data" ({"image": PIL image(s)} or {"audio": (waveform, rate) pair(s)})
+        for a multimodal model.
         """
         return self.input_processor.process(request_id, prompt, sampling_params, lora_request)
 
@@ -100,6 +106,11 @@ class LLMEngine:
 
     def pin_lora(self, lora_int_id: int) -> bool:
         return self.core.pin_lora(lora_int_id)
+
+    def replace_lora(self, old_lora_int_id: int, lora_request: LoRARequest) -> bool:
+        """Load a new version of an adapter under its own id; requests already using the old id
+        finish on the old weights, kept until remove_lora(old_lora_int_id) (LoRAManager.replace_lora)."""
+        return self.core.replace_lora(old_lora_int_id, lora_request)
 
     def list_loras(self) -> set[int]:
         return self.core.list_loras()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraplex.core.multimodal.inputs import MultimodalInputs
 from loraplex.core.sampling_params import SamplingParams
 from loraplex.lora_request import LoRARequest
 
@@ -15,3 +16,4 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     lora_request: LoRARequest | None = None
+    mm_inputs: MultimodalInputs | None = None      # images / audio of a multimodal prompt

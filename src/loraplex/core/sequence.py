@@ -49,6 +49,9 @@ class Sequence:
     num_preemptions: int = 0
     num_pending_tokens: int = 0         # 0 or 1: sampled by the step in flight, value not read yet
     pending_row: int = -1               # its row in that step's sampled token ids
+    # A multimodal request's items and encoder outputs (MultimodalState, shared by its n
+    # sequences); the model runner reads it. None for text-only requests.
+    mm: Any = None
 
     @property
     def num_tokens(self) -> int:

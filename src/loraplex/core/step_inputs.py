@@ -9,6 +9,11 @@ num_computed_tokens), the step holds sum(n_b) tokens laid out sequence after seq
     seq_lens                   [B]           c_b + n_b
     block_tables               [B, max_blocks], rows padded with block 0
 
+`host_step_inputs` builds them as numpy arrays (HostStepInputs), with the step's LoRA slot
+of each token once the adapters are in slots; that is all a step needs, and what rank 0 of
+a tensor-parallel group sends to the other ranks. `to_device` makes the StepInputs the
+forward pass reads.
+
 A sequence's last token may be pending (overlapped scheduling, see sequence.py): its
 value is only on the device, in the previous step's sampled ids. Its input id is then 0
 here and `pending` says where it goes; fill_pending_tokens writes it on the device.
@@ -43,21 +48,67 @@ class StepInputs:
 
 
 def fill_pending_tokens(input_ids: torch.Tensor, pending: PendingTokens | None,
-                        sampled_token_ids: torch.Tensor | None) -> None:
-    """Write the pending tokens' ids from the previous step's sampled ids, on the device."""
+                        pending_ids: torch.Tensor | None) -> None:
+    """Write the pending tokens' values (ModelRunner._pending_ids: [k], on the device) into input_ids."""
     if pending is None:
         return
-    if sampled_token_ids is None:
-        raise LoraplexError("the step computes tokens sampled by the previous step, but execute() was not "
-                            "given that step's sampled token ids")
-    device = input_ids.device
-    index = device_tensor(pending.index, torch.long, device)
-    rows = device_tensor(pending.rows, torch.long, device)
-    input_ids.index_copy_(0, index, sampled_token_ids.index_select(0, rows))
+    input_ids.index_copy_(0, device_tensor(pending.index, torch.long, input_ids.device), pending_ids)
+
+
+@dataclass
+class HostStepInputs:
+    """One step on the host (numpy; picklable). Shapes as in the module docstring."""
+    input_ids: np.ndarray        # int64
+    positions: np.ndarray        # int64
+    slot_mapping: np.ndarray     # int64
+    query_start_loc: np.ndarray  # int64
+    seq_lens: np.ndarray         # int64
+    block_tables: np.ndarray     # int32
+    max_query_len: int
+    max_seq_len: int
+    is_decode_only: bool
+    # LoRA: the slot of each token ([num_tokens] int32, -1 = base model), None when no token of
+    # the step uses an adapter; and the step's number of distinct adapters (sizes kernel grids).
+    token_slots: np.ndarray | None = None
+    num_adapters: int = 0
+    # Multimodal: the flat indices of placeholder tokens ([k] int64) and the encoder's rows for
+    # them ([k, hidden], on rank 0's device). The rows are not pickled: under tensor parallelism
+    # the other ranks get them by broadcast (ModelRunner.run).
+    mm_indices: np.ndarray | None = None
+    mm_embeds: torch.Tensor | None = None
+    # Overlapped scheduling: input ids still on the device (see the module docstring).
+    pending: PendingTokens | None = None
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, mm_embeds=None)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    def to_device(self, device: torch.device) -> StepInputs:
+        def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return device_tensor(np.ascontiguousarray(array), dtype, device)
+
+        metadata = AttentionMetadata(
+            slot_mapping=to_device(self.slot_mapping, torch.int64),
+            query_start_loc=to_device(self.query_start_loc, torch.int32),
+            seq_lens=to_device(self.seq_lens, torch.int32),
+            block_tables=to_device(self.block_tables, torch.int32),
+            logits_indices=to_device(self.query_start_loc[1:] - 1, torch.int64),
+            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, is_decode_only=self.is_decode_only)
+        return StepInputs(to_device(self.input_ids, torch.int64), to_device(self.positions, torch.int64), metadata,
+                          self.pending)
 
 
 def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_kv_blocks: int,
                         max_model_len: int, device: torch.device) -> StepInputs:
+    return host_step_inputs(scheduled, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                            max_model_len=max_model_len).to_device(device)
+
+
+def host_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_kv_blocks: int,
+                     max_model_len: int) -> HostStepInputs:
     if not scheduled:
         raise LoraplexError("execute() needs at least one scheduled sequence.")
     num_seqs = len(scheduled)
@@ -98,22 +149,11 @@ def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_k
     positions = np.arange(num_tokens) - np.repeat(query_start_loc[:-1] - computed, num_new)
     slots = block_tables[token_seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
-    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return device_tensor(np.ascontiguousarray(array), dtype, device)
-
-    metadata = AttentionMetadata(
-        slot_mapping=to_device(slots, torch.int64),
-        query_start_loc=to_device(query_start_loc, torch.int32),
-        seq_lens=to_device(seq_lens, torch.int32),
-        block_tables=to_device(block_tables, torch.int32),
-        logits_indices=to_device(query_start_loc[1:] - 1, torch.int64),
-        max_query_len=int(num_new.max()),
-        max_seq_len=int(seq_lens.max()),
-        is_decode_only=bool((num_new == 1).all()),
-    )
-    pending = PendingTokens(pending_index, pending_rows) if pending_index else None
-    return StepInputs(to_device(np.asarray(token_ids, dtype=np.int64), torch.int64),
-                      to_device(positions, torch.int64), metadata, pending)
+    return HostStepInputs(
+        input_ids=np.asarray(token_ids, dtype=np.int64), positions=positions, slot_mapping=slots,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
+        max_query_len=int(num_new.max()), max_seq_len=int(seq_lens.max()), is_decode_only=bool((num_new == 1).all()),
+        pending=PendingTokens(pending_index, pending_rows) if pending_index else None)
 
 
 def profile_step_inputs(num_tokens: int, max_model_len: int, block_size: int,

@@ -1,4 +1,7 @@
-"""POST /v1/chat/completions: the tokenizer's chat template, then one engine request."""
+"""POST /v1/chat/completions: the tokenizer's chat template, then one engine request.
+
+Image and audio content parts, and default LoRAs per modality, go through server/multimodal.py.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ from loraplex.server.sampling import chat_sampling_params
 from loraplex.server.state import ServerState
 
 
-def render_chat_prompt(tokenizer, request: ChatCompletionRequest) -> list[int]:
+def render_chat_prompt(tokenizer, request: ChatCompletionRequest, conversation: list[dict] | None = None) -> list[int]:
     """Token ids of the conversation after the model's chat template."""
     if request.continue_final_message and (request.add_generation_prompt
                                            or request.messages[-1].role != "assistant"):
         raise HTTPError(400, "continue_final_message needs add_generation_prompt=false and a final "
                              "assistant message", param="continue_final_message")
-    conversation = [{"role": m.role, "content": m.text()} for m in request.messages]
+    if conversation is None:
+        conversation = [{"role": m.role, "content": m.text()} for m in request.messages]
     kwargs = {"add_generation_prompt": request.add_generation_prompt, "tokenize": True}
     if request.continue_final_message:
         kwargs["continue_final_message"] = True
@@ -45,12 +49,20 @@ def render_chat_prompt(tokenizer, request: ChatCompletionRequest) -> list[int]:
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request, state: ServerState):
     backend = state.backend
     lora_request = await backend.lora_request_for(request.model)
-    model_name = request.model or backend.base_model_name
-    prompt_ids = render_chat_prompt(backend.tokenizer, request)
-    params = chat_sampling_params(request, len(prompt_ids), backend.max_model_len)
+    model_name = backend.response_model_name(request.model, lora_request)
+    conversation, mm_data = await _media(request, state)
+    prompt_ids = render_chat_prompt(backend.tokenizer, request, conversation)
+    num_prompt_tokens = len(prompt_ids)
+    prompt = prompt_ids
+    if mm_data:
+        num_prompt_tokens = state.multimodal.num_prompt_tokens(prompt_ids, mm_data)
+        prompt = {"prompt_token_ids": prompt_ids, "multi_modal_data": mm_data}
+        if lora_request is None:   # no adapter named: the default one of the prompt's modality, if any
+            lora_request = state.multimodal.default_lora(backend, mm_data.keys())
+    params = chat_sampling_params(request, num_prompt_tokens, backend.max_model_len)
     request_id = new_id("chatcmpl")
     run = PromptRun(0, request_id)
-    deltas = run_prompt(backend, run, prompt_ids, params, lora_request, request.n)
+    deltas = run_prompt(backend, run, prompt, params, lora_request, request.n)
     ctx = _ChatContext(request, state, model_name, run)
     if request.stream:
         try:
@@ -64,6 +76,18 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
     finally:
         state.metrics.observe_prompt_run(model_name, run)
     return JSONResponse(body)
+
+
+async def _media(request: ChatCompletionRequest, state: ServerState) -> tuple[list[dict] | None, dict]:
+    """The conversation for the template and multi_modal_data, when media or a multimodal model are involved."""
+    multimodal = state.multimodal
+    if not any(m.has_media for m in request.messages) and (multimodal is None or not multimodal.placeholders):
+        return None, {}
+    if multimodal is None:
+        raise HTTPError(400, "this server takes text only; remove the image and audio content parts",
+                        param="messages")
+    template = getattr(state.backend.tokenizer, "chat_template", None)
+    return await multimodal.parse([m.template_message() for m in request.messages], template)
 
 
 class _ChatContext:

@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "See docs/server.md.")
     add_bench_serve_arguments(bench_serve)
     bench_serve.set_defaults(func=cmd_bench_serve)
+
+    from loraplex.ray.cli import add_ray_arguments, cmd_serve_ray
+    serve_ray = subcommands.add_parser(
+        "serve-ray", help="run the OpenAI-compatible server over many replicas on Ray Serve",
+        description="Serve MODEL like `loraplex serve`, from several engine replicas on a Ray "
+                    "cluster (a local one unless --ray-address says otherwise), each request sent "
+                    "to a replica that holds its adapter. Needs loraplex[ray]; see docs/scaling.md.")
+    add_serve_arguments(serve_ray)
+    add_ray_arguments(serve_ray)
+    serve_ray.set_defaults(func=cmd_serve_ray)
     return parser
 
 

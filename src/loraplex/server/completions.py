@@ -38,7 +38,7 @@ def normalize_prompts(prompt) -> list[str | list[int]]:
 async def create_completion(request: CompletionRequest, raw: Request, state: ServerState):
     backend = state.backend
     lora_request = await backend.lora_request_for(request.model)
-    model_name = request.model or backend.base_model_name
+    model_name = backend.response_model_name(request.model, lora_request)
     prompts = normalize_prompts(request.prompt)
     if request.echo and request.logprobs is not None:
         raise HTTPError(400, "echo together with logprobs is not supported; drop one of them",

@@ -85,11 +85,39 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class MediaURL(BaseModel):
+    url: NonEmptyStr                # data:<mime>;base64,... (or http(s) where the server allows it)
+    detail: str | None = None       # OpenAI's image detail hint; accepted, not used
+
+
+class ImageURLPart(BaseModel):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class InputAudio(BaseModel):
+    data: NonEmptyStr               # base64 of the file
+    format: StrictStr = "wav"
+
+
+class InputAudioPart(BaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURLPart(BaseModel):
+    type: Literal["audio_url"]
+    audio_url: MediaURL
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart, InputAudioPart, AudioURLPart], Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: StrictStr | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -97,7 +125,17 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    @property
+    def has_media(self) -> bool:
+        return isinstance(self.content, list) and any(not isinstance(p, TextPart) for p in self.content)
+
+    def template_message(self) -> dict:
+        """{"role", "content"} with content parts as plain dicts, for core/multimodal/chat.py."""
+        content = self.content if not isinstance(self.content, list) else \
+            [part.model_dump(exclude_none=True) for part in self.content]
+        return {"role": self.role, "content": content}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -110,13 +148,15 @@ class ChatCompletionRequest(SamplingFields):
     echo: bool = False
 
 
+# Empty names and paths pass validation here: the routes refuse them with vLLM's
+# InvalidUserInput error.
 class LoadLoRAAdapterRequest(BaseModel):
-    lora_name: NonEmptyStr
-    lora_path: NonEmptyStr
+    lora_name: StrictStr
+    lora_path: StrictStr
     load_inplace: bool = False
     base_model_name: StrictStr | None = None
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
-    lora_name: NonEmptyStr
+    lora_name: StrictStr = ""
     lora_int_id: int | None = None

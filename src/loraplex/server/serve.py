@@ -13,48 +13,17 @@ import logging
 import os
 
 from loraplex.errors import ConfigError
+from loraplex.server.lora_modules import local_adapter_dirs, parse_lora_module
 
 logger = logging.getLogger("loraplex.server")
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 API_KEY_ENV = "VLLM_API_KEY"
-
-
-def parse_lora_module(text: str) -> tuple[str, str, str | None]:
-    """One --lora-modules item: 'name=path' or a JSON object {"name", "path", "base_model_name"}."""
-    if text.lstrip().startswith("{"):
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--lora-modules item {text!r} is not valid JSON ({e}); use "
-                              f"'name=path' or '{{\"name\": ..., \"path\": ...}}'") from None
-        unknown = set(spec) - {"name", "path", "base_model_name"} if isinstance(spec, dict) else set()
-        if not isinstance(spec, dict) or unknown or not isinstance(spec.get("name"), str) \
-                or not isinstance(spec.get("path"), str):
-            raise ConfigError(f"--lora-modules JSON item {text!r} needs string keys 'name' and 'path' "
-                              f"(and optionally 'base_model_name'), nothing else")
-        base = spec.get("base_model_name")
-        if base is not None and not isinstance(base, str):
-            raise ConfigError(f"--lora-modules item {text!r}: base_model_name must be a string")
-        return spec["name"], spec["path"], base
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise ConfigError(f"--lora-modules item {text!r} must be 'name=path' or a JSON object "
-                          f"with 'name' and 'path'")
-    return name, path, None
-
-
-def check_static_adapter_files(modules: list[tuple[str, str, str | None]], *, allow_pickle: bool) -> None:
-    """Refuse a --lora-modules directory that is missing or holds no usable adapter files before
-    the model loads; rank and base-model checks follow when the engine loads the adapter."""
-    from loraplex.errors import AdapterInvalidError
-    from loraplex.resolvers.validation import validate_adapter_dir
-
-    for name, path, _ in modules:
-        try:
-            validate_adapter_dir(path, allow_pickle=allow_pickle)
-        except AdapterInvalidError as e:
-            raise ConfigError(f"--lora-modules {name}={path}: {e}; fix the path or drop the module") from None
+SKIP_MODEL_NAME_VALIDATION_ENV = "VLLM_SKIP_MODEL_NAME_VALIDATION"
+DEFAULT_MAX_LORAS = 1   # vLLM's
+DEMO_MAX_LORAS = 4      # --demo's: room for every shipped adapter in one batch
+# The ranks vLLM's --max-lora-rank accepts; loraplex takes any rank >= 1 and says so.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,17 +71,62 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--disable-frontend-multiprocessing", action="store_true",
                      help="run the engine's step loop in a thread of the API server's process "
                           "instead of its own process (slower under load; for debugging)")
+    eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                     help="split the model over N GPUs of this host (N CPU processes without a GPU) (default: 1)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
     lora.add_argument("--lora-modules", nargs="+", default=[], metavar="MODULE",
-                      help="adapters loaded at start-up: 'name=path' or a JSON object "
-                           "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
-    lora.add_argument("--max-loras", type=int, default=4, help="adapters on the device at once (default: 4)")
-    lora.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default: 16)")
+                      help="adapters loaded at start-up: 'name=path' or a JSON object '{\"name\": ..., "
+                           "\"path\": ..., \"base_model_name\": ..., \"is_3d_lora_weight\": ...}'; the path "
+                           "may be a Hugging Face Hub repo id (org/repo[@revision]), downloaded at start-up")
+    lora.add_argument("--max-loras", type=int, default=None,
+                      help=f"adapters on the device at once, i.e. in one batch (default: {DEFAULT_MAX_LORAS}, "
+                           f"as in vLLM; {DEMO_MAX_LORAS} with --demo)")
+    lora.add_argument("--max-lora-rank", type=int, default=16,
+                      help=f"largest adapter rank (default: 16); vLLM accepts "
+                           f"{', '.join(map(str, VLLM_MAX_LORA_RANKS))}, loraplex any rank >= 1")
     lora.add_argument("--max-cpu-loras", type=int, default=None,
                       help="adapters kept in CPU memory (default: --max-loras)")
+    lora.add_argument("--lora-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                      help="dtype of the LoRA weights (default: auto, the model's; another dtype is refused)")
+    lora.add_argument("--lora-target-modules", nargs="+", default=None, metavar="MODULE",
+                      help="apply LoRA to these layers only (qkv_proj, o_proj, gate_up_proj, down_proj, or "
+                           "PEFT names: q_proj means qkv_proj); adapters with weights elsewhere are refused "
+                           "(default: every layer)")
     lora.add_argument("--allow-pickle-lora-weights", action="store_true",
                       help="accept adapters whose only weights are adapter_model.bin (pickle can run code)")
+    add_multimodal_arguments(parser)
+
+
+def _json_object(flag: str):
+    def parse(text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object ({e})") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object like '{{\"image\": 2}}'")
+        return value
+    return parse
+
+
+def add_multimodal_arguments(parser: argparse.ArgumentParser) -> None:
+    mm = parser.add_argument_group("multimodal (docs/multimodal.md)")
+    mm.add_argument("--limit-mm-per-prompt", type=_json_object("--limit-mm-per-prompt"), default=None,
+                    metavar="JSON", help="most items per prompt, per modality, e.g. '{\"image\": 2}' "
+                                         "(default: no cap but max_model_len)")
+    mm.add_argument("--default-mm-loras", type=_json_object("--default-mm-loras"), default=None, metavar="JSON",
+                    help="a LoRA applied to chat requests with that modality unless they name an adapter, "
+                         "e.g. '{\"audio\": \"/path/to/lora\"}' (a path, or a name a resolver finds); "
+                         "needs --enable-lora")
+    mm.add_argument("--allow-remote-media", action="store_true",
+                    help="fetch http(s) image/audio URLs in chat messages (default: data: URLs only)")
+    mm.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                    help="with --allow-remote-media: fetch only from these hosts")
+    mm.add_argument("--media-fetch-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="time allowed for one remote media download (default: 5)")
+    mm.add_argument("--max-media-bytes", type=int, default=25 * 2**20, metavar="BYTES",
+                    help="largest image or audio file accepted (default: 25 MiB)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -124,8 +138,15 @@ def engine_config_from_args(args: argparse.Namespace):
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         load_format=args.load_format, async_scheduling=args.async_scheduling,
-        enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        max_cpu_loras=args.max_cpu_loras, allow_pickle_lora_weights=args.allow_pickle_lora_weights)
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank,
+        max_loras=DEFAULT_MAX_LORAS if args.max_loras is None else args.max_loras,
+        max_cpu_loras=args.max_cpu_loras, allow_pickle_lora_weights=args.allow_pickle_lora_weights,
+        lora_dtype=args.lora_dtype,
+        lora_target_modules=tuple(args.lora_target_modules) if args.lora_target_modules else None,
+        limit_mm_per_prompt=args.limit_mm_per_prompt, default_mm_loras=args.default_mm_loras,
+        allow_remote_media=args.allow_remote_media, allowed_media_domains=args.allowed_media_domains,
+        media_fetch_timeout=args.media_fetch_timeout, max_media_bytes=args.max_media_bytes)
 
 
 def build_state(args: argparse.Namespace, engine=None):
@@ -141,16 +162,21 @@ def build_state(args: argparse.Namespace, engine=None):
     from loraplex.server.backend import ServingBackend
     from loraplex.server.demo_mode import apply_demo_args
     from loraplex.server.metrics import ServerMetrics
+    from loraplex.server.multimodal import ServerMultimodal
     from loraplex.server.state import ServerState
 
     apply_demo_args(args)
     modules = [parse_lora_module(m) for m in args.lora_modules]
     if modules and not args.enable_lora:
         raise ConfigError("--lora-modules needs --enable-lora")
-    check_static_adapter_files(modules, allow_pickle=args.allow_pickle_lora_weights)
+    if args.max_lora_rank not in VLLM_MAX_LORA_RANKS:
+        logger.warning("--max-lora-rank %d is not one of vLLM's values (%s); loraplex accepts it", args.max_lora_rank,
+                       ", ".join(map(str, VLLM_MAX_LORA_RANKS)))
+    static_adapters = local_adapter_dirs(modules, allow_pickle=args.allow_pickle_lora_weights)
     if args.max_adapter_metric_labels < 0:
         raise ConfigError("--max-adapter-metric-labels must be >= 0")
     allow_runtime = env_flag(RUNTIME_LORA_ENV, default=False)
+    skip_name_validation = env_flag(SKIP_MODEL_NAME_VALIDATION_ENV, default=False)
     if args.allow_pickle_lora_weights:
         # Resolvers read the opt-in from the environment; the flag opts them in too.
         os.environ[ALLOW_PICKLE_ENV] = "1"
@@ -165,12 +191,14 @@ def build_state(args: argparse.Namespace, engine=None):
     chain = ResolverChain.from_registry() if args.enable_lora else None
     backend = ServingBackend(engine, served_model_names=names, model_path=args.model, resolver_chain=chain,
                              allow_runtime_lora_updating=allow_runtime, enable_lora=args.enable_lora,
-                             max_model_len=getattr(engine, "max_model_len", None))
-    backend.static_adapters.extend(modules)
+                             max_model_len=getattr(engine, "max_model_len", None),
+                             skip_model_name_validation=skip_name_validation)
+    backend.static_adapters.extend(static_adapters)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
-                        api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora)
-    log_startup(args, config, engine, records, chain, allow_runtime, [m[0] for m in modules])
+                        api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
+                        multimodal=ServerMultimodal.from_engine(engine, config))
+    log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 
 
