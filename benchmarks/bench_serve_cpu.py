@@ -2,7 +2,9 @@
 
 Workload (both sides identical, built by `loraplex bench serve`'s own generator): N
 requests round robin over the demo's base model and its three adapters, prompts of
-random token ids, greedy, `ignore_eos`, a fixed number of output tokens.
+random token ids, greedy, `ignore_eos`, a fixed number of output tokens (or, with
+`--range-ratio R`, prompt and output lengths drawn within ±R of them: requests then do not
+all finish in the same step).
 
 - offline: `LLM(demo, enable_lora=True, max_num_seqs=C).generate(all N)` in a fresh
   process (after a warm-up generate that loads the adapters); tokens/s of the call.
@@ -13,10 +15,15 @@ random token ids, greedy, `ignore_eos`, a fixed number of output tokens.
   run are read from /proc, per 1000 output tokens: robust to the load of a shared machine,
   unlike wall time.
 
-Runs alternate offline and served, `--runs` times; the table gives medians and ranges.
+Runs alternate offline and served, `--runs` times; the table gives medians and ranges, and
+each run's line the machine's 1-minute load average before and after it (other processes
+share the cores: a run under load measures the share of the cores it got).
+`--client-concurrency N` drives the server with N clients (default: the concurrency, which
+is also max_num_seqs on both sides): more clients than running sequences keep requests
+queued in the engine, as `LLM.generate` has them.
 
     .venv/bin/python benchmarks/bench_serve_cpu.py [--runs 3] [--modes process thread process-sync]
-        [--offline-engine-process] [--num-prompts 256]
+        [--offline-engine-process] [--num-prompts 256] [--range-ratio 0.5] [--client-concurrency 96]
 
 `--offline-engine-process` adds the offline requests submitted all at once to an AsyncEngine
 whose loop runs in an engine process (what LLM would get from one).
@@ -47,7 +54,8 @@ def bench_args(args, num_prompts=None) -> list[str]:
     from loraplex.server.demo_mode import DEMO_SERVED_NAME
     return ["--models", DEMO_SERVED_NAME, *DEMO_ADAPTER_NAMES, "--model-distribution", "round-robin",
             "--num-prompts", str(num_prompts or args.num_prompts), "--random-input-len", str(args.input_len),
-            "--random-output-len", str(args.output_len), "--ignore-eos", "--seed", str(args.seed)]
+            "--random-output-len", str(args.output_len), "--random-range-ratio", str(args.range_ratio),
+            "--ignore-eos", "--seed", str(args.seed)]
 
 
 # ---- offline ------------------------------------------------------------------------------
@@ -71,13 +79,13 @@ def offline_worker(spec_path: str) -> None:
             continue
         loras[r.model] = LoRARequest(r.model, lora_id_for_name(r.model), str(demo_adapters_dir() / r.model))
     lora_of = [loras.get(r.model) for r in requests]
-    params = SamplingParams(temperature=0, max_tokens=requests[0].max_tokens, ignore_eos=True)
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
     warm = list(loras.values()) + [None]
     if spec.get("engine_process"):
         print(json.dumps(offline_through_engine_process(spec, requests, lora_of, params, warm)))
         return
     llm = LLM(str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"], device="cpu")
-    llm.generate([requests[0].prompt] * len(warm), params, lora_request=warm, use_tqdm=False)
+    llm.generate([requests[0].prompt] * len(warm), params[0], lora_request=warm, use_tqdm=False)
     cpu0, start = time.process_time(), time.perf_counter()
     outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
@@ -99,15 +107,16 @@ def offline_through_engine_process(spec, requests, lora_of, params, warm) -> dic
                               device="cpu")
         engine = AsyncEngine.from_config(config, engine_process=True)
 
-        async def one(name, prompt, lora) -> int:
-            async for out in engine.generate(prompt, params, name, lora_request=lora):
+        async def one(name, prompt, lora, sampling) -> int:
+            async for out in engine.generate(prompt, sampling, name, lora_request=lora):
                 final = out
             return len(final.outputs[0].token_ids)
 
         try:
-            await asyncio.gather(*(one(f"w{i}", requests[0].prompt, lora) for i, lora in enumerate(warm)))
+            await asyncio.gather(*(one(f"w{i}", requests[0].prompt, lora, params[0]) for i, lora in enumerate(warm)))
             cpu0, engine0, start = time.process_time(), cpu_seconds(engine.engine_pid), time.perf_counter()
-            counts = await asyncio.gather(*(one(f"r{i}", r.prompt, lora_of[i]) for i, r in enumerate(requests)))
+            counts = await asyncio.gather(*(one(f"r{i}", r.prompt, lora_of[i], params[i])
+                                            for i, r in enumerate(requests)))
             seconds = time.perf_counter() - start
             cpu = time.process_time() - cpu0 + cpu_seconds(engine.engine_pid) - engine0
         finally:
@@ -190,10 +199,11 @@ def run_bench(url: str, argv: list[str], result: Path, concurrency: int) -> dict
 
 
 def run_served(args, server: Server, tmp: Path) -> dict:
-    run_bench(server.url, bench_args(args, num_prompts=8), tmp / "warm.json", args.concurrency)   # adapters loaded
+    clients = args.client_concurrency or args.concurrency
+    run_bench(server.url, bench_args(args, num_prompts=8), tmp / "warm.json", clients)   # adapters loaded
     pids = {"api": server.proc.pid, "engine": server.engine_pid}
     before = {k: cpu_seconds(p) for k, p in pids.items() if p}
-    out = run_bench(server.url, bench_args(args), tmp / "run.json", args.concurrency)
+    out = run_bench(server.url, bench_args(args), tmp / "run.json", clients)
     used = {k: cpu_seconds(p) - before[k] for k, p in pids.items() if p}
     assert out["failed"] == 0, out["errors"]
     used["client"] = out["client_cpu_s"]
@@ -219,6 +229,10 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--range-ratio", type=float, default=0.0,
+                        help="vary prompt and output lengths within +-R (bench serve's --random-range-ratio)")
+    parser.add_argument("--client-concurrency", type=int, default=None,
+                        help="clients driving the server (default: --concurrency, the engines' max_num_seqs)")
     parser.add_argument("--offline-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.offline_worker:
@@ -234,18 +248,22 @@ def main() -> None:
             offline = ["offline", "offline-process"] if args.offline_engine_process else ["offline"]
             order = [*offline, *args.modes] if run % 2 == 0 else [*reversed(args.modes), *reversed(offline)]
             for name in order:
+                load_before = os.getloadavg()[0]
                 if name.startswith("offline"):
                     r = run_offline(args, spec, engine_process=name == "offline-process")
                 else:
                     r = run_served(args, servers[name], tmp)
+                r.update(load_before=load_before, load_after=os.getloadavg()[0])
                 results.setdefault(name, []).append(r)
                 print(f"run {run + 1} {name}: {json.dumps({k: round(v, 3) for k, v in r.items()})}", flush=True)
     finally:
         for server in servers.values():
             server.stop()
     offline = statistics.median(r["tok_s"] for r in results["offline"])
-    print(f"\n{args.num_prompts} requests, prompt {args.input_len}, output {args.output_len}, "
-          f"concurrency / max_num_seqs {args.concurrency}; {args.runs} runs; load {os.getloadavg()[0]:.1f}")
+    loads = [r[k] for runs in results.values() for r in runs for k in ("load_before", "load_after")]
+    print(f"\n{args.num_prompts} requests, prompt {args.input_len}, output {args.output_len} (range ratio "
+          f"{args.range_ratio}), max_num_seqs {args.concurrency}, clients {args.client_concurrency or args.concurrency}; "
+          f"{args.runs} runs; load average {min(loads):.1f}-{max(loads):.1f}")
     columns = (("ttft_p50_ms", 0, "TTFT p50 ms"), ("itl_p99_ms", 0, "ITL p99 ms"),
                ("api_cpu_s_per_1k_tok", 3, "API cpu s/1k tok"), ("engine_cpu_s_per_1k_tok", 3, "engine cpu s/1k"),
                ("client_cpu_s_per_1k_tok", 3, "client cpu s/1k"))
