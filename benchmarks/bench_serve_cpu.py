@@ -14,11 +14,15 @@ all finish in the same step).
   tokens/s. The CPU seconds the API server and the engine process used during the timed
   run are read from /proc, per 1000 output tokens: robust to the load of a shared machine,
   unlike wall time.
+- where the engine's step loop spent the run (its thread's /proc schedstat): running, waiting
+  for a core (runnable but not running: other processes had the cores), or idle (waiting for
+  work: nothing to step). Offline, the same for LLM.generate's thread.
 
 Runs alternate offline and served, `--runs` times; the table gives medians and ranges, and
 each run's line the machine's 1-minute load average before and after it (other processes
 share the cores: a run under load measures the share of the cores it got).
-`--client-concurrency N` drives the server with N clients (default: the concurrency, which
+`--client-nice N` runs the bench client at a lower priority (to see how much its own CPU
+competes with the engine on a small machine). `--client-concurrency N` drives the server with N clients (default: the concurrency, which
 is also max_num_seqs on both sides): more clients than running sequences keep requests
 queued in the engine, as `LLM.generate` has them.
 
@@ -39,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,11 +91,19 @@ def offline_worker(spec_path: str) -> None:
         return
     llm = LLM(str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"], device="cpu")
     llm.generate([requests[0].prompt] * len(warm), params[0], lora_request=warm, use_tqdm=False)
+    stats0 = llm.llm_engine.get_stats()
+    tid = threading.get_native_id()
+    sched0 = schedstat(os.getpid(), tid)
     cpu0, start = time.process_time(), time.perf_counter()
     outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    sched = [b - a for a, b in zip(sched0, schedstat(os.getpid(), tid))]
+    stats = llm.llm_engine.get_stats()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu_s": cpu}))
+    steps = stats.num_steps - stats0.num_steps
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "cpu_s": cpu, "steps": steps,
+                      "batch": (stats.num_step_seqs - stats0.num_step_seqs) / steps,
+                      **loop_shares(sched, seconds)}))
 
 
 def offline_through_engine_process(spec, requests, lora_of, params, warm) -> dict:
@@ -153,6 +166,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def schedstat(pid: int, tid: int) -> tuple[float, float]:
+    """(seconds running, seconds runnable but waiting for a core) of one thread, from /proc."""
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        run_ns, wait_ns, _ = f.read().split()
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
+def loop_shares(sched: list[float], seconds: float) -> dict[str, float]:
+    """The step loop's thread over `seconds` of load: running, waiting for a core, idle (the rest)."""
+    run, wait = sched
+    return {"loop_run": run / seconds, "loop_runq": wait / seconds, "loop_idle": max(0.0, 1 - (run + wait) / seconds)}
+
+
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -187,29 +213,55 @@ class Server:
         self.log.close()
 
 
-def run_bench(url: str, argv: list[str], result: Path, concurrency: int) -> dict:
+def run_bench(url: str, argv: list[str], result: Path, concurrency: int, nice: int = 0) -> dict:
     """One `loraplex bench serve` run; adds the CPU seconds the client itself used."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--base-url", url,
                     "--max-concurrency", str(concurrency), "--result-file", str(result), "--disable-tqdm", *argv],
-                   check=True, capture_output=True, env=child_env(), timeout=1800)
+                   check=True, capture_output=True, env=child_env(), timeout=1800,
+                   preexec_fn=(lambda: os.nice(nice)) if nice else None)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return {**json.loads(result.read_text()), "client_cpu_s": client_cpu}
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's step counters from /metrics (sent by the engine process when it goes idle)."""
+    names = {"loraplex_engine_steps_total": "steps", "loraplex_engine_step_seqs_total": "seqs"}
+    counters = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            counters[names[name]] = float(value)
+    return counters
 
 
 def run_served(args, server: Server, tmp: Path) -> dict:
     clients = args.client_concurrency or args.concurrency
     run_bench(server.url, bench_args(args, num_prompts=8), tmp / "warm.json", clients)   # adapters loaded
     pids = {"api": server.proc.pid, "engine": server.engine_pid}
+    time.sleep(0.3)                       # the engine's idle stats have arrived
+    counters0 = engine_counters(server.url)
     before = {k: cpu_seconds(p) for k, p in pids.items() if p}
-    out = run_bench(server.url, bench_args(args), tmp / "run.json", clients)
+    # The step loop runs in the engine process's main thread (in the API server's process with
+    # --disable-frontend-multiprocessing: then its thread is not told apart, and this is skipped).
+    sched0 = schedstat(server.engine_pid, server.engine_pid) if server.engine_pid else None
+    out = run_bench(server.url, bench_args(args), tmp / "run.json", clients, nice=args.client_nice)
     used = {k: cpu_seconds(p) - before[k] for k, p in pids.items() if p}
+    shares = {}
+    if sched0 is not None:
+        # Its running and queued time falls within the bench's own duration (it idles before and after).
+        shares = loop_shares([b - a for a, b in zip(sched0, schedstat(server.engine_pid, server.engine_pid))],
+                             out["duration"])
+    time.sleep(0.3)
+    counters = engine_counters(server.url)
+    steps = counters["steps"] - counters0["steps"]
     assert out["failed"] == 0, out["errors"]
     used["client"] = out["client_cpu_s"]
     per_kilo = {f"{k}_cpu_s_per_1k_tok": v / out["total_output_tokens"] * 1000 for k, v in used.items()}
     return {"tok_s": out["output_throughput"], "ttft_p50_ms": out["median_ttft_ms"],
-            "itl_p50_ms": out["median_itl_ms"], "itl_p99_ms": out["p99_itl_ms"], **per_kilo}
+            "itl_p50_ms": out["median_itl_ms"], "itl_p99_ms": out["p99_itl_ms"], **per_kilo,
+            "steps": steps, "batch": (counters["seqs"] - counters0["seqs"]) / steps, **shares}
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -231,6 +283,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--range-ratio", type=float, default=0.0,
                         help="vary prompt and output lengths within +-R (bench serve's --random-range-ratio)")
+    parser.add_argument("--client-nice", type=int, default=0,
+                        help="run the bench client at this niceness (a diagnosis: how much its CPU competes)")
     parser.add_argument("--client-concurrency", type=int, default=None,
                         help="clients driving the server (default: --concurrency, the engines' max_num_seqs)")
     parser.add_argument("--offline-worker", default=None, help=argparse.SUPPRESS)
@@ -264,7 +318,9 @@ def main() -> None:
     print(f"\n{args.num_prompts} requests, prompt {args.input_len}, output {args.output_len} (range ratio "
           f"{args.range_ratio}), max_num_seqs {args.concurrency}, clients {args.client_concurrency or args.concurrency}; "
           f"{args.runs} runs; load average {min(loads):.1f}-{max(loads):.1f}")
-    columns = (("ttft_p50_ms", 0, "TTFT p50 ms"), ("itl_p99_ms", 0, "ITL p99 ms"),
+    columns = (("batch", 1, "mean batch"), ("steps", 0, "steps"), ("loop_run", 2, "loop running"),
+               ("loop_runq", 2, "loop waits for CPU"), ("loop_idle", 2, "loop idle"),
+               ("ttft_p50_ms", 0, "TTFT p50 ms"), ("itl_p99_ms", 0, "ITL p99 ms"),
                ("api_cpu_s_per_1k_tok", 3, "API cpu s/1k tok"), ("engine_cpu_s_per_1k_tok", 3, "engine cpu s/1k"),
                ("client_cpu_s_per_1k_tok", 3, "client cpu s/1k"))
     print(f"{'path':<16} {'tokens/s':>22} {'vs offline':>11}" + "".join(f" {title:>20}" for _, _, title in columns))
@@ -274,7 +330,7 @@ def main() -> None:
         for key, digits, _ in columns:
             cells.append(spread([r[key] for r in runs], digits) if key in runs[0] else "")
         if name.startswith("offline"):       # one process (offline-process: client + engine process)
-            cells[5] = spread([r["cpu_s"] / r["tokens"] * 1000 for r in runs], 3)
+            cells[10] = spread([r["cpu_s"] / r["tokens"] * 1000 for r in runs], 3)
         print(f"{name:<16} {cells[0]:>22} {cells[1]:>11}" + "".join(f" {c:>20}" for c in cells[2:]))
 
 
