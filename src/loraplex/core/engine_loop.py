@@ -223,7 +223,8 @@ class EngineLoop:
         lora = request.lora_request
         manager = self.core.lora_manager
         try:
-            if lora is not None and manager is not None and not manager.is_loaded(lora):
+            # load_inplace asks for the files to be read again (is_loaded would refuse a new path).
+            if lora is not None and manager is not None and (lora.load_inplace or not manager.is_loaded(lora)):
                 waiting = self._waiting_for_adapter.setdefault(lora.lora_int_id, [])
                 waiting.append(request)
                 if len(waiting) == 1:
