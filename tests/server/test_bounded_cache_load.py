@@ -109,7 +109,7 @@ def test_the_bound_with_the_engine_in_its_own_process(bounded, caplog):
     server_cache = bounded["root"] / "cache-engine-process"
     expected = bounded["expected"]
     rng = random.Random(1)
-    jobs = [rng.choice(list(expected)) for _ in range(NUM_REQUESTS // 2)]
+    jobs = [rng.choice(list(expected)) for _ in range(NUM_REQUESTS // 4)]
     s3 = bounded["s3"]
     before = sum(s3.downloads(BUCKET, f"loras/b{i}/adapter_model.safetensors") for i in range(NUM_ADAPTERS))
     with caplog.at_level("INFO", logger="loraplex"), bounded["start"](server_cache, engine_process=True) as server:
