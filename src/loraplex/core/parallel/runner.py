@@ -282,7 +282,11 @@ class TensorParallelRunner:
 
     def _describe_rank(self, rank: int, error: str | None = None) -> str:
         process = self._processes[rank - 1]
-        process.join(1.0)
+        deadline = time.monotonic() + 1.0
+        # Polled, not one join: when another thread reaps the process at the same moment, our
+        # join can return before that thread has stored the exit code.
+        while process.exitcode is None and time.monotonic() < deadline:
+            process.join(0.05)
         code = process.exitcode
         if code is None:
             how = "failed"
