@@ -82,9 +82,11 @@ def test_outputs_equal_the_offline_llm(setup):
     lora = LoRARequest("a-lora", 1, setup["adapter"])
     llm = LLM(setup["ckpt"], enable_lora=True)
     for model, lora_request in (("a-lora", lora), (setup["ckpt"], None)):
-        greedy = SamplingParams(temperature=0, max_tokens=12, n=2, logprobs=2)
-        expected = llm.generate(PROMPTS, greedy, lora_request=lora_request, use_tqdm=False)
-        body = {"model": model, "prompt": PROMPTS, "max_tokens": 12, "temperature": 0, "n": 2, "logprobs": 2}
+        # Seeded (greedy takes n=1 only, as in vLLM): each sample's stream is the same in both.
+        seeded = SamplingParams(temperature=0.7, seed=3, max_tokens=12, n=2, logprobs=2)
+        expected = llm.generate(PROMPTS, seeded, lora_request=lora_request, use_tqdm=False)
+        body = {"model": model, "prompt": PROMPTS, "max_tokens": 12, "temperature": 0.7, "seed": 3, "n": 2,
+                "logprobs": 2}
         got = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60).json()["choices"]
         for choice in got:
             want = expected[choice["index"] // 2].outputs[choice["index"] % 2]
