@@ -76,7 +76,7 @@ def offline_worker(spec_path: str) -> None:
     if spec.get("engine_process"):
         print(json.dumps(offline_through_engine_process(spec, requests, lora_of, params, warm)))
         return
-    llm = LLM(str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"], device="cpu")
+    llm = LLM(str(demo_model_path()), enable_lora=True, max_loras=4, max_num_seqs=spec["concurrency"], device="cpu")
     llm.generate([requests[0].prompt] * len(warm), params, lora_request=warm, use_tqdm=False)
     cpu0, start = time.process_time(), time.perf_counter()
     outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
@@ -95,7 +95,7 @@ def offline_through_engine_process(spec, requests, lora_of, params, warm) -> dic
     from loraplex.demo import demo_model_path
 
     async def go() -> dict:
-        config = EngineConfig(model=str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"],
+        config = EngineConfig(model=str(demo_model_path()), enable_lora=True, max_loras=4, max_num_seqs=spec["concurrency"],
                               device="cpu")
         engine = AsyncEngine.from_config(config, engine_process=True)
 
