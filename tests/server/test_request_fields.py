@@ -285,3 +285,41 @@ def test_bad_values_are_400_naming_the_problem(server, body, param, message):
     # Temperatures above 1 up to 2 are fine; n > 1 with sampling too.
     assert _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "temperature": 2.0, "n": 3}) \
         .status_code == 200
+
+
+def test_through_the_engine_process(tmp_path):
+    """`loraplex serve --demo` as users run it (the engine in its own process): grammars compiled in
+    the API server reach the engine's matchers, and prompt logprobs come back, in a batch that mixes
+    the base model with resolved adapters."""
+    import os
+
+    from server.serve_process import ServeProcess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
+    server = ServeProcess(["--demo", "--device", "cpu"], env, tmp_path / "server.log")
+    try:
+        server.wait_ready()
+
+        async def fire():
+            client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+            schema = {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}
+            jobs = [client.completions.create(model=model, prompt=PROMPT, max_tokens=60, temperature=1.0, seed=i,
+                                              extra_body=schema)
+                    for i, model in enumerate(("loraplex-demo-base", "sql", "upper"))]
+            jobs.append(client.completions.create(model="upper", prompt=PROMPT, max_tokens=16, temperature=0,
+                                                  extra_body={"guided_regex": "[A-Z ]{3,6}", "prompt_logprobs": 1}))
+            jobs.append(client.completions.create(model="reverse", prompt=PROMPT, max_tokens=16, temperature=0))
+            try:
+                return await asyncio.gather(*jobs)
+            finally:
+                await client.close()
+
+        outs = asyncio.run(fire())
+    finally:
+        server.stop()
+    for out in outs[:3]:
+        jsonschema.validate(json.loads(out.choices[0].text), SCHEMA)
+    assert re.fullmatch("[A-Z ]{3,6}", outs[3].choices[0].text) and outs[3].choices[0].text.startswith("HEL")
+    plp = raw(outs[3].choices[0], "prompt_logprobs")
+    assert plp[0] is None and len(plp) == len(PROMPT) + 1          # byte-level: BOS + one token per byte
+    assert outs[4].choices[0].text == "dlrow olleh"
