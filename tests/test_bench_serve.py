@@ -40,3 +40,14 @@ def test_text_prompts_and_prompts_file(tmp_path):
     path.write_text("first prompt\n\nsecond\n")
     args = parse("--model", "base", "--num-prompts", "3", "--prompts-file", str(path))
     assert [r.prompt for r in build_requests(args)] == ["first prompt", "second", "first prompt"]
+
+
+def test_random_range_ratio_varies_prompt_and_output_lengths():
+    args = parse("--model", "base", "--num-prompts", "400", "--random-input-len", "20", "--random-output-len", "40",
+                 "--random-range-ratio", "0.5", "--seed", "1")
+    requests = build_requests(args)
+    inputs, outputs = [len(r.prompt) for r in requests], [r.max_tokens for r in requests]
+    assert min(inputs) == 10 and max(inputs) == 30 and min(outputs) == 20 and max(outputs) == 60
+    assert len(set(outputs)) > 30
+    assert [r.max_tokens for r in build_requests(args)] == outputs          # reproducible
+    assert {r.max_tokens for r in build_requests(parse("--model", "base", "--random-output-len", "40"))} == {40}

@@ -53,3 +53,36 @@ def test_failed_in_place_load_keeps_the_old_weights(setup, tmp_path):
     with pytest.raises(AdapterInvalidError, match="adapter_model.safetensors is truncated"):
         llm.add_lora(LoRARequest("live", 1, str(broken), load_inplace=True))
     assert run(llm, LoRARequest("live", 1, str(v1))) == reference[v1]
+
+
+def test_load_inplace_through_the_async_engine(setup):
+    """AsyncEngine.generate with a load_inplace request: the engine loop reloads the files once,
+    then runs the request on the new weights (a load_inplace request never counts as loaded,
+    so it must not be sent back to the loader)."""
+    import asyncio
+
+    from loraplex.core.async_engine import AsyncEngine
+    from loraplex.core.config import EngineConfig
+    from loraplex.core.llm_engine import LLMEngine
+
+    ckpt, v1, v2, reference = setup
+
+    async def main():
+        engine = AsyncEngine(LLMEngine(EngineConfig(model=ckpt, enable_lora=True, dtype="float32", device="cpu")))
+
+        async def tokens(request):
+            async for out in engine.generate(PROMPT, PARAMS, lora_request=request):
+                final = out
+            return final.outputs[0].token_ids
+
+        try:
+            assert await tokens(LoRARequest("live", 1, str(v1))) == reference[v1]
+            loads = engine.engine.lora_manager.stats["loads"]
+            got = await asyncio.wait_for(tokens(LoRARequest("live", 1, str(v2), load_inplace=True)), 60)
+            assert got == reference[v2]
+            assert await tokens(LoRARequest("live", 1, str(v2))) == reference[v2]
+            assert engine.engine.lora_manager.stats["loads"] - loads == 1
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())

@@ -283,6 +283,9 @@ def test_serve_with_tensor_parallel_size_2(tiny_checkpoint, tmp_path):
                                                   use_tqdm=False)[0].outputs[0].text
         assert answers[ckpt] == reference.generate("hello world", params, use_tqdm=False)[0].outputs[0].text
         log = server.log_path.read_text()
+        # The ranks are children of the engine process, itself spawned by the API server (it
+        # must not be daemonic: a daemonic process cannot start processes).
+        assert re.search(r"engine loop: engine process \d+", log), log
         (pid,) = re.search(r"tensor parallelism: 2 ranks \(gloo\), ranks 1-1 in processes \[(\d+)\]", log).groups()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0

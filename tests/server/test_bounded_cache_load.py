@@ -53,15 +53,18 @@ def bounded(tiny_checkpoint, tmp_path_factory, s3_server):  # noqa: F811
     outs = offline.generate([p for _, p in jobs], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
                             lora_request=loras, use_tqdm=False)
     expected = {job: out.outputs[0].text for job, out in zip(jobs, outs)}
+    def start(cache, engine_process: bool = False):
+        env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_PLUGINS": "lora_s3_resolver",
+               URI_ENV: f"s3://{BUCKET}/loras", "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
+               "VLLM_LORA_RESOLVER_CACHE_MAX_BYTES": str(2 * one), **s3_server.env()}
+        argv = ["serve", ckpt, "--served-model-name", "base", "--enable-lora", "--max-loras", "2",
+                "--max-cpu-loras", "3", "--api-key", API_KEY]
+        return real_server(argv, env, engine_process=engine_process)
+
     cache = root / "cache"
-    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_PLUGINS": "lora_s3_resolver",
-           URI_ENV: f"s3://{BUCKET}/loras", "VLLM_LORA_RESOLVER_CACHE_DIR": str(cache),
-           "VLLM_LORA_RESOLVER_CACHE_MAX_BYTES": str(2 * one), **s3_server.env()}
-    argv = ["serve", ckpt, "--served-model-name", "base", "--enable-lora", "--max-loras", "2",
-            "--max-cpu-loras", "3", "--api-key", API_KEY]
-    with real_server(argv, env) as server:
+    with start(cache) as server:
         yield {"server": server, "expected": expected, "cache": cache, "s3": s3_server, "offline": offline,
-               "local": local}
+               "local": local, "start": start, "root": root}
 
 
 def metric(server, name: str, **labels) -> float:
@@ -95,6 +98,33 @@ def test_a_quarter_sized_cache_serves_everything_right(bounded):
     assert five_xx == 0
     assert evictions > 0 and downloads > NUM_ADAPTERS          # the bound was exercised
     assert server.state.backend.engine.engine.get_stats().num_running == 0
+
+
+def test_the_bound_with_the_engine_in_its_own_process(bounded, caplog):
+    """As `loraplex serve` runs: the API process's resolver evicts from the download cache while
+    the engine process holds what it has cached or in slots (holds are file locks: they bind
+    across processes), and the API process holds what each request uses. Nothing is evicted
+    from under either: no request fails, and none finds its adapter's directory gone once it was
+    submitted (adapters nobody used for a while are evicted and resolved again: that is the bound)."""
+    server_cache = bounded["root"] / "cache-engine-process"
+    expected = bounded["expected"]
+    rng = random.Random(1)
+    jobs = [rng.choice(list(expected)) for _ in range(NUM_REQUESTS // 2)]
+    s3 = bounded["s3"]
+    before = sum(s3.downloads(BUCKET, f"loras/b{i}/adapter_model.safetensors") for i in range(NUM_ADAPTERS))
+    with caplog.at_level("INFO", logger="loraplex"), bounded["start"](server_cache, engine_process=True) as server:
+        assert server.state.backend.engine.engine_pid is not None
+        warm_up = [(f"b{i}", PROMPTS[0]) for i in range(NUM_ADAPTERS)]
+        failures = asyncio.run(run_completions(server.base_url, warm_up, expected, max_tokens=MAX_TOKENS,
+                                               concurrency=1))
+        failures += asyncio.run(run_completions(server.base_url, jobs, expected, max_tokens=MAX_TOKENS,
+                                                concurrency=CONCURRENCY))
+        evictions = metric(server, "loraplex_lora_cache_evictions_total")
+    downloads = sum(s3.downloads(BUCKET, f"loras/b{i}/adapter_model.safetensors") for i in range(NUM_ADAPTERS))
+    assert failures == []
+    assert evictions > 0 and downloads - before > NUM_ADAPTERS          # the bound was exercised
+    assert not [r for r in caplog.records if "vanished before request" in r.getMessage()]
+    assert [r for r in caplog.records if "is gone from" in r.getMessage()]       # evicted while unused
 
 
 def test_a_queued_request_whose_directory_vanished_is_resolved_again(bounded):

@@ -310,12 +310,11 @@ class AsyncEngine:
             raise EngineDeadError("the engine is shut down")
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Stop the engine loop and wait for it; unfinished consumers get EngineDeadError."""
+        """Stop the engine loop and wait for it; unfinished consumers get EngineDeadError.
+        After the engine died by itself, this only waits for the loop and the output thread."""
         with self._lock:
-            if self._stopping:
-                return
-            self._stopping = True
-        if self._dead is None and self._handle.is_alive():
+            already_stopping, self._stopping = self._stopping, True
+        if not already_stopping and self._dead is None and self._handle.is_alive():
             try:
                 self._handle.send(Shutdown())
             except EngineDeadError:

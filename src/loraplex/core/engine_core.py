@@ -79,6 +79,11 @@ class EngineStats:
     num_free_kv_blocks: int
     kv_cache_usage: float
     num_preemptions: int
+    # Forward passes run, and the sequences and tokens they computed, since start-up: their
+    # ratios are the mean batch (what a server under load keeps the device busy with).
+    num_steps: int = 0
+    num_step_seqs: int = 0
+    num_step_tokens: int = 0
 
 
 @dataclass
@@ -149,6 +154,7 @@ class EngineCore:
         self._in_flight: _InFlight | None = None
         self._seq_counter = itertools.count()
         self.num_discarded_tokens = 0        # sampled for sequences that had finished meanwhile
+        self.num_steps = self.num_step_seqs = self.num_step_tokens = 0
 
     @property
     def limits(self) -> EngineLimits:
@@ -234,7 +240,8 @@ class EngineCore:
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_blocks,
-                           bm.num_free_blocks, bm.usage, self.scheduler.num_preemptions)
+                           bm.num_free_blocks, bm.usage, self.scheduler.num_preemptions,
+                           self.num_steps, self.num_step_seqs, self.num_step_tokens)
 
     # ---- LoRA adapters (vLLM's add_lora / remove_lora / pin_lora / list_loras) -----------
 
@@ -304,6 +311,9 @@ class EngineCore:
             # its requests with that error; the rest of the batch runs again next step.
             self._fail_adapter_requests(exc)
             return None
+        self.num_steps += 1
+        self.num_step_seqs += len(scheduled)
+        self.num_step_tokens += plan.num_batched_tokens
         prompt_rows = prompt_logprob_rows(scheduled)
         if prompt_rows:
             logits = self._take_prompt_logprobs(logits, len(scheduled), prompt_rows)

@@ -10,8 +10,14 @@ Between two steps the loop takes everything in its inbox; while the engine has w
 never waits for messages, and while it has none it sleeps until one arrives. Requests
 for an adapter that is not loaded wait in the loop (not in the scheduler) while a loader
 thread reads it; one load per adapter, however many requests ask for it, and requests of
-other adapters and the base model go on meanwhile. Slow calls (add_lora) also run on the
-loader threads; the others (remove, pin, list) run between two steps.
+other adapters and the base model go on meanwhile. Slow calls (add_lora, replace_lora)
+also run on the loader threads; the others (remove, pin, list) run between two steps.
+
+Many new adapters at once (a burst of first requests): the loader pool has a thread per
+core of the host (at least 4, at most 16), so that many adapters are read, validated,
+packed and page-locked at the same time (LoRAManager loads outside its locks; reading and
+copying tensors release the GIL), and each adapter's requests join the running batch as
+soon as that adapter is loaded, not when the whole burst is.
 
 If a step raises, the loop sends EngineStopped with the error and ends: the engine is
 dead, and the client fails everything in flight.
@@ -36,7 +42,19 @@ from loraplex.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.1           # the loop sends stats at most this often while busy
-ADAPTER_LOADER_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def loader_threads() -> int:
+    """Threads loading adapters: one per core this process may use, at least 4 (loads also
+    wait for the disk), at most 16 (each Python-level part holds the GIL the steps need)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        cores = os.cpu_count() or 1
+    return max(4, min(16, cores))
+
+
+ADAPTER_LOADER_THREADS = loader_threads()
 
 
 # ---- client -> loop -----------------------------------------------------------------------
@@ -205,7 +223,8 @@ class EngineLoop:
         lora = request.lora_request
         manager = self.core.lora_manager
         try:
-            if lora is not None and manager is not None and not manager.is_loaded(lora):
+            # load_inplace asks for the files to be read again (is_loaded would refuse a new path).
+            if lora is not None and manager is not None and (lora.load_inplace or not manager.is_loaded(lora)):
                 waiting = self._waiting_for_adapter.setdefault(lora.lora_int_id, [])
                 waiting.append(request)
                 if len(waiting) == 1:

@@ -63,7 +63,9 @@ async def maybe_await(value: Any) -> Any:
 # EngineCore.get_stats() field -> metric name (without the loraplex_ prefix).
 ENGINE_STAT_NAMES = {"num_running": "num_requests_running", "num_waiting": "num_requests_waiting",
                      "kv_cache_usage": "kv_cache_usage_perc", "num_preemptions": "num_preemptions_total",
-                     "num_kv_blocks": "kv_cache_blocks", "num_free_kv_blocks": "kv_cache_free_blocks"}
+                     "num_kv_blocks": "kv_cache_blocks", "num_free_kv_blocks": "kv_cache_free_blocks",
+                     "num_steps": "engine_steps_total", "num_step_seqs": "engine_step_seqs_total",
+                     "num_step_tokens": "engine_step_tokens_total"}
 
 
 @contextlib.contextmanager

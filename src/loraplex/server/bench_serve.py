@@ -4,8 +4,8 @@ Like vLLM's `vllm bench serve`: a client in its own process sends `--num-prompts
 requests to `--base-url` (ours or any other engine's) at a fixed concurrency
 (`--max-concurrency`) and/or a Poisson arrival rate (`--request-rate`), each for a model
 drawn from `--models` (the base model's name and adapter names; uniform, Zipf or round
-robin), with a random prompt of `--random-input-len` token ids or words, streaming by
-default. It prints and writes as JSON (`--result-file`) the request throughput, output
+robin), with a random prompt of `--random-input-len` token ids or words (lengths varied
+by `--random-range-ratio`, as vLLM's), streaming by default. It prints and writes as JSON (`--result-file`) the request throughput, output
 tokens/s, time to first token (TTFT), time per output token (TPOT: a request's decode
 time over its tokens after the first), inter-token latency (ITL: the gaps between
 streamed chunks), end-to-end latency, failures, and counts per model.
@@ -65,7 +65,16 @@ def model_sequence(models: list[str], distribution: str, count: int, rng: random
     return rng.choices(models, weights=weights, k=count)
 
 
+def random_length(length: int, ratio: float, rng: random.Random) -> int:
+    """A length drawn uniformly from [length * (1 - ratio), length * (1 + ratio)], at least 1."""
+    if ratio <= 0:
+        return length
+    return max(1, rng.randint(round(length * (1 - ratio)), round(length * (1 + ratio))))
+
+
 def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
+    if not 0 <= args.random_range_ratio < 1:
+        raise SystemExit(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
     rng = random.Random(args.seed)
     models = args.models or [args.model]
     names = model_sequence(models, args.model_distribution, args.num_prompts, rng, args.zipf_s)
@@ -77,13 +86,15 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
             raise SystemExit(f"--prompts-file {args.prompts_file} holds no prompt")
     requests = []
     for i, name in enumerate(names):
+        input_len = random_length(args.random_input_len, args.random_range_ratio, rng)
         if file_prompts is not None:
             prompt = file_prompts[i % len(file_prompts)]
         elif args.prompt_format == "token-ids":
-            prompt = [rng.randrange(args.token_id_min, args.token_id_max) for _ in range(args.random_input_len)]
+            prompt = [rng.randrange(args.token_id_min, args.token_id_max) for _ in range(input_len)]
         else:
-            prompt = " ".join(rng.choice(WORDS) for _ in range(args.random_input_len))
-        requests.append(BenchRequest(i, name, prompt, args.random_output_len))
+            prompt = " ".join(rng.choice(WORDS) for _ in range(input_len))
+        requests.append(BenchRequest(i, name, prompt, random_length(args.random_output_len, args.random_range_ratio,
+                                                                     rng)))
     return requests
 
 
@@ -289,6 +300,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
                          help="random token ids (completions only) or random words (default: token-ids)")
     prompts.add_argument("--random-input-len", type=int, default=128, help="prompt length in tokens or words (default: 128)")
     prompts.add_argument("--random-output-len", type=int, default=128, help="max_tokens of each request (default: 128)")
+    prompts.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
+                         help="draw each request's input and output lengths uniformly from [len * (1 - R), "
+                              "len * (1 + R)] (default: 0, every request alike)")
     prompts.add_argument("--token-id-min", type=int, default=3, help="smallest random token id (default: 3)")
     prompts.add_argument("--token-id-max", type=int, default=256,
                          help="random token ids are below this; keep it within the vocabulary (default: 256)")

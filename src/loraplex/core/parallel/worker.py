@@ -5,6 +5,7 @@ its shard (the start-up's collectives run in lockstep with the other ranks), say
 then handles rank 0's messages in order until "stop":
 
     ("step", HostStepInputs)   run the step: the same forward pass as every rank, on this shard
+                               (input ids still on rank 0's device arrive by broadcast first)
     ("load" | "drop" | "slot", ...)   mirror rank 0's adapter state (lora_mirror.py)
     ("report",)                answer with this rank's adapter state (tests, diagnosis)
 
