@@ -89,7 +89,7 @@ def offline_worker(spec_path: str) -> None:
     if spec.get("engine_process"):
         print(json.dumps(offline_through_engine_process(spec, requests, lora_of, params, warm)))
         return
-    llm = LLM(str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"], device="cpu")
+    llm = LLM(str(demo_model_path()), enable_lora=True, max_loras=4, max_num_seqs=spec["concurrency"], device="cpu")
     llm.generate([requests[0].prompt] * len(warm), params[0], lora_request=warm, use_tqdm=False)
     stats0 = llm.llm_engine.get_stats()
     tid = threading.get_native_id()
@@ -116,7 +116,7 @@ def offline_through_engine_process(spec, requests, lora_of, params, warm) -> dic
     from loraplex.demo import demo_model_path
 
     async def go() -> dict:
-        config = EngineConfig(model=str(demo_model_path()), enable_lora=True, max_num_seqs=spec["concurrency"],
+        config = EngineConfig(model=str(demo_model_path()), enable_lora=True, max_loras=4, max_num_seqs=spec["concurrency"],
                               device="cpu")
         engine = AsyncEngine.from_config(config, engine_process=True)
 

@@ -71,7 +71,7 @@ def _mixed_params(free_run):
             text = out.text
             p = SamplingParams(temperature=0, max_tokens=24, stop=[text[len(text) // 2:len(text) // 2 + 3]])
         elif kind == 3:
-            p = SamplingParams(temperature=0, max_tokens=20, logprobs=3, n=2)
+            p = SamplingParams(temperature=0.6, seed=5 + i, max_tokens=20, logprobs=3, n=2)
         elif kind == 4:
             text = out.text
             p = SamplingParams(temperature=0, max_tokens=24, stop=[text[5:8]], include_stop_str_in_output=True,

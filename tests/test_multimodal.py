@@ -177,8 +177,9 @@ def test_n_samples_share_one_encoding(llava_llm):
     runner = llava_llm.llm_engine.runner.mm_encoder
     before = runner.num_items_encoded
     out = llava_llm.generate({"prompt": LLAVA_PROMPT, "multi_modal_data": {"image": random_image(9)}},
-                             SamplingParams(n=3, temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
-    assert len({tuple(c.token_ids) for c in out.outputs}) == 1
+                             SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=3, ignore_eos=True),
+                             use_tqdm=False)[0]
+    assert [len(c.token_ids) for c in out.outputs] == [3, 3, 3]
     assert runner.num_items_encoded - before == 1
 
 

@@ -108,6 +108,26 @@ def test_greedy_outputs_equal_one_device_and_peft(case):
     assert len(state["cached"]) == 2 and len(state["slots"]) == 2
 
 
+def test_prompt_logprobs_and_token_controls_equal_one_device(case):
+    """prompt_logprobs (prompt positions' logits returned over 16-token chunks and gathered from both
+    ranks), logit_bias and allowed_token_ids: the same on two ranks as on one device."""
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True, prompt_logprobs=2, logprobs=1,
+                            logit_bias={5: 4.0}, allowed_token_ids=list(range(3, 120)))
+    rows = range(3)
+    runs = []
+    for llm in (case.tp1, case.tp2):
+        outputs = llm.generate([{"prompt_token_ids": case.prompts[r]} for r in rows], params,
+                               lora_request=case.row_loras(rows), use_tqdm=False)
+        runs.append(outputs)
+    for one, two in zip(*runs):
+        assert one.outputs[0].token_ids == two.outputs[0].token_ids
+        assert set(one.outputs[0].token_ids) <= set(range(3, 120))
+        assert len(two.prompt_logprobs) == len(two.prompt_token_ids) and two.prompt_logprobs[0] is None
+        for a, b in zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:]):
+            assert a.keys() == b.keys()
+            assert [lp.logprob for lp in a.values()] == pytest.approx([lp.logprob for lp in b.values()], abs=1e-4)
+
+
 def test_logits_equal_one_device(case):
     """Runner-level steps (a mixed prefill, then decodes) on both; adapters rotate through the 2 slots."""
     for rows in ((0, 1, 2, 5), (3, 4), (1, 6, 2)):

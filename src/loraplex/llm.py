@@ -54,7 +54,7 @@ class LLM:
     def __init__(self, model: str, dtype: str = "auto", device: str | None = None, seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, tensor_parallel_size: int = 1, enable_lora: bool = False,
-                 max_loras: int = 4, max_lora_rank: int = 16, max_cpu_loras: int | None = None, **kwargs) -> None:
+                 max_loras: int = 1, max_lora_rank: int = 16, max_cpu_loras: int | None = None, **kwargs) -> None:
         unknown = sorted(set(kwargs) - _CONFIG_FIELDS)
         if unknown:
             raise ConfigError(f"unknown LLM argument(s) {', '.join(unknown)}; valid extra arguments "

@@ -82,16 +82,20 @@ def test_outputs_equal_the_offline_llm(setup):
     lora = LoRARequest("a-lora", 1, setup["adapter"])
     llm = LLM(setup["ckpt"], enable_lora=True)
     for model, lora_request in (("a-lora", lora), (setup["ckpt"], None)):
-        greedy = SamplingParams(temperature=0, max_tokens=12, n=2, logprobs=2)
-        expected = llm.generate(PROMPTS, greedy, lora_request=lora_request, use_tqdm=False)
-        body = {"model": model, "prompt": PROMPTS, "max_tokens": 12, "temperature": 0, "n": 2, "logprobs": 2}
+        # Seeded (greedy takes n=1 only, as in vLLM): each sample's stream is the same in both.
+        seeded = SamplingParams(temperature=0.7, seed=3, max_tokens=12, n=2, logprobs=2)
+        expected = llm.generate(PROMPTS, seeded, lora_request=lora_request, use_tqdm=False)
+        body = {"model": model, "prompt": PROMPTS, "max_tokens": 12, "temperature": 0.7, "seed": 3, "n": 2,
+                "logprobs": 2}
         got = httpx.post(server.base_url + "/v1/completions", json=body, timeout=60).json()["choices"]
         for choice in got:
             want = expected[choice["index"] // 2].outputs[choice["index"] % 2]
             assert choice["text"] == want.text
             assert choice["logprobs"]["token_logprobs"] == pytest.approx(
                 [e[t].logprob for t, e in zip(want.token_ids, want.logprobs)], abs=1e-4)
-        stop = expected[0].outputs[0].text[4:7]
+        greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12), lora_request=lora_request,
+                              use_tqdm=False)[0].outputs[0]
+        stop = greedy.text[4:7]
         want = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=12, stop=[stop]),
                             lora_request=lora_request, use_tqdm=False)[0].outputs[0]
         events = stream_completion(server.base_url, {"model": model, "prompt": PROMPTS[0], "max_tokens": 12,

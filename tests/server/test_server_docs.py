@@ -129,3 +129,18 @@ def test_every_bench_serve_flag_is_documented():
     assert len(flags) > 15
     assert flags - documented == set(), "docs/server.md's bench serve table lacks these"
     assert {n for n in documented if n.startswith("--")} - flags == set(), "documented but gone"
+
+
+def test_every_request_field_is_in_the_request_fields_tables():
+    """Each field of the request models is in exactly the table of its kind: implemented, accepted
+    without effect (ACCEPTED_WITHOUT_EFFECT) or refused unless off (UNSUPPORTED)."""
+    from loraplex.server.protocol import (
+        ACCEPTED_WITHOUT_EFFECT, UNSUPPORTED, ChatCompletionRequest, CompletionRequest)
+    text = section("Request fields").split("\n### ", 1)[0]
+    implemented_part, rest = text.split("\nAccepted without effect:\n")
+    accepted_part, refused_part = rest.split("\nRefused unless off:\n")
+    fields = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+    assert len(fields) > 70
+    assert table_names(refused_part) == set(UNSUPPORTED)
+    assert table_names(accepted_part) == set(ACCEPTED_WITHOUT_EFFECT)
+    assert table_names(implemented_part) == fields - set(UNSUPPORTED) - set(ACCEPTED_WITHOUT_EFFECT)

@@ -32,7 +32,7 @@ class EngineConfig:
     distributed_timeout_seconds: float = 600.0
     # LoRA (issue 4)
     enable_lora: bool = False
-    max_loras: int = 4
+    max_loras: int = 1                  # vLLM's default
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     allow_pickle_lora_weights: bool = False

@@ -135,7 +135,7 @@ class DecodeGraphs:
         return graph, logits
 
     def can_run(self, host: HostStepInputs) -> bool:
-        return 0 < host.num_seqs <= self.max_bs and host.is_decode_only
+        return 0 < host.num_seqs <= self.max_bs and host.is_decode_only and host.prompt_positions is None
 
     def execute(self, host: HostStepInputs, pending_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step by graph replay: float32 logits [num_seqs, vocab].

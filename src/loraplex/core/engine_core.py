@@ -28,6 +28,16 @@ tokens, no discarded rows, no overlap.
 Greedy outputs are the same either way, token for token; tests/test_async_scheduling.py
 checks it.
 
+**Structured outputs** do not change that schedule: "finish N" runs before "sample N+1", so
+when a grammar row's mask for N+1 is computed (GrammarState.masks, on the host, while the
+device runs N+1's forward pass) its matcher has already consumed the row's token of step N.
+A sequence whose grammar is complete (nothing more can follow) finishes with "stop".
+
+**Prompt logprobs**: a step that computes prompt positions of a request asking for them also
+returns their logits (step_inputs.prompt_logprob_rows), from which the core takes the prompt
+tokens' logprobs at once; reading them back waits for that step (only such steps wait). They
+are reported with the sequence's first token.
+
 Not thread-safe: one thread owns a core (the engine loop's, or LLM's caller).
 """
 
@@ -47,10 +57,13 @@ from loraplex.core.input_processor import EngineLimits
 from loraplex.core.multimodal.encoder_runner import MultimodalState
 from loraplex.core.output_processor import SeqOutput
 from loraplex.core.request import Request
-from loraplex.core.sampler import HostCopy, Sampler, SamplerOutput
+from loraplex.core.sampler import HostCopy, Sampler, SamplerOutput, TokenControls, prompt_logprobs
 from loraplex.core.scheduler import MaxLorasAdmission, Scheduler, SchedulerOutput
 from loraplex.core.sequence import Sequence
+from loraplex.core.step_inputs import prompt_logprob_rows
 from loraplex.core.stop_checker import StopChecker
+from loraplex.core.grammar import GrammarState
+from loraplex.core.structured_output import compile_grammar
 from loraplex.core.transfer import device_tensor
 from loraplex.errors import AdapterError, InvalidRequestError
 from loraplex.lora_request import LoRARequest
@@ -130,6 +143,7 @@ class EngineCore:
         self.stop_checker = StopChecker(eos, self.max_model_len)
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
+        self.grammars = GrammarState(config.model, self.vocab_size, eos, self.device)
         # A runner whose execute() cannot take the previous step's sampled ids runs in lock step.
         self.async_scheduling = config.async_scheduling and takes_sampled_token_ids(runner)
         if config.async_scheduling and not self.async_scheduling:
@@ -157,6 +171,11 @@ class EngineCore:
         params = request.sampling_params
         # A multimodal request's items and their encoder outputs, shared by its n sequences.
         mm_state = MultimodalState(request.mm_inputs, params.n) if request.mm_inputs is not None else None
+        controls = TokenControls.for_params(params)
+        grammar = params.compiled_grammar
+        if params.structured_outputs is not None and grammar is None:
+            grammar = params.compiled_grammar = compile_grammar(params.structured_outputs)
+        matchers = [self.grammars.start(grammar) for _ in range(params.n)] if grammar is not None else None
         seqs = []
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_counter), token_ids=list(request.prompt_token_ids),
@@ -164,6 +183,10 @@ class EngineCore:
             seq.request_id, seq.sample_index, seq.arrival_index = request.request_id, index, seq.seq_id
             seq.lora_request, seq.sampling_params = request.lora_request, params
             seq.mm = mm_state
+            seq.token_controls = controls
+            seq.grammar = matchers[index] if matchers is not None else None
+            if index == 0 and params.prompt_logprobs is not None:
+                seq.prompt_logprobs_k = params.prompt_logprobs
             seq.max_num_tokens = self.stop_checker.max_num_tokens(seq.num_prompt_tokens, params)
             if params.seed is not None:
                 seq.generator = torch.Generator(self.device).manual_seed(sample_seed(params.seed, index))
@@ -190,6 +213,7 @@ class EngineCore:
     def _finish_seq(self, seq: Sequence, reason: str) -> None:
         if seq.finish_reason is None:
             seq.finish_reason = reason
+        seq.grammar = None
         self.scheduler.finish(seq)
 
     def _fail_adapter_requests(self, exc: AdapterError) -> None:
@@ -290,6 +314,9 @@ class EngineCore:
         self.num_steps += 1
         self.num_step_seqs += len(scheduled)
         self.num_step_tokens += plan.num_batched_tokens
+        prompt_rows = prompt_logprob_rows(scheduled)
+        if prompt_rows:
+            logits = self._take_prompt_logprobs(logits, len(scheduled), prompt_rows)
         rows, seqs = [], []
         for row, item in enumerate(scheduled):
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -297,6 +324,25 @@ class EngineCore:
                 rows.append(row)
                 seqs.append(item.seq)
         return (logits, rows, seqs) if seqs else None
+
+    def _take_prompt_logprobs(self, logits: torch.Tensor, num_scheduled: int, prompt_rows) -> torch.Tensor:
+        """Split the prompt positions' logits off the step's (they follow the scheduled rows), and
+        keep their prompt tokens' logprobs on each sequence; returns the scheduled rows' logits."""
+        extra = logits[num_scheduled:]
+        if extra.shape[0] != sum(end - start for _, _, start, end in prompt_rows):
+            raise InvalidRequestError(f"{type(self.runner).__name__} returned no prompt-position logits; "
+                                      f"prompt_logprobs needs a runner that honours HostStepInputs.prompt_positions")
+        targets, ks = [], []
+        for _, seq, start, end in prompt_rows:
+            targets += seq.token_ids[start + 1:end + 1]
+            ks += [seq.prompt_logprobs_k] * (end - start)
+        entries = prompt_logprobs(extra, targets, ks)          # reads the device: only such steps wait
+        offset = 0
+        for _, seq, start, end in prompt_rows:
+            seq.prompt_logprobs += entries[offset:offset + end - start]
+            seq.num_prompt_logprobs_done = end
+            offset += end - start
+        return logits[:num_scheduled]
 
     def _sample(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
         # Sequences that finished while this step ran (stop token of the previous step, stop
@@ -308,7 +354,8 @@ class EngineCore:
         rows, seqs = [r for r, _ in live], [s for _, s in live]
         if len(rows) != logits.shape[0]:
             logits = logits.index_select(0, device_tensor(rows, torch.long, logits.device))
-        sampled = self.sampler(logits, seqs, [self.stop_checker.stop_ids_for(s) for s in seqs])
+        sampled = self.sampler(logits, seqs, [self.stop_checker.stop_ids_for(s) for s in seqs],
+                               self.grammars.masks(seqs))
         for row, seq in enumerate(seqs):
             seq.num_pending_tokens, seq.pending_row = 1, row
         self._in_flight = _InFlight(seqs, sampled, sampled.to_host())
@@ -326,9 +373,15 @@ class EngineCore:
                 continue
             token_id = host.token_ids[row]
             self.stop_checker.append_token(seq, token_id)
+            if seq.grammar is not None and self.grammars.accept(seq, token_id) and seq.finish_reason is None:
+                seq.finish_reason, seq.stop_reason = "stop", None     # the grammar is complete
+            prompt_lps = None
+            if seq.prompt_logprobs_k is not None and seq.num_output_tokens == 1:
+                prompt_lps, seq.prompt_logprobs = seq.prompt_logprobs, []
             outputs.append(SeqOutput(seq.request_id, seq.sample_index, token_id, host.logprobs.get(row),
-                                     seq.finish_reason, seq.stop_reason))
+                                     seq.finish_reason, seq.stop_reason, prompt_lps))
             if seq.finish_reason is not None:
+                seq.grammar = None
                 self.scheduler.finish(seq)
                 seqs = self._requests.get(seq.request_id)
                 if seqs is not None and all(s.is_finished for s in seqs):

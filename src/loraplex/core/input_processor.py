@@ -8,6 +8,11 @@ InvalidRequestError, and never reaches the engine.
 A multimodal model's images and audio are preprocessed here too (MultimodalProcessor):
 the Request then carries them as MultimodalInputs, plain tensors that pickle across to the
 engine process.
+
+What a request's sampling parameters need the tokenizer or the vocabulary for is settled here
+too, so the engine core only reads results: the prompt is truncated (truncate_prompt_tokens),
+bad words are tokenized, token ids in logit_bias / allowed_token_ids are checked against the
+vocabulary, and a structured-output constraint is compiled and validated (structured_output.py).
 """
 
 from __future__ import annotations
@@ -16,7 +21,11 @@ from dataclasses import dataclass
 
 from loraplex.core.request import Request
 from loraplex.core.sampling_params import SamplingParams
+from loraplex.core.structured_output import compile_grammar
 from loraplex.errors import InvalidRequestError
+
+# vLLM's default max_logprobs: the most top tokens per position a request may ask for.
+MAX_LOGPROBS = 20
 from loraplex.lora_request import LoRARequest
 
 
@@ -69,6 +78,8 @@ class InputProcessor:
                 f"request {request_id!r} asks for LoRA adapter {lora_request.lora_name!r} but LoRA is "
                 f"not enabled; start the engine with enable_lora=True")
         text, token_ids = self._tokenize(prompt)
+        token_ids = self._truncate(token_ids, params)
+        self._prepare_params(params)
         mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         mm_inputs = None
         if self.mm_processor is not None:
@@ -109,6 +120,55 @@ class InputProcessor:
         if not token_ids:
             raise InvalidRequestError("the prompt is empty: it needs at least one token")
         return text, list(token_ids)
+
+    def _truncate(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        keep = params.truncate_prompt_tokens
+        if keep is None:
+            return token_ids
+        if keep == -1:
+            keep = self.limits.max_model_len
+        return token_ids[-keep:] if params.truncation_side == "left" else token_ids[:keep]
+
+    def _prepare_params(self, params: SamplingParams) -> None:
+        """Check the parameters against the vocabulary, tokenize bad words, compile the grammar."""
+        vocab_size = self.limits.vocab_size
+        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
+            raise InvalidRequestError(f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater "
+                                      f"than max allowed: {MAX_LOGPROBS}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            ids = getattr(params, name) or ()
+            outside = sorted(t for t in ids if t >= vocab_size)
+            if outside:
+                raise InvalidRequestError(f"{name} holds out-of-vocabulary token ids {outside[:10]}; the "
+                                          f"vocabulary has {vocab_size} tokens (ids 0 to {vocab_size - 1})")
+        if params.bad_words and not params.bad_words_token_ids:
+            params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
+        if params.structured_outputs is not None and params.compiled_grammar is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError(f"structured outputs need the model's tokenizer.json, which "
+                                          f"{self.limits.model!r} does not have")
+            params.compiled_grammar = compile_grammar(params.structured_outputs)
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's token ids as it would start the text, and, when that tokenizes differently
+        into as many tokens, as it would follow a space (vLLM's rule)."""
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"bad_words need the model's tokenizer.json, which {self.limits.model!r} "
+                                      f"does not have")
+        out: list[list[int]] = []
+        for word in words:
+            bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if not bare:
+                raise InvalidRequestError(f"bad_words entry {word!r} tokenizes to no token")
+            out.append(bare)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+                out.append(spaced)
+        outside = sorted({t for ids in out for t in ids if t >= self.limits.vocab_size})
+        if outside:
+            raise InvalidRequestError(f"bad_words tokenize to token ids {outside[:10]} outside the model's "
+                                      f"vocabulary of {self.limits.vocab_size}")
+        return out
 
     def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         limits = self.limits

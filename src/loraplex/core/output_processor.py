@@ -39,8 +39,11 @@ class SeqOutput(NamedTuple):
     token_id: int
     # (logprob, rank, [(token id, logprob)] of the top k), when the request asked for logprobs
     logprobs: tuple[float, int, list[tuple[int, float]]] | None
-    finish_reason: str | None                # "stop" (EOS or a stop id) or "length"
+    finish_reason: str | None                # "stop" (EOS, a stop id, a complete grammar) or "length"
     stop_reason: int | None
+    # With a request's first token, when it asked for prompt_logprobs: one entry per prompt
+    # token after the first, in the format of `logprobs`.
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -59,6 +62,7 @@ class _RequestState:
     request: Request
     stream: bool
     seqs: list[_SeqState]
+    prompt_logprobs: list | None = None       # [None, {token_id: Logprob}, ...] once known
 
     @property
     def is_finished(self) -> bool:
@@ -84,7 +88,8 @@ class OutputProcessor:
             state = _SeqState(index, logprobs=[] if params.logprobs is not None else None)
             if self.tokenizer is not None:
                 state.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
-                                                           params.skip_special_tokens)
+                                                           params.skip_special_tokens,
+                                                           params.spaces_between_special_tokens)
             seqs.append(state)
         self._requests[request.request_id] = _RequestState(request, stream, seqs)
 
@@ -106,6 +111,10 @@ class OutputProcessor:
             seq = state.seqs[out.index]
             if seq.finish_reason is not None:
                 continue
+            if out.prompt_logprobs is not None:
+                prompt = state.request.prompt_token_ids
+                state.prompt_logprobs = [None] + [self._logprob_entry(prompt[i + 1], *entry)
+                                                  for i, entry in enumerate(out.prompt_logprobs)]
             if self._append(state.request.sampling_params, seq, out):
                 stopped.append((out.request_id, out.index))
             touched[out.request_id] = state
@@ -198,7 +207,8 @@ class OutputProcessor:
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=list(request.prompt_token_ids),
             outputs=[self._completion(request.sampling_params, s) for s in state.seqs],
-            finished=state.is_finished, lora_request=request.lora_request)
+            finished=state.is_finished, lora_request=request.lora_request,
+            prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None)
 
     @staticmethod
     def _completion(params, seq: _SeqState) -> CompletionOutput:

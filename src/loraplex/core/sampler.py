@@ -1,10 +1,19 @@
 """Sampler: turns a batch of next-token logits into tokens, with batched tensor ops.
 
-Order of processing (vLLM's): min_tokens mask -> repetition penalty ->
-frequency/presence penalties -> greedy argmax, or temperature -> top-k ->
-top-p -> min-p -> sample. Returned logprobs come from the raw logits (the
-log-softmax of what the model produced, before any of the above), as vLLM does
-by default, and are computed only for the rows whose request asked for them.
+Order of processing (vLLM's): structured-output grammar mask -> allowed_token_ids ->
+bad words -> min_tokens mask -> logit_bias -> repetition penalty -> frequency/presence
+penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
+Returned logprobs come from the raw logits (the log-softmax of what the model produced,
+with only the grammar's mask applied, before anything else above), as vLLM does by
+default, and are computed only for the rows whose request asked for them.
+
+Token controls (logit_bias, allowed_token_ids, bad words) are turned into host tensors
+once per request (TokenControls, built when the request is added); each step gathers
+those of the rows that have them into one index tensor per kind, and the device applies
+them in one scatter each. The grammar masks come filled by the engine
+(structured_output.GrammarState) as one bitmask of the grammar rows. A grammar row that
+the other controls leave without any allowed token (min_tokens forbidding the EOS the
+grammar requires, say) falls back to the grammar's mask alone, decided on the device.
 
 The result stays on the device (SamplerOutput): the engine feeds the sampled ids
 to the next step without the host reading them, and copies them back with one
@@ -31,7 +40,38 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.core.sequence import Sequence
+from loraplex.core.grammar import GrammarMasks, bitmask_to_bool
 from loraplex.core.transfer import device_tensor
+
+
+class TokenControls:
+    """A request's logit_bias, allowed_token_ids and bad words as host tensors, built once."""
+
+    def __init__(self, params) -> None:
+        bias = params.logit_bias or {}
+        self.bias_ids = torch.tensor(list(bias), dtype=torch.long) if bias else None
+        self.bias_values = torch.tensor(list(bias.values()), dtype=torch.float32) if bias else None
+        allowed = params.allowed_token_ids
+        self.allowed_ids = torch.tensor(allowed, dtype=torch.long) if allowed else None
+        self.bad_words = params.bad_words_token_ids or []
+
+    @staticmethod
+    def for_params(params) -> TokenControls | None:
+        if params.logit_bias or params.allowed_token_ids or params.bad_words_token_ids:
+            return TokenControls(params)
+        return None
+
+    def banned_now(self, output_token_ids: list[int]) -> list[int]:
+        """Last tokens of bad words whose other tokens end the output (vLLM's rule: only the
+        output counts, not the prompt)."""
+        banned = []
+        for ids in self.bad_words:
+            prefix = len(ids) - 1
+            if prefix > len(output_token_ids):
+                continue
+            if prefix == 0 or output_token_ids[-prefix:] == ids[:-1]:
+                banned.append(ids[-1])
+        return banned
 
 
 @dataclass
@@ -124,22 +164,32 @@ class Sampler:
         self.generator = generator   # for unseeded sequences; None: torch's global one
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 stop_ids: list[set[int]]) -> SamplerOutput:
+                 stop_ids: list[set[int]], grammar: GrammarMasks | None = None) -> SamplerOutput:
         """logits: [batch, vocab] float32, row i for seqs[i]. stop_ids[i]: ids that end seqs[i]
-        (masked while it has fewer than min_tokens output tokens)."""
+        (masked while it has fewer than min_tokens output tokens). grammar: the structured-output
+        masks of the rows that have a grammar."""
         logits = logits.float()
         device = logits.device
         params = [s.sampling_params for s in seqs]
+        if grammar is not None:
+            logits = apply_grammar(logits, grammar)
         raw = logits
         logits = logits.clone()
 
+        apply_token_controls(logits, seqs)
         # min_tokens: forbid stopping too early.
+        rows, ids = [], []
         for i, (seq, p) in enumerate(zip(seqs, params)):
             if seq.num_output_tokens < p.min_tokens and stop_ids[i]:
-                ids = sorted(t for t in stop_ids[i] if t < logits.shape[1])
-                logits[i, device_tensor(ids, torch.long, device)] = float("-inf")
-
+                stop = [t for t in stop_ids[i] if t < logits.shape[1]]
+                rows += [i] * len(stop)
+                ids += stop
+        if rows:
+            logits.index_put_((device_tensor(rows, torch.long, device), device_tensor(ids, torch.long, device)),
+                              torch.tensor(float("-inf"), device=device))
         logits = apply_penalties(logits, seqs)
+        if grammar is not None:
+            logits = keep_a_grammar_token(logits, raw, grammar)
         tokens = logits.argmax(dim=-1)                                 # [batch]
         greedy = [p.is_greedy for p in params]
         if not all(greedy):
@@ -170,6 +220,54 @@ class Sampler:
         return (probs / q.clamp_min(1e-20)).argmax(dim=-1)
 
 
+def apply_grammar(logits: torch.Tensor, grammar: GrammarMasks) -> torch.Tensor:
+    """logits with every token the rows' grammars forbid at -inf (a new tensor)."""
+    index = device_tensor(grammar.rows, torch.long, logits.device)
+    allowed = bitmask_to_bool(grammar.bitmask, logits.shape[1])                 # [m, vocab]
+    masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, index, masked)
+
+
+def keep_a_grammar_token(logits: torch.Tensor, grammar_logits: torch.Tensor, grammar: GrammarMasks) -> torch.Tensor:
+    """Grammar rows left with no allowed token by the other controls take the grammar's logits alone."""
+    index = device_tensor(grammar.rows, torch.long, logits.device)
+    rows = logits.index_select(0, index)
+    dead = torch.isneginf(rows).all(dim=-1, keepdim=True)                    # [m, 1], decided on the device
+    return logits.index_copy(0, index, torch.where(dead, grammar_logits.index_select(0, index), rows))
+
+
+def apply_token_controls(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """allowed_token_ids, bad words and logit_bias, in place; one scatter per kind for the whole batch."""
+    controlled = [(i, s.token_controls) for i, s in enumerate(seqs) if s.token_controls is not None]
+    if not controlled:
+        return
+    device, vocab = logits.device, logits.shape[1]
+    allowed = [(i, c.allowed_ids) for i, c in controlled if c.allowed_ids is not None]
+    if allowed:
+        rows = device_tensor([i for i, _ in allowed], torch.long, device)
+        ids = torch.cat([a for _, a in allowed])
+        which = torch.repeat_interleave(torch.arange(len(allowed)), torch.tensor([len(a) for _, a in allowed]))
+        keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=device)
+        keep[device_tensor(which, torch.long, device), device_tensor(ids, torch.long, device)] = True
+        logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill(~keep, float("-inf")))
+    banned_rows, banned_ids = [], []
+    for i, c in controlled:
+        if c.bad_words:
+            banned = c.banned_now(seqs[i].output_token_ids)
+            banned_rows += [i] * len(banned)
+            banned_ids += banned
+    if banned_rows:
+        logits.index_put_((device_tensor(banned_rows, torch.long, device), device_tensor(banned_ids, torch.long, device)),
+                          torch.tensor(float("-inf"), device=device))
+    biased = [(i, c) for i, c in controlled if c.bias_ids is not None]
+    if biased:
+        rows = torch.cat([torch.full((len(c.bias_ids),), i, dtype=torch.long) for i, c in biased])
+        ids = torch.cat([c.bias_ids for _, c in biased])
+        values = torch.cat([c.bias_values for _, c in biased])
+        logits.index_put_((device_tensor(rows, torch.long, device), device_tensor(ids, torch.long, device)),
+                          device_tensor(values, torch.float32, device), accumulate=True)
+
+
 def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int) -> SampledLogprobs:
     """Log-softmax of the raw logits of `rows` only: the sampled token's logprob and rank, and the
     top k (every row gets the largest k asked; each keeps its own k on the host)."""
@@ -179,6 +277,18 @@ def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], k:
     ranks = (logprobs > chosen).sum(dim=-1) + 1                              # [m]
     top_values, top_ids = logprobs.topk(max(1, min(k, logprobs.shape[-1])), dim=-1)   # [m, k]
     return SampledLogprobs(rows, chosen[:, 0], ranks, top_ids, top_values)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[tuple]:
+    """Host entries (logprob, rank, [(token id, logprob)] of the top k) of prompt tokens: row i of
+    `logits` ([r, vocab], the position before targets[i]) scores targets[i] with ks[i] top tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)                                     # [r, vocab]
+    target = device_tensor(targets, torch.long, logits.device)[:, None]
+    chosen = logprobs.gather(1, target)                                                      # [r, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_values, top_ids = logprobs.topk(max(1, min(max(ks), logprobs.shape[-1])), dim=-1)
+    chosen, ranks, top_ids, top_values = (t.tolist() for t in (chosen[:, 0], ranks, top_ids, top_values))
+    return [(chosen[i], ranks[i], list(zip(top_ids[i][:k], top_values[i][:k]))) for i, k in enumerate(ks)]
 
 
 def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:

@@ -52,6 +52,17 @@ class Sequence:
     # A multimodal request's items and encoder outputs (MultimodalState, shared by its n
     # sequences); the model runner reads it. None for text-only requests.
     mm: Any = None
+    # Sampling state beyond SamplingParams: the request's token controls (sampler.TokenControls:
+    # logit_bias, allowed_token_ids, bad words; shared by its n sequences), and this sequence's
+    # structured-output matcher (structured_output.GrammarState). None when not used.
+    token_controls: Any = None
+    grammar: Any = None
+    # prompt_logprobs (sample 0 of a request that asks for them): top k per prompt position, the
+    # positions done so far (logits at position p score prompt token p + 1), and the entries
+    # computed but not yet reported.
+    prompt_logprobs_k: int | None = None
+    num_prompt_logprobs_done: int = 0
+    prompt_logprobs: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -17,6 +17,10 @@ forward pass reads.
 A sequence's last token may be pending (overlapped scheduling, see sequence.py): its
 value is only on the device, in the previous step's sampled ids. Its input id is then 0
 here and `pending` says where it goes; fill_pending_tokens writes it on the device.
+
+A request that asks for prompt_logprobs needs the logits of every prompt position, not
+only of each sequence's last token: `prompt_positions` lists those tokens' flat indices,
+and the runner returns their logits after the scheduled rows' (logits_indices covers both).
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class HostStepInputs:
     mm_embeds: torch.Tensor | None = None
     # Overlapped scheduling: input ids still on the device (see the module docstring).
     pending: PendingTokens | None = None
+    # Flat indices of prompt positions whose logits are returned too (prompt_logprobs), or None.
+    prompt_positions: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__, mm_embeds=None)
@@ -85,6 +91,11 @@ class HostStepInputs:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    def logits_indices(self) -> np.ndarray:
+        """The tokens whose logits the step returns: each sequence's last, then the prompt positions."""
+        last = self.query_start_loc[1:] - 1
+        return last if self.prompt_positions is None else np.concatenate([last, self.prompt_positions])
 
     def to_device(self, device: torch.device) -> StepInputs:
         def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -95,10 +106,25 @@ class HostStepInputs:
             query_start_loc=to_device(self.query_start_loc, torch.int32),
             seq_lens=to_device(self.seq_lens, torch.int32),
             block_tables=to_device(self.block_tables, torch.int32),
-            logits_indices=to_device(self.query_start_loc[1:] - 1, torch.int64),
+            logits_indices=to_device(self.logits_indices(), torch.int64),
             max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, is_decode_only=self.is_decode_only)
         return StepInputs(to_device(self.input_ids, torch.int64), to_device(self.positions, torch.int64), metadata,
                           self.pending)
+
+
+def prompt_logprob_rows(scheduled: list[ScheduledSeq]) -> list[tuple[int, object, int, int]]:
+    """(row, sequence, start, end) of the scheduled sequences that need prompt logprobs: their
+    positions start..end-1, computed in this step, each score the prompt token after it."""
+    rows = []
+    for b, s in enumerate(scheduled):
+        seq = s.seq
+        if seq.prompt_logprobs_k is None:
+            continue
+        start = max(seq.num_computed_tokens, seq.num_prompt_logprobs_done)
+        end = min(seq.num_computed_tokens + s.num_new_tokens, seq.num_prompt_tokens - 1)
+        if start < end:
+            rows.append((b, seq, start, end))
+    return rows
 
 
 def prepare_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_kv_blocks: int,
@@ -149,11 +175,14 @@ def host_step_inputs(scheduled: list[ScheduledSeq], *, block_size: int, num_kv_b
     positions = np.arange(num_tokens) - np.repeat(query_start_loc[:-1] - computed, num_new)
     slots = block_tables[token_seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
+    prompt_positions = [query_start_loc[b] + p - computed[b] for b, _, start, end in prompt_logprob_rows(scheduled)
+                        for p in range(start, end)]
     return HostStepInputs(
         input_ids=np.asarray(token_ids, dtype=np.int64), positions=positions, slot_mapping=slots,
         query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
         max_query_len=int(num_new.max()), max_seq_len=int(seq_lens.max()), is_decode_only=bool((num_new == 1).all()),
-        pending=PendingTokens(pending_index, pending_rows) if pending_index else None)
+        pending=PendingTokens(pending_index, pending_rows) if pending_index else None,
+        prompt_positions=np.asarray(prompt_positions, dtype=np.int64) if prompt_positions else None)
 
 
 def profile_step_inputs(num_tokens: int, max_model_len: int, block_size: int,

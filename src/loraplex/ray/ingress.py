@@ -33,7 +33,8 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
         route_by_adapter=route_by_adapter)
     return ServerState(backend, metrics=ClusterMetrics(max_adapter_labels=serve_args.max_adapter_metric_labels),
                        api_key=serve_args.api_key,
-                       allow_runtime_lora_updating=allow_runtime and serve_args.enable_lora)
+                       allow_runtime_lora_updating=allow_runtime and serve_args.enable_lora,
+                       structured_outputs_defaults=dict(getattr(serve_args, "structured_outputs_config", None) or {}))
 
 
 @serve.ingress()

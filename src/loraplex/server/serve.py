@@ -96,6 +96,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--allow-pickle-lora-weights", action="store_true",
                       help="accept adapters whose only weights are adapter_model.bin (pickle can run code)")
     add_multimodal_arguments(parser)
+    so = parser.add_argument_group("structured outputs (docs/server.md, \"Structured outputs\")")
+    so.add_argument("--structured-outputs-config", type=structured_outputs_config, default={}, metavar="JSON",
+                    help="vLLM's structured-outputs settings: backend ('auto' or 'guidance': llguidance), and "
+                         "the defaults of requests that do not set them, disable_any_whitespace and "
+                         "disable_additional_properties, e.g. '{\"disable_any_whitespace\": true}'")
+
+
+# --structured-outputs-config: vLLM's StructuredOutputsConfig keys that loraplex reads.
+STRUCTURED_OUTPUTS_BACKENDS = ("auto", "guidance")
+STRUCTURED_OUTPUTS_OPTIONS = ("disable_any_whitespace", "disable_additional_properties")
+
+
+def structured_outputs_config(text: str) -> dict[str, bool]:
+    """Parse --structured-outputs-config: the request defaults it sets (argparse type)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--structured-outputs-config must be a JSON object ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--structured-outputs-config must be a JSON object like "
+                                         "'{\"disable_any_whitespace\": true}'")
+    backend = value.pop("backend", "auto")
+    if backend not in STRUCTURED_OUTPUTS_BACKENDS:
+        raise argparse.ArgumentTypeError(f"--structured-outputs-config: backend {backend!r} is not available; "
+                                         f"loraplex's grammar engine is llguidance ('guidance' or 'auto')")
+    if value.pop("reasoning_parser", "") not in ("", None):
+        raise argparse.ArgumentTypeError("--structured-outputs-config: there is no reasoning parser")
+    unknown = sorted(set(value) - set(STRUCTURED_OUTPUTS_OPTIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--structured-outputs-config: unknown key(s) {unknown}; it takes backend, "
+                                         f"{', '.join(STRUCTURED_OUTPUTS_OPTIONS)}")
+    if not all(isinstance(v, bool) for v in value.values()):
+        raise argparse.ArgumentTypeError("--structured-outputs-config: options must be true or false")
+    return value
 
 
 def _json_object(flag: str):
@@ -197,7 +231,8 @@ def build_state(args: argparse.Namespace, engine=None):
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
-                        multimodal=ServerMultimodal.from_engine(engine, config))
+                        multimodal=ServerMultimodal.from_engine(engine, config),
+                        structured_outputs_defaults=dict(args.structured_outputs_config))
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 

@@ -22,3 +22,5 @@ class ServerState:
     # Image/audio content parts and default LoRAs per modality (server/multimodal.py); None in
     # tests that build a state by hand.
     multimodal: Any = None
+    # --structured-outputs-config: options requests do not set themselves (server/sampling.py).
+    structured_outputs_defaults: dict = field(default_factory=dict)
