@@ -43,14 +43,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loraplex.core.config import EngineConfig
 from loraplex.core.engine_loop import (
-    Abort, AddRequest, Call, CallResult, EngineLoop, EngineStopped, Shutdown, Stats, StepOutputs, StopSequences,
+    Abort, AddRequest, Call, CallResult, EngineStopped, Shutdown, Stats, StepOutputs, StopSequences, ThreadHandle,
     core_stats)
 from loraplex.core.input_processor import InputProcessor, multimodal_processor
 from loraplex.core.llm_engine import LLMEngine
@@ -71,30 +70,6 @@ class _Stream:
     request_id: str                      # the caller's id (the core's is internal)
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-
-
-class ThreadHandle:
-    """The engine loop in a thread of this process."""
-
-    def __init__(self, llm_engine: LLMEngine) -> None:
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.loop = EngineLoop(llm_engine.core, self._outbox.put)
-        self.limits, self.info = llm_engine.core.limits, {}
-        self.thread = threading.Thread(target=self.loop.run, name="loraplex-engine", daemon=True)
-        self.thread.start()
-
-    def is_alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def send(self, message) -> None:
-        self.loop.inbox.put(message)
-
-    def recv(self):
-        return self._outbox.get()
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        if threading.current_thread() is not self.thread:
-            self.thread.join(timeout)
 
 
 class AsyncEngine:

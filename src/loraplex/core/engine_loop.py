@@ -1,7 +1,7 @@
 """EngineLoop: an EngineCore stepping in a busy loop, talking to its client only through messages.
 
-The same loop runs in a thread of the caller's process (AsyncEngine over an LLMEngine)
-or alone in the engine process (`loraplex serve`, engine_process.py); only the transport
+The same loop runs in a thread of the caller's process (ThreadHandle, below: AsyncEngine
+over an LLMEngine) or alone in the engine process (`loraplex serve`, engine_process.py); only the transport
 differs. The client sends requests, aborts, stop notices and calls into the loop's
 inbox; the loop sends back one StepOutputs per step, call results, stats, and a last
 EngineStopped.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, NamedTuple
 
 from loraplex.core.engine_core import EngineCore
+from loraplex.core.llm_engine import LLMEngine
 from loraplex.core.output_processor import SeqOutput
 from loraplex.core.request import Request
 from loraplex.errors import InvalidRequestError
@@ -287,3 +289,27 @@ class EngineLoop:
         if self._loader is None:
             self._loader = ThreadPoolExecutor(ADAPTER_LOADER_THREADS, thread_name_prefix="loraplex-lora-load")
         return self._loader
+
+
+class ThreadHandle:
+    """The engine loop in a thread of this process."""
+
+    def __init__(self, llm_engine: LLMEngine) -> None:
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.loop = EngineLoop(llm_engine.core, self._outbox.put)
+        self.limits, self.info = llm_engine.core.limits, {}
+        self.thread = threading.Thread(target=self.loop.run, name="loraplex-engine", daemon=True)
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def send(self, message) -> None:
+        self.loop.inbox.put(message)
+
+    def recv(self):
+        return self._outbox.get()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
