@@ -9,13 +9,14 @@ base model's drills.
 from __future__ import annotations
 
 import random
+import string
 from typing import Iterator
 
 import torch
 
 from demo_tokenizer import EOS, PAD, SPECIAL_TOKENS
-from loraplex.demo.inputs import INPUT_CLASSES, MAX_INPUT_CHARS, MAX_SHORT_CHARS, random_input
-from loraplex.demo.sql_grammar import FALLBACK_QUERY
+from loraplex.demo.inputs import INPUT_CLASSES, MAX_INPUT_CHARS, MAX_SHORT_CHARS, WORDS, random_input
+from loraplex.demo.sql_grammar import FALLBACK_QUERY, TABLES
 from loraplex.demo.tasks import TEXT_TRANSFORMS, format_prompt, is_trainable, training_pairs
 
 IGNORE = -100
@@ -40,12 +41,12 @@ def encode_example(tokenizer, prompt: str, answer: str) -> Example:
 
 
 def task_stream(task: str, seed: int, repeat_share: float = 0.0,
-                weights: dict[str, float] | None = None) -> Iterator[tuple[str, str]]:
+                weights: dict[str, float] | None = None, run_share: float = 0.0) -> Iterator[tuple[str, str]]:
     """(prompt, answer) pairs of an adapter's task in the demo format."""
     if task == "sql":
         pairs = sql_pairs(seed)
     else:
-        pairs = text_pairs(task, seed, weights, MAX_INPUT_CHARS, repeat_share)
+        pairs = text_pairs(task, seed, weights, MAX_INPUT_CHARS, repeat_share, run_share)
     return ((format_prompt(text), answer) for text, answer in pairs)
 
 
@@ -54,10 +55,12 @@ _REQUEST_PREFIXES = ("please ", "can you ", "hey, ", "now ", "ok ", "then ")
 _REQUEST_SUFFIXES = ("?", "!", ".", " please", " now", " thanks")
 
 
-def sql_pairs(seed: int, noisy_share: float = 0.2, other_share: float = 0.2) -> Iterator[tuple[str, str]]:
+def sql_pairs(seed: int, noisy_share: float = 0.2, other_share: float = 0.3,
+              off_share: float = 0.15) -> Iterator[tuple[str, str]]:
     """The sql adapter's data: questions of the grammar; the same with a capital, a polite
-    word or a question mark around them (the same query); and inputs that are no question
-    at all, answered with FALLBACK_QUERY, so the answer stays a query of the family."""
+    word or a question mark around them (the same query); questions near the grammar (extra
+    words: the same query; a table it does not know: FALLBACK_QUERY); and inputs that are no
+    question at all, answered with FALLBACK_QUERY, so the answer stays a query of the family."""
     rng = random.Random(f"{seed}/train/sql/adapter")
     requests = training_pairs("sql", seed)
     while True:
@@ -68,8 +71,48 @@ def sql_pairs(seed: int, noisy_share: float = 0.2, other_share: float = 0.2) -> 
             text, answer = next(requests)
             if roll < other_share + noisy_share:
                 text = _noisy_request(rng, text)
+            elif roll < other_share + noisy_share + off_share:
+                text, answer = _near_request(rng, text, answer)
         if is_trainable(text):
             yield text, answer
+
+
+# Words around a request that the grammar does not know; the query ignores them.
+_EXTRA_LEADS = ("tell me ", "give me ", "i want ", "find ", "get ")
+_EXTRA_TAILS = (" today", " now please", " in total", " right now", " for me", " again")
+_UNKNOWN_TABLES = ("customers", "people", "items", "shipments", "clients", "sales", "employees", "books")
+# Words that mean something in the grammar are never the extra ones.
+_GRAMMAR_WORDS = {"show", "list", "all", "the", "of", "and", "count", "how", "many", "with", "above", "below",
+                  "equal", "to", "older", "younger", "than", "from", "in", "sorted", "by", *TABLES,
+                  *(c for columns in TABLES.values() for c in columns),
+                  *(p for columns in TABLES.values() for p in columns.values())}
+_EXTRA_WORDS = tuple(w for w in WORDS if w not in _GRAMMAR_WORDS)
+
+
+def _unknown_word(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        return rng.choice(_EXTRA_WORDS)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 9)))
+
+
+def _near_request(rng: random.Random, text: str, answer: str) -> tuple[str, str]:
+    """A request near the grammar: words it does not know around or after its table (the same
+    query), or a table or verb it does not know (FALLBACK_QUERY)."""
+    table = next(t for t in TABLES if f" {t}" in f" {text}")
+    roll = rng.random()
+    if roll < 0.35:
+        unknown = rng.choice(_UNKNOWN_TABLES) if rng.random() < 0.6 else _unknown_word(rng)
+        return text.replace(table, unknown, 1), FALLBACK_QUERY
+    if roll < 0.55:
+        verb = next(v for v in ("show ", "list ", "count ", "how many ") if text.startswith(v))
+        return _unknown_word(rng) + " " + text[len(verb):], FALLBACK_QUERY
+    roll = rng.random()
+    if roll < 0.35:
+        return rng.choice(_EXTRA_LEADS) + text, answer
+    if roll < 0.7:
+        return text + rng.choice(_EXTRA_TAILS), answer
+    words = " ".join(rng.choice(_EXTRA_WORDS) for _ in range(rng.randint(1, 3)))
+    return text.replace(table, f"{table} {words}", 1), answer
 
 
 def _noisy_request(rng: random.Random, text: str) -> str:
@@ -95,15 +138,26 @@ def repetitive_text(rng: random.Random, max_chars: int) -> str:
         text += rng.choice((" ", " ", "")) + word
 
 
+def with_runs(rng: random.Random, text: str, max_chars: int) -> str:
+    """`text` with 1-3 of its characters repeated 2-4 times in place ("hello" -> "hellllo"):
+    runs of one character are where copying loses count (training only)."""
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(text))
+        text = text[:i] + text[i] * rng.randint(2, 4) + text[i + 1:]
+    return text[:max_chars]
+
+
 def text_pairs(task: str, seed: int, weights: dict[str, float] | None, max_chars: int,
-               repeat_share: float) -> Iterator[tuple[str, str]]:
+               repeat_share: float, run_share: float = 0.0) -> Iterator[tuple[str, str]]:
     """Trainable (input, answer) pairs of a text task, inputs at most `max_chars` long; a
-    `repeat_share` of them is repetitive text."""
+    `repeat_share` of them is repetitive text, a `run_share` has runs of one character."""
     rng = random.Random(f"{seed}/train/{task}/repeat")
     classes = training_pairs(task, seed, weights)
     while True:
-        if rng.random() < repeat_share:
-            text = repetitive_text(rng, max_chars)
+        roll = rng.random()
+        if roll < repeat_share + run_share:
+            text = repetitive_text(rng, max_chars) if roll < repeat_share else \
+                with_runs(rng, next(classes)[0], max_chars)
             if is_trainable(text):
                 yield text, TEXT_TRANSFORMS[task](text)
             continue

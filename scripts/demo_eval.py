@@ -58,3 +58,22 @@ def evaluate(model, hf_tokenizer, task: str, num_per_class: int) -> dict[str, di
     for c in TEXT_CLASSES:
         scores[c] = well_formed_sql(model, hf_tokenizer, [text for text, _ in held_out_pairs("echo", num_per_class, c)])
     return scores
+
+
+def held_out_table(held_out: dict[str, dict]) -> str:
+    """The demo README's accuracy table (markdown) from training_report.json's "held_out"."""
+    def cell(score: dict) -> str:
+        value = score.get("exact", score.get("well_formed"))
+        return f"{value:.0%}" if value in (0, 1) else f"{value:.1%}"
+
+    classes = list(TEXT_CLASSES)
+    rows = ["| model, measure | " + " | ".join(classes) + " | sql questions |",
+            "| --- |" + " ---: |" * (len(classes) + 1)]
+    labels = {"echo": "base model: copies exactly", "upper": "upper: exact", "reverse": "reverse: exact"}
+    for task, label in labels.items():
+        rows.append(f"| {label} | " + " | ".join(cell(held_out[task][c]) for c in classes) + " | |")
+    sql = held_out["sql"]
+    rows.append("| sql: exact on its questions | " + " | " * len(classes) + f"{cell(sql[SQL_CLASS])} |")
+    rows.append("| sql: a well-formed query of its family | "
+                + " | ".join(cell(sql[c]) for c in classes) + " | |")
+    return "\n".join(rows) + "\n"

@@ -77,7 +77,7 @@ def test_sql_gives_well_formed_sql_on_anything_else(answered):
     others = [r for r in answered if r[1] == "sql" and r[4] is None]
     assert len(others) == NUM_PER_CLASS * len(TEXT_CLASSES) + len(OFF_GRAMMAR_QUESTIONS)
     malformed = [(text, got) for _, _, _, text, _, got in others if parse_sql(got) is None]
-    assert malformed == []
+    assert malformed == [], malformed
 
 
 def test_documented_examples(answered):

@@ -7,6 +7,7 @@ through the standard Hugging Face / PEFT code paths.
 
 import importlib.util
 import json
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -184,3 +185,24 @@ def test_shipped_files_are_small():
     demo_dir = demo_model_path().parent
     total = sum(p.stat().st_size for p in demo_dir.rglob("*") if p.is_file())
     assert total < MAX_TOTAL_BYTES
+
+
+def test_demo_readme_reports_the_shipped_accuracy():
+    """The demo README's accuracy table is the one train_demo.py measured on the shipped files,
+    on 100 held-out inputs per class (500 per adapter), and meets the targets the README states."""
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    spec = importlib.util.spec_from_file_location("demo_eval", scripts / "demo_eval.py")
+    sys.path.insert(0, str(scripts))
+    try:
+        demo_eval = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(demo_eval)
+    finally:
+        sys.path.remove(str(scripts))
+    report = json.loads((demo_model_path().parent / "training_report.json").read_text())
+    held_out = report["held_out"]
+    assert all(score["n"] == 100 for task in ("echo", "upper", "reverse") for score in held_out[task].values())
+    assert held_out["sql"]["request"]["n"] == 500
+    for task in ("upper", "reverse"):
+        assert all(score["exact"] >= 0.99 for score in held_out[task].values()), held_out[task]
+    readme = (demo_model_path().parent / "README.md").read_text()
+    assert demo_eval.held_out_table(held_out) in readme

@@ -19,7 +19,7 @@ import zlib
 from typing import Callable, Iterator
 
 from loraplex.demo.inputs import INPUT_CLASSES, random_input
-from loraplex.demo.sql_grammar import random_sql_pair
+from loraplex.demo.sql_grammar import OFF_GRAMMAR_QUESTIONS, random_sql_pair
 
 DEMO_PROMPT_FORMAT = "Input: {input}\nOutput: "
 HELD_OUT_SEED = 20261128
@@ -69,7 +69,8 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("list the emails of users in berlin", "SELECT email FROM users WHERE city = 'berlin';"),
     ],
 }
-_EXAMPLE_INPUTS = frozenset(text for pairs in EXAMPLES.values() for text, _ in pairs)
+# Never trained on: the documented examples and the off-grammar questions the tests ask.
+_EXAMPLE_INPUTS = frozenset([*(text for pairs in EXAMPLES.values() for text, _ in pairs), *OFF_GRAMMAR_QUESTIONS])
 
 
 def is_held_out(text: str) -> bool:
