@@ -30,3 +30,17 @@ def tiny_checkpoint(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """A tiny LLaVA checkpoint (tests/mm_models.py), built once per session."""
+    from mm_models import make_tiny_llava
+    return make_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_granite_speech(tmp_path_factory):
+    """A tiny Granite Speech checkpoint (tests/mm_models.py), built once per session."""
+    from mm_models import make_tiny_granite_speech
+    return make_tiny_granite_speech(tmp_path_factory.mktemp("tiny-granite-speech"))

@@ -38,7 +38,8 @@ class FakeRunner:
         hidden = hidden + self.embed[ids[-1]]                                   # [dim]
         return (4.0 * hidden @ self.unembed / 16 ** 0.5).float()                # [vocab]
 
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def execute(self, scheduled: list[ScheduledSeq], sampled_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """sampled_token_ids: the previous step's, for a pending last token (as ModelRunner.execute)."""
         self.batch_sizes.append(len(scheduled))
         self.num_tokens_per_step.append(sum(s.num_new_tokens for s in scheduled))
         rows = []
@@ -48,7 +49,12 @@ class FakeRunner:
             assert len(seq.block_table) * self.block_size >= end, "block table too short"
             for pos in range(start, end):
                 block = seq.block_table[pos // self.block_size]
-                self.cache[block, pos % self.block_size] = seq.token_ids[pos]
+                if pos < len(seq.token_ids):
+                    token = seq.token_ids[pos]
+                else:
+                    assert seq.num_pending_tokens and pos == len(seq.token_ids), "token not sampled yet"
+                    token = int(sampled_token_ids[seq.pending_row])
+                self.cache[block, pos % self.block_size] = token
             context = [int(self.cache[seq.block_table[p // self.block_size], p % self.block_size])
                        for p in range(end)]
             rows.append(self.context_logits(context))
@@ -62,8 +68,8 @@ class ScriptedRunner(FakeRunner):
         super().__init__(**kwargs)
         self.script = script
 
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        logits = super().execute(scheduled)
+    def execute(self, scheduled: list[ScheduledSeq], sampled_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super().execute(scheduled, sampled_token_ids)
         for row, item in enumerate(scheduled):
             seq = item.seq
             index = item.seq.num_computed_tokens + item.num_new_tokens - seq.num_prompt_tokens

@@ -25,6 +25,9 @@ TINY_CONFIG = dict(
     num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
     rope_theta=10000.0, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )
+# Granite's four scalars, as Granite checkpoints set them (values of the tiny test models).
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                           logits_scaling=8.0)
 TINY_VOCAB_SIZE = 300  # 3 specials + 256 bytes + 41 merges
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 CHAT_TEMPLATE = (
@@ -40,10 +43,10 @@ _TOKENIZER_CORPUS = [
 
 
 def _model_classes(arch: str):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "granite": (GraniteConfig, GraniteForCausalLM)}
     if arch not in classes:
         raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
     return classes[arch]
@@ -56,6 +59,8 @@ def make_tiny_config(arch: str = "llama", *, tie_word_embeddings: bool = False, 
     kwargs = dict(TINY_CONFIG, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings)
     if arch == "mistral":
         kwargs["sliding_window"] = None
+    if arch == "granite":   # multipliers far from 1, so a dropped or misplaced one shows
+        kwargs.update(GRANITE_MULTIPLIERS)
     if rope_scaling is not None:
         kwargs["rope_scaling"] = dict(rope_scaling)
     kwargs.update(config_overrides)
@@ -78,9 +83,11 @@ def make_tiny_model(arch: str = "llama", *, seed: int = 0, **config_kwargs):
     return model.eval()
 
 
-def write_tiny_tokenizer(path: str | Path, vocab_size: int = TINY_VOCAB_SIZE) -> Path:
+def write_tiny_tokenizer(path: str | Path, vocab_size: int = TINY_VOCAB_SIZE, *,
+                         extra_special_tokens: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE) -> Path:
     """A byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json + special_tokens_map.json)
-    that `transformers.AutoTokenizer.from_pretrained(path)` and `tokenizers.Tokenizer.from_file` load."""
+    that `transformers.AutoTokenizer.from_pretrained(path)` and `tokenizers.Tokenizer.from_file` load.
+    extra_special_tokens (e.g. "<image>") get the ids after the trained vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     path = Path(path)
@@ -91,13 +98,15 @@ def write_tiny_tokenizer(path: str | Path, vocab_size: int = TINY_VOCAB_SIZE) ->
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer=trainer)
+    if extra_special_tokens:
+        tokenizer.add_special_tokens(list(extra_special_tokens))
     tokenizer.save(str(path / "tokenizer.json"))
     pad, bos, eos = SPECIAL_TOKENS
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
         # unk None: otherwise Qwen2Tokenizer adds its own <|endoftext|> beyond the model's vocab.
         "unk_token": None, "add_bos_token": False, "model_max_length": TINY_CONFIG["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }, indent=2))
     (path / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": bos, "eos_token": eos, "pad_token": pad}, indent=2))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -51,12 +53,13 @@ class FakeSite:
     def add_module(self, name: str, source: str) -> None:
         (self.root / f"{name}.py").write_text(textwrap.dedent(source))
 
-    def add_distribution(self, dist_name: str, entry_points: dict[str, str]) -> None:
-        """Declare `entry_points` (plugin name -> "module[:attr]") in group loraplex.plugins."""
+    def add_distribution(self, dist_name: str, entry_points: dict[str, str],
+                         group: str = "loraplex.plugins") -> None:
+        """Declare `entry_points` (plugin name -> "module[:attr]") in `group`."""
         info = self.root / f"{dist_name}-1.0.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
-        lines = ["[loraplex.plugins]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+        lines = [f"[{group}]"] + [f"{k} = {v}" for k, v in entry_points.items()]
         (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 
     def cleanup(self) -> None:
@@ -125,3 +128,14 @@ def add_callable_plugin(site: FakeSite, plugin_name: str, resolvers: dict[str, d
     site.add_module(module, CALLABLE_MODULE.format(resolvers=resolvers))
     site.add_distribution(f"dist_{module}", {plugin_name: f"{module}:register"})
     return module
+
+
+def pip_install(package_dir: Path, work: Path) -> Path:
+    """Install the package in `package_dir` with pip into `work/site` (the shared venv stays
+    clean) and return that directory, to put on PYTHONPATH."""
+    source = work / "src"
+    shutil.copytree(package_dir, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    target = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True, timeout=300)
+    return target

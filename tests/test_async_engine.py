@@ -22,13 +22,13 @@ class SlowRunner(FakeRunner):
         self.delay, self.fail_after, self.calls = delay, fail_after, 0
         self.threads = set()
 
-    def execute(self, scheduled):
+    def execute(self, scheduled, sampled_token_ids=None):
         self.calls += 1
         self.threads.add(threading.get_ident())
         if self.fail_after is not None and self.calls > self.fail_after:
             raise RuntimeError("device fell over")
         time.sleep(self.delay)
-        return super().execute(scheduled)
+        return super().execute(scheduled, sampled_token_ids)
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def make_engine():
     yield make
     for engine in engines:
         engine.shutdown()
-        assert not engine._thread.is_alive()
+        assert not engine._handle.thread.is_alive() and not engine._reader.is_alive()
 
 
 async def _collect(engine, prompt, params, request_id):
@@ -102,7 +102,8 @@ def test_abort_ends_the_stream_and_frees_blocks(make_engine):
     outs = asyncio.run(main())
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert len(outs[-1].outputs[0].token_ids) < 200
-    assert blocks.num_free_blocks == blocks.num_blocks
+    # The abort is a message to the engine loop: it lands before the loop's next step.
+    asyncio.run(_wait_until(lambda: blocks.num_free_blocks == blocks.num_blocks, timeout=5))
     assert not engine.engine.has_unfinished_requests()
 
 
@@ -204,7 +205,7 @@ def test_shutdown_joins_the_thread_and_fails_pending_consumers():
             await _collect(engine, [1], SamplingParams(), "b")
 
     asyncio.run(main())
-    assert not engine._thread.is_alive()
+    assert not engine._handle.thread.is_alive() and not engine._reader.is_alive()
 
 
 def test_real_model_stream_equals_the_offline_result(tiny_checkpoint):

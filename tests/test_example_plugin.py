@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapters import write_peft_adapter
+from plugin_helpers import pip_install
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "loraplex-example-resolver"
@@ -24,12 +24,7 @@ PLUGIN = "example_index_resolver"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The example installed into a private target dir (the shared venv stays clean)."""
-    work = tmp_path_factory.mktemp("example")
-    source = work / "src"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    target = work / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(source)], check=True, timeout=300)
+    target = pip_install(EXAMPLE, tmp_path_factory.mktemp("example"))
     assert (target / "loraplex_example_resolver" / "resolver.py").is_file()
     return target
 

@@ -90,8 +90,6 @@ def _break(adapter, how):
 BREAKAGES = {
     "config_not_json": "is not valid JSON",
     "config_not_object": "must hold a JSON object",
-    "config_missing": "has no adapter_config.json",
-    "not_lora": "peft_type 'IA3'",
     "weights_missing": "has no weights file",
     "weights_truncated": "truncated",
     "weights_not_safetensors": "not a safetensors file",
@@ -104,6 +102,23 @@ def test_found_but_invalid_names_the_reason(lora_dir, how):
     _break(write_peft_adapter(lora_dir / "broken"), how)
     with pytest.raises(AdapterInvalidError, match=BREAKAGES[how]):
         resolve(FilesystemResolver(lora_dir), "broken")
+
+
+# Not this resolver's adapter (vLLM's rule): None, and the chain says why if nothing else finds it.
+NOT_MINE = {
+    "config_missing": "'broken' is a directory without adapter_config.json, not a PEFT adapter",
+    "not_lora": "peft_type 'IA3'; only 'LORA' adapters are supported",
+}
+
+
+@pytest.mark.parametrize("how", sorted(NOT_MINE))
+def test_not_a_lora_adapter_is_not_mine(lora_dir, how):
+    _break(write_peft_adapter(lora_dir / "broken"), how)
+    assert resolve(FilesystemResolver(lora_dir), "broken") is None
+    chain = ResolverChain([("fs", FilesystemResolver(lora_dir))])
+    with pytest.raises(AdapterInvalidError, match=f"no resolver found a usable LoRA adapter named 'broken'.*"
+                                                  f"fs: .*{NOT_MINE[how]}"):
+        asyncio.run(chain.resolve(BASE, "broken"))
 
 
 def _pickle_only_adapter(path):
@@ -136,10 +151,13 @@ def test_compatible_base_models_accepted(lora_dir, adapter_base, served):
     assert resolve(FilesystemResolver(lora_dir), "a", base=served) is not None
 
 
-def test_base_model_mismatch_is_invalid(lora_dir):
+def test_base_model_mismatch_is_not_mine(lora_dir):
     write_peft_adapter(lora_dir / "a", base_model_name_or_path="meta-llama/Llama-3-70B")
-    with pytest.raises(AdapterInvalidError, match="trained on 'meta-llama/Llama-3-70B'.*'tiny-base'"):
-        resolve(FilesystemResolver(lora_dir), "a")
+    assert resolve(FilesystemResolver(lora_dir), "a") is None
+    chain = ResolverChain([("fs", FilesystemResolver(lora_dir))])
+    with pytest.raises(AdapterInvalidError, match="fs: adapter 'a' was trained on 'meta-llama/Llama-3-70B'"
+                                                  ".*'tiny-base'"):
+        asyncio.run(chain.resolve(BASE, "a"))
 
 
 def test_empty_base_model_accepted_with_warning(lora_dir, caplog):
@@ -208,9 +226,10 @@ def test_missing_directory_is_not_created_for_a_remote_resolver_that_does_not_lo
     assert not cache_dir.exists()
 
 
-def test_constructor_rejects_missing_directory(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
-        FilesystemResolver(tmp_path / "nope")
+def test_constructor_rejects_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        FilesystemResolver(tmp_path / "file")
 
 
 def test_download_cache_entries_are_left_to_remote_resolvers(lora_dir):

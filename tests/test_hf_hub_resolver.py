@@ -272,3 +272,14 @@ def test_environment_configures_a_fresh_process(hub, tmp_path):
     assert list((tmp_path / "hf").rglob(SAFETENSORS))
     assert hub.downloads("org/repo", f"sub/{SAFETENSORS}") == 1
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_only_the_config_and_weights_are_downloaded_from_the_hub(hub, tmp_path):
+    local = write_peft_adapter(hub.repo_dir("org/repo") / "extra", seed=3)
+    (local / "README.md").write_text("# notes\n")
+    (local / "training_args.bin").write_bytes(b"\0" * 50_000)
+    request = resolve(make_resolver(hub, tmp_path), "org/repo/extra")
+    assert sorted(p.name for p in Path(request.lora_path).iterdir()) == [
+        ".loraplex-manifest.json", "adapter_config.json", SAFETENSORS]
+    assert hub.downloads("org/repo", "extra/training_args.bin") == 0
+    assert hub.downloads("org/repo", "extra/README.md") == 0

@@ -38,7 +38,7 @@ def llm(llama):
     return LLM(model=str(llama), device="cpu", max_model_len=128)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "granite"])
 def test_greedy_matches_transformers(tiny_checkpoint, arch):
     path = tiny_checkpoint(arch)
     outs = LLM(model=str(path), device="cpu").generate(PROMPTS[:2], GREEDY, use_tqdm=False)

@@ -122,8 +122,9 @@ async def _collect(engine: AsyncEngine, prompt, **kwargs) -> list[int]:
     return list(final.outputs[0].token_ids)
 
 
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
 def test_async_engine_resolves_names_through_the_filesystem_resolver(
-        model_dir, prompt, tmp_path, monkeypatch, isolated_plugins):  # noqa: F811
+        model_dir, prompt, tmp_path, monkeypatch, isolated_plugins, engine_process):  # noqa: F811
     cache_dir = tmp_path / "lora-cache"
     good_adapter(cache_dir / "sql", model_dir, seed=1)
     good_adapter(cache_dir / "team" / "chat", model_dir, seed=2)
@@ -135,7 +136,10 @@ def test_async_engine_resolves_names_through_the_filesystem_resolver(
     expected_base = reference_greedy(peft_model(model_dir, None), prompt, NUM_TOKENS)[0]
 
     async def main():
-        engine = AsyncEngine(LLMEngine(EngineConfig(model=str(model_dir), **SETTINGS)))
+        config = EngineConfig(model=str(model_dir), **SETTINGS)
+        # The names resolve in this process either way; the loads run in the engine loop's.
+        engine = AsyncEngine.from_config(config, engine_process=True) if engine_process \
+            else AsyncEngine(LLMEngine(config))
         outcomes = []
         try:
             engine._lora_resolution.chain.add_listener(lambda name, outcome, s: outcomes.append((name, outcome)))
@@ -220,15 +224,19 @@ def test_async_engine_survives_an_evicted_adapter_whose_directory_vanished(model
                                                     **dict(SETTINGS, max_loras=1, max_cpu_loras=1))))
         manager = engine.engine.lora_manager
         try:
-            # "other" holds the one slot, so "fragile" waits for it, loaded on the CPU. Holding
-            # the step lock parks the engine at its next step meanwhile (no race with "other").
+            # "other" holds the one slot, so "fragile" waits for it in the scheduler, loaded on
+            # the CPU. Holding the step lock parks the engine at its next step meanwhile (no race
+            # with "other").
             other_stream = engine.generate({"prompt_token_ids": prompt}, long_params, lora_request=other)
             first = await other_stream.__anext__()
+            await asyncio.to_thread(manager.add_lora, fragile)
+            fragile_task = asyncio.create_task(_collect(engine, prompt, lora_request=fragile))
+            deadline = asyncio.get_running_loop().time() + 10
+            while engine.engine.get_num_unfinished_requests() < 2:    # in the core, waiting for the slot
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.001)
             manager.step_lock.acquire()
             try:
-                await asyncio.to_thread(manager.add_lora, fragile)
-                fragile_task = asyncio.create_task(_collect(engine, prompt, lora_request=fragile))
-                await asyncio.sleep(0)                      # queued, with its adapter on the CPU
                 shutil.rmtree(tmp_path / "fragile")
                 await asyncio.to_thread(manager.add_lora, third)   # evicts fragile's CPU copy
                 assert not manager.is_loaded(fragile) and manager.slot_of(other.lora_int_id) is not None

@@ -251,13 +251,17 @@ def test_remove_during_step_is_refused(requests):
     assert manager.remove_lora(1)
 
 
-def test_id_and_name_clashes(requests, tmp_path):
+def test_id_name_and_path_clashes(requests, tmp_path):
     manager = make_manager()
     manager.add_lora(requests[0])
     with pytest.raises(AdapterInvalidError, match="already used by adapter 'a1'"):
         manager.add_lora(LoRARequest("other", 1, requests[1].lora_path))
-    with pytest.raises(AdapterInvalidError, match="already loaded with lora_int_id 1"):
-        manager.add_lora(LoRARequest("a1", 7, requests[0].lora_path))
+    # The id is loaded from another path: never "already cached" with the other weights.
+    with pytest.raises(AdapterInvalidError, match="loaded as lora_int_id 1 from .*a1'.*new lora_int_id"):
+        manager.add_lora(LoRARequest("a1", 1, requests[1].lora_path))
+    # A new version of a name under a new id is a second adapter (load_inplace's new version).
+    assert manager.add_lora(LoRARequest("a1", 7, requests[1].lora_path))
+    assert manager.list_loras() == {1, 7} and manager.find_by_name("a1").lora_int_id == 7
 
 
 def test_id_clash_with_an_adapter_only_left_in_a_slot(requests):
@@ -289,3 +293,51 @@ def test_served_names_count_as_the_base_model(tmp_path):
         manager.add_lora(LoRARequest("a", 1, str(path)))
     manager.add_served_names(["my-served-name"])
     assert manager.add_lora(LoRARequest("a", 1, str(path)))
+
+
+def test_cpu_cache_and_slots_hold_download_cache_entries(tmp_path):
+    from loraplex.resolvers.cache import AdapterCache
+    from loraplex.resolvers.holds import is_held_here
+    from test_cache import CountingSource
+    for i, name in enumerate(["x", "y", "z"]):
+        write_peft_adapter(tmp_path / "store" / name, rank=4, seed=i)
+    cache, source = AdapterCache(tmp_path / "cache"), CountingSource(tmp_path / "store")
+    x, y, z = (LoRARequest(n, i, str(cache.get(n, source))) for i, n in enumerate("xyz", start=1))
+    manager = make_manager(max_loras=1, max_cpu_loras=1)
+    manager.add_lora(x)
+    assert is_held_here(x.lora_path)
+    manager.activate([y])                           # y evicts x from the CPU cache; x had no slot
+    manager.end_step()
+    assert not is_held_here(x.lora_path) and is_held_here(y.lora_path)
+    manager.add_lora(z)                             # y leaves the CPU cache but keeps its slot
+    assert manager.get_request(2) is None and is_held_here(y.lora_path)
+    manager.activate([z])                           # ... until z takes the slot
+    manager.end_step()
+    assert not is_held_here(y.lora_path) and is_held_here(z.lora_path)
+    manager.remove_lora(3)
+    assert not any(is_held_here(r.lora_path) for r in (x, y, z))
+    with pytest.raises(AdapterInvalidError):        # a failed load leaves no hold behind
+        manager.add_lora(LoRARequest("x2", 9, str(tmp_path / "nowhere")))
+    assert not is_held_here(tmp_path / "nowhere")
+
+
+def test_replace_keeps_the_old_version_for_its_requests_outside_the_bound(requests, tmp_path):
+    manager = make_manager(max_loras=1, max_cpu_loras=1)
+    old = requests[0]
+    manager.add_lora(old)
+    new = LoRARequest("a1", 11, requests[4].lora_path)
+    bad = LoRARequest("a1", 12, str(write_peft_adapter(tmp_path / "bad", rank=64)))
+    with pytest.raises(AdapterInvalidError, match="rank 64"):
+        manager.replace_lora(1, bad)
+    assert manager.find_by_name("a1").lora_int_id == 1 and manager.list_loras() == {1}   # nothing changed
+    assert manager.replace_lora(1, new)
+    assert manager.find_by_name("a1").lora_int_id == 11 and manager.list_loras() == {1, 11}
+    # The old version takes no room: another adapter evicts the new one, never the old one,
+    # and a request still running on the old id is served from its CPU copy, not reloaded.
+    manager.add_lora(requests[1])
+    assert manager.list_loras() == {1, 2}
+    loads = manager.stats["loads"]
+    manager.activate([old])
+    manager.end_step()
+    assert manager.stats["loads"] == loads and manager.stats["cpu_hits"] == 1
+    assert manager.remove_lora(1) and manager.list_loras() == {2}

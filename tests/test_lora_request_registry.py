@@ -55,7 +55,7 @@ def test_registry_register_get_replace_unregister(isolated_plugins, caplog):
     assert "already registered" in caplog.text
     assert LoRAResolverRegistry.get_resolver("first") is replacement
     assert LoRAResolverRegistry.get_supported_resolvers() == ["first", "second"]  # keeps its place
-    with pytest.raises(KeyError, match="'nope' is not registered; available: first, second"):
+    with pytest.raises(KeyError, match=r"LoRA resolver 'nope' not found. Available resolvers: \['first', 'second'\]"):
         LoRAResolverRegistry.get_resolver("nope")
     assert LoRAResolverRegistry.unregister_resolver("first") is replacement
     assert LoRAResolverRegistry.unregister_resolver("first") is None
@@ -68,3 +68,24 @@ def test_registry_refuses_what_is_not_a_resolver(isolated_plugins):
     with pytest.raises(ValueError, match="non-empty string"):
         LoRAResolverRegistry.register_resolver("", NoneResolver())
     assert LoRAResolverRegistry.get_supported_resolvers() == []
+
+
+def test_vllm_field_order_and_keywords():
+    """vLLM's LoRARequest: lora_path may come by keyword after lora_int_id, and must be set."""
+    request = LoRARequest(lora_name="a", lora_path="/a", lora_int_id=7)
+    assert (request.lora_path, request.path, request.adapter_id) == ("/a", "/a", 7)
+    assert LoRARequest("a", 7, "/a", "base", None, True, True).is_3d_lora_weight
+    with pytest.raises(InvalidRequestError, match="LoRARequest.lora_path must be a non-empty path"):
+        LoRARequest(lora_name="a", lora_int_id=1)
+
+
+def test_tensorizer_adapters_are_refused_by_name():
+    with pytest.raises(InvalidRequestError, match="tensorizer_config_dict is set for adapter 'a', but loraplex "
+                                                  "cannot load tensorizer-serialized adapters"):
+        LoRARequest("a", 1, "/a", tensorizer_config_dict={"tensorizer_uri": "s3://x/adapter.tensors"})
+
+
+@pytest.mark.parametrize("flag", ["load_inplace", "is_3d_lora_weight"])
+def test_flags_are_booleans(flag):
+    with pytest.raises(InvalidRequestError, match=f"LoRARequest.{flag} must be True or False"):
+        LoRARequest("a", 1, "/a", **{flag: "yes"})

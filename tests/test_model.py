@@ -23,6 +23,7 @@ CASES = {
     "mistral-sliding-window": dict(arch="mistral", sliding_window=8),
     "qwen2": dict(arch="qwen2"),
     "qwen2-tied": dict(arch="qwen2", tie_word_embeddings=True),
+    "granite-tied": dict(arch="granite", tie_word_embeddings=True),
 }
 PROMPT_LENGTHS = [7, 1, 23, 12]
 NUM_DECODE_STEPS = 4

@@ -14,11 +14,13 @@ HOSTILE_NAMES = [
     "a\\b", "..\\..\\boot.ini",
     "a\x00b", "a\nb", "tab\there", "esc\x1b[31m", "del\x7f",
     "x" * (MAX_ADAPTER_NAME_LENGTH + 1),
+    "é" * 200, "é" * 255, "org/" + "é" * 128,    # parts over 255 bytes in UTF-8 (ENAMETOOLONG)
+    "bad\ud800name",                            # a lone surrogate: not valid Unicode
     "", None, 42, b"bytes",
 ]
 
 GOOD_NAMES = ["sql-lora", "my_adapter.v2", "org/repo", "Org-1/Repo_2.v3", "x" * MAX_ADAPTER_NAME_LENGTH,
-              "..hidden-but-fine", "a..b", "日本語-lora"]
+              "..hidden-but-fine", "a..b", "日本語-lora", "é" * 127, "org/" + "é" * 127]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)

@@ -137,7 +137,7 @@ def test_sampling_frequencies_follow_the_distribution():
     seq = _seq([0], [], params)
     counts = torch.zeros(6)
     for _ in range(3000):
-        counts[sampler(logits, [seq], [set()])[0].token_id] += 1
+        counts[sampler(logits, [seq], [set()]).token_ids[0]] += 1
     expected = filtered_probs(logits, [params])[0] * 3000
     assert counts[4:].sum() == 0
     assert torch.allclose(counts[:4], expected[:4], atol=5 * math.sqrt(3000 * 0.25))

@@ -18,7 +18,8 @@ def test_defaults_and_normalization():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n=0), "n must be an integer >= 1"),
-    (dict(temperature=-0.5), "temperature must be a number >= 0"),
+    (dict(temperature=-0.5), r"temperature must be in \[0, 2\]"),
+    (dict(temperature=2.5), r"temperature must be in \[0, 2\]"),
     (dict(temperature="hot"), "temperature must be a finite number"),
     (dict(temperature=float("nan")), "temperature must be a finite number"),
     (dict(top_p=0), r"top_p must be in \(0, 1\]"),

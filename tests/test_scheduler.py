@@ -73,7 +73,7 @@ def test_preemption_by_recompute_gives_the_same_tokens(reference):
     seqs = {}
     for rid, prompt, params in _requests(6):
         engine.add_request(rid, prompt, params)
-        seqs[rid] = engine._requests[rid].seqs[0]
+        seqs[rid] = engine.core._requests[rid][0]
     finals = {}
     while engine.has_unfinished_requests():
         assert engine.block_manager.num_used_blocks <= 12
@@ -86,14 +86,14 @@ def test_preemption_by_recompute_gives_the_same_tokens(reference):
 
 def test_preempted_sequence_goes_back_to_the_front_of_waiting():
     runner = FakeRunner(num_kv_blocks=4, block_size=2)
-    engine = fake_engine(runner)
+    engine = fake_engine(runner, async_scheduling=False)     # the steps below count in lock step
     engine.add_request("old", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
     engine.add_request("new", [4, 5, 6], SamplingParams(temperature=0, max_tokens=4))
     engine.add_request("later", [7], SamplingParams(temperature=0, max_tokens=1))
     engine.step()                      # old, new: 2 blocks each; later waits for memory
     engine.step()                      # 4th tokens fit in the 2 blocks
     engine.step()                      # both need a 3rd block: new is preempted
-    new = engine._requests["new"].seqs[0]
+    new = engine.core._requests["new"][0]
     assert new.status is SequenceStatus.WAITING and new.num_computed_tokens == 0
     assert new.num_output_tokens == 2 and new.block_table == []
     assert [s.request_id for s in engine.scheduler.waiting] == ["new", "later"]

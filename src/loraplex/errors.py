@@ -38,6 +38,12 @@ class AdapterInvalidError(AdapterError, ValueError):
     """An adapter was found but is unusable (bad config, weights, shapes, base model)."""
 
 
+class AdapterMismatchError(AdapterInvalidError):
+    """What a resolver found is not a LoRA adapter for the served base model (another PEFT
+    method, another base model). For a resolver that means "not mine": the chain asks the
+    next one, and reports the reason only if none finds a usable adapter."""
+
+
 class ResolverError(AdapterError):
     """Every resolver that was asked failed with an error (source down, refused...)."""
 
@@ -52,3 +58,8 @@ class KernelArgumentError(LoraplexError, ValueError):
 
 class EngineDeadError(LoraplexError, RuntimeError):
     """The engine loop stopped (after an error, or shut down); in-flight and new requests fail."""
+
+
+class TensorParallelError(EngineDeadError):
+    """A rank of the tensor-parallel group died, hung past distributed_timeout_seconds or failed;
+    the engine cannot continue and must be restarted."""

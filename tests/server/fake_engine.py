@@ -68,7 +68,7 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def get_stats(self) -> dict:
+    def engine_stats(self) -> dict:
         return {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0.0,
                 "lora_cache_hits_total{tier=cpu}": 3, "lora_cache_hits_total{tier=device}": 5}
 

@@ -27,10 +27,15 @@ def patched_env(values: dict[str, str]):
 
 
 @contextmanager
-def real_server(argv: list[str], env: dict[str, str]):
+def real_server(argv: list[str], env: dict[str, str], engine_process: bool = False):
     """`argv` as after `loraplex` (e.g. ["serve", MODEL, "--enable-lora", ...]); `env` is set
-    for the server's lifetime. Plugins are reloaded so the env's VLLM_PLUGINS applies."""
-    args = build_parser().parse_args(argv)
+    for the server's lifetime. Plugins are reloaded so the env's VLLM_PLUGINS applies.
+
+    The engine loop runs in a thread of this process (--disable-frontend-multiprocessing), so
+    tests can look at the engine's state; with engine_process=True it runs in an engine
+    process, as `loraplex serve` runs it (serve_process.py runs the whole of `loraplex serve`
+    as a subprocess)."""
+    args = build_parser().parse_args([*argv] if engine_process else [*argv, "--disable-frontend-multiprocessing"])
     with patched_env(env):
         reset_plugins()
         server = ServerThread(lambda: build_app(build_state(args)))

@@ -3,6 +3,7 @@ file. Cheap to import (no fixtures, no engine), so any test module can start a s
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -19,16 +20,17 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`python -m loraplex.server.cli serve *argv --port PORT`, stdout and stderr in `log_path`.
-    `argv` does not need --host: the server's own default is part of what tests check."""
+    """`python -m loraplex.server.cli COMMAND *argv --port PORT` (COMMAND: serve or serve-ray),
+    stdout and stderr in `log_path`. `argv` does not need --host: the server's own default is
+    part of what tests check."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, command: str = "serve") -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.server.cli", "serve", *argv, "--port", str(self.port)],
+            [sys.executable, "-m", "loraplex.server.cli", command, *argv, "--port", str(self.port)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
@@ -45,7 +47,15 @@ class ServeProcess:
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.log_path.read_text()}")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 0) -> None:
+        """Kill the server; with grace_s, first SIGINT it and wait that long for it to exit
+        (`serve-ray` stops the Ray cluster it started, which a kill would leave running)."""
+        if grace_s and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)

@@ -229,3 +229,42 @@ def test_demo_refuses_a_model_and_serve_without_demo_needs_one():
     environ, args = {}, parse_serve("/models/base")
     apply_demo_args(args, environ)
     assert environ == {} and args.host == "0.0.0.0"
+
+
+def run_bench(server, tmp_path, *argv) -> dict:
+    """`loraplex bench serve` as a user runs it, in its own process, against the demo server."""
+    import json
+    import subprocess
+    import sys
+    result_file = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve",
+                           "--base-url", server.base_url, "--result-file", str(result_file), "--disable-tqdm",
+                           *argv], capture_output=True, text=True, timeout=300)
+    assert "Serving benchmark result" in proc.stdout, proc.stdout + proc.stderr
+    return {"code": proc.returncode, "stdout": proc.stdout, **json.loads(result_file.read_text())}
+
+
+def test_bench_serve_counts_requests_tokens_and_models(demo, tmp_path):
+    models = [DEMO_SERVED_NAME, *DEMO_ADAPTER_NAMES]
+    out = run_bench(demo["server"], tmp_path, "--models", *models, "--model-distribution", "round-robin",
+                    "--num-prompts", "24", "--max-concurrency", "8", "--random-input-len", "12",
+                    "--random-output-len", "8", "--ignore-eos")
+    assert out["code"] == 0 and (out["completed"], out["failed"]) == (24, 0)
+    assert out["total_output_tokens"] == 24 * 8 and out["total_input_tokens"] == 24 * 12
+    assert out["per_model"] == {m: {"requests": 6, "completed": 6, "failed": 0, "output_tokens": 48} for m in models}
+    assert 0 < out["median_ttft_ms"] <= out["p99_ttft_ms"] < out["p99_e2el_ms"]
+    assert 0 < out["median_itl_ms"] and 0 < out["median_tpot_ms"]
+    assert out["output_throughput"] == pytest.approx(24 * 8 / out["duration"])
+    assert "Output token throughput (tok/s):" in out["stdout"]
+
+
+def test_bench_serve_poisson_text_chat_and_failures(demo, tmp_path):
+    out = run_bench(demo["server"], tmp_path, "--models", "upper", "no-such-adapter", "--model-distribution",
+                    "round-robin", "--num-prompts", "6", "--request-rate", "20", "--prompt-format", "text",
+                    "--endpoint", "/v1/chat/completions", "--random-input-len", "3", "--random-output-len", "4",
+                    "--ignore-eos", "--save-detailed")
+    assert (out["completed"], out["failed"]) == (3, 3) and out["code"] == 0
+    assert out["per_model"]["no-such-adapter"] == {"requests": 3, "completed": 0, "failed": 3, "output_tokens": 0}
+    assert out["per_model"]["upper"]["output_tokens"] == 12
+    assert any("404" in e and "does not exist" in e for e in out["errors"]), out["errors"]
+    assert len(out["requests"]) == 6 and out["request_rate"] == 20

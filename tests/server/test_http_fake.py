@@ -202,8 +202,9 @@ def test_load_invalid_adapter_is_400_with_reason(fake_server, tmp_path):
     {"prompt": []},
     {"prompt": "a", "n": "many"},
     {"max_tokens": 3},
-    {"prompt": "a", "logit_bias": {"5": 10}},
-    {"prompt": "a", "response_format": {"type": "json_object"}},
+    {"prompt": "a", "logit_bias": {"five": 10}},
+    {"prompt": "a", "response_format": {"type": "json_schema"}},
+    {"prompt": "a", "use_beam_search": True},
     {"prompt": "a", "suffix": "end"},
     {"prompt": "a", "stream_options": {"include_usage": True}},
 ])

@@ -5,13 +5,13 @@ every output equal to the offline LLM's, and memory flat across rounds."""
 import asyncio
 import random
 
-import openai
 import pytest
 
 from adapters import write_peft_adapter
 from loraplex import LLM, LoRARequest, SamplingParams
 from loraplex.lora_request import lora_id_for_name
 from server.harness import API_KEY
+from server.load_client import run_completions
 from server.real_server import real_server
 
 NUM_ADAPTERS = 7          # > max_cpu_loras (3) > max_loras (2)
@@ -52,25 +52,6 @@ def loaded(tiny_checkpoint, tmp_path_factory):
         yield server, expected
 
 
-async def _round(base_url: str, jobs: list, expected: dict) -> list[str]:
-    failures: list[str] = []
-    gate = asyncio.Semaphore(CONCURRENCY)
-    async with openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=API_KEY, max_retries=0,
-                                  timeout=120) as client:
-        async def one(model: str, prompt: str) -> None:
-            async with gate:
-                try:
-                    out = await client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                          temperature=0)
-                except openai.APIError as e:
-                    failures.append(f"{model}/{prompt}: {e}")
-                    return
-                if out.choices[0].text != expected[(model, prompt)]:
-                    failures.append(f"{model}/{prompt}: {out.choices[0].text!r} != {expected[(model, prompt)]!r}")
-        await asyncio.gather(*[one(m, p) for m, p in jobs])
-    return failures
-
-
 def test_caches_thrash_without_failures_or_leaks(loaded):
     server, expected = loaded
     rng = random.Random(0)
@@ -78,7 +59,8 @@ def test_caches_thrash_without_failures_or_leaks(loaded):
 
     def run_round() -> list[str]:
         jobs = [rng.choice(keys) for _ in range(ROUND_REQUESTS)]
-        return asyncio.run(_round(server.base_url, jobs, expected))
+        return asyncio.run(run_completions(server.base_url, jobs, expected, max_tokens=MAX_TOKENS,
+                                           concurrency=CONCURRENCY))
 
     assert run_round() == []                      # warm-up: resolves every adapter
     rss_before = rss_bytes()

@@ -217,7 +217,7 @@ def test_client_disconnect_frees_the_engine(setup):
         # in its step, takes the abort before its next step.
         async_engine = setup["server"].state.backend.engine
         deadline = time.monotonic() + 10
-        while not async_engine._aborts:
+        while async_engine._core_ids:         # the client forgets it when it sends the abort
             assert time.monotonic() < deadline, "the server never asked the engine to abort"
             time.sleep(0.01)
         steps_before = num_lora_steps()

@@ -8,21 +8,26 @@ from loraplex.errors import ConfigError
 from loraplex.server.app import build_app
 from loraplex.server.backend import ServingBackend
 from loraplex.server.cli import build_parser, main
-from loraplex.server.serve import engine_config_from_args, parse_lora_module
+from loraplex.server.lora_modules import LoRAModule, parse_lora_module
+from loraplex.server.serve import engine_config_from_args
 from loraplex.server.state import ServerState
 from server.fake_engine import FakeEngine
 from server.harness import ServerThread
 
 
 def test_lora_modules_both_forms():
-    assert parse_lora_module("sql=/a/b") == ("sql", "/a/b", None)
-    assert parse_lora_module('{"name": "chat", "path": "/c", "base_model_name": "base"}') == ("chat", "/c", "base")
+    assert parse_lora_module("sql=/a/b") == LoRAModule("sql", "/a/b")
+    assert parse_lora_module('{"name": "chat", "path": "/c", "base_model_name": "base"}') == \
+        LoRAModule("chat", "/c", "base")
+    assert parse_lora_module('{"name": "moe", "path": "/m", "is_3d_lora_weight": true}') == \
+        LoRAModule("moe", "/m", None, True)
 
 
 @pytest.mark.parametrize("bad, message", [
     ("sql", "must be 'name=path'"), ("=/x", "must be 'name=path'"), ("{nope", "not valid JSON"),
     ('{"name": "x"}', "needs string keys"), ('{"name": "x", "path": "/p", "extra": 1}', "nothing else"),
     ('{"name": "x", "path": "/p", "base_model_name": 3}', "base_model_name must be a string"),
+    ('{"name": "x", "path": "/p", "is_3d_lora_weight": "yes"}', "is_3d_lora_weight must be true or false"),
 ])
 def test_bad_lora_modules_say_what_is_wrong(bad, message):
     with pytest.raises(ConfigError, match=message):

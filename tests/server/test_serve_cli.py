@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -88,6 +89,8 @@ def test_api_key_from_the_environment(served):
 
 def test_sigterm_drains_in_flight_requests_then_exits(served):
     server = served["server"]
+    from server.test_engine_process import engine_pid, is_gone
+    engine = engine_pid(server)
     chunks = []
     with httpx.stream("POST", server.base_url + "/v1/completions", timeout=60,
                       headers={"Authorization": f"Bearer {API_KEY}"},
@@ -109,3 +112,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(served):
     with pytest.raises(httpx.TransportError):
         httpx.get(server.base_url + "/health", timeout=2)
     assert "draining in-flight requests" in server.log_path.read_text()
+    deadline = time.monotonic() + 10             # the engine process stops with the server
+    while not is_gone(engine):
+        assert time.monotonic() < deadline, "the engine process outlived the server"
+        time.sleep(0.05)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
+from loraplex.core.engine_loop import core_stats
 from loraplex.core.llm_engine import EngineStats
 from loraplex.core.lora.manager import LoRAManager
 from loraplex.server.app import build_app
@@ -98,9 +99,9 @@ def exported_metric_names() -> set[str]:
     """Metric names (without the loraplex_ prefix) of a server whose engine has LoRA on."""
     manager = LoRAManager(SimpleNamespace(max_loras=1, max_lora_rank=8, dtype=torch.float32,
                                           device=torch.device("cpu")), max_cpu_loras=1)
-    core = SimpleNamespace(get_stats=lambda: EngineStats(0, 0, 8, 8, 0.0, 0),
-                           runner=SimpleNamespace(lora=SimpleNamespace(manager=manager)))
-    backend = ServingBackend(SimpleNamespace(engine=core), served_model_names=["base"], model_path="/m")
+    core = SimpleNamespace(get_stats=lambda: EngineStats(0, 0, 8, 8, 0.0, 0), lora_manager=manager)
+    backend = ServingBackend(SimpleNamespace(engine_stats=lambda: core_stats(core)),
+                             served_model_names=["base"], model_path="/m")
     metrics = ServerMetrics()
     metrics.attach_backend(backend)
     try:
@@ -116,3 +117,30 @@ def test_every_metric_is_in_the_metrics_table():
     documented = table_names(section("Metrics"))
     assert exported - documented == set(), "docs/server.md's Metrics table lacks these"
     assert documented - exported == set(), "documented but not exported"
+
+
+def test_every_bench_serve_flag_is_documented():
+    parser = build_parser()
+    bench = next(a for a in parser._actions if a.dest == "command").choices["bench"]
+    serve = next(a for a in bench._actions if a.dest == "bench").choices["serve"]
+    flags = {opt for action in serve._actions for opt in action.option_strings
+             if opt.startswith("--") and opt != "--help"}
+    documented = {name.split()[0] for name in table_names(section("Benchmarking: `loraplex bench serve`"))}
+    assert len(flags) > 15
+    assert flags - documented == set(), "docs/server.md's bench serve table lacks these"
+    assert {n for n in documented if n.startswith("--")} - flags == set(), "documented but gone"
+
+
+def test_every_request_field_is_in_the_request_fields_tables():
+    """Each field of the request models is in exactly the table of its kind: implemented, accepted
+    without effect (ACCEPTED_WITHOUT_EFFECT) or refused unless off (UNSUPPORTED)."""
+    from loraplex.server.protocol import (
+        ACCEPTED_WITHOUT_EFFECT, UNSUPPORTED, ChatCompletionRequest, CompletionRequest)
+    text = section("Request fields").split("\n### ", 1)[0]
+    implemented_part, rest = text.split("\nAccepted without effect:\n")
+    accepted_part, refused_part = rest.split("\nRefused unless off:\n")
+    fields = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+    assert len(fields) > 70
+    assert table_names(refused_part) == set(UNSUPPORTED)
+    assert table_names(accepted_part) == set(ACCEPTED_WITHOUT_EFFECT)
+    assert table_names(implemented_part) == fields - set(UNSUPPORTED) - set(ACCEPTED_WITHOUT_EFFECT)

@@ -25,6 +25,10 @@ the step's distinct slots on the host and replays the smallest variant that cove
 (lora_graph_bound). The attention metadata's max_seq_len is max_model_len, so the
 captured split-K decode covers any context. Nothing in a replayed step syncs with the
 host. Prefill and mixed steps, and batches larger than the largest bucket, run eagerly.
+
+Under tensor parallelism every rank captures the same graphs in the same order, with the
+layers' collectives (NCCL) inside them, and replays the same one each step: the choice
+depends only on the step's HostStepInputs, which every rank receives alike.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from collections import Counter
 import torch
 
 from loraplex.core.attention import AttentionMetadata
-from loraplex.core.sequence import ScheduledSeq
-from loraplex.core.step_inputs import prepare_step_inputs
+from loraplex.core.step_inputs import HostStepInputs, fill_pending_tokens
+from loraplex.core.transfer import copy_to_device
 # FEW_ADAPTERS is re-exported: the name of the few-adapter variant's bound.
 from loraplex.kernels.lora_tiles import FEW_ADAPTERS, adapter_bound_classes, config_bound  # noqa: F401
 
@@ -130,35 +134,34 @@ class DecodeGraphs:
             logits = self._forward(size, lora_bound)
         return graph, logits
 
-    def can_run(self, scheduled: list[ScheduledSeq]) -> bool:
-        return 0 < len(scheduled) <= self.max_bs and all(s.num_new_tokens == 1 for s in scheduled)
+    def can_run(self, host: HostStepInputs) -> bool:
+        return 0 < host.num_seqs <= self.max_bs and host.is_decode_only and host.prompt_positions is None
 
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """One decode step by graph replay: float32 logits [len(scheduled), vocab]."""
+    def execute(self, host: HostStepInputs, pending_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step by graph replay: float32 logits [num_seqs, vocab].
+        pending_ids: the values of host.pending's input ids, on the device (ModelRunner.run)."""
         runner = self.runner
-        inputs = prepare_step_inputs(scheduled, block_size=runner.block_size, num_kv_blocks=runner.num_kv_blocks,
-                                     max_model_len=runner.max_model_len, device=torch.device("cpu"))
-        num_seqs = len(scheduled)
+        num_seqs = host.num_seqs
         size = next(s for s in self.sizes if s >= num_seqs)
-        meta = inputs.metadata
-        self.input_ids[:num_seqs].copy_(inputs.input_ids, non_blocking=True)
-        self.positions[:num_seqs].copy_(inputs.positions, non_blocking=True)
-        self.slot_mapping[:num_seqs].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:num_seqs].copy_(meta.seq_lens, non_blocking=True)
-        self.block_tables[:num_seqs, :meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+
+        def copy(buffer: torch.Tensor, array) -> None:
+            copy_to_device(buffer, torch.from_numpy(array))
+
+        copy(self.input_ids[:num_seqs], host.input_ids)
+        fill_pending_tokens(self.input_ids, host.pending, pending_ids)
+        copy(self.positions[:num_seqs], host.positions)
+        copy(self.slot_mapping[:num_seqs], host.slot_mapping)
+        copy(self.seq_lens[:num_seqs], host.seq_lens)
+        copy(self.block_tables[:num_seqs, :host.block_tables.shape[1]], host.block_tables)
         if size > num_seqs:
             self.slot_mapping[num_seqs:size].fill_(-1)
             self.seq_lens[num_seqs:size].fill_(1)
-        if runner.lora is None:
+        if host.token_slots is None:
             return self._replay(size, 0, num_seqs)
-        with runner.lora.step(scheduled, build_meta=False) as token_slots:
-            if token_slots is None:
-                return self._replay(size, 0, num_seqs)
-            self.token_slots[:num_seqs].copy_(torch.from_numpy(token_slots), non_blocking=True)
-            if size > num_seqs:
-                self.token_slots[num_seqs:size].fill_(-1)
-            bound = lora_graph_bound(runner.lora.state.num_adapters, runner.lora.stacks.max_loras)
-            return self._replay(size, bound, num_seqs)
+        copy(self.token_slots[:num_seqs], host.token_slots)
+        if size > num_seqs:
+            self.token_slots[num_seqs:size].fill_(-1)
+        return self._replay(size, lora_graph_bound(host.num_adapters, runner.lora.stacks.max_loras), num_seqs)
 
     def _replay(self, size: int, lora_bound: int, num_seqs: int) -> torch.Tensor:
         graph, logits = self.graphs[size, lora_bound]

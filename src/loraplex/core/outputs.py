@@ -42,9 +42,12 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """prompt_logprobs (when asked for): one entry per prompt token, None for the first (nothing
+    precedes it), then {token_id: Logprob} holding the prompt token and the top k."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
     lora_request: LoRARequest | None = field(default=None, repr=False)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

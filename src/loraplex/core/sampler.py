@@ -1,10 +1,26 @@
 """Sampler: turns a batch of next-token logits into tokens, with batched tensor ops.
 
-Order of processing (vLLM's): min_tokens mask -> repetition penalty ->
-frequency/presence penalties -> greedy argmax, or temperature -> top-k ->
-top-p -> min-p -> sample. Returned logprobs come from the raw logits (the
-log-softmax of what the model produced, before any of the above), as vLLM does
-by default.
+Order of processing (vLLM's): structured-output grammar mask -> allowed_token_ids ->
+bad words -> min_tokens mask -> logit_bias -> repetition penalty -> frequency/presence
+penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample.
+Returned logprobs come from the raw logits (the log-softmax of what the model produced,
+with only the grammar's mask applied, before anything else above), as vLLM does by
+default, and are computed only for the rows whose request asked for them.
+
+Token controls (logit_bias, allowed_token_ids, bad words) are turned into host tensors
+once per request (TokenControls, built when the request is added); each step gathers
+those of the rows that have them into one index tensor per kind, and the device applies
+them in one scatter each. The grammar masks come filled by the engine
+(structured_output.GrammarState) as one bitmask of the grammar rows. A grammar row that
+the other controls leave without any allowed token (min_tokens forbidding the EOS the
+grammar requires, say) falls back to the grammar's mask alone, decided on the device.
+
+The result stays on the device (SamplerOutput): the engine feeds the sampled ids
+to the next step without the host reading them, and copies them back with one
+non-blocking copy per step (SamplerOutput.to_host). Nothing here waits for the
+device: every decision that depends on the batch's parameters is taken on the
+host, from the parameters themselves, and host values go to the device with
+non-blocking copies (transfer.device_tensor).
 
 Randomness: a seeded sequence draws from its own torch.Generator, so its tokens
 depend only on its seed and its own history, never on what else is in the
@@ -12,6 +28,9 @@ batch. Unseeded sequences share the engine's generator.
 
 Sampling uses the exponential race: argmax(p / q) with q ~ Exp(1) picks token i
 with probability p_i, and needs one [vocab] draw per sequence.
+
+Each stage is a function of (logits, the rows' sequences); a new sampling
+parameter is one more stage in __call__, applied only when some row uses it.
 """
 
 from __future__ import annotations
@@ -21,14 +40,106 @@ from dataclasses import dataclass
 import torch
 
 from loraplex.core.sequence import Sequence
+from loraplex.core.grammar import GrammarMasks, bitmask_to_bool
+from loraplex.core.transfer import device_tensor
+
+
+class TokenControls:
+    """A request's logit_bias, allowed_token_ids and bad words as host tensors, built once."""
+
+    def __init__(self, params) -> None:
+        bias = params.logit_bias or {}
+        self.bias_ids = torch.tensor(list(bias), dtype=torch.long) if bias else None
+        self.bias_values = torch.tensor(list(bias.values()), dtype=torch.float32) if bias else None
+        allowed = params.allowed_token_ids
+        self.allowed_ids = torch.tensor(allowed, dtype=torch.long) if allowed else None
+        self.bad_words = params.bad_words_token_ids or []
+
+    @staticmethod
+    def for_params(params) -> TokenControls | None:
+        if params.logit_bias or params.allowed_token_ids or params.bad_words_token_ids:
+            return TokenControls(params)
+        return None
+
+    def banned_now(self, output_token_ids: list[int]) -> list[int]:
+        """Last tokens of bad words whose other tokens end the output (vLLM's rule: only the
+        output counts, not the prompt)."""
+        banned = []
+        for ids in self.bad_words:
+            prefix = len(ids) - 1
+            if prefix > len(output_token_ids):
+                continue
+            if prefix == 0 or output_token_ids[-prefix:] == ids[:-1]:
+                banned.append(ids[-1])
+        return banned
 
 
 @dataclass
-class SampledToken:
-    token_id: int
-    logprob: float                                # raw logprob of the sampled token
-    rank: int                                     # its rank among raw logprobs, 1 = best
-    top_logprobs: list[tuple[int, float]] | None  # (token id, logprob), best first
+class SampledLogprobs:
+    """Raw logprobs of the rows that asked for them (rows[i] is the batch row of entry i)."""
+    rows: list[int]
+    chosen: torch.Tensor        # [m] float32: logprob of the sampled token
+    ranks: torch.Tensor         # [m] int64: its rank, 1 = most likely
+    top_ids: torch.Tensor       # [m, k] int64, best first (k = the largest logprobs asked)
+    top_values: torch.Tensor    # [m, k] float32
+
+
+@dataclass
+class HostSamples:
+    """What the host reads back of one step: token ids, and logprobs by batch row."""
+    token_ids: list[int]
+    # row -> (logprob, rank, [(token id, logprob)] of the top k), for rows that asked
+    logprobs: dict[int, tuple[float, int, list[tuple[int, float]]]]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                 # [batch] int64 on the logits' device
+    logprobs: SampledLogprobs | None = None
+    top_k: list[int] | None = None          # per logprobs row: how many top entries it asked for
+
+    def to_host(self) -> HostCopy:
+        """Start copying the results to the host (non-blocking); HostCopy.wait() reads them."""
+        return HostCopy(self)
+
+
+class HostCopy:
+    """The device-to-host copy of one step's samples, started at construction.
+
+    On CUDA the copies go into page-locked buffers and an event marks their end, so the
+    host goes on working until it needs the values; on the CPU they are already there.
+    """
+
+    def __init__(self, out: SamplerOutput) -> None:
+        self._top_k = out.top_k
+        self._rows = out.logprobs.rows if out.logprobs is not None else []
+        tensors = [out.token_ids]
+        if out.logprobs is not None:
+            lp = out.logprobs
+            tensors += [lp.chosen, lp.ranks, lp.top_ids, lp.top_values]
+        self._event = None
+        if out.token_ids.device.type == "cuda":
+            copies = []
+            for t in tensors:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                copies.append(host)
+            tensors = copies
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._tensors = tensors
+
+    def wait(self) -> HostSamples:
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._tensors[0].tolist()
+        logprobs = {}
+        if self._rows:
+            chosen, ranks, top_ids, top_values = (t.tolist() for t in self._tensors[1:])
+            for i, row in enumerate(self._rows):
+                k = self._top_k[i]
+                logprobs[row] = (chosen[i], ranks[i], list(zip(top_ids[i][:k], top_values[i][:k])))
+        return HostSamples(token_ids, logprobs)
 
 
 def _pad(rows: list[list[int]], pad: int, device) -> torch.Tensor:
@@ -37,7 +148,7 @@ def _pad(rows: list[list[int]], pad: int, device) -> torch.Tensor:
     for i, r in enumerate(rows):
         if r:
             out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
+    return device_tensor(out, torch.long, torch.device(device))
 
 
 def _token_counts(rows: list[list[int]], vocab: int, device) -> torch.Tensor:
@@ -53,30 +164,43 @@ class Sampler:
         self.generator = generator   # for unseeded sequences; None: torch's global one
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 stop_ids: list[set[int]]) -> list[SampledToken]:
+                 stop_ids: list[set[int]], grammar: GrammarMasks | None = None) -> SamplerOutput:
         """logits: [batch, vocab] float32, row i for seqs[i]. stop_ids[i]: ids that end seqs[i]
-        (masked while it has fewer than min_tokens output tokens)."""
+        (masked while it has fewer than min_tokens output tokens). grammar: the structured-output
+        masks of the rows that have a grammar."""
         logits = logits.float()
-        batch, vocab = logits.shape
         device = logits.device
         params = [s.sampling_params for s in seqs]
-        raw_logprobs = torch.log_softmax(logits, dim=-1)              # [batch, vocab]
+        if grammar is not None:
+            logits = apply_grammar(logits, grammar)
+        raw = logits
         logits = logits.clone()
 
+        apply_token_controls(logits, seqs)
         # min_tokens: forbid stopping too early.
+        rows, ids = [], []
         for i, (seq, p) in enumerate(zip(seqs, params)):
             if seq.num_output_tokens < p.min_tokens and stop_ids[i]:
-                ids = torch.tensor(sorted(t for t in stop_ids[i] if t < vocab), dtype=torch.long)
-                logits[i, ids.to(device)] = float("-inf")
-
+                stop = [t for t in stop_ids[i] if t < logits.shape[1]]
+                rows += [i] * len(stop)
+                ids += stop
+        if rows:
+            logits.index_put_((device_tensor(rows, torch.long, device), device_tensor(ids, torch.long, device)),
+                              torch.tensor(float("-inf"), device=device))
         logits = apply_penalties(logits, seqs)
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
+        if grammar is not None:
+            logits = keep_a_grammar_token(logits, raw, grammar)
         tokens = logits.argmax(dim=-1)                                 # [batch]
-        if not bool(greedy.all()):
+        greedy = [p.is_greedy for p in params]
+        if not all(greedy):
             sampled = self._sample(logits, seqs, params)
-            tokens = torch.where(greedy, tokens, sampled)
+            tokens = torch.where(device_tensor(greedy, torch.bool, device), tokens, sampled)
 
-        return self._collect(tokens, raw_logprobs, params)
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not rows:
+            return SamplerOutput(tokens)
+        top_k = [params[i].logprobs for i in rows]
+        return SamplerOutput(tokens, raw_logprobs(raw, tokens, rows, max(top_k)), top_k)
 
     def _sample(self, logits, seqs, params) -> torch.Tensor:
         """Token per row drawn from the filtered distribution (greedy rows get a dummy value)."""
@@ -85,32 +209,86 @@ class Sampler:
         # Exponential race. Seeded rows draw from their own generator, one row at a time.
         q = torch.empty_like(probs)
         unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if unseeded:
+        if len(unseeded) == len(seqs):
+            q.exponential_(generator=self.generator)
+        elif unseeded:
             q_shared = torch.empty(len(unseeded), vocab, device=device).exponential_(generator=self.generator)
-            q[unseeded] = q_shared
+            q[device_tensor(unseeded, torch.long, device)] = q_shared
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 q[i].exponential_(generator=s.generator)
         return (probs / q.clamp_min(1e-20)).argmax(dim=-1)
 
-    def _collect(self, tokens, raw_logprobs, params) -> list[SampledToken]:
-        rows = torch.arange(len(params), device=tokens.device)
-        chosen = raw_logprobs[rows, tokens]                                      # [batch]
-        ranks = (raw_logprobs > chosen[:, None]).sum(dim=-1) + 1                  # [batch]
-        k_max = max((p.logprobs or 0) for p in params)
-        top_vals = top_ids = None
-        if k_max > 0:
-            top_vals, top_ids = raw_logprobs.topk(min(k_max, raw_logprobs.shape[-1]), dim=-1)
-            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        tokens_l, chosen_l, ranks_l = tokens.tolist(), chosen.tolist(), ranks.tolist()
-        out = []
-        for i, p in enumerate(params):
-            top = None
-            if p.logprobs is not None:
-                k = p.logprobs
-                top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
-            out.append(SampledToken(tokens_l[i], chosen_l[i], ranks_l[i], top))
-        return out
+
+def apply_grammar(logits: torch.Tensor, grammar: GrammarMasks) -> torch.Tensor:
+    """logits with every token the rows' grammars forbid at -inf (a new tensor)."""
+    index = device_tensor(grammar.rows, torch.long, logits.device)
+    allowed = bitmask_to_bool(grammar.bitmask, logits.shape[1])                 # [m, vocab]
+    masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, index, masked)
+
+
+def keep_a_grammar_token(logits: torch.Tensor, grammar_logits: torch.Tensor, grammar: GrammarMasks) -> torch.Tensor:
+    """Grammar rows left with no allowed token by the other controls take the grammar's logits alone."""
+    index = device_tensor(grammar.rows, torch.long, logits.device)
+    rows = logits.index_select(0, index)
+    dead = torch.isneginf(rows).all(dim=-1, keepdim=True)                    # [m, 1], decided on the device
+    return logits.index_copy(0, index, torch.where(dead, grammar_logits.index_select(0, index), rows))
+
+
+def apply_token_controls(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """allowed_token_ids, bad words and logit_bias, in place; one scatter per kind for the whole batch."""
+    controlled = [(i, s.token_controls) for i, s in enumerate(seqs) if s.token_controls is not None]
+    if not controlled:
+        return
+    device, vocab = logits.device, logits.shape[1]
+    allowed = [(i, c.allowed_ids) for i, c in controlled if c.allowed_ids is not None]
+    if allowed:
+        rows = device_tensor([i for i, _ in allowed], torch.long, device)
+        ids = torch.cat([a for _, a in allowed])
+        which = torch.repeat_interleave(torch.arange(len(allowed)), torch.tensor([len(a) for _, a in allowed]))
+        keep = torch.zeros(len(allowed), vocab, dtype=torch.bool, device=device)
+        keep[device_tensor(which, torch.long, device), device_tensor(ids, torch.long, device)] = True
+        logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill(~keep, float("-inf")))
+    banned_rows, banned_ids = [], []
+    for i, c in controlled:
+        if c.bad_words:
+            banned = c.banned_now(seqs[i].output_token_ids)
+            banned_rows += [i] * len(banned)
+            banned_ids += banned
+    if banned_rows:
+        logits.index_put_((device_tensor(banned_rows, torch.long, device), device_tensor(banned_ids, torch.long, device)),
+                          torch.tensor(float("-inf"), device=device))
+    biased = [(i, c) for i, c in controlled if c.bias_ids is not None]
+    if biased:
+        rows = torch.cat([torch.full((len(c.bias_ids),), i, dtype=torch.long) for i, c in biased])
+        ids = torch.cat([c.bias_ids for _, c in biased])
+        values = torch.cat([c.bias_values for _, c in biased])
+        logits.index_put_((device_tensor(rows, torch.long, device), device_tensor(ids, torch.long, device)),
+                          device_tensor(values, torch.float32, device), accumulate=True)
+
+
+def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int) -> SampledLogprobs:
+    """Log-softmax of the raw logits of `rows` only: the sampled token's logprob and rank, and the
+    top k (every row gets the largest k asked; each keeps its own k on the host)."""
+    index = device_tensor(rows, torch.long, logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)      # [m, vocab]
+    chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])      # [m, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1                              # [m]
+    top_values, top_ids = logprobs.topk(max(1, min(k, logprobs.shape[-1])), dim=-1)   # [m, k]
+    return SampledLogprobs(rows, chosen[:, 0], ranks, top_ids, top_values)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[tuple]:
+    """Host entries (logprob, rank, [(token id, logprob)] of the top k) of prompt tokens: row i of
+    `logits` ([r, vocab], the position before targets[i]) scores targets[i] with ks[i] top tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)                                     # [r, vocab]
+    target = device_tensor(targets, torch.long, logits.device)[:, None]
+    chosen = logprobs.gather(1, target)                                                      # [r, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_values, top_ids = logprobs.topk(max(1, min(max(ks), logprobs.shape[-1])), dim=-1)
+    chosen, ranks, top_ids, top_values = (t.tolist() for t in (chosen[:, 0], ranks, top_ids, top_values))
+    return [(chosen[i], ranks[i], list(zip(top_ids[i][:k], top_values[i][:k]))) for i, k in enumerate(ks)]
 
 
 def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
@@ -121,25 +299,28 @@ def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     """
     batch, vocab = logits.shape
     device = logits.device
-    temp = torch.tensor([p.temperature if not p.is_greedy else 1.0 for p in params], device=device)
+    temp = device_tensor([p.temperature if not p.is_greedy else 1.0 for p in params], torch.float32, device)
     logits = logits / temp[:, None]
 
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        top_k_t = device_tensor(top_k, torch.long, device)
+        top_p_t = device_tensor(top_p, torch.float32, device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)   # [batch, vocab]
         rank = torch.arange(vocab, device=device)[None, :]
-        sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(rank >= top_k_t[:, None], float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)
         # Mass of strictly better tokens; the best token always survives.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p_t[:, None], float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
     probs = logits.softmax(dim=-1)                                 # [batch, vocab]
-    min_p = torch.tensor([p.min_p for p in params], device=device)
-    if bool((min_p > 0).any()):
-        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    min_p = [p.min_p for p in params]
+    if any(m > 0 for m in min_p):
+        min_p_t = device_tensor(min_p, torch.float32, device)
+        threshold = min_p_t[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
     # Renormalized so each row is the distribution actually sampled from.
     return probs / probs.sum(dim=-1, keepdim=True)
@@ -150,12 +331,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     params = [s.sampling_params for s in seqs]
     batch, vocab = logits.shape
     device = logits.device
-    rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-    use_rep = bool((rep != 1.0).any())
-    if not use_rep and not bool((freq != 0).any()) and not bool((pres != 0).any()):
+    use_rep = any(p.repetition_penalty != 1.0 for p in params)
+    if not use_rep and not any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):
         return logits
+    rep = device_tensor([p.repetition_penalty for p in params], torch.float32, device)[:, None]
+    freq = device_tensor([p.frequency_penalty for p in params], torch.float32, device)[:, None]
+    pres = device_tensor([p.presence_penalty for p in params], torch.float32, device)[:, None]
     output_counts = _token_counts([s.output_token_ids for s in seqs], vocab, device)
     if use_rep:
         prompt_seen = _token_counts([s.token_ids[:s.num_prompt_tokens] for s in seqs], vocab, device) > 0

@@ -3,7 +3,8 @@
 One step mixes decodes (one token each), prompt chunks and whole prompts under
 two caps: max_num_seqs running sequences and max_num_batched_tokens tokens.
 
-Phase 1 serves running sequences oldest first. Each gets its remaining tokens
+Phase 1 serves running sequences oldest first. A sequence whose pending token
+(overlapped scheduling, see engine_core.py) will end it by length is skipped. Each gets its remaining tokens
 (1 for a decode, the rest of a prompt for a chunked prefill) up to the token
 budget. When its blocks cannot be allocated, the newest running sequence is
 preempted by recompute: its blocks are freed and it goes back to the front of
@@ -139,6 +140,9 @@ class Scheduler:
         kept: list[Sequence] = []
         while pending:
             seq = pending.popleft()
+            if seq.num_pending_tokens and seq.num_tokens >= seq.max_num_tokens:
+                kept.append(seq)            # its pending token ends it (length): nothing to compute
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if num_new <= 0:
                 kept.append(seq)            # budget spent: it waits this step, keeps its blocks

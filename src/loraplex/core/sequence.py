@@ -22,6 +22,11 @@ class Sequence:
     token_ids holds prompt + generated tokens. num_computed_tokens counts the
     tokens whose K/V are in the cache; the scheduler decides how many more to
     compute this step (a whole prompt, a prompt chunk, or one decode token).
+
+    With overlapped scheduling a sequence may have one pending token: sampled by
+    the step still in flight, its value is on the device only (row pending_row of
+    that step's sampled ids). It counts in num_tokens, so the next step is
+    scheduled to compute it, but it is not in token_ids until the engine reads it.
     """
     seq_id: int
     token_ids: list[int]
@@ -38,16 +43,30 @@ class Sequence:
     lora_request: LoRARequest | None = None
     sampling_params: Any = None         # SamplingParams
     generator: Any = None               # torch.Generator of a seeded request, else None
-    detokenizer: Any = None             # IncrementalDetokenizer, None without a tokenizer
-    cumulative_logprob: float = 0.0
-    logprobs: list | None = None        # one {token_id: Logprob} dict per output token
+    max_num_tokens: int = 0             # min(max_model_len, prompt + max_tokens): a length finish
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_pending_tokens: int = 0         # 0 or 1: sampled by the step in flight, value not read yet
+    pending_row: int = -1               # its row in that step's sampled token ids
+    # A multimodal request's items and encoder outputs (MultimodalState, shared by its n
+    # sequences); the model runner reads it. None for text-only requests.
+    mm: Any = None
+    # Sampling state beyond SamplingParams: the request's token controls (sampler.TokenControls:
+    # logit_bias, allowed_token_ids, bad words; shared by its n sequences), and this sequence's
+    # structured-output matcher (structured_output.GrammarState). None when not used.
+    token_controls: Any = None
+    grammar: Any = None
+    # prompt_logprobs (sample 0 of a request that asks for them): top k per prompt position, the
+    # positions done so far (logits at position p score prompt token p + 1), and the entries
+    # computed but not yet reported.
+    prompt_logprobs_k: int | None = None
+    num_prompt_logprobs_done: int = 0
+    prompt_logprobs: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -68,8 +68,10 @@ class Tokenizer:
                         "mask_token")
             if _token_content(config.get(key)) is not None
         }
-        self.all_special_ids = sorted(
-            {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special})
+        added = self._tok.get_added_tokens_decoder()
+        self.all_special_ids = sorted(i for i, t in added.items() if t.special)
+        # Every added token (special or not) by id: what spaces_between_special_tokens separates.
+        self.added_tokens = {i: t.content for i, t in added.items()}
         self.chat_template = self._read_chat_template(path, config)
         self._compiled_template = None
 

@@ -106,9 +106,10 @@ def _warm_up_decode_splits(runner) -> None:
     out as the model passes them (a view of the fused qkv output), reading cache block 0."""
     from loraplex.kernels.triton_attention import MAX_SPLITS, triton_paged_decode
     cfg = runner.model_config
-    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    num_heads = runner.model.shards.q_heads.size   # this rank's, under tensor parallelism
+    q_size, kv_size = num_heads * cfg.head_dim, runner.num_kv_heads * cfg.head_dim
     qkv = torch.zeros(1, q_size + 2 * kv_size, dtype=runner.dtype, device=runner.device)
-    q = qkv[:, :q_size].view(1, cfg.num_heads, cfg.head_dim)
+    q = qkv[:, :q_size].view(1, num_heads, cfg.head_dim)
     k_cache, v_cache = runner.kv_cache.layers[0]
     block_tables = torch.zeros(1, 1, dtype=torch.int32, device=runner.device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=runner.device)

@@ -1,10 +1,16 @@
 """Entry-point discovery and loading of plugins, once per process.
 
-An entry point in the `loraplex.plugins` group may name either
+Plugins come from two entry-point groups: `loraplex.plugins` (ours) and
+`vllm.general_plugins` (vLLM's: resolver packages written for vLLM, unchanged).
+A name declared in both is taken from `loraplex.plugins`. Either group's entry
+point may name
 - a pluggy plugin: a module (or object) with `@hookimpl` functions, whose
   `register_lora_resolvers(register)` hook is called with a `register` callback; or
 - a zero-argument callable that registers resolvers itself through
   `LoRAResolverRegistry.register_resolver` (the vLLM style).
+A vLLM plugin loads inside vllm_compat.vllm_modules_mapped(), where its `vllm.*`
+imports get loraplex's objects; with the real vllm installed it is not loaded
+(it would register with vLLM's registry) and its record says so.
 
 Each plugin is loaded in isolation: one that fails to import, to register, or
 that names an unknown hook is logged with its name and error, its partial
@@ -20,14 +26,16 @@ from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
 
-from loraplex.plugins import hookspecs
+from loraplex.plugins import hookspecs, vllm_compat
 from loraplex.plugins.selection import (PLUGINS_ENV, PluginSelection, requested_plugins,
                                         select_plugins)
+from loraplex.plugins.vllm_compat import VLLM_ENTRY_POINT_GROUP
 from loraplex.resolvers.base import LoRAResolver, LoRAResolverRegistry
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "loraplex.plugins"
+ENTRY_POINT_GROUPS = (ENTRY_POINT_GROUP, VLLM_ENTRY_POINT_GROUP)   # the first wins a name
 
 
 @dataclass
@@ -42,6 +50,7 @@ class PluginRecord:
     style: str | None = None         # "pluggy" or "callable"
     error: str | None = None
     resolvers: list[str] = field(default_factory=list)  # in registration order
+    group: str = ENTRY_POINT_GROUP   # the entry-point group it was found in
 
 
 class _PluginState:
@@ -61,17 +70,22 @@ def new_plugin_manager() -> pluggy.PluginManager:
 _state = _PluginState()
 
 
-def discover_entry_points() -> dict[str, EntryPoint]:
-    """Installed plugins by name. A name declared by two packages keeps the first."""
+def discover_entry_points() -> tuple[dict[str, EntryPoint], list[EntryPoint]]:
+    """Installed plugins by name, and the entry points that lost their name to one found
+    earlier: loraplex.plugins before vllm.general_plugins, then the first package."""
     found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in found:
-            if found[ep.name].value != ep.value:
+    shadowed: list[EntryPoint] = []
+    for group in ENTRY_POINT_GROUPS:
+        for ep in entry_points(group=group):
+            known = found.get(ep.name)
+            if known is None:
+                found[ep.name] = ep
+            elif known.group != group:
+                shadowed.append(ep)   # e.g. vLLM's own lora_filesystem_resolver
+            elif known.value != ep.value:
                 logger.warning("Plugin name %r is declared twice (%s and %s); using the first",
-                               ep.name, found[ep.name].value, ep.value)
-            continue
-        found[ep.name] = ep
-    return found
+                               ep.name, known.value, ep.value)
+    return found, shadowed
 
 
 def load_plugins() -> list[PluginRecord]:
@@ -84,20 +98,26 @@ def load_plugins() -> list[PluginRecord]:
     with _state.lock:
         if _state.records is not None:
             return _state.records
-        discovered = discover_entry_points()
+        discovered, shadowed = discover_entry_points()
         requested = requested_plugins()
         selection = select_plugins(list(discovered), requested)
         records: list[PluginRecord] = []
         _state.records, _state.selection = records, selection
         for name in selection.to_load:
             ep = discovered[name]
-            record = PluginRecord(name=name, target=ep.value, distribution=_distribution(ep), selected=True)
+            record = _record(ep, selected=True)
             records.append(record)
-            _load_one(ep, record, records)
+            if ep.group == VLLM_ENTRY_POINT_GROUP:
+                _load_vllm_plugin(ep, record, records, named=requested is not None)
+            else:
+                _load_one(ep, record, records)
         for name, reason in selection.skipped.items():
-            ep = discovered[name]
-            records.append(PluginRecord(name=name, target=ep.value, distribution=_distribution(ep),
-                                        selected=False, skip_reason=reason))
+            records.append(_record(discovered[name], selected=False, skip_reason=reason))
+        for ep in shadowed:
+            records.append(_record(ep, selected=False, skip_reason=(
+                f"the plugin of the same name in group {ENTRY_POINT_GROUP!r} is used instead")))
+        if not any(r.loaded and r.group == VLLM_ENTRY_POINT_GROUP for r in records):
+            vllm_compat.drop_vllm_modules()
         logger.info("Plugins loaded (%s %s): %s", PLUGINS_ENV,
                     "unset" if requested is None else f"= {','.join(requested)!r}",
                     ", ".join(r.name for r in records if r.loaded) or "none")
@@ -144,11 +164,36 @@ def reset_plugins() -> None:
         _state.records = None
         _state.selection = None
         _state.manager = new_plugin_manager()
+        vllm_compat.drop_vllm_modules()
 
 
-def _distribution(ep: EntryPoint) -> str | None:
+def _record(ep: EntryPoint, **fields) -> PluginRecord:
     dist = getattr(ep, "dist", None)
-    return dist.name if dist is not None else None
+    return PluginRecord(name=ep.name, target=ep.value, distribution=dist.name if dist is not None else None,
+                        group=ep.group, **fields)
+
+
+def _load_vllm_plugin(ep: EntryPoint, record: PluginRecord, records: list[PluginRecord], *, named: bool) -> None:
+    """A plugin of vLLM's group: loaded with its vllm.* imports mapped to loraplex."""
+    if vllm_compat.real_vllm_installed():
+        reason = (f"not adapted: it is a vLLM plugin (group {VLLM_ENTRY_POINT_GROUP!r}) and the vllm package is "
+                  f"installed here, so its imports would load vLLM and register with vLLM's registry, which "
+                  f"loraplex does not read. Run loraplex in an environment without vllm, or declare the plugin "
+                  f"in group {ENTRY_POINT_GROUP!r} with loraplex imports")
+        if named:   # asked for by name in VLLM_PLUGINS: a failure to report
+            record.error = reason
+            logger.error("Plugin %r (%s) is %s", record.name, record.target, reason)
+        else:
+            record.selected, record.skip_reason = False, reason
+            logger.warning("Plugin %r (%s) is %s", record.name, record.target, reason)
+        return
+    with vllm_compat.vllm_modules_mapped():
+        _load_one(ep, record, records)
+        if record.loaded:
+            vllm_compat.import_all()   # a later, lazy `import vllm.x` in the plugin still works
+    if record.error:
+        record.error += (" (a vLLM plugin: loraplex provides vllm.lora.resolver, vllm.lora.request, "
+                         "vllm.logger and vllm.envs to it, enough for LoRA resolver plugins; see docs/vllm.md)")
 
 
 def _load_one(ep: EntryPoint, record: PluginRecord, records: list[PluginRecord]) -> None:

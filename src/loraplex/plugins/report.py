@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from loraplex.plugins.loader import PluginRecord
+from loraplex.plugins.loader import ENTRY_POINT_GROUPS, PluginRecord
 from loraplex.plugins.selection import PLUGINS_ENV, requested_plugins
 
 
@@ -17,12 +17,13 @@ def plugin_status(record: PluginRecord) -> str:
 
 def format_plugin_report(records: list[PluginRecord], chain: list[tuple[str, str | None]],
                          missing: list[str]) -> str:
-    """Plugins in load order (skipped ones last), then the resolver chain."""
+    """Plugins in load order (skipped ones last) with the entry-point group each came
+    from, then the resolver chain."""
     requested = requested_plugins()
     lines = [f"{PLUGINS_ENV}: " + ("unset (all plugins except opt-in ones)" if requested is None
                                    else repr(",".join(requested)))]
     if not records:
-        lines.append("No plugins installed in entry-point group 'loraplex.plugins'.")
+        lines.append(f"No plugins installed in entry-point groups {' or '.join(map(repr, ENTRY_POINT_GROUPS))}.")
     width = max([len(r.name) for r in records] + [6])
     for record in records:
         status = plugin_status(record)
@@ -34,7 +35,7 @@ def format_plugin_report(records: list[PluginRecord], chain: list[tuple[str, str
             detail = record.skip_reason or ""
         source = record.target + (f" [{record.distribution}]" if record.distribution else "")
         lines.append(f"  {record.name:<{width}}  {status:<7}  {detail}")
-        lines.append(f"  {'':<{width}}  {'':<7}  from {source}")
+        lines.append(f"  {'':<{width}}  {'':<7}  from {source}, group {record.group}")
     for name in missing:
         lines.append(f"  {name:<{width}}  missing  named in {PLUGINS_ENV} but not installed")
     lines.append("Resolver chain (tried in this order):")

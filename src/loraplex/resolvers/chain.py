@@ -8,9 +8,14 @@ Rules (docs/resolvers.md explains them to users):
   resolver found the adapter and at least one failed, ResolverError names each
   resolver's outcome, since a failure may have hidden the adapter;
 - AdapterInvalidError / AdapterNameError from a resolver propagate unchanged:
-  "found but unusable" is an answer, not a miss;
-- "every resolver said not found" is remembered for a TTL in a bounded LRU
-  (the negative cache); found adapters and failures are not cached.
+  "found but unusable" (a broken adapter) is an answer, not a miss;
+- a candidate that is not this resolver's adapter (not a LoRA, another base model:
+  report_skipped, or AdapterMismatchError) is a miss, as in vLLM; if no resolver finds
+  a usable adapter, AdapterInvalidError names every skipped candidate and why;
+- "every resolver said not found" is remembered in a bounded LRU (the negative cache)
+  for a TTL, or until a resolver's change_token for the name changes (a directory
+  the adapter would appear in was modified); found adapters, skips and failures are
+  not cached.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import time
 from collections import OrderedDict
 from typing import Callable, Sequence
 
-from loraplex.errors import AdapterInvalidError, AdapterNameError, ResolverError
+from loraplex.errors import AdapterInvalidError, AdapterMismatchError, AdapterNameError, ResolverError
 from loraplex.lora_request import LoRARequest
-from loraplex.resolvers.base import LoRAResolver, LoRAResolverRegistry
+from loraplex.resolvers.base import LoRAResolver, LoRAResolverRegistry, _skip_reasons
 from loraplex.resolvers.env import negative_cache_ttl_s, resolver_timeout_s
 from loraplex.resolvers.names import check_adapter_name
 
@@ -32,7 +37,7 @@ logger = logging.getLogger(__name__)
 # listener(resolver_name, outcome, seconds); outcome is one of OUTCOMES, or "hit"
 # with resolver_name NEGATIVE_CACHE for a name answered from the negative cache.
 Listener = Callable[[str, str, float], None]
-OUTCOMES = ("found", "not_found", "error", "timeout")
+OUTCOMES = ("found", "not_found", "skipped", "error", "timeout")
 NEGATIVE_CACHE = "negative_cache"
 DEFAULT_NEGATIVE_CACHE_SIZE = 4096
 
@@ -60,7 +65,10 @@ class ResolverChain:
             raise ValueError(f"negative_cache_size must be >= 1, got {negative_cache_size!r}")
         self.negative_cache_size = negative_cache_size
         self._clock = clock
-        self._negative: OrderedDict[_Key, float] = OrderedDict()  # key -> expiry time
+        # key -> (expiry time, the resolvers' change tokens taken before they were asked)
+        self._negative: OrderedDict[_Key, tuple[float, tuple]] = OrderedDict()
+        self._token_sources = [r for _, r in self.resolvers if callable(getattr(r, "change_token", None))
+                               and type(r).change_token is not LoRAResolver.change_token]
         self._in_flight: dict[_Key, asyncio.Future] = {}
         self._listeners: list[Listener] = []
 
@@ -110,7 +118,7 @@ class ResolverChain:
         at least one resolver failed)."""
         check_adapter_name(lora_name)
         key = (base_model_name, lora_name)
-        if self._negative_hit(key):
+        if key in self._negative and await self._negative_hit(key):
             return None
         future = self._in_flight.get(key)
         if future is None:
@@ -122,12 +130,19 @@ class ResolverChain:
 
     async def _resolve_once(self, key: _Key) -> LoRARequest | None:
         base_model_name, lora_name = key
+        # Taken before any resolver looks: an adapter appearing meanwhile changes them.
+        tokens = await self._change_tokens(lora_name)
         failures: list[str] = []
         misses: list[str] = []
+        skipped: list[str] = []
         for name, resolver in self.resolvers:
             start = self._clock()
+            reasons: list[str] = []
             try:
-                result = await self._call_with_timeout(resolver, base_model_name, lora_name)
+                result = await self._call_with_timeout(resolver, base_model_name, lora_name, reasons)
+            except AdapterMismatchError as e:
+                reasons.append(str(e))
+                result = None
             except (AdapterInvalidError, AdapterNameError):
                 self._notify(name, "error", start)
                 raise
@@ -142,6 +157,10 @@ class ResolverChain:
                 failures.append(f"{name}: {type(e).__name__}: {e}")
                 logger.warning("LoRA resolver %r failed resolving %r (%s: %s); trying the next one",
                                name, lora_name, type(e).__name__, e)
+                continue
+            if result is None and reasons:
+                self._notify(name, "skipped", start)
+                skipped.extend(f"{name}: {reason}" for reason in reasons)
                 continue
             if result is None:
                 self._notify(name, "not_found", start)
@@ -159,16 +178,27 @@ class ResolverChain:
         if failures:
             raise ResolverError(
                 f"could not resolve LoRA adapter {lora_name!r}: no resolver found it and "
-                f"{len(failures)} failed, which may have hidden it ({'; '.join(failures + misses)}). "
+                f"{len(failures)} failed, which may have hidden it ({'; '.join(failures + skipped + misses)}). "
                 f"Fix the failing resolver(s) or retry later")
-        self._remember_miss(key)
+        if skipped:
+            raise AdapterInvalidError(
+                f"no resolver found a usable LoRA adapter named {lora_name!r} for the served model: "
+                f"{'; '.join(skipped)}")
+        self._remember_miss(key, tokens)
         return None
 
-    async def _call_with_timeout(self, resolver: LoRAResolver, base_model_name: str, lora_name: str):
+    async def _call_with_timeout(self, resolver: LoRAResolver, base_model_name: str, lora_name: str,
+                                 skip_reasons: list[str]):
         """The resolver's answer or exception; _ResolverTimeout when it ran too long.
+        Reasons it reports with report_skipped go to `skip_reasons`.
         (Not wait_for: a TimeoutError the resolver raises itself, e.g. from a socket,
         is a failure of the source and must be reported as such.)"""
-        task = asyncio.ensure_future(resolver.resolve_lora(base_model_name, lora_name))
+        context_token = _skip_reasons.set(skip_reasons)
+        try:
+            # The task copies this context: the resolver (and its threads) see the list.
+            task = asyncio.ensure_future(resolver.resolve_lora(base_model_name, lora_name))
+        finally:
+            _skip_reasons.reset(context_token)
         try:
             done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
         except asyncio.CancelledError:
@@ -185,22 +215,30 @@ class ResolverChain:
         if not future.cancelled():
             future.exception()  # marks it retrieved even if every waiter gave up
 
-    def _negative_hit(self, key: _Key) -> bool:
-        expiry = self._negative.get(key)
-        if expiry is None:
+    async def _negative_hit(self, key: _Key) -> bool:
+        entry = self._negative.get(key)
+        if entry is None:
             return False
+        expiry, tokens = entry
         now = self._clock()
-        if now >= expiry:
-            del self._negative[key]
+        if now >= expiry or tokens != await self._change_tokens(key[1]):
+            self._negative.pop(key, None)
             return False
-        self._negative.move_to_end(key)
+        if key in self._negative:   # (it may have been dropped while the tokens were taken)
+            self._negative.move_to_end(key)
         self._notify(NEGATIVE_CACHE, "hit", now)
         return True
 
-    def _remember_miss(self, key: _Key) -> None:
+    async def _change_tokens(self, lora_name: str) -> tuple:
+        """The change tokens of the resolvers that have them (stat calls: off the event loop)."""
+        if not self._token_sources:
+            return ()
+        return await asyncio.to_thread(lambda: tuple(_token(r, lora_name) for r in self._token_sources))
+
+    def _remember_miss(self, key: _Key, tokens: tuple) -> None:
         if self.negative_ttl_s <= 0:
             return
-        self._negative[key] = self._clock() + self.negative_ttl_s
+        self._negative[key] = (self._clock() + self.negative_ttl_s, tokens)
         self._negative.move_to_end(key)
         while len(self._negative) > self.negative_cache_size:
             self._negative.popitem(last=False)
@@ -216,6 +254,14 @@ class ResolverChain:
 
 class _ResolverTimeout(Exception):
     pass
+
+
+def _token(resolver: LoRAResolver, lora_name: str):
+    try:
+        return resolver.change_token(lora_name)
+    except Exception:  # unknown: never equal, so a remembered miss is not trusted
+        logger.exception("change_token of LoRA resolver %r failed", resolver)
+        return object()
 
 
 def _check_result(result: object, lora_name: str) -> str | None:

@@ -16,10 +16,12 @@ from loraplex.errors import ConfigError
 ALLOW_PICKLE_ENV = "LORAPLEX_ALLOW_PICKLE_LORA_WEIGHTS"
 RESOLVER_TIMEOUT_ENV = "LORAPLEX_RESOLVER_TIMEOUT_S"
 NEGATIVE_TTL_ENV = "LORAPLEX_RESOLVER_NEGATIVE_TTL_S"
+INVALID_TTL_ENV = "LORAPLEX_RESOLVER_INVALID_TTL_S"
 
 # Downloads of large adapters from S3 or the Hub can take minutes.
 DEFAULT_RESOLVER_TIMEOUT_S = 300.0
 DEFAULT_NEGATIVE_TTL_S = 30.0
+DEFAULT_INVALID_TTL_S = 10.0
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -68,3 +70,9 @@ def resolver_timeout_s() -> float:
 def negative_cache_ttl_s() -> float:
     """How long the chain remembers that no resolver knows a name (0 disables)."""
     return env_seconds(NEGATIVE_TTL_ENV, DEFAULT_NEGATIVE_TTL_S, allow_zero=True)
+
+
+def invalid_cache_ttl_s() -> float:
+    """How long a name whose adapter was found but is unusable answers with that error
+    without being resolved and loaded again (0 disables)."""
+    return env_seconds(INVALID_TTL_ENV, DEFAULT_INVALID_TTL_S, allow_zero=True)

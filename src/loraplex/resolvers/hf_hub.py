@@ -1,12 +1,18 @@
 """The Hugging Face Hub resolver (plugin `lora_hf_hub_resolver`).
 
 VLLM_LORA_RESOLVER_HF_REPO_LIST names the repos adapters may come from, as vLLM
-does: the adapter `org/repo` is the repo's root, `org/repo/sub/dir` a subfolder;
-either must hold an adapter_config.json. An entry `org/repo@rev` pins a branch,
-tag or commit (default: VLLM_LORA_RESOLVER_HF_REVISION, else "main").
+does: the adapter `org/repo` (or `org/repo/`) is the repo's root, `org/repo/sub/dir`
+a subfolder; either must hold an adapter_config.json. An entry `org/repo@rev` pins
+a branch, tag or commit (default: VLLM_LORA_RESOLVER_HF_REVISION, else "main").
 
 Files come through huggingface_hub (so HF_ENDPOINT, HF_TOKEN and the HF cache
 work), then are hard-linked (or copied) into the AdapterCache and validated there.
+The request points into the AdapterCache, not into the HF cache's snapshot as in
+vLLM: there the adapter's files are validated and recorded, kept within the
+cache's size bound, and the directory holds that one adapter only.
+
+As in vLLM, a folder whose adapter is not a LoRA, or is one for another base
+model, is "not mine": None, with the reason reported to the chain.
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.errors import ConfigError, ResolverError
-from loraplex.lora_request import LoRARequest
+from loraplex.errors import AdapterMismatchError, ConfigError, ResolverError
+from loraplex.lora_request import LoRARequest, lora_id_for_name
 from loraplex.plugins import hookimpl
-from loraplex.resolvers.base import LoRAResolver
+from loraplex.resolvers.base import LoRAResolver, report_skipped
 from loraplex.resolvers.cache import AdapterCache, check_cache_name
 from loraplex.resolvers.env import env_seconds
 from loraplex.resolvers.names import check_adapter_name
@@ -199,21 +205,28 @@ def _place(snapshot_dir: Path, remote: RemoteAdapter, dest: Path) -> bool:
 
 
 class HfHubResolver(LoRAResolver):
-    """Resolves `org/repo[/sub/dir]` names from the listed Hub repos into the adapter cache."""
+    """Resolves `org/repo[/sub/dir]` names from the listed Hub repos into the adapter cache.
+
+    `HfHubResolver(repo_list)` as in vLLM works: what is not given comes from the
+    environment when the resolver is built (HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE, and the
+    adapter cache's VLLM_LORA_RESOLVER_CACHE_DIR...), not from huggingface_hub's values
+    read at its import."""
 
     def __init__(self, repos: str | list[str], *, cache: AdapterCache | None = None, revision: str = "main",
                  endpoint: str | None = None, token: str | None = None, hf_cache_dir: str | None = None,
                  relist_s: float = DEFAULT_RELIST_S) -> None:
         logger.warning("the Hugging Face Hub resolver downloads adapters from %s on request; only list "
                        "repos you trust", repos)
-        self.source = HfHubSource(parse_repo_list(repos, revision), endpoint=endpoint, token=token,
-                                  hf_cache_dir=hf_cache_dir, relist_s=relist_s)
+        env = os.environ
+        self.source = HfHubSource(parse_repo_list(repos, revision), relist_s=relist_s,
+                                  endpoint=endpoint or env.get("HF_ENDPOINT") or None,
+                                  token=token or env.get("HF_TOKEN") or None,
+                                  hf_cache_dir=hf_cache_dir or env.get("HF_HUB_CACHE") or None)
         self.cache = cache if cache is not None else AdapterCache.from_env()
 
     @classmethod
     def from_env(cls, env=os.environ) -> "HfHubResolver":
         relist_s = env_seconds(RELIST_ENV, DEFAULT_RELIST_S, allow_zero=True, env=env)
-        # Passed explicitly: huggingface_hub reads HF_ENDPOINT / HF_HUB_CACHE only at import.
         return cls(env[REPO_LIST_ENV], cache=AdapterCache.from_env(env),
                    revision=env.get(REVISION_ENV) or "main", endpoint=env.get("HF_ENDPOINT") or None,
                    token=env.get("HF_TOKEN") or None, hf_cache_dir=env.get("HF_HUB_CACHE") or None,
@@ -221,9 +234,18 @@ class HfHubResolver(LoRAResolver):
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         check_cache_name(lora_name)  # before any I/O
-        if self.source.locate(lora_name) is None:
+        # 'org/repo/' is the adapter 'org/repo', served under the name it was asked by.
+        located_name = lora_name.rstrip("/")
+        if self.source.locate(located_name) is None:
             return None
-        return await self.cache.resolve(lora_name, self.source, base_model_name)
+        try:
+            found = await self.cache.resolve(located_name, self.source, base_model_name)
+        except AdapterMismatchError as e:
+            report_skipped(str(e))
+            return None
+        if found is None or located_name == lora_name:
+            return found
+        return LoRARequest(lora_name, lora_id_for_name(lora_name), found.lora_path, base_model_name)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraplex.server.chat import create_chat_completion
 from loraplex.server.completions import create_completion
-from loraplex.server.errors import HTTPError, install_error_handlers
+from loraplex.server.errors import INVALID_USER_INPUT, HTTPError, install_error_handlers
 from loraplex.server.middleware import APIKeyMiddleware, MetricsMiddleware
 from loraplex.server.protocol import (
     ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
@@ -43,12 +43,16 @@ def build_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI):
         try:
             await state.backend.startup()
+            if state.multimodal is not None:
+                await state.multimodal.startup(state.backend)
             yield
         finally:
             state.metrics.detach()
             await state.backend.shutdown()
 
-    app = FastAPI(title="loraplex", version=loraplex_version(), lifespan=lifespan,
+    # /docs and /openapi.json describe the API (documented in docs/server.md); FastAPI's
+    # second renderer of the same schema, /redoc, is not served.
+    app = FastAPI(title="loraplex", version=loraplex_version(), lifespan=lifespan, redoc_url=None,
                   description="OpenAI-compatible multi-LoRA server")
     app.state.loraplex = state
     install_error_handlers(app)
@@ -97,6 +101,10 @@ def build_app(state: ServerState) -> FastAPI:
 
         @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
         async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
+            if not body.lora_name or not body.lora_path:
+                raise HTTPError(400, "Both 'lora_name' and 'lora_path' must be provided.",
+                                param="lora_name" if not body.lora_name else "lora_path",
+                                error_type=INVALID_USER_INPUT)
             await _state(request).backend.load_adapter(
                 body.lora_name, body.lora_path, base_model_name=body.base_model_name,
                 load_inplace=body.load_inplace)
@@ -104,6 +112,9 @@ def build_app(state: ServerState) -> FastAPI:
 
         @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
         async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
+            if not body.lora_name:
+                raise HTTPError(400, "'lora_name' needs to be provided to unload a LoRA adapter.",
+                                param="lora_name", error_type=INVALID_USER_INPUT)
             await _state(request).backend.unload_adapter(body.lora_name)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

@@ -7,32 +7,51 @@ loaded statically (--lora-modules), at runtime (/v1/load_lora_adapter) or by a
 resolver on first request. The routes never touch the engine directly, which
 is what lets the HTTP tests run against a small fake engine too.
 
+Adapters by name, and their versions. A name maps to the LoRARequest that new requests
+get. Loading a name again in place (`load_inplace`) loads and validates the new version
+under a fresh id first, then switches the name in one step: requests already running
+finish on the old version, which is dropped from the engine when the last of them ends
+(a failed load leaves the old version serving). Names nobody loaded are resolved through
+LoRAResolution (core/lora/resolution.py: single flight, shared failures, invalid adapters
+remembered briefly), the one code path the async engine uses too; a resolved adapter whose
+directory vanished (evicted from a download cache, deleted) is resolved again, including
+for a request that was already queued when it vanished (once, before it produced
+anything). Every request holds its adapter's directory while it runs
+(resolvers/holds.py), so a bounded download cache never evicts it from under the engine.
+
 The engine object must provide:
     generate(prompt_or_token_ids, sampling_params, request_id, lora_request=None)
         -> async iterator of RequestOutput (cumulative text/token_ids)
     abort(request_id)                      (sync or async)
     add_lora(lora_request)                 (sync or async; loads and validates, raises if unusable)
     remove_lora(lora_int_id)               (sync or async; frees the adapter's memory)
-and a tokenizer, as `engine.tokenizer` or `engine.get_tokenizer()`.
+    replace_lora(old_lora_int_id, lora_request)
+                                           (optional, sync or async: add_lora of a new version; the
+                                            old id keeps its weights for the requests still running
+                                            on it until remove_lora; without it, add_lora is used)
+and a tokenizer, as `engine.tokenizer` or `engine.get_tokenizer()`; optionally
+`engine_stats()` (a flat dict of counters), `is_running` and `shutdown()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
+import itertools
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.errors import (
-    AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError, ConfigError, LoraplexError)
+from loraplex.core.lora.resolution import LoRAResolution, load_errors
+from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError, ConfigError, LoraplexError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
+from loraplex.resolvers.holds import hold_directory
 from loraplex.resolvers.names import check_adapter_name
-from loraplex.server.errors import HTTPError
+from loraplex.server.errors import INVALID_USER_INPUT, HTTPError
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +60,12 @@ async def maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-# LLMEngine.get_stats() field -> metric name (without the loraplex_ prefix).
+# EngineCore.get_stats() field -> metric name (without the loraplex_ prefix).
 ENGINE_STAT_NAMES = {"num_running": "num_requests_running", "num_waiting": "num_requests_waiting",
                      "kv_cache_usage": "kv_cache_usage_perc", "num_preemptions": "num_preemptions_total",
-                     "num_kv_blocks": "kv_cache_blocks", "num_free_kv_blocks": "kv_cache_free_blocks"}
+                     "num_kv_blocks": "kv_cache_blocks", "num_free_kv_blocks": "kv_cache_free_blocks",
+                     "num_steps": "engine_steps_total", "num_step_seqs": "engine_step_seqs_total",
+                     "num_step_tokens": "engine_step_tokens_total"}
 
 
 @contextlib.contextmanager
@@ -64,7 +85,8 @@ def model_not_found(name: str) -> AdapterNotFoundError:
 class ServingBackend:
     def __init__(self, engine: Any, *, served_model_names: list[str], model_path: str,
                  resolver_chain: Any = None, allow_runtime_lora_updating: bool = False,
-                 enable_lora: bool = True, max_model_len: int | None = None) -> None:
+                 enable_lora: bool = True, max_model_len: int | None = None,
+                 skip_model_name_validation: bool = False) -> None:
         if not served_model_names:
             raise ValueError("served_model_names must name the base model at least once")
         self.engine = engine
@@ -74,18 +96,27 @@ class ServingBackend:
         self.allow_runtime_lora_updating = allow_runtime_lora_updating
         self.enable_lora = enable_lora
         self.max_model_len = max_model_len
+        # VLLM_SKIP_MODEL_NAME_VALIDATION: a name that is no loaded adapter is the base model.
+        self.skip_model_name_validation = skip_model_name_validation
         self.created = int(time.time())
-        self._adapters: dict[str, LoRARequest] = {}
+        self._adapters: dict[str, LoRARequest] = {}       # name -> the version new requests get
         # Lineage for /v1/models. The engine's LoRARequests carry no base model name:
         # the server has already matched it, and the engine only knows the model path.
         self._parents: dict[str, str] = {}
         # Adapters a resolver found: their directory may be evicted from a download cache
         # later, and then they are resolved again rather than failing.
         self._resolved: set[str] = set()
-        # One lock per adapter name: concurrent first requests for a new name share
-        # one resolution, and load/unload of one name never interleave.
+        # One lock per adapter name: load and unload of one name never interleave.
         self._name_locks: dict[str, list] = {}     # name -> [lock, holders and waiters]
-        self.resolution_listeners: list = []   # callables(name, outcome, seconds)
+        self._in_flight: Counter[int] = Counter()  # lora_int_id -> engine requests using it now
+        self._retiring: dict[int, LoRARequest] = {}   # replaced versions that still run requests
+        self._tasks: set[asyncio.Task] = set()     # engine removals started from sync code
+        # Resolvers get the model's path (vLLM passes model_config.model), which is what
+        # adapters record as base_model_name_or_path; served names are only aliases.
+        self.resolution = LoRAResolution(load=self._load, base_model_name=model_path,
+                                         chain_factory=lambda: self.resolver_chain, id_for=self._fresh_id,
+                                         on_loaded=self._adopt_resolved)
+        self.resolution_listeners: list = self.resolution.listeners   # callables(name, outcome, seconds)
         # (name, path, base_model_name) loaded by startup(): --lora-modules.
         self.static_adapters: list[tuple[str, str, str | None]] = []
 
@@ -107,27 +138,11 @@ class ServingBackend:
                 await asyncio.to_thread(stop)
 
     def engine_stats(self) -> dict[str, float]:
-        """The engine's counters for /metrics, as flat names (see metrics.EngineStatsCollector).
-
-        Read from the event loop while the engine thread runs: only sizes and counters
-        are read, never structures that are iterated by the engine.
-        """
-        core = getattr(self.engine, "engine", self.engine)
-        get_stats = getattr(core, "get_stats", None)
-        raw = get_stats() if callable(get_stats) else {}
-        if dataclasses.is_dataclass(raw):
-            raw = dataclasses.asdict(raw)
-        stats = {ENGINE_STAT_NAMES.get(k, k): v for k, v in dict(raw).items()}
-        manager = getattr(getattr(getattr(core, "runner", None), "lora", None), "manager", None)
-        if manager is not None:
-            on_cpu = manager.list_loras()
-            stats["lora_adapters_cpu"] = len(on_cpu)
-            stats["lora_adapters_device"] = sum(manager.slot_of(i) is not None for i in on_cpu)
-            stats["lora_adapters_pinned"] = sum(manager.is_pinned(i) for i in on_cpu)
-            # Cache counters, once the manager keeps them: {"cpu_hits": n, "loads": n, ...}.
-            for key, value in dict(getattr(manager, "stats", None) or {}).items():
-                stats[f"lora_{key}_total"] = value
-        return stats
+        """The engine's counters for /metrics, as flat names (see metrics.EngineStatsCollector):
+        the engine's own flat dict (AsyncEngine.engine_stats: engine_loop.core_stats), renamed."""
+        source = getattr(self.engine, "engine_stats", None)
+        raw = source() if callable(source) else {}
+        return {ENGINE_STAT_NAMES.get(k, k): v for k, v in dict(raw).items()}
 
     def is_healthy(self) -> bool:
         return bool(getattr(self.engine, "is_running", True))
@@ -139,6 +154,14 @@ class ServingBackend:
 
     def is_base_model(self, name: str | None) -> bool:
         return not name or name in self.served_model_names
+
+    def response_model_name(self, model: str | None, lora_request: LoRARequest | None) -> str:
+        """The `model` a response reports: the name asked for, or the base model's first
+        name when none was given or when VLLM_SKIP_MODEL_NAME_VALIDATION let an unknown
+        name through (as vLLM reports it)."""
+        if model and (lora_request is not None or self.is_base_model(model)):
+            return model
+        return self.base_model_name
 
     def list_adapters(self) -> list[LoRARequest]:
         return list(self._adapters.values())
@@ -165,12 +188,15 @@ class ServingBackend:
             if entry[1] == 0:
                 del self._name_locks[name]
 
-    def _unique_id(self, name: str) -> int:
-        used = {req.lora_int_id for n, req in self._adapters.items() if n != name}
-        lora_id = lora_id_for_name(name)
-        while lora_id in used:   # a blake2b collision between two served names
-            lora_id = lora_id % (2**31 - 1) + 1
-        return lora_id
+    def _fresh_id(self, name: str) -> int:
+        """An id no version the server knows uses: lora_id_for_name(name) when it is free,
+        else the first free one of lora_id_for_name("name@1"), "name@2", ... (deterministic,
+        and a new version never shares an id with the one it replaces)."""
+        used = {r.lora_int_id for r in self._adapters.values()} | set(self._retiring) | set(self._in_flight)
+        for version in itertools.count():
+            lora_id = lora_id_for_name(name if version == 0 else f"{name}@{version}")
+            if lora_id not in used:
+                return lora_id
 
     # ---- which adapter a request uses -----------------------------------------
     async def lora_request_for(self, model: str | None) -> LoRARequest | None:
@@ -182,65 +208,44 @@ class ServingBackend:
         if self.is_base_model(model):
             return None
         adapter = self._adapters.get(model)
-        if adapter is not None and not self._is_gone(model, adapter):
+        if adapter is not None and not self._vanished(model, adapter):
             return adapter
+        if self.skip_model_name_validation:
+            return None   # as vLLM does: no resolver is asked either
         if not (self.enable_lora and self.allow_runtime_lora_updating and self.resolver_chain):
             raise model_not_found(model)
         check_adapter_name(model)
-        async with self._name_lock(model):
-            adapter = self._adapters.get(model)   # resolved while we waited
-            if adapter is not None:
-                if not self._is_gone(model, adapter):
-                    return adapter
-                logger.info("resolved LoRA adapter %r is gone from %s; resolving it again",
-                            model, adapter.lora_path)
-                await self._forget(model)
-            return await self._resolve_and_load(model)
+        if adapter is not None:
+            logger.info("resolved LoRA adapter %r is gone from %s; resolving it again", model, adapter.lora_path)
+        try:
+            return await self.resolution.resolve(model)
+        except AdapterNotFoundError:
+            stale = self._adapters.get(model)
+            if stale is not None and self._vanished(model, stale):   # gone for good: unlisted
+                self._drop_name(model)
+                self._spawn(self._retire(stale))
+            raise model_not_found(model) from None
 
-    def _is_gone(self, name: str, adapter: LoRARequest) -> bool:
+    def _vanished(self, name: str, adapter: LoRARequest) -> bool:
         return name in self._resolved and not os.path.isdir(adapter.lora_path)
 
-    async def _forget(self, name: str) -> None:
-        request = self._adapters.pop(name)
-        self._parents.pop(name, None)
-        self._resolved.discard(name)
-        await self._call_engine_lora("remove_lora", request.lora_int_id)
+    def _adopt_resolved(self, name: str, request: LoRARequest) -> None:
+        """LoRAResolution's on_loaded: the name now means the resolved version."""
+        current = self._adapters.get(name)
+        if current is not None and name not in self._resolved:
+            # /v1/load_lora_adapter loaded this name while it was being resolved: that one stays.
+            self._spawn(self._retire(request))
+            return
+        self._adapters[name] = request
+        self._parents[name] = self.base_model_name
+        self._resolved.add(name)
+        logger.info("resolved LoRA adapter %r to %s on first request", name, request.lora_path)
+        if current is not None and current is not request:
+            self._spawn(self._retire(current))
 
-    async def _resolve_and_load(self, name: str) -> LoRARequest:
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            # Resolvers get the model's path (vLLM passes model_config.model), which is what
-            # adapters record as base_model_name_or_path; served names are only aliases.
-            found = await self.resolver_chain.resolve(self.model_path, name)
-            if found is None:
-                outcome = "not_found"
-                raise model_not_found(name)
-            request = LoRARequest(name, self._unique_id(name), found.lora_path)
-            await self._add_to_engine(request)
-            self._adapters[name] = request
-            self._parents[name] = self.base_model_name
-            self._resolved.add(name)
-            outcome = "loaded"
-            logger.info("resolved LoRA adapter %r to %s on first request", name, request.lora_path)
-            return request
-        except AdapterInvalidError:
-            outcome = "invalid"
-            raise
-        finally:
-            seconds = time.perf_counter() - started
-            for listener in self.resolution_listeners:
-                listener(name, outcome, seconds)
-
-    async def _add_to_engine(self, request: LoRARequest) -> None:
+    async def _load(self, request: LoRARequest) -> None:
         # add_lora's bool only says whether it was newly cached; failures raise.
-        try:
-            await self._call_engine_lora("add_lora", request)
-        except AdapterError:
-            raise
-        except (ValueError, OSError, RuntimeError, KeyError) as e:
-            raise AdapterInvalidError(f"LoRA adapter {request.lora_name!r} at {request.lora_path!r} "
-                                      f"could not be loaded: {e}") from e
+        await self._call_engine_lora("add_lora", request)
 
     # ---- management ------------------------------------------------------------
     async def load_adapter(self, name: str, path: str, *, base_model_name: str | None = None,
@@ -257,18 +262,22 @@ class ServingBackend:
             if old is not None and not load_inplace:
                 raise HTTPError(400, f"The lora adapter '{name}' has already been loaded. If you "
                                      f"want to load the adapter in place, set 'load_inplace' to True.",
-                                param="lora_name")
-            request = LoRARequest(name, self._unique_id(name), path)
-            if old is not None:
-                # In place: the engine must drop the old weights before loading the new ones.
-                await self._call_engine_lora("remove_lora", old.lora_int_id)
-                del self._adapters[name]
-            with blame_field("lora_path", AdapterInvalidError):
-                await self._add_to_engine(request)
+                                param="lora_name", error_type=INVALID_USER_INPUT)
+            # The new version is loaded and validated under its own id while the old one
+            # serves; if it is unusable, nothing changes.
+            request = LoRARequest(name, self._fresh_id(name), path)
+            with blame_field("lora_path", AdapterInvalidError), load_errors(request):
+                if old is not None and callable(getattr(self.engine, "replace_lora", None)):
+                    await self._call_engine_lora("replace_lora", old.lora_int_id, request)
+                else:
+                    await self._call_engine_lora("add_lora", request)
+            # The switch, with no await in between: new requests get the new version.
             self._adapters[name] = request
             self._resolved.discard(name)
             self._parents[name] = base_model_name if self.is_base_model(base_model_name) else self.base_model_name
-            logger.info("loaded LoRA adapter %r from %s", name, path)
+            if old is not None:
+                await self._retire(old)
+            logger.info("loaded LoRA adapter %r from %s%s", name, path, " in place" if old is not None else "")
             return request
 
     async def unload_adapter(self, name: str) -> None:
@@ -276,19 +285,50 @@ class ServingBackend:
             request = self._adapters.get(name)
             if request is None:
                 raise HTTPError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
-            # False only means the engine had already evicted it from its caches.
-            await self._call_engine_lora("remove_lora", request.lora_int_id)
-            del self._adapters[name]
-            self._parents.pop(name, None)
-            self._resolved.discard(name)
+            self._drop_name(name)
+            await self._retire(request)
             logger.info("unloaded LoRA adapter %r", name)
 
-    async def _call_engine_lora(self, method: str, arg):
+    def _drop_name(self, name: str) -> None:
+        self._adapters.pop(name, None)
+        self._parents.pop(name, None)
+        self._resolved.discard(name)
+
+    async def _retire(self, request: LoRARequest) -> None:
+        """Drop a version nobody will get any more: from the engine now if no request runs on
+        it, else once the last one ends (after replace_lora, the engine keeps its weights for
+        them meanwhile)."""
+        lora_id = request.lora_int_id
+        if any(r.lora_int_id == lora_id for r in self._adapters.values()):
+            return   # still current (e.g. the same version adopted twice)
+        self._retiring[lora_id] = request   # its id stays taken until the engine has dropped it
+        if not self._in_flight[lora_id]:
+            await self._drop_from_engine(lora_id)
+
+    async def _drop_from_engine(self, lora_id: int) -> None:
+        try:
+            # False only means the engine had already evicted it from its caches.
+            await self._engine_call_logged("remove_lora", lora_id)
+        finally:
+            self._retiring.pop(lora_id, None)
+
+    async def _engine_call_logged(self, method: str, lora_id: int) -> None:
+        try:
+            await self._call_engine_lora(method, lora_id)
+        except Exception:   # a failed cleanup must not fail the request that triggered it
+            logger.exception("%s(%d) failed", method, lora_id)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call_engine_lora(self, method: str, *args):
         fn = getattr(self.engine, method)
         if inspect.iscoroutinefunction(fn):
-            return await fn(arg)
+            return await fn(*args)
         # Reading adapter weights from disk must not stall the event loop.
-        return await asyncio.to_thread(fn, arg)
+        return await asyncio.to_thread(fn, *args)
 
     # ---- generation -------------------------------------------------------------
     @property
@@ -298,9 +338,62 @@ class ServingBackend:
             tok = self.engine.get_tokenizer()
         return tok
 
-    def generate(self, prompt: str | list[int], sampling_params: Any, request_id: str,
-                 lora_request: LoRARequest | None) -> AsyncIterator:
-        return self.engine.generate(prompt, sampling_params, request_id, lora_request=lora_request)
+    async def generate(self, prompt: str | list[int], sampling_params: Any, request_id: str,
+                       lora_request: LoRARequest | None) -> AsyncIterator:
+        """The engine's outputs for one request. With an adapter: the name's current version
+        (one replaced since the caller looked it up is not used for a new request), counted
+        and held while it runs; if its directory vanished before it produced anything, the
+        name is resolved again once and the request submitted again."""
+        if lora_request is None:
+            async for out in self.engine.generate(prompt, sampling_params, request_id, lora_request=None):
+                yield out
+            return
+        lora_request = self._current_version(lora_request)
+        retried = False
+        while True:
+            lora_id = lora_request.lora_int_id
+            self._in_flight[lora_id] += 1
+            hold = hold_directory(lora_request.lora_path)
+            produced = False
+            try:
+                async for out in self.engine.generate(prompt, sampling_params, request_id,
+                                                      lora_request=lora_request):
+                    produced = True
+                    yield out
+                return
+            except AdapterError:
+                if produced or retried or not self._can_resolve_again(lora_request):
+                    raise
+            finally:
+                hold.release()
+                self._done_with(lora_id)
+            retried = True
+            logger.info("the directory of LoRA adapter %r vanished before request %s ran; resolving "
+                        "it again", lora_request.lora_name, request_id)
+            lora_request = self._current_version(await self.lora_request_for(lora_request.lora_name))
+
+    def _current_version(self, request: LoRARequest) -> LoRARequest:
+        current = self._adapters.get(request.lora_name)
+        if current is not None:
+            return current
+        if request.lora_int_id in self._retiring or request.lora_int_id in self._in_flight:
+            return request
+        raise model_not_found(request.lora_name)   # unloaded before this request started
+
+    def _can_resolve_again(self, request: LoRARequest) -> bool:
+        name = request.lora_name
+        if os.path.isdir(request.lora_path):
+            return False
+        current = self._adapters.get(name)   # (LoRARequests compare by name: ids tell versions apart)
+        return (current is not None and current.lora_int_id != request.lora_int_id) or (
+            name in self._resolved and self.allow_runtime_lora_updating and self.resolver_chain is not None)
+
+    def _done_with(self, lora_id: int) -> None:
+        self._in_flight[lora_id] -= 1
+        if self._in_flight[lora_id] <= 0:
+            del self._in_flight[lora_id]
+            if lora_id in self._retiring:
+                self._spawn(self._drop_from_engine(lora_id))
 
     async def abort(self, request_id: str) -> None:
         await maybe_await(self.engine.abort(request_id))

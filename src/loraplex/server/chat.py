@@ -1,4 +1,7 @@
-"""POST /v1/chat/completions: the tokenizer's chat template, then one engine request."""
+"""POST /v1/chat/completions: the tokenizer's chat template, then one engine request.
+
+Image and audio content parts, and default LoRAs per modality, go through server/multimodal.py.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +13,42 @@ from starlette.requests import Request
 from loraplex.server.disconnect import unless_disconnected
 from loraplex.server.errors import HTTPError, exception_to_body
 from loraplex.server.generation import PromptRun, run_prompt, start_stream
-from loraplex.server.protocol import ChatCompletionRequest
-from loraplex.server.responses import DONE_EVENT, TokenText, chat_logprobs, new_id, now, sse, usage
+from loraplex.server.protocol import ChatCompletionRequest, check_unsupported, unknown_fields
+from loraplex.server.responses import (
+    DONE_EVENT, TokenText, chat_logprobs, new_id, now, prompt_logprobs_body, request_id_for, sse, usage)
 from loraplex.server.sampling import chat_sampling_params
 from loraplex.server.state import ServerState
 
 
-def render_chat_prompt(tokenizer, request: ChatCompletionRequest) -> list[int]:
-    """Token ids of the conversation after the model's chat template."""
+def template_kwargs(request: ChatCompletionRequest) -> dict:
+    """What the chat template sees besides the messages: vLLM's documents, tools (with tool_choice
+    "none"), reasoning_effort (and enable_thinking from it), and chat_template_kwargs."""
+    kwargs = dict(request.chat_template_kwargs or {})
+    if "chat_template" in kwargs:
+        raise HTTPError(400, "chat_template_kwargs may not set chat_template: the server does not trust chat "
+                             "templates sent with requests", param="chat_template_kwargs")
+    extras = {"documents": request.documents, "tools": request.tools, "reasoning_effort": request.reasoning_effort}
+    for key, value in extras.items():
+        if value is not None:
+            kwargs.setdefault(key, value)
+    if request.reasoning_effort is not None:
+        kwargs.setdefault("enable_thinking", request.reasoning_effort != "none")
+    return kwargs
+
+
+def render_chat_prompt(tokenizer, request: ChatCompletionRequest, conversation: list[dict] | None = None,
+                       *, as_text: bool = False) -> list[int] | str:
+    """Token ids of the conversation after the model's chat template (its text with as_text)."""
     if request.continue_final_message and (request.add_generation_prompt
                                            or request.messages[-1].role != "assistant"):
         raise HTTPError(400, "continue_final_message needs add_generation_prompt=false and a final "
                              "assistant message", param="continue_final_message")
-    conversation = [{"role": m.role, "content": m.text()} for m in request.messages]
-    kwargs = {"add_generation_prompt": request.add_generation_prompt, "tokenize": True}
+    if conversation is None:
+        conversation = [{"role": m.role, "content": m.text()} for m in request.messages]
+    # add_special_tokens (vLLM's, off by default: the template adds them) tokenizes the text here.
+    tokenize = not as_text and not request.add_special_tokens
+    kwargs = {"add_generation_prompt": request.add_generation_prompt, "tokenize": tokenize,
+              **template_kwargs(request)}
     if request.continue_final_message:
         kwargs["continue_final_message"] = True
     try:
@@ -37,21 +62,38 @@ def render_chat_prompt(tokenizer, request: ChatCompletionRequest) -> list[int]:
             raise HTTPError(400, f"the chat template rejected these messages: {e}",
                             param="messages") from e
         raise
+    if as_text:
+        return ids
+    if not tokenize:
+        return list(tokenizer.encode(ids, add_special_tokens=True))
     if hasattr(ids, "keys") and "input_ids" in ids:   # transformers' BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
 
 
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request, state: ServerState):
+    check_unsupported(request)
+    unknown_fields(request)
     backend = state.backend
     lora_request = await backend.lora_request_for(request.model)
-    model_name = request.model or backend.base_model_name
-    prompt_ids = render_chat_prompt(backend.tokenizer, request)
-    params = chat_sampling_params(request, len(prompt_ids), backend.max_model_len)
-    request_id = new_id("chatcmpl")
-    run = PromptRun(0, request_id)
-    deltas = run_prompt(backend, run, prompt_ids, params, lora_request, request.n)
-    ctx = _ChatContext(request, state, model_name, run)
+    model_name = backend.response_model_name(request.model, lora_request)
+    conversation, mm_data = await _media(request, state)
+    prompt_ids = render_chat_prompt(backend.tokenizer, request, conversation)
+    prompt_text = render_chat_prompt(backend.tokenizer, request, conversation, as_text=True) \
+        if request.return_prompt_text else None
+    num_prompt_tokens = len(prompt_ids)
+    prompt = prompt_ids
+    if mm_data:
+        num_prompt_tokens = state.multimodal.num_prompt_tokens(prompt_ids, mm_data)
+        prompt = {"prompt_token_ids": prompt_ids, "multi_modal_data": mm_data}
+        if lora_request is None:   # no adapter named: the default one of the prompt's modality, if any
+            lora_request = state.multimodal.default_lora(backend, mm_data.keys())
+    params = chat_sampling_params(request, num_prompt_tokens, backend.max_model_len,
+                                  structured_defaults=state.structured_outputs_defaults)
+    response_id = request_id_for("chatcmpl", request, raw)
+    run = PromptRun(0, new_id(response_id))   # an engine id of its own: a reused request_id must not clash
+    deltas = run_prompt(backend, run, prompt, params, lora_request, request.n or 1)
+    ctx = _ChatContext(request, state, model_name, run, response_id, prompt_text)
     if request.stream:
         try:
             first = await start_stream(deltas, lambda coro: unless_disconnected(coro, raw))
@@ -66,12 +108,26 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
     return JSONResponse(body)
 
 
+async def _media(request: ChatCompletionRequest, state: ServerState) -> tuple[list[dict] | None, dict]:
+    """The conversation for the template and multi_modal_data, when media or a multimodal model are involved."""
+    multimodal = state.multimodal
+    if not any(m.has_media for m in request.messages) and (multimodal is None or not multimodal.placeholders):
+        return None, {}
+    if multimodal is None:
+        raise HTTPError(400, "this server takes text only; remove the image and audio content parts",
+                        param="messages")
+    template = getattr(state.backend.tokenizer, "chat_template", None)
+    return await multimodal.parse([m.template_message() for m in request.messages], template)
+
+
 class _ChatContext:
     def __init__(self, request: ChatCompletionRequest, state: ServerState, model_name: str,
-                 run: PromptRun) -> None:
+                 run: PromptRun, response_id: str, prompt_text: str | None = None) -> None:
         self.request, self.state, self.model_name, self.run = request, state, model_name, run
+        self.response_id = response_id
+        self.prompt_text = prompt_text
         self.created = now()
-        self.token_text = TokenText(state.backend.tokenizer)
+        self.token_text = TokenText(state.backend.tokenizer, bool(request.return_tokens_as_token_ids))
         # vLLM's echo: a final assistant message is repeated at the start of each answer.
         last = request.messages[-1]
         self.echo_text = last.text() if request.echo and last.role == "assistant" else ""
@@ -83,7 +139,7 @@ class _ChatContext:
                              self.request.top_logprobs or 0)
 
     def _chunk(self, choices: list[dict]) -> dict:
-        return {"id": self.run.request_id, "object": "chat.completion.chunk", "created": self.created,
+        return {"id": self.response_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model_name, "choices": choices}
 
     async def collect(self, deltas: AsyncIterator) -> dict:
@@ -94,14 +150,29 @@ class _ChatContext:
                 "logprobs": {"content": []} if self.request.logprobs else None,
                 "finish_reason": None, "stop_reason": None})
             choice["message"]["content"] += delta.text
+            if self.request.return_token_ids:
+                choice["token_ids"] = choice.get("token_ids", []) + list(delta.token_ids)
             block = self._logprobs(delta)
             if block is not None:
                 choice["logprobs"]["content"].extend(block["content"])
             if delta.finish_reason is not None:
                 choice["finish_reason"], choice["stop_reason"] = delta.finish_reason, delta.stop_reason
-        return {"id": self.run.request_id, "object": "chat.completion", "created": self.created,
+        body = {"id": self.response_id, "object": "chat.completion", "created": self.created,
                 "model": self.model_name, "choices": [choices[i] for i in sorted(choices)],
                 "usage": usage([self.run]), "system_fingerprint": None}
+        body.update(self._prompt_extras())
+        return body
+
+    def _prompt_extras(self) -> dict:
+        """vLLM's top-level extras: prompt_token_ids, prompt_logprobs, prompt_text, when asked for."""
+        extras = {}
+        if self.request.return_token_ids:
+            extras["prompt_token_ids"] = list(self.run.prompt_token_ids)
+        if self.request.prompt_logprobs is not None:
+            extras["prompt_logprobs"] = prompt_logprobs_body(self.run.prompt_logprobs)
+        if self.prompt_text is not None:
+            extras["prompt_text"] = self.prompt_text
+        return extras
 
     async def stream(self, deltas: AsyncIterator) -> AsyncIterator[bytes]:
         options = self.request.stream_options
@@ -111,16 +182,21 @@ class _ChatContext:
         try:
             async for delta in deltas:
                 if delta.index not in started:   # OpenAI sends the role first, once per choice
+                    first_chunk = self._chunk([{"index": delta.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}])
+                    if not started:
+                        first_chunk.update(self._prompt_extras())
                     started.add(delta.index)
-                    yield sse(self._chunk([{"index": delta.index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]))
+                    yield sse(first_chunk)
                     if self.echo_text:
                         yield sse(self._chunk([{"index": delta.index, "delta": {"content": self.echo_text},
                                                 "logprobs": None, "finish_reason": None}]))
-                chunk = self._chunk([{"index": delta.index, "delta": {"content": delta.text},
-                                      "logprobs": self._logprobs(delta),
-                                      "finish_reason": delta.finish_reason,
-                                      "stop_reason": delta.stop_reason}])
+                choice = {"index": delta.index, "delta": {"content": delta.text},
+                          "logprobs": self._logprobs(delta), "finish_reason": delta.finish_reason,
+                          "stop_reason": delta.stop_reason}
+                if self.request.return_token_ids:
+                    choice["token_ids"] = list(delta.token_ids)
+                chunk = self._chunk([choice])
                 if continuous:
                     chunk["usage"] = usage([self.run])
                 yield sse(chunk)

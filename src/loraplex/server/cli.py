@@ -38,6 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "See docs/server.md for every flag, endpoint, variable and metric.")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    bench = subcommands.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    from loraplex.server.bench_serve import add_bench_serve_arguments, cmd_bench_serve
+    bench_serve = benches.add_parser(
+        "serve", help="drive an OpenAI-compatible server and measure throughput and latency",
+        description="Send requests to an OpenAI-compatible server (loraplex or any other) from this "
+                    "process, at a fixed concurrency or a Poisson rate, over a mix of models, and report "
+                    "request and token throughput, TTFT, TPOT, inter-token latency and failures. "
+                    "See docs/server.md.")
+    add_bench_serve_arguments(bench_serve)
+    bench_serve.set_defaults(func=cmd_bench_serve)
+
+    from loraplex.ray.cli import add_ray_arguments, cmd_serve_ray
+    serve_ray = subcommands.add_parser(
+        "serve-ray", help="run the OpenAI-compatible server over many replicas on Ray Serve",
+        description="Serve MODEL like `loraplex serve`, from several engine replicas on a Ray "
+                    "cluster (a local one unless --ray-address says otherwise), each request sent "
+                    "to a replica that holds its adapter. Needs loraplex[ray]; see docs/scaling.md.")
+    add_serve_arguments(serve_ray)
+    add_ray_arguments(serve_ray)
+    serve_ray.set_defaults(func=cmd_serve_ray)
     return parser
 
 

@@ -10,9 +10,9 @@ from starlette.requests import Request
 from loraplex.server.disconnect import unless_disconnected
 from loraplex.server.errors import HTTPError, exception_to_body
 from loraplex.server.generation import PromptRun, merge, run_prompt, start_stream
-from loraplex.server.protocol import CompletionRequest
+from loraplex.server.protocol import CompletionRequest, check_unsupported, unknown_fields
 from loraplex.server.responses import (
-    DONE_EVENT, CompletionLogprobs, TokenText, new_id, now, sse, usage)
+    DONE_EVENT, CompletionLogprobs, TokenText, new_id, now, prompt_logprobs_body, request_id_for, sse, usage)
 from loraplex.server.sampling import completion_sampling_params
 from loraplex.server.state import ServerState
 
@@ -35,18 +35,28 @@ def normalize_prompts(prompt) -> list[str | list[int]]:
     return prompts
 
 
+def engine_prompt(prompt: str | list[int], tokenizer, add_special_tokens: bool):
+    """What the engine gets for one prompt: text is tokenized by the engine (with BOS), unless
+    add_special_tokens is false, which tokenizes it here without."""
+    if add_special_tokens or not isinstance(prompt, str) or tokenizer is None:
+        return prompt
+    return {"prompt": prompt, "prompt_token_ids": tokenizer.encode(prompt, add_special_tokens=False)}
+
+
 async def create_completion(request: CompletionRequest, raw: Request, state: ServerState):
+    check_unsupported(request)
+    unknown_fields(request)
     backend = state.backend
     lora_request = await backend.lora_request_for(request.model)
-    model_name = request.model or backend.base_model_name
+    model_name = backend.response_model_name(request.model, lora_request)
     prompts = normalize_prompts(request.prompt)
-    if request.echo and request.logprobs is not None:
-        raise HTTPError(400, "echo together with logprobs is not supported; drop one of them",
-                        param="echo")
-    params = completion_sampling_params(request)
-    request_id = new_id("cmpl")
-    runs = [PromptRun(i, f"{request_id}-{i}") for i in range(len(prompts))]
-    streams = [run_prompt(backend, run, prompt, params, lora_request, request.n)
+    params = completion_sampling_params(request, structured_defaults=state.structured_outputs_defaults)
+    request_id = request_id_for("cmpl", request, raw)
+    n = request.n or 1
+    # Engine ids of their own: a request_id a client reuses must not clash in the engine.
+    runs = [PromptRun(i, new_id(f"{request_id}-{i}")) for i in range(len(prompts))]
+    streams = [run_prompt(backend, run, engine_prompt(prompt, backend.tokenizer, request.add_special_tokens),
+                          params, lora_request, n)
                for run, prompt in zip(runs, prompts)]
     ctx = _Context(request, state, model_name, request_id, runs, prompts)
     if request.stream:
@@ -69,9 +79,9 @@ class _Context:
         self.request, self.state, self.model_name = request, state, model_name
         self.request_id, self.runs, self.prompts = request_id, runs, prompts
         self.created = now()
-        self.token_text = TokenText(state.backend.tokenizer)
+        self.token_text = TokenText(state.backend.tokenizer, bool(request.return_tokens_as_token_ids))
         self.logprobs: dict[int, CompletionLogprobs] = {}
-        self.echoed: set[int] = set()
+        self.started: set[int] = set()
 
     def observe(self) -> None:
         for run in self.runs:
@@ -83,23 +93,43 @@ class _Context:
             return prompt
         return self.runs[prompt_index].prompt or self.state.backend.tokenizer.decode(prompt)
 
-    def _choice_piece(self, delta) -> tuple[str, dict | None]:
+    def _choice_piece(self, delta) -> tuple[str, dict | None, bool]:
+        """(text, logprobs block, first piece of its choice); with echo the first piece starts with
+        the prompt, and its logprobs with the prompt's (vLLM's echo)."""
         text = delta.text
-        if self.request.echo and delta.index not in self.echoed:
-            self.echoed.add(delta.index)
+        first = delta.index not in self.started
+        self.started.add(delta.index)
+        run = self.runs[delta.prompt_index]
+        if self.request.echo and first:
             text = self._echo(delta.prompt_index) + text
         block = None
         if self.request.logprobs is not None:
             lp = self.logprobs.setdefault(delta.index, CompletionLogprobs(self.token_text, self.request.logprobs))
-            block = lp.block(delta.token_ids, delta.logprobs)
-        return text, block
+            if self.request.echo and first:
+                block = lp.block(run.prompt_token_ids, run.prompt_logprobs)
+                block = CompletionLogprobs.extend(block, lp.block(delta.token_ids, delta.logprobs))
+            else:
+                block = lp.block(delta.token_ids, delta.logprobs)
+        return text, block, first
+
+    def _extras(self, choice: dict, delta, first: bool) -> None:
+        """vLLM's extra choice fields: token ids (return_token_ids) and prompt_logprobs."""
+        run = self.runs[delta.prompt_index]
+        if self.request.return_token_ids:
+            choice["token_ids"] = choice.get("token_ids", []) + list(delta.token_ids) if not self.request.stream \
+                else list(delta.token_ids)
+            if first:
+                choice["prompt_token_ids"] = list(run.prompt_token_ids)
+        if self.request.prompt_logprobs is not None and first:
+            choice["prompt_logprobs"] = prompt_logprobs_body(run.prompt_logprobs)
 
     async def collect(self, deltas: AsyncIterator) -> dict:
         choices: dict[int, dict] = {}
         async for delta in deltas:
-            text, block = self._choice_piece(delta)
+            text, block, first = self._choice_piece(delta)
             choice = choices.setdefault(delta.index, {"index": delta.index, "text": "", "logprobs": None,
                                                       "finish_reason": None, "stop_reason": None})
+            self._extras(choice, delta, first)
             choice["text"] += text
             if block is not None:
                 choice["logprobs"] = CompletionLogprobs.extend(choice["logprobs"], block)
@@ -115,12 +145,12 @@ class _Context:
         continuous = bool(include_usage and options.continuous_usage_stats)
         try:
             async for delta in deltas:
-                text, block = self._choice_piece(delta)
+                text, block, first = self._choice_piece(delta)
+                choice = {"index": delta.index, "text": text, "logprobs": block,
+                          "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
+                self._extras(choice, delta, first)
                 chunk = {"id": self.request_id, "object": "text_completion", "created": self.created,
-                         "model": self.model_name,
-                         "choices": [{"index": delta.index, "text": text, "logprobs": block,
-                                      "finish_reason": delta.finish_reason,
-                                      "stop_reason": delta.stop_reason}]}
+                         "model": self.model_name, "choices": [choice]}
                 if continuous:
                     chunk["usage"] = usage(self.runs)
                 yield sse(chunk)

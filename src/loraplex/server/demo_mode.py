@@ -60,6 +60,9 @@ def apply_demo_args(args: argparse.Namespace, environ: MutableMapping[str, str] 
     args.model = str(demo_model_path())
     args.served_model_name = args.served_model_name or [DEMO_SERVED_NAME]
     args.enable_lora = True
+    if getattr(args, "max_loras", None) is None:
+        from loraplex.server.serve import DEMO_MAX_LORAS
+        args.max_loras = DEMO_MAX_LORAS   # (without --demo the default is vLLM's 1)
     for key, value in demo_environment().items():
         if environ.get(key) and hides_demo_adapters(key, environ[key], value):
             logger.warning("--demo: keeping %s=%s from the environment, so the demo adapters in %s "

@@ -4,11 +4,17 @@ Every error response of the server has OpenAI's shape:
     {"error": {"message": str, "type": str, "param": str | None, "code": int}}
 (`code` is the HTTP status, as vLLM sends it). Route code raises loraplex errors;
 the handlers installed by `install_error_handlers` turn them into responses.
+
+Messages never show the server's own directories: the adapter cache's root (and the
+filesystem resolver's directory, the same VLLM_LORA_RESOLVER_CACHE_DIR) is replaced by the
+variable's name, so a client learns which adapter and setting are involved, not the paths.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -27,18 +33,28 @@ from loraplex.errors import (
     LoraplexError,
     ResolverError,
 )
+from loraplex.resolvers.cache import CACHE_DIR_ENV
+from loraplex.resolvers.holds import LOCK_DIR, TMP_DIR, cache_roots
 
 logger = logging.getLogger(__name__)
+
+_BOOKKEEPING_PATH = re.compile(rf"\${CACHE_DIR_ENV}/(?:{re.escape(TMP_DIR)}|{re.escape(LOCK_DIR)})[^\s'\"]*")
+
+
+# vLLM's `type` for a management call's bad input (an empty name, a duplicate adapter).
+INVALID_USER_INPUT = "InvalidUserInput"
 
 
 class HTTPError(LoraplexError):
     """An error raised by the server itself with an explicit status (401, 404 of a
-    route, 400 of a management call...)."""
+    route, 400 of a management call...) and, where vLLM sends a specific one, its type."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 error_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
+        self.error_type = error_type
 
 
 # Most specific first: the first class an exception is an instance of decides.
@@ -80,8 +96,8 @@ def error_type_for_status(status: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type_for_status(status),
+def error_body(status: int, message: str, param: str | None = None, error_type: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type or error_type_for_status(status),
                       "param": param, "code": status}}
 
 
@@ -98,10 +114,22 @@ def exception_to_body(exc: BaseException) -> tuple[int, dict]:
         message = f"internal server error ({type(exc).__name__}: {exc})"
     else:
         message = str(exc) or type(exc).__name__
+    message = redact_server_paths(message)
     param = getattr(exc, "param", None)
     if param is None and isinstance(exc, (AdapterNotFoundError, AdapterNameError, AdapterInvalidError)):
         param = "model"   # a generation request's adapter; management calls set their own field
-    return status, error_body(status, message, param)
+    return status, error_body(status, message, param, getattr(exc, "error_type", None))
+
+
+def redact_server_paths(message: str) -> str:
+    """`message` with the adapter cache directories replaced by the setting that names them."""
+    roots = {os.environ.get(CACHE_DIR_ENV, "").strip(), *cache_roots()}
+    roots |= {os.path.realpath(r) for r in roots if r}
+    # Longest first: a root inside another is replaced as a whole.
+    for root in sorted((r.rstrip("/") for r in roots if r and r != "/"), key=len, reverse=True):
+        message = message.replace(root, f"${CACHE_DIR_ENV}")
+    # The cache's own bookkeeping (downloads in progress, locks) says nothing to a client.
+    return _BOOKKEEPING_PATH.sub(f"${CACHE_DIR_ENV} (a temporary file of the adapter cache)", message)
 
 
 def _format_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:

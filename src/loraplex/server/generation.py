@@ -36,6 +36,7 @@ class PromptRun:
     request_id: str
     prompt: str | None = None
     prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list | None = None       # [None, {token_id: Logprob}, ...] when asked for
     num_output_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -55,6 +56,8 @@ async def run_prompt(backend: Any, run: PromptRun, prompt: str | list[int], samp
                 run.prompt_token_ids = list(out.prompt_token_ids)
             if getattr(out, "prompt", None) is not None:
                 run.prompt = out.prompt
+            if getattr(out, "prompt_logprobs", None) is not None:
+                run.prompt_logprobs = out.prompt_logprobs
             for comp in out.outputs:
                 prev_chars = seen_chars.get(comp.index, 0)
                 prev_tokens = seen_tokens.get(comp.index, 0)

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from loraplex.resolvers.cache import DOWNLOAD_LISTENERS
+from loraplex.resolvers.eviction import EVICTION_LISTENERS, OVER_BOUND_LISTENERS
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,10 @@ class ServerMetrics:
                                       registry=r)
         self.download_seconds = Histogram(PREFIX + "lora_download_seconds", "time to download an adapter",
                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.cache_evictions = Counter(PREFIX + "lora_cache_evictions", "adapters evicted from the "
+                                       "download cache by its size bound", registry=r)
+        self.cache_over_bound = Counter(PREFIX + "lora_cache_over_bound", "evictions that left the download "
+                                        "cache over its bound: every adapter left is in use", registry=r)
         self.first_request_loads = Counter(PREFIX + "lora_first_request_loads", "adapters resolved and "
                                            "loaded on a first request, by outcome", ["outcome"], registry=r)
 
@@ -130,11 +135,22 @@ class ServerMetrics:
             chain.add_listener(self.observe_resolution)
         self.registry.register(EngineStatsCollector(backend.engine_stats))
         DOWNLOAD_LISTENERS.append(self.observe_download)
+        EVICTION_LISTENERS.append(self.observe_eviction)
+        OVER_BOUND_LISTENERS.append(self.observe_over_bound)
 
     def detach(self) -> None:
         """Stop listening to process-wide hooks (at server shutdown)."""
-        while self.observe_download in DOWNLOAD_LISTENERS:
-            DOWNLOAD_LISTENERS.remove(self.observe_download)
+        for listeners, listener in ((DOWNLOAD_LISTENERS, self.observe_download),
+                                    (EVICTION_LISTENERS, self.observe_eviction),
+                                    (OVER_BOUND_LISTENERS, self.observe_over_bound)):
+            while listener in listeners:
+                listeners.remove(listener)
+
+    def observe_eviction(self, lora_name: str, num_bytes: int) -> None:
+        self.cache_evictions.inc()
+
+    def observe_over_bound(self, root: str, total_bytes: int, max_bytes: int) -> None:
+        self.cache_over_bound.inc()
 
     def observe_download(self, lora_name: str, num_bytes: int, seconds: float) -> None:
         self.downloads.inc()

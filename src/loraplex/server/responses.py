@@ -18,6 +18,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def request_id_for(prefix: str, request: Any, raw: Any) -> str:
+    """The response id, as vLLM makes it: the X-Request-Id header, else the body's request_id,
+    else a random one, after `prefix-`."""
+    header = raw.headers.get("x-request-id") if raw is not None else None
+    chosen = header or getattr(request, "request_id", None)
+    return f"{prefix}-{chosen}" if chosen else new_id(prefix)
+
+
 def now() -> int:
     return int(time.time())
 
@@ -38,12 +46,16 @@ def _finite(value: float) -> float:
 
 
 class TokenText:
-    """Token id -> its text, preferring the text the engine already decoded."""
+    """Token id -> its text, preferring the text the engine already decoded; with as_token_ids
+    (vLLM's return_tokens_as_token_ids) "token_id:{id}", which any token can be named by."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, as_token_ids: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.as_token_ids = as_token_ids
 
     def __call__(self, token_id: int, logprob: Any = None) -> str:
+        if self.as_token_ids:
+            return f"token_id:{token_id}"
         decoded = getattr(logprob, "decoded_token", None)
         if decoded is not None:
             return decoded
@@ -69,9 +81,18 @@ class CompletionLogprobs:
         self.num_top = num_top
         self.offset = start_offset
 
-    def block(self, token_ids: list[int], entries: list[dict] | None) -> dict:
+    def block(self, token_ids: list[int], entries: list[dict | None] | None) -> dict:
+        """entries[i]: the logprobs of token_ids[i]; None for a prompt's first token (no top_logprobs)."""
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for i, token_id in enumerate(token_ids):
+            if entries and i < len(entries) and entries[i] is None:
+                text = self.token_text(token_id)
+                out["tokens"].append(text)
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                out["text_offset"].append(self.offset)
+                self.offset += len(text)
+                continue
             entry = entries[i] if entries and i < len(entries) else {}
             text = self.token_text(token_id, entry.get(token_id))
             out["tokens"].append(text)
@@ -93,6 +114,17 @@ class CompletionLogprobs:
         for key, values in block.items():
             total[key].extend(values)
         return total
+
+
+def prompt_logprobs_body(entries: list | None) -> list | None:
+    """vLLM's prompt_logprobs in a response: per prompt token None (the first) or {token id:
+    {"logprob", "rank", "decoded_token"}}, -inf as -9999.0."""
+    if entries is None:
+        return None
+    return [None if entry is None else
+            {str(t): {"logprob": _finite(_value(lp)), "rank": getattr(lp, "rank", None),
+                      "decoded_token": getattr(lp, "decoded_token", None)} for t, lp in entry.items()}
+            for entry in entries]
 
 
 def chat_logprobs(token_text: TokenText, token_ids: list[int], entries: list[dict] | None,

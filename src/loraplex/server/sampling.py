@@ -1,17 +1,66 @@
-"""OpenAI request fields -> SamplingParams, with OpenAI's defaults where they differ."""
+"""OpenAI request fields -> SamplingParams, with OpenAI's and vLLM's defaults where they differ.
+
+Structured outputs come in four spellings, merged here into one StructuredOutputsParams as
+vLLM merges them: `structured_outputs` (vLLM's own), `response_format` json_object /
+json_schema (OpenAI's; it replaces structured_outputs' constraint), and the `guided_*` fields
+of vLLM before 0.12. Options a request does not set come from the server's
+--structured-outputs-config.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from loraplex.core.sampling_params import SamplingParams
+from loraplex.core.structured_output import StructuredOutputsParams
+from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import HTTPError
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 
+def _structured_outputs(request: SamplingFields, defaults: dict[str, bool]) -> StructuredOutputsParams | None:
+    spec: dict[str, Any] = dict(request.structured_outputs or {})
+    legacy = {"json": request.guided_json, "regex": request.guided_regex, "choice": request.guided_choice,
+              "grammar": request.guided_grammar}
+    for key, value in legacy.items():
+        if value is not None:
+            spec[key] = value
+    if request.guided_whitespace_pattern is not None:
+        spec["whitespace_pattern"] = request.guided_whitespace_pattern
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "structural_tag":
+        raise HTTPError(400, "response_format 'structural_tag' is not supported by loraplex; use json_schema",
+                        param="response_format")
+    if fmt is not None and fmt.type != "text":
+        # As in vLLM, response_format replaces the constraint structured_outputs may give.
+        for key in ("json", "regex", "choice", "grammar", "json_object", "structural_tag"):
+            spec.pop(key, None)
+        if fmt.type == "json_object":
+            spec["json_object"] = True
+        else:
+            spec["json"] = fmt.json_schema.json_schema
+    if not spec:
+        return None
+    for key, value in defaults.items():
+        spec.setdefault(key, value)
+    try:
+        return StructuredOutputsParams.from_dict(spec)
+    except TypeError as exc:
+        raise InvalidRequestError(f"structured_outputs: {exc}") from None
 
-def _common(request: SamplingFields) -> dict:
-    kwargs = {"n": request.n, "ignore_eos": request.ignore_eos, "stop": request.stop,
-              "stop_token_ids": request.stop_token_ids, "seed": request.seed}
+
+def _common(request: SamplingFields, defaults: dict[str, bool]) -> dict:
+    kwargs = {"n": request.n if request.n is not None else 1, "ignore_eos": request.ignore_eos,
+              "stop": request.stop, "stop_token_ids": request.stop_token_ids, "seed": request.seed,
+              "include_stop_str_in_output": request.include_stop_str_in_output,
+              "skip_special_tokens": request.skip_special_tokens,
+              "spaces_between_special_tokens": request.spaces_between_special_tokens,
+              "truncate_prompt_tokens": request.truncate_prompt_tokens,
+              "truncation_side": request.truncation_side or "left",
+              "logit_bias": request.logit_bias, "allowed_token_ids": request.allowed_token_ids,
+              "bad_words": request.bad_words, "prompt_logprobs": request.prompt_logprobs,
+              "structured_outputs": _structured_outputs(request, defaults)}
     for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "min_tokens"):
         value = getattr(request, name)
@@ -40,25 +89,25 @@ def _max_tokens(requested: int | None, default: int | None, num_prompt_tokens: i
     return requested if requested is not None else default
 
 
-def completion_sampling_params(request: CompletionRequest,
-                               num_prompt_tokens: int | None = None,
-                               max_model_len: int | None = None) -> SamplingParams:
-    if request.suffix:
-        raise HTTPError(400, "suffix is not supported; put the whole text in prompt", param="suffix")
-    if request.best_of is not None and request.best_of != request.n:
+def completion_sampling_params(request: CompletionRequest, num_prompt_tokens: int | None = None,
+                               max_model_len: int | None = None,
+                               structured_defaults: dict[str, bool] | None = None) -> SamplingParams:
+    if request.best_of is not None and request.best_of != (request.n or 1):
         raise HTTPError(400, "best_of different from n is not supported; drop best_of", param="best_of")
-    kwargs = _common(request)
+    kwargs = _common(request, structured_defaults or {})
     kwargs["max_tokens"] = _max_tokens(request.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS,
                                        num_prompt_tokens, max_model_len)
     kwargs["logprobs"] = request.logprobs
+    if request.echo and request.prompt_logprobs is None:
+        kwargs["prompt_logprobs"] = request.logprobs     # vLLM's echo: the prompt's logprobs come first
     return SamplingParams(**kwargs)
 
 
-def chat_sampling_params(request: ChatCompletionRequest, num_prompt_tokens: int,
-                         max_model_len: int | None) -> SamplingParams:
+def chat_sampling_params(request: ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int | None,
+                         structured_defaults: dict[str, bool] | None = None) -> SamplingParams:
     if request.top_logprobs is not None and request.top_logprobs > 0 and not request.logprobs:
-        raise HTTPError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    kwargs = _common(request)
+        raise HTTPError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs")
+    kwargs = _common(request, structured_defaults or {})
     requested = request.max_completion_tokens or request.max_tokens
     kwargs["max_tokens"] = _max_tokens(requested, None, num_prompt_tokens, max_model_len)
     if request.logprobs:

@@ -13,48 +13,17 @@ import logging
 import os
 
 from loraplex.errors import ConfigError
+from loraplex.server.lora_modules import local_adapter_dirs, parse_lora_module
 
 logger = logging.getLogger("loraplex.server")
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 API_KEY_ENV = "VLLM_API_KEY"
-
-
-def parse_lora_module(text: str) -> tuple[str, str, str | None]:
-    """One --lora-modules item: 'name=path' or a JSON object {"name", "path", "base_model_name"}."""
-    if text.lstrip().startswith("{"):
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--lora-modules item {text!r} is not valid JSON ({e}); use "
-                              f"'name=path' or '{{\"name\": ..., \"path\": ...}}'") from None
-        unknown = set(spec) - {"name", "path", "base_model_name"} if isinstance(spec, dict) else set()
-        if not isinstance(spec, dict) or unknown or not isinstance(spec.get("name"), str) \
-                or not isinstance(spec.get("path"), str):
-            raise ConfigError(f"--lora-modules JSON item {text!r} needs string keys 'name' and 'path' "
-                              f"(and optionally 'base_model_name'), nothing else")
-        base = spec.get("base_model_name")
-        if base is not None and not isinstance(base, str):
-            raise ConfigError(f"--lora-modules item {text!r}: base_model_name must be a string")
-        return spec["name"], spec["path"], base
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise ConfigError(f"--lora-modules item {text!r} must be 'name=path' or a JSON object "
-                          f"with 'name' and 'path'")
-    return name, path, None
-
-
-def check_static_adapter_files(modules: list[tuple[str, str, str | None]], *, allow_pickle: bool) -> None:
-    """Refuse a --lora-modules directory that is missing or holds no usable adapter files before
-    the model loads; rank and base-model checks follow when the engine loads the adapter."""
-    from loraplex.errors import AdapterInvalidError
-    from loraplex.resolvers.validation import validate_adapter_dir
-
-    for name, path, _ in modules:
-        try:
-            validate_adapter_dir(path, allow_pickle=allow_pickle)
-        except AdapterInvalidError as e:
-            raise ConfigError(f"--lora-modules {name}={path}: {e}; fix the path or drop the module") from None
+SKIP_MODEL_NAME_VALIDATION_ENV = "VLLM_SKIP_MODEL_NAME_VALIDATION"
+DEFAULT_MAX_LORAS = 1   # vLLM's
+DEMO_MAX_LORAS = 4      # --demo's: room for every shipped adapter in one batch
+# The ranks vLLM's --max-lora-rank accepts; loraplex takes any rank >= 1 and says so.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,18 +59,108 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per batch (default: 256)")
     eng.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     eng.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                     help="most tokens computed in one step, prompt chunks and decodes (default: 8192)")
     eng.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    eng.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                     help="dummy: random weights from MODEL's config.json, no checkpoint read "
+                          "(benchmarks at real shapes; the output is noise) (default: auto)")
+    eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                     help="overlap the host's work on one step with the device's on the next "
+                          "(default: on; --no-async-scheduling runs them in lock step)")
+    eng.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                     help="run the engine's step loop in a thread of the API server's process "
+                          "instead of its own process (slower under load; for debugging)")
+    eng.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                     help="split the model over N GPUs of this host (N CPU processes without a GPU) (default: 1)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
     lora.add_argument("--lora-modules", nargs="+", default=[], metavar="MODULE",
-                      help="adapters loaded at start-up: 'name=path' or a JSON object "
-                           "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
-    lora.add_argument("--max-loras", type=int, default=4, help="adapters on the device at once (default: 4)")
-    lora.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default: 16)")
+                      help="adapters loaded at start-up: 'name=path' or a JSON object '{\"name\": ..., "
+                           "\"path\": ..., \"base_model_name\": ..., \"is_3d_lora_weight\": ...}'; the path "
+                           "may be a Hugging Face Hub repo id (org/repo[@revision]), downloaded at start-up")
+    lora.add_argument("--max-loras", type=int, default=None,
+                      help=f"adapters on the device at once, i.e. in one batch (default: {DEFAULT_MAX_LORAS}, "
+                           f"as in vLLM; {DEMO_MAX_LORAS} with --demo)")
+    lora.add_argument("--max-lora-rank", type=int, default=16,
+                      help=f"largest adapter rank (default: 16); vLLM accepts "
+                           f"{', '.join(map(str, VLLM_MAX_LORA_RANKS))}, loraplex any rank >= 1")
     lora.add_argument("--max-cpu-loras", type=int, default=None,
                       help="adapters kept in CPU memory (default: --max-loras)")
+    lora.add_argument("--lora-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                      help="dtype of the LoRA weights (default: auto, the model's; another dtype is refused)")
+    lora.add_argument("--lora-target-modules", nargs="+", default=None, metavar="MODULE",
+                      help="apply LoRA to these layers only (qkv_proj, o_proj, gate_up_proj, down_proj, or "
+                           "PEFT names: q_proj means qkv_proj); adapters with weights elsewhere are refused "
+                           "(default: every layer)")
     lora.add_argument("--allow-pickle-lora-weights", action="store_true",
                       help="accept adapters whose only weights are adapter_model.bin (pickle can run code)")
+    add_multimodal_arguments(parser)
+    so = parser.add_argument_group("structured outputs (docs/server.md, \"Structured outputs\")")
+    so.add_argument("--structured-outputs-config", type=structured_outputs_config, default={}, metavar="JSON",
+                    help="vLLM's structured-outputs settings: backend ('auto' or 'guidance': llguidance), and "
+                         "the defaults of requests that do not set them, disable_any_whitespace and "
+                         "disable_additional_properties, e.g. '{\"disable_any_whitespace\": true}'")
+
+
+# --structured-outputs-config: vLLM's StructuredOutputsConfig keys that loraplex reads.
+STRUCTURED_OUTPUTS_BACKENDS = ("auto", "guidance")
+STRUCTURED_OUTPUTS_OPTIONS = ("disable_any_whitespace", "disable_additional_properties")
+
+
+def structured_outputs_config(text: str) -> dict[str, bool]:
+    """Parse --structured-outputs-config: the request defaults it sets (argparse type)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--structured-outputs-config must be a JSON object ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--structured-outputs-config must be a JSON object like "
+                                         "'{\"disable_any_whitespace\": true}'")
+    backend = value.pop("backend", "auto")
+    if backend not in STRUCTURED_OUTPUTS_BACKENDS:
+        raise argparse.ArgumentTypeError(f"--structured-outputs-config: backend {backend!r} is not available; "
+                                         f"loraplex's grammar engine is llguidance ('guidance' or 'auto')")
+    if value.pop("reasoning_parser", "") not in ("", None):
+        raise argparse.ArgumentTypeError("--structured-outputs-config: there is no reasoning parser")
+    unknown = sorted(set(value) - set(STRUCTURED_OUTPUTS_OPTIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--structured-outputs-config: unknown key(s) {unknown}; it takes backend, "
+                                         f"{', '.join(STRUCTURED_OUTPUTS_OPTIONS)}")
+    if not all(isinstance(v, bool) for v in value.values()):
+        raise argparse.ArgumentTypeError("--structured-outputs-config: options must be true or false")
+    return value
+
+
+def _json_object(flag: str):
+    def parse(text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object ({e})") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object like '{{\"image\": 2}}'")
+        return value
+    return parse
+
+
+def add_multimodal_arguments(parser: argparse.ArgumentParser) -> None:
+    mm = parser.add_argument_group("multimodal (docs/multimodal.md)")
+    mm.add_argument("--limit-mm-per-prompt", type=_json_object("--limit-mm-per-prompt"), default=None,
+                    metavar="JSON", help="most items per prompt, per modality, e.g. '{\"image\": 2}' "
+                                         "(default: no cap but max_model_len)")
+    mm.add_argument("--default-mm-loras", type=_json_object("--default-mm-loras"), default=None, metavar="JSON",
+                    help="a LoRA applied to chat requests with that modality unless they name an adapter, "
+                         "e.g. '{\"audio\": \"/path/to/lora\"}' (a path, or a name a resolver finds); "
+                         "needs --enable-lora")
+    mm.add_argument("--allow-remote-media", action="store_true",
+                    help="fetch http(s) image/audio URLs in chat messages (default: data: URLs only)")
+    mm.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                    help="with --allow-remote-media: fetch only from these hosts")
+    mm.add_argument("--media-fetch-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="time allowed for one remote media download (default: 5)")
+    mm.add_argument("--max-media-bytes", type=int, default=25 * 2**20, metavar="BYTES",
+                    help="largest image or audio file accepted (default: 25 MiB)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -110,15 +169,26 @@ def engine_config_from_args(args: argparse.Namespace):
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_bytes=args.kv_cache_bytes,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
-        enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        max_cpu_loras=args.max_cpu_loras, allow_pickle_lora_weights=args.allow_pickle_lora_weights)
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        load_format=args.load_format, async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank,
+        max_loras=DEFAULT_MAX_LORAS if args.max_loras is None else args.max_loras,
+        max_cpu_loras=args.max_cpu_loras, allow_pickle_lora_weights=args.allow_pickle_lora_weights,
+        lora_dtype=args.lora_dtype,
+        lora_target_modules=tuple(args.lora_target_modules) if args.lora_target_modules else None,
+        limit_mm_per_prompt=args.limit_mm_per_prompt, default_mm_loras=args.default_mm_loras,
+        allow_remote_media=args.allow_remote_media, allowed_media_domains=args.allowed_media_domains,
+        media_fetch_timeout=args.media_fetch_timeout, max_media_bytes=args.max_media_bytes)
 
 
 def build_state(args: argparse.Namespace, engine=None):
     """Everything `serve` runs, without the network: engine, plugins, chain, backend.
 
-    `engine` (an AsyncEngine) may be passed in; otherwise one is built from the args.
+    `engine` (an AsyncEngine) may be passed in; otherwise one is built from the args: its
+    step loop in an engine process of its own, or, with --disable-frontend-multiprocessing,
+    in a thread of this process.
     """
     from loraplex.plugins.loader import load_plugins
     from loraplex.resolvers.chain import ResolverChain
@@ -126,49 +196,57 @@ def build_state(args: argparse.Namespace, engine=None):
     from loraplex.server.backend import ServingBackend
     from loraplex.server.demo_mode import apply_demo_args
     from loraplex.server.metrics import ServerMetrics
+    from loraplex.server.multimodal import ServerMultimodal
     from loraplex.server.state import ServerState
 
     apply_demo_args(args)
     modules = [parse_lora_module(m) for m in args.lora_modules]
     if modules and not args.enable_lora:
         raise ConfigError("--lora-modules needs --enable-lora")
-    check_static_adapter_files(modules, allow_pickle=args.allow_pickle_lora_weights)
+    if args.max_lora_rank not in VLLM_MAX_LORA_RANKS:
+        logger.warning("--max-lora-rank %d is not one of vLLM's values (%s); loraplex accepts it", args.max_lora_rank,
+                       ", ".join(map(str, VLLM_MAX_LORA_RANKS)))
+    static_adapters = local_adapter_dirs(modules, allow_pickle=args.allow_pickle_lora_weights)
     if args.max_adapter_metric_labels < 0:
         raise ConfigError("--max-adapter-metric-labels must be >= 0")
     allow_runtime = env_flag(RUNTIME_LORA_ENV, default=False)
+    skip_name_validation = env_flag(SKIP_MODEL_NAME_VALIDATION_ENV, default=False)
     if args.allow_pickle_lora_weights:
         # Resolvers read the opt-in from the environment; the flag opts them in too.
         os.environ[ALLOW_PICKLE_ENV] = "1"
     config = engine_config_from_args(args)
+    names = args.served_model_name or [args.model]
     if engine is None:
         from loraplex.core.async_engine import AsyncEngine
-        engine = AsyncEngine.from_config(config)
+        # Adapters may name the base model by a served name.
+        engine = AsyncEngine.from_config(config, engine_process=not args.disable_frontend_multiprocessing,
+                                         served_model_names=names, log_level=args.log_level)
     records = load_plugins()
     chain = ResolverChain.from_registry() if args.enable_lora else None
-    names = args.served_model_name or [args.model]
-    lora_runtime = getattr(getattr(getattr(engine, "engine", None), "runner", None), "lora", None)
-    if lora_runtime is not None:   # adapters may name the base model by a served name
-        lora_runtime.manager.add_served_names(names)
     backend = ServingBackend(engine, served_model_names=names, model_path=args.model, resolver_chain=chain,
                              allow_runtime_lora_updating=allow_runtime, enable_lora=args.enable_lora,
-                             max_model_len=getattr(getattr(engine, "engine", engine), "max_model_len", None))
-    backend.static_adapters.extend(modules)
+                             max_model_len=getattr(engine, "max_model_len", None),
+                             skip_model_name_validation=skip_name_validation)
+    backend.static_adapters.extend(static_adapters)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
-                        api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora)
-    log_startup(args, config, engine, records, chain, allow_runtime, [m[0] for m in modules])
+                        api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
+                        multimodal=ServerMultimodal.from_engine(engine, config),
+                        structured_outputs_defaults=dict(args.structured_outputs_config))
+    log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 
 
 def log_startup(args, config, engine, records, chain, allow_runtime: bool, static_names: list[str]) -> None:
-    core = getattr(engine, "engine", engine)
-    runner = getattr(core, "runner", None)
-    block_manager = getattr(core, "block_manager", None)
+    info = dict(getattr(engine, "info", None) or {})
     logger.info("serving model %s as %s", args.model, ", ".join(args.served_model_name or [args.model]))
-    logger.info("dtype %s, device %s, max_model_len %s", getattr(runner, "dtype", config.dtype),
-                getattr(core, "device", config.device), getattr(core, "max_model_len", config.max_model_len))
-    if block_manager is not None:
-        logger.info("KV cache: %d blocks of %d tokens", block_manager.num_blocks, block_manager.block_size)
+    logger.info("dtype %s, device %s, max_model_len %s", info.get("dtype", config.dtype),
+                info.get("device", config.device), info.get("max_model_len", config.max_model_len))
+    if "num_kv_blocks" in info:
+        logger.info("KV cache: %d blocks of %d tokens", info["num_kv_blocks"], info["block_size"])
+    pid = getattr(engine, "engine_pid", None)
+    logger.info("engine loop: %s; scheduling: %s", f"engine process {pid}" if pid else "a thread of this process",
+                "overlapped (async)" if info.get("async_scheduling", config.async_scheduling) else "in lock step")
     if config.enable_lora:
         logger.info("LoRA: max_loras %d, max_lora_rank %d, max_cpu_loras %d, static adapters: %s",
                     config.max_loras, config.max_lora_rank, config.max_cpu_loras,
@@ -213,8 +291,12 @@ def run_server(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("loraplex").setLevel(args.log_level.upper())
+    from loraplex.errors import EngineDeadError
     try:
         return run_server(args)
     except ConfigError as e:
         logger.error("%s", e)
         return 2
+    except EngineDeadError as e:     # the engine process died while starting
+        logger.error("%s", e)
+        return 1

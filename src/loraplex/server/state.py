@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from loraplex.server.backend import ServingBackend
 from loraplex.server.metrics import ServerMetrics
@@ -18,3 +19,8 @@ class ServerState:
     allow_runtime_lora_updating: bool = False
     # Set when SIGTERM/SIGINT starts the drain: new generation requests get 503.
     is_draining: bool = False
+    # Image/audio content parts and default LoRAs per modality (server/multimodal.py); None in
+    # tests that build a state by hand.
+    multimodal: Any = None
+    # --structured-outputs-config: options requests do not set themselves (server/sampling.py).
+    structured_outputs_defaults: dict = field(default_factory=dict)

@@ -30,14 +30,17 @@ from loraplex.core.lora.targets import (KNOWN_UNSUPPORTED_MODULES, PEFT_MODULE_P
                                         SUPPORTED_PEFT_MODULES, LoRAModelSpec, LoRATarget)
 from loraplex.errors import AdapterInvalidError
 from loraplex.lora_request import LoRARequest
-from loraplex.resolvers.validation import (PICKLE_FILE, base_model_compatible, check_safetensors_file,
-                                          validate_adapter_dir)
+from loraplex.resolvers.validation import AdapterFiles, base_model_compatible, validate_adapter_dir
 
 logger = logging.getLogger(__name__)
 
-# PEFT's saved names: base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight
+# PEFT's saved names: base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight; a
+# multimodal model's language model sits under model.language_model. (or language_model.model.).
 _TENSOR_NAME = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_(A|B)\.weight$")
+    r"^(?:base_model\.model\.)?((?:model\.language_model\.|language_model\.model\.|model\.)layers\.(\d+)"
+    r"\.(\w+)\.(\w+))\.lora_(A|B)\.weight$")
+# Modules of a multimodal model's encoder towers, which loraplex does not adapt.
+_TOWER_MODULES = ("vision_tower.", "multi_modal_projector.", "encoder.", "projector.")
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -108,7 +111,7 @@ def load_lora_adapter(request: LoRARequest, spec: LoRAModelSpec, *, max_lora_ran
         raise AdapterInvalidError(
             f"adapter {where} has rank {config.max_rank}, above max_lora_rank={max_lora_rank}; "
             f"start the engine with max_lora_rank >= {config.max_rank} (--max-lora-rank)")
-    tensors = _read_tensors(files.weights_path, where)
+    tensors = _read_tensors(files, where)
     modules = _validate(tensors, config, spec, where)
     if not modules:
         raise AdapterInvalidError(f"adapter {where} holds no LoRA weights")
@@ -131,13 +134,14 @@ def _check_base_model(config: LoRAAdapterConfig, request: LoRARequest, where: st
         logger.warning("adapter %s does not name its base model; assuming it fits %r", where, served)
 
 
-def _read_tensors(path, where: str) -> dict[str, torch.Tensor]:
+def _read_tensors(files: AdapterFiles, where: str) -> dict[str, torch.Tensor]:
+    path = files.weights_path
     try:
-        if path.name == PICKLE_FILE:
+        if files.header is None:
             # Reached only when pickle weights were explicitly allowed; weights_only refuses code.
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            tensors = _map_safetensors(path, where)
+            tensors = _map_safetensors(path, files.header, where)
     except (OSError, RuntimeError, ValueError) as e:
         raise AdapterInvalidError(f"adapter {where}: cannot read {path.name}: {e}") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
@@ -145,10 +149,11 @@ def _read_tensors(path, where: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _map_safetensors(path: Path, where: str) -> dict[str, torch.Tensor]:
+def _map_safetensors(path: Path, header: dict, where: str) -> dict[str, torch.Tensor]:
     """The file's tensors as views of a private (copy-on-write) mapping of it: nothing is copied
-    up front; pages are read as the packing copies them. Sizes are checked against the header."""
-    header = check_safetensors_file(path)   # the header parses, and every tensor lies inside the file
+    up front; pages are read as the packing copies them. `header` was checked by validation
+    (it parses within bounds, and every tensor lies inside the file); each tensor's dtype,
+    shape and byte span are checked against each other here."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
     data_start = 8 + header_len
@@ -180,8 +185,10 @@ def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec:
               where: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]:
     """(layer, PEFT module) -> (A [rank, in], B [out, rank], scaling), every pair checked."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    module_paths: dict[tuple[int, str], str] = {}   # as PEFT names it: what rank/alpha patterns match
     for name, tensor in tensors.items():
-        layer, module, which = _parse_name(name, spec, where)
+        path, layer, module, which = _parse_name(name, spec, where)
+        module_paths[(layer, module)] = path
         if config.target_modules is not None and module not in {m.rsplit(".", 1)[-1] for m in config.target_modules}:
             raise AdapterInvalidError(f"adapter {where}: tensor {name!r} adapts {module!r}, which is not "
                                       f"in the adapter's target_modules {list(config.target_modules)}")
@@ -189,7 +196,7 @@ def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec:
 
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for (layer, module), pair in sorted(pairs.items()):
-        key = _module_key(layer, module)
+        key = module_paths[(layer, module)]
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise AdapterInvalidError(f"adapter {where}: {key} has no {missing} weight")
@@ -223,6 +230,8 @@ def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float
         offsets = target.slice_offsets
         for layer, index, a, b, scaling in entries:
             module_rank = a.shape[0]
+            # This rank's shard (all of it on one device): A's input columns, B's output rows.
+            a, b = target.in_shard.take(a, 1), target.out_shards[index].take(b, 0)
             packed.lora_a[layer, index * rank: index * rank + module_rank].copy_(a)
             # Scaling folded in float32, then one rounding to the model's dtype: torch.mul
             # computes in b's dtype (float32 math for 16-bit types), so that holds when b
@@ -235,9 +244,16 @@ def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float
     return targets, buffer
 
 
-def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, str]:
+def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[str, int, str, str]:
+    """(module path, layer, PEFT module, "A" | "B") of a tensor name."""
     match = _TENSOR_NAME.match(name)
     if match is None:
+        local = name.removeprefix("base_model.model.").removeprefix("model.")
+        if local.startswith(_TOWER_MODULES):
+            raise AdapterInvalidError(
+                f"adapter {where} adapts the model's {local.split('.')[0].replace('_', ' ')} (tensor {name!r}); "
+                f"loraplex applies LoRA to the language model only. Retrain with target_modules limited to it, "
+                f"e.g. the regex '.*language_model.*\\.(q_proj|v_proj)'")
         for module in KNOWN_UNSUPPORTED_MODULES:
             if f"{module}." in name:
                 raise AdapterInvalidError(
@@ -246,7 +262,7 @@ def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, s
         raise AdapterInvalidError(
             f"adapter {where} has an unexpected tensor {name!r}; expected PEFT LoRA names like "
             f"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
-    layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
+    path, layer, parent, module, which = match[1], int(match[2]), match[3], match[4], match[5]
     if module not in PEFT_MODULE_TO_PACKED or PEFT_MODULE_PARENT[module] != parent:
         raise AdapterInvalidError(
             f"adapter {where}: tensor {name!r} adapts {parent}.{module}, which does not exist in this "
@@ -254,7 +270,14 @@ def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[int, str, s
     if layer >= spec.num_layers:
         raise AdapterInvalidError(f"adapter {where}: tensor {name!r} is for layer {layer}, but the model "
                                   f"has {spec.num_layers} layers; was it trained on a larger model?")
-    return layer, module, which
+    packed = PEFT_MODULE_TO_PACKED[module][0]
+    if packed not in {t.name for t in spec.targets}:
+        # Served as a plain LoRA without those weights, it would compute something else.
+        raise AdapterInvalidError(
+            f"adapter {where} adapts {module!r} (part of {packed}), but this engine applies LoRA only to "
+            f"{', '.join(t.name for t in spec.targets)} (lora_target_modules, --lora-target-modules); "
+            f"add {packed} there, or use an adapter trained without {module!r}")
+    return path, layer, module, which
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, key: str, module: str, config: LoRAAdapterConfig,
@@ -275,23 +298,40 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, key: str, module: str, config:
 def _check_finite(adapter: LoRAAdapter, modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]],
                   where: str) -> None:
     """Refuse NaN or infinite weights, in the files or once scaled and cast to the model's dtype."""
+    dtype = next(iter(adapter.targets.values())).lora_a.dtype
+    whole = all(p.target.is_whole for p in adapter.targets.values())
     # Fast path: min and max propagate NaN and inf, and one aminmax per packed tensor costs
     # a fraction of an element-wise check of every module. Only a failure looks closer.
-    packed = [t for p in adapter.targets.values() for t in (p.lora_a, p.lora_b)]
-    if all(torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in packed):
+    # A tensor-parallel rank packs only its shard, but must refuse exactly what one device
+    # would (every rank decides alike): it checks every module's range in the files.
+    if whole:
+        packed = [t for p in adapter.targets.values() for t in (p.lora_a, p.lora_b)]
+        if all(torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in packed):
+            return
+    elif all(_fits(a, 1.0, dtype) and _fits(b, scaling, dtype) for a, b, scaling in modules.values()):
         return
     for (layer, module), (a, b, _) in modules.items():
         for tensor, label in ((a, "lora_A"), (b, "lora_B")):
             if not torch.isfinite(tensor).all():
                 raise AdapterInvalidError(f"adapter {where}: {_module_key(layer, module)}.{label} holds NaN or "
                                           f"infinite values; the adapter is corrupt (or diverged in training)")
-    for layer, module in modules:
-        for tensor, label in zip(adapter.module_weights(layer, module), ("lora_A", "lora_B")):
-            if not torch.isfinite(tensor).all():
-                dtype = adapter.targets[PEFT_MODULE_TO_PACKED[module][0]].lora_a.dtype
+    for (layer, module), (a, b, scaling) in modules.items():
+        if whole:
+            fits = [bool(torch.isfinite(t).all()) for t in adapter.module_weights(layer, module)]
+        else:
+            fits = [_fits(a, 1.0, dtype), _fits(b, scaling, dtype)]
+        for ok, label in zip(fits, ("lora_A", "lora_B")):
+            if not ok:
                 raise AdapterInvalidError(
                     f"adapter {where}: {_module_key(layer, module)}.{label} has values beyond the range of "
                     f"the model's {dtype} once scaled; the adapter does not fit this model's dtype")
+
+
+def _fits(tensor: torch.Tensor, scaling: float, dtype: torch.dtype) -> bool:
+    """All of tensor * scaling finite and within dtype's range (one aminmax)."""
+    low, high = (float(v) * scaling for v in torch.aminmax(tensor))
+    limit = torch.finfo(dtype).max
+    return math.isfinite(low) and math.isfinite(high) and max(abs(low), abs(high)) <= limit
 
 
 def _module_key(layer: int, module: str) -> str:

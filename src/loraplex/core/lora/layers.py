@@ -4,6 +4,10 @@ It replaces the model's fused projections after the weights are loaded. It keeps
 layer's slice attributes (the model splits qkv_proj's output with `output_slices`), and
 reads the step's LoRABatchMeta from a LoRAStepState shared by every layer, built once
 per step by the model runner.
+
+Under tensor parallelism the LoRA of a row-parallel layer (o_proj, down_proj) is added to
+the base layer's partial sum before its all-reduce (`base.local`, then `base.reduce`): both
+are linear in this rank's input columns, so the one all-reduce completes both.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ from loraplex.kernels.lora_meta import LoRABatchMeta
 class LoRAStepState:
     """The current step's token grouping; None when no token of the step uses an adapter."""
     meta: LoRABatchMeta | None = None
-    # Distinct adapters (hence slots) of the current step: bounds the LoRA kernels' grids.
-    num_adapters: int = 0
     # CUDA: the stream each layer's LoRA shrink runs on, beside the base GEMM (kernels/lora.py).
     side_stream: torch.cuda.Stream | None = None
 
@@ -46,5 +48,6 @@ class LoRALinear(nn.Module):
         meta = self.state.meta
         if meta is None:
             return self.base(x)                    # [num_tokens, out_features]
-        return lora_linear(x, self.base, self.stack.lora_a, self.stack.lora_b, meta, self.stack.slice_offsets,
-                           side_stream=self.state.side_stream)
+        out = lora_linear(x, self.base.local, self.stack.lora_a, self.stack.lora_b, meta, self.stack.slice_offsets,
+                          side_stream=self.state.side_stream)
+        return self.base.reduce(out)

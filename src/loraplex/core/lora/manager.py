@@ -9,6 +9,13 @@ is reloaded from its path only if it needs a slot again. A pinned adapter stays 
 caches until removed. Nothing the step in progress uses is evicted from the device slots,
 nor from the CPU cache before it is in its slot. When no room can be
 made the error says so (AdapterCapacityError).
+
+An adapter is identified by its id, name and path: a request whose id is loaded from another
+path is refused rather than served the other weights. A new version of a name is loaded under
+a new id with replace_lora(old_id, request) (the server's load_inplace): the old version's CPU
+copy then leaves the LRU bound, so requests already running finish on the old weights, until
+remove_lora(old_id). Every adapter in the CPU cache or a slot holds its directory
+(resolvers/holds.py): a download cache never evicts what the engine may have to reload.
 """
 
 from __future__ import annotations
@@ -22,13 +29,17 @@ from loraplex.core.lora.adapter import LoRAAdapter, load_lora_adapter
 from loraplex.core.lora.slots import LoRASlotStacks
 from loraplex.errors import AdapterCapacityError, AdapterError, AdapterInvalidError, AdapterNotFoundError
 from loraplex.lora_request import LoRARequest
+from loraplex.resolvers.holds import NO_HOLD, Hold, hold_directory
 
 logger = logging.getLogger(__name__)
 
 
 class LoRAManager:
     def __init__(self, stacks: LoRASlotStacks, *, max_cpu_loras: int, served_model_name: str | None = None,
-                 served_aliases: tuple[str, ...] = (), allow_pickle: bool = False):
+                 served_aliases: tuple[str, ...] = (), allow_pickle: bool = False,
+                 cpu_cache: OrderedDict | None = None):
+        """cpu_cache: an empty OrderedDict (subclass) to hold the CPU cache; tensor parallelism
+        passes one that mirrors its inserts and deletes to the other ranks."""
         self.stacks = stacks
         self.max_loras = stacks.max_loras
         self.max_cpu_loras = max_cpu_loras
@@ -36,10 +47,12 @@ class LoRAManager:
         self._load_options = dict(max_lora_rank=stacks.max_lora_rank, served_model_name=served_model_name,
                                   served_aliases=served_aliases, allow_pickle=allow_pickle, dtype=stacks.dtype,
                                   pin_memory=stacks.device.type == "cuda")
-        self._cpu: OrderedDict[int, LoRAAdapter] = OrderedDict()   # LRU first
+        self._cpu: OrderedDict[int, LoRAAdapter] = cpu_cache if cpu_cache is not None else OrderedDict()  # LRU first
         self._slot_of: OrderedDict[int, int] = OrderedDict()        # lora_int_id -> slot, LRU first
         self._slot_request: dict[int, LoRARequest] = {}             # lora_int_id -> what its slot holds
         self._pinned: set[int] = set()
+        self._retired: set[int] = set()                            # superseded versions, kept until removed
+        self._holds: dict[int, Hold] = {}                          # on the directory of each id held here
         self._step_ids: set[int] = set()                           # adapters of the latest step
         self._in_step = False                                      # between activate() and end_step()
         # Two locks, always taken in this order. step_lock is held by the runner for a whole
@@ -57,18 +70,52 @@ class LoRAManager:
     # ---- the user-facing operations (LLM.add_lora, pin_lora, remove_lora, list_loras)
 
     def add_lora(self, request: LoRARequest) -> bool:
-        """Load and validate an adapter into the CPU cache; False if it was already there."""
+        """Load and validate an adapter into the CPU cache; False if it was already there.
+
+        With request.load_inplace (vLLM's offline semantics) the files are read again even
+        then, and the new weights replace the old ones under the same id (cache entry and
+        device slot) once they are validated. The server swaps versions with replace_lora
+        instead, so that requests already running keep the old weights."""
+        if request.load_inplace:
+            return self._reload(request)
+        return self._add(request)
+
+    def replace_lora(self, old_lora_int_id: int, request: LoRARequest) -> bool:
+        """add_lora of a new version (its own id) of the adapter loaded as `old_lora_int_id`.
+        Once the new version is loaded and valid, the old one is retired in the same step: no
+        new request should use it, the requests already using it finish on its weights, and its
+        CPU copy is kept outside the cache's bound (never evicted, taking no room from others)
+        until remove_lora(old_lora_int_id). If the new version is unusable nothing changes."""
+        return self._add(request, replaces=old_lora_int_id)
+
+    def _add(self, request: LoRARequest, replaces: int | None = None) -> bool:
         with self._lock:
             if self._is_cached(request):
                 return False
-        # Disk I/O and validation outside the lock: a running step is not held up by them.
-        adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
-        with self._lock:
-            if self._is_cached(request):
-                return False
-            self._make_cpu_room(request)
-            self._cpu[request.lora_int_id] = adapter
-            self.stats["loads"] += 1
+        # Held while it is read (and kept while it is cached), so no download cache evicts it.
+        hold = hold_directory(request.lora_path)
+        try:
+            # Disk I/O and validation outside the lock: a running step is not held up by them.
+            adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
+            with self._lock:
+                if self._is_cached(request):
+                    return False
+                # Retired before room is made, so the old version is not what gets evicted.
+                retire = replaces is not None and replaces not in self._retired and (
+                    replaces in self._cpu or replaces in self._slot_of)
+                if retire:
+                    self._retired.add(replaces)
+                try:
+                    self._make_cpu_room(request)
+                except AdapterCapacityError:
+                    if retire:
+                        self._retired.discard(replaces)
+                    raise
+                self._cpu[request.lora_int_id] = adapter
+                self.stats["loads"] += 1
+                hold = self._keep_hold(request.lora_int_id, hold)
+        finally:
+            hold.release()
         size = adapter.num_bytes
         logger.info("loaded LoRA adapter %r (id %d, rank %d, %s)", request.lora_name, request.lora_int_id,
                     adapter.rank, f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB")
@@ -81,8 +128,11 @@ class LoRAManager:
                 raise AdapterCapacityError(f"adapter id {lora_int_id} is used by the step now running; "
                                            f"retry once the step has finished")
             self._pinned.discard(lora_int_id)
+            self._retired.discard(lora_int_id)
             self._free_slot(lora_int_id)
-            return self._cpu.pop(lora_int_id, None) is not None
+            removed = self._cpu.pop(lora_int_id, None) is not None
+            self._drop_hold(lora_int_id)
+            return removed
 
     def pin_lora(self, lora_int_id: int) -> bool:
         """Keep an adapter in the CPU cache and a device slot until it is removed."""
@@ -131,18 +181,21 @@ class LoRAManager:
 
     def is_loaded(self, request: LoRARequest) -> bool:
         """Whether the CPU cache or a device slot holds `request` (raises AdapterInvalidError on an
-        id/name clash). One only in a slot is served from there, and reloaded if it loses the slot."""
+        id/name clash). One only in a slot is served from there, and reloaded if it loses the slot.
+        A request with load_inplace never counts as loaded: it asks for its files to be read again."""
         with self._lock:
-            return self._is_cached(request) or request.lora_int_id in self._slot_request
+            loaded = self._is_cached(request) or request.lora_int_id in self._slot_request
+            return loaded and not request.load_inplace
 
     def find_by_name(self, lora_name: str) -> LoRARequest | None:
         """The request of the CPU-cached adapter called `lora_name` (marked recently used)."""
         with self._lock:
-            for lora_id, adapter in self._cpu.items():
-                if adapter.request.lora_name == lora_name:
+            for lora_id, adapter in reversed(self._cpu.items()):   # the newest version of a name
+                if adapter.request.lora_name == lora_name and lora_id not in self._retired:
                     self._cpu.move_to_end(lora_id)
                     return adapter.request
-            return next((r for r in self._slot_request.values() if r.lora_name == lora_name), None)
+            return next((r for i, r in self._slot_request.items()
+                         if r.lora_name == lora_name and i not in self._retired), None)
 
     def is_pinned(self, lora_int_id: int) -> bool:
         return lora_int_id in self._pinned
@@ -192,7 +245,7 @@ class LoRAManager:
                         continue
                     self.stats["cpu_hits" if lora_id in self._cpu else "cpu_misses"] += 1
                     try:
-                        self.add_lora(request)   # a no-op unless it was evicted: then it is reloaded from disk
+                        self._add(request)     # a no-op unless it was evicted: then it is reloaded from disk
                     except AdapterError as exc:
                         error = type(exc)(
                             f"LoRA adapter {request.lora_name!r} (id {lora_id}) was evicted from the CPU "
@@ -218,18 +271,46 @@ class LoRAManager:
 
     # ---- internals
 
+    def _reload(self, request: LoRARequest) -> bool:
+        """add_lora with load_inplace: the new weights take the place of those cached under the id."""
+        lora_id = request.lora_int_id
+        with self._lock:
+            self._is_cached(request, same_path=False)   # an id/name clash is refused before any I/O
+        hold = hold_directory(request.lora_path)
+        try:
+            adapter = load_lora_adapter(request, self.stacks.spec, **self._load_options)
+            with self.step_lock, self._lock:
+                if self._in_step and lora_id in self._step_ids:
+                    raise AdapterCapacityError(f"adapter id {lora_id} is used by the step now running; "
+                                               f"retry the in-place load once the step has finished")
+                self._free_slot(lora_id)   # refilled from the new weights when next needed
+                if lora_id not in self._cpu:
+                    self._make_cpu_room(request)
+                self._cpu[lora_id] = adapter
+                self._cpu.move_to_end(lora_id)
+                self.stats["loads"] += 1
+                # The id now holds the new directory; the old directory's hold goes.
+                hold, self._holds[lora_id] = self._holds.get(lora_id, NO_HOLD), hold
+        finally:
+            hold.release()
+        logger.info("reloaded LoRA adapter %r (id %d) in place from %s", request.lora_name, lora_id,
+                    request.lora_path)
+        return True
+
     def _make_cpu_room(self, incoming: LoRARequest) -> None:
-        while len(self._cpu) >= self.max_cpu_loras:
+        while len(self._cpu) - len(self._retired.intersection(self._cpu)) >= self.max_cpu_loras:
             # Only a step adapter still waiting for its slot needs its CPU copy: one in a slot
             # has a full copy there. So a load from another thread while a step runs finds room.
             busy = {i for i in self._step_ids if i not in self._slot_of} if self._in_step else set()
-            victim = next((i for i in self._cpu if i not in self._pinned and i not in busy), None)
+            victim = next((i for i in self._cpu
+                           if i not in self._pinned and i not in busy and i not in self._retired), None)
             if victim is None:
                 raise AdapterCapacityError(
                     f"cannot load adapter {incoming.lora_name!r}: all {self.max_cpu_loras} CPU cache entries "
                     f"hold pinned adapters or adapters of the step in progress; remove a pinned adapter "
                     f"or raise max_cpu_loras (--max-cpu-loras)")
             del self._cpu[victim]
+            self._drop_hold(victim)
             self.stats["cpu_evictions"] += 1
             logger.debug("evicted LoRA adapter id %d from the CPU cache", victim)
 
@@ -243,6 +324,7 @@ class LoRAManager:
             if lora_id not in needed and (evict_pinned or lora_id not in self._pinned):
                 # No zeroing here: the caller overwrites the whole slot at once.
                 del self._slot_of[lora_id], self._slot_request[lora_id]
+                self._drop_hold(lora_id)
                 self.stats["device_evictions"] += 1
                 return slot
         if raise_if_none:
@@ -262,21 +344,38 @@ class LoRAManager:
         if slot is not None:
             self.stacks.clear_slot(slot)
 
-    def _is_cached(self, request: LoRARequest) -> bool:
-        """True (and marked recently used) if the CPU cache holds it; raise on an id or name clash
-        with an adapter in the CPU cache or in a slot."""
-        known = [a.request for a in self._cpu.values()] + list(self._slot_request.values())
-        for other in known:
-            if other.lora_int_id == request.lora_int_id and other.lora_name != request.lora_name:
-                raise AdapterInvalidError(
-                    f"lora_int_id {request.lora_int_id} is already used by adapter {other.lora_name!r}, "
-                    f"not {request.lora_name!r}; give each adapter its own id "
-                    f"(loraplex.lora_request.lora_id_for_name(name))")
-            if other.lora_name == request.lora_name and other.lora_int_id != request.lora_int_id:
-                raise AdapterInvalidError(
-                    f"adapter {request.lora_name!r} is already loaded with lora_int_id "
-                    f"{other.lora_int_id}, not {request.lora_int_id}; use one id per adapter")
-        if request.lora_int_id in self._cpu:
+    def _keep_hold(self, lora_int_id: int, hold: Hold) -> Hold:
+        """Keep `hold` as the id's hold unless it has one; return what the caller must release."""
+        if lora_int_id in self._holds:
+            return hold
+        self._holds[lora_int_id] = hold
+        return NO_HOLD
+
+    def _drop_hold(self, lora_int_id: int) -> None:
+        """Release the id's hold once neither the CPU cache nor a slot has it."""
+        if lora_int_id not in self._cpu and lora_int_id not in self._slot_of:
+            hold = self._holds.pop(lora_int_id, None)
+            if hold is not None:
+                hold.release()
+
+    def _is_cached(self, request: LoRARequest, same_path: bool = True) -> bool:
+        """True (and marked recently used) if the CPU cache holds it; raise if its id is loaded
+        (in the CPU cache or a slot) for another name or from another path. One name may be
+        loaded under several ids: the versions of an adapter replaced in place."""
+        lora_id = request.lora_int_id
+        adapter = self._cpu.get(lora_id)
+        other = adapter.request if adapter is not None else self._slot_request.get(lora_id)
+        if other is not None and other.lora_name != request.lora_name:
+            raise AdapterInvalidError(
+                f"lora_int_id {lora_id} is already used by adapter {other.lora_name!r}, "
+                f"not {request.lora_name!r}; give each adapter its own id "
+                f"(loraplex.lora_request.lora_id_for_name(name))")
+        if same_path and other is not None and other.lora_path != request.lora_path:
+            raise AdapterInvalidError(
+                f"adapter {request.lora_name!r} is loaded as lora_int_id {lora_id} from "
+                f"{other.lora_path!r}, not from {request.lora_path!r}; load a new version under a new "
+                f"lora_int_id (or remove_lora({lora_id}) first)")
+        if lora_id in self._cpu:
             self._cpu.move_to_end(request.lora_int_id)
             return True
         return False

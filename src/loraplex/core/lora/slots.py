@@ -18,12 +18,14 @@ caching allocator).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from loraplex.core.lora.adapter import LoRAAdapter
 from loraplex.core.lora.targets import LoRAModelSpec, LoRATarget
+from loraplex.lora_request import LoRARequest
 
 
 @dataclass
@@ -66,6 +68,9 @@ class LoRASlotStacks:
         # Everything else is zero, so a write only has to clear what lies inside these.
         self._dirty_targets: list[frozenset[str]] = [frozenset()] * max_loras
         self._dirty_rank = [0] * max_loras
+        # Called after each slot write (slot, the adapter's request) and clear (slot, None):
+        # rank 0 of a tensor-parallel group mirrors its slots to the other ranks with it.
+        self.on_change: Callable[[int, LoRARequest | None], None] | None = None
 
     def stack(self, layer: int, target: str) -> LoRAStack:
         return self.stacks[layer][target]
@@ -105,12 +110,16 @@ class LoRASlotStacks:
         adapter.record_use()   # the copies may still be queued: its memory must outlive them
         self._dirty_targets[slot], self._dirty_rank[slot] = frozenset(adapter.targets), rank
         self._set_rank(slot, rank)
+        if self.on_change is not None:
+            self.on_change(slot, adapter.request)
 
     def clear_slot(self, slot: int) -> None:
         for tensor in (*self.lora_a.values(), *self.lora_b.values()):
             tensor[:, slot].zero_()
         self._dirty_targets[slot], self._dirty_rank[slot] = frozenset(), 0
         self._set_rank(slot, 0)
+        if self.on_change is not None:
+            self.on_change(slot, None)
 
     def slot_rank(self, slot: int) -> int:
         return self._slot_ranks_host[slot]

@@ -1,0 +1,354 @@
+"""What a user of `loraplex serve` gets on one GPU, against `LLM.generate` on the same requests.
+
+    PYTHONPATH=src python3 benchmarks/gpu_serve.py --out $OUT                 # everything (~10 min on an H200)
+    PYTHONPATH=src python3 benchmarks/gpu_serve.py --out $OUT --only serve --concurrency 64
+    PYTHONPATH=src python3 benchmarks/gpu_serve.py --smoke                    # tiny model on the CPU: checks the script
+
+The issue-12 workload: Llama-3-8B shapes with random bf16 weights (`--load-format dummy`;
+only config.json and a synthetic 128,256-token word-level tokenizer are written, so
+detokenization costs what it costs), 32 rank-16 adapters on all seven projections loaded
+at start-up (`--lora-modules`), prompts of 128 random token ids, 128 new tokens, greedy,
+`ignore_eos`; requests round robin over a list in which one in eight is the base model.
+
+Sections (`--only`):
+  offline  `LLM.generate` of 4 x C requests with max_num_seqs C (C = each --concurrency), in
+           its own process: tokens/s, and the engine's steady decode step (the median time
+           between step starts while C sequences decode), to hold against gpu_decode.py's
+           graph replay at the same batch (target: within 0.3 ms).
+  serve    `loraplex serve --max-num-seqs C` and `loraplex bench serve --max-concurrency C` (another
+           process), the same 4 x C requests, --runs times: output tokens/s (target: >= 90% of
+           offline), TTFT p50 (target < 100 ms at C = 64), ITL p99 (target < 2x the median step).
+  burst    32 never-seen adapters requested at once, each for the first time, resolved from local
+           disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
+  cold     While C = 64 streams decode, one request for a never-seen adapter and one for a loaded
+           adapter sent together, 5 times with fresh adapters: the difference of their first-token
+           times (target <= 100 ms, median) and the streams' ITL meanwhile against without.
+
+Results: printed, and $OUT/gpu_serve.json. Every server and offline engine is its own
+process, started and stopped in turn (one 8B engine at a time on the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import gpu_decode  # noqa: E402  (LLAMA3_8B, SMOKE_CONFIG, write_adapters)
+
+SECTIONS = ["offline", "serve", "burst", "cold"]
+BASE = "base"
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+# ---- files ------------------------------------------------------------------------------
+
+def write_model(root: Path, cfg: dict) -> Path:
+    """config.json and a word-level tokenizer of the model's vocabulary (w0, w1, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = root / "model"
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    vocab = {f"w{i}": i for i in range(cfg["vocab_size"])}
+    specials = {cfg["bos_token_id"]: "<|begin_of_text|>", cfg["eos_token_id"]: "<|end_of_text|>"}
+    for i, name in specials.items():
+        del vocab[f"w{i}"]
+        vocab[name] = i
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": specials[cfg["bos_token_id"]], "eos_token": specials[cfg["eos_token_id"]],
+        "add_bos_token": False}))
+    return path
+
+
+def write_adapter_set(root: Path, cfg: dict, prefix: str, count: int) -> dict[str, Path]:
+    """`count` adapters named prefix0.. in root (a resolver directory: root/NAME)."""
+    scratch = root / f"tmp-{prefix}"
+    scratch.mkdir(parents=True)
+    paths = {}
+    for i, path in enumerate(gpu_decode.write_adapters(scratch, cfg, count)):
+        target = root / f"{prefix}{i}"
+        path.rename(target)
+        paths[target.name] = target
+    scratch.rmdir()
+    return paths
+
+
+def model_mix(num_adapters: int) -> list[str]:
+    """One in eight entries is the base model, the rest go round the adapters."""
+    names, adapter = [], 0
+    while adapter < num_adapters:
+        names.append(BASE if len(names) % 8 == 0 else f"a{adapter}")
+        adapter += names[-1] != BASE
+    return names
+
+
+# ---- offline ----------------------------------------------------------------------------
+
+def bench_argv(models: list[str], num_prompts: int, input_len: int, output_len: int, vocab: int) -> list[str]:
+    return ["--models", *models, "--model-distribution", "round-robin", "--num-prompts", str(num_prompts),
+            "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--ignore-eos",
+            "--token-id-min", "10", "--token-id-max", str(min(vocab, 128000))]
+
+
+def offline_worker(spec_path: str) -> None:
+    """In its own process: LLM.generate over the spec's requests; prints JSON."""
+    from loraplex import LLM, LoRARequest, SamplingParams
+    from loraplex.lora_request import lora_id_for_name
+    from loraplex.server.bench_serve import build_requests
+    from loraplex.server.cli import build_parser
+
+    spec = json.loads(Path(spec_path).read_text())
+    requests = build_requests(build_parser().parse_args(["bench", "serve", *spec["bench_argv"]]))
+    llm = LLM(spec["model"], device=spec["device"], load_format="dummy", enable_lora=True, max_loras=32,
+              max_lora_rank=16, max_cpu_loras=64, max_num_seqs=spec["concurrency"])
+    loras = {name: LoRARequest(name, lora_id_for_name(name), path) for name, path in spec["adapters"].items()}
+    lora_of = [loras.get(r.model) for r in requests]
+    params = SamplingParams(temperature=0, max_tokens=requests[0].max_tokens, ignore_eos=True)
+    llm.generate([r.prompt for r in requests[:len(loras) + 1]], params, lora_request=lora_of[:len(loras) + 1],
+                 use_tqdm=False)                                    # loads the adapters, warms up
+    core = llm.llm_engine.core
+    starts, decode_batch = [], []
+    schedule, step = core.scheduler.schedule, core.step
+
+    def timed_schedule():
+        plan = schedule()
+        decode_batch.append(len(plan.scheduled) if all(s.num_new_tokens == 1 for s in plan.scheduled) else 0)
+        return plan
+
+    def timed_step():
+        starts.append(time.perf_counter())
+        return step()
+
+    core.scheduler.schedule, core.step = timed_schedule, timed_step
+    start = time.perf_counter()
+    outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    steady = [b - a for a, b, n in zip(starts, starts[1:], decode_batch) if n == spec["concurrency"]]
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
+                      "steady_steps": len(steady), "step_ms_median": statistics.median(steady) * 1e3 if steady else None}))
+
+
+def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, num_prompts: int) -> dict:
+    spec = tmp / f"offline-{concurrency}.json"
+    spec.write_text(json.dumps({"model": str(model), "device": args.device, "concurrency": concurrency,
+                                "adapters": {k: str(v) for k, v in adapters.items()},
+                                "bench_argv": bench_argv(model_mix(len(adapters)), num_prompts, args.input_len,
+                                                         args.output_len, args.vocab)}))
+    proc = subprocess.run([sys.executable, __file__, "--offline-worker", str(spec)], capture_output=True, text=True,
+                          timeout=1800, env=env())
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-5000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- serving ----------------------------------------------------------------------------
+
+def env(resolver_dir: Path | None = None) -> dict:
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
+    if resolver_dir is not None:
+        out.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
+                    "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver_dir)})
+    return out
+
+
+class Server:
+    def __init__(self, args, model: Path, adapters: dict, resolver_dir: Path, concurrency: int, log_path: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.log = log_path, open(log_path, "w")
+        modules = [f"{name}={path}" for name, path in adapters.items()]
+        argv = [sys.executable, "-m", "loraplex.server.cli", "serve", str(model), "--served-model-name", BASE,
+                "--load-format", "dummy", "--device", args.device, "--port", str(self.port),
+                "--max-num-seqs", str(concurrency), "--enable-lora", "--max-loras", "32", "--max-lora-rank", "16",
+                "--max-cpu-loras", "96", "--lora-modules", *modules, "--log-level", "warning"]
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env(resolver_dir))
+        deadline = time.monotonic() + 900
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{log_path.read_text()[-5000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        log(f"  server (max_num_seqs {concurrency}) ready in {time.perf_counter() - started:.0f} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def bench(url: str, argv: list[str], result: Path) -> dict:
+    subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--base-url", url,
+                    "--result-file", str(result), "--disable-tqdm", "--percentiles", "50,90,99,100", *argv],
+                   check=True, capture_output=True, env=env(), timeout=1800)
+    return json.loads(result.read_text())
+
+
+def summary_of(out: dict) -> dict:
+    keys = ("output_throughput", "request_throughput", "completed", "failed", "median_ttft_ms", "p99_ttft_ms",
+            "p100_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "p99_e2el_ms")
+    return {k: out[k] for k in keys}
+
+
+def serve_section(args, server: Server, tmp: Path, adapters: dict, concurrency: int, num_prompts: int) -> list[dict]:
+    warm = bench_argv(model_mix(len(adapters)), concurrency, args.input_len, args.output_len, args.vocab)
+    bench(server.url, [*warm, "--max-concurrency", str(concurrency)], tmp / "warm.json")
+    argv = bench_argv(model_mix(len(adapters)), num_prompts, args.input_len, args.output_len, args.vocab)
+    runs = []
+    for run in range(args.runs):
+        out = bench(server.url, [*argv, "--max-concurrency", str(concurrency)], tmp / f"serve-{concurrency}-{run}.json")
+        runs.append(summary_of(out))
+        log(f"  serve C={concurrency} run {run + 1}: {json.dumps({k: round(v, 2) for k, v in runs[-1].items()})}")
+    return runs
+
+
+def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
+    names = list(burst)
+    out = bench(server.url, ["--models", *names, "--model-distribution", "round-robin", "--num-prompts",
+                             str(len(names)), "--max-concurrency", str(len(names)), "--random-input-len",
+                             str(args.input_len), "--random-output-len", "16", "--ignore-eos", "--token-id-min",
+                             "10", "--token-id-max", str(min(args.vocab, 128000))], tmp / "burst.json")
+    result = summary_of(out)
+    log(f"  burst of {len(names)} new adapters: first token p50 {result['median_ttft_ms']:.0f} ms, "
+        f"last {result['p100_ttft_ms']:.0f} ms, failed {result['failed']}")
+    return result
+
+
+def cold_section(args, server: Server, tmp: Path, adapters: dict, cold: dict) -> dict:
+    """Pairs (never-seen adapter, loaded adapter) sent together while C = 64 streams decode."""
+    background_argv = [*bench_argv(model_mix(len(adapters)), 100000, args.input_len, args.output_len, args.vocab),
+                       "--max-concurrency", str(args.cold_concurrency)]
+    stop = threading.Event()
+
+    def load(result_name: str) -> threading.Thread:
+        def run():
+            # A long run stopped from outside: bench serve is killed; what matters is the load.
+            proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--base-url",
+                                     server.url, "--disable-tqdm", *background_argv], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env=env())
+            stop.wait()
+            proc.terminate()
+            proc.wait(60)
+        thread = threading.Thread(target=run, name=result_name)
+        thread.start()
+        return thread
+
+    pair_argv = ["--model-distribution", "round-robin", "--num-prompts", "2", "--max-concurrency", "2",
+                 "--random-input-len", str(args.input_len), "--random-output-len", "4", "--ignore-eos",
+                 "--token-id-min", "10", "--token-id-max", str(min(args.vocab, 128000)), "--save-detailed"]
+    background = load("background")
+    time.sleep(args.cold_settle_s)                     # the streams reach steady decode
+    deltas, probes = [], []
+    try:
+        for i, name in enumerate(cold):
+            warm = bench(server.url, ["--models", "a1", "a2", *pair_argv], tmp / f"warm-pair-{i}.json")
+            out = bench(server.url, ["--models", name, "a1", *pair_argv], tmp / f"cold-pair-{i}.json")
+            ttft = {r["model"]: r["ttft"] * 1e3 for r in out["requests"]}
+            deltas.append(ttft[name] - ttft["a1"])
+            probes.append({"cold_ms": ttft[name], "loaded_ms": ttft["a1"], "loaded_pair_ttft_ms": warm["median_ttft_ms"],
+                           "loaded_pair_itl_ms": warm["median_itl_ms"], "cold_pair_itl_ms": out["median_itl_ms"]})
+            log(f"  cold {name}: first token {ttft[name]:.0f} ms, loaded adapter's {ttft['a1']:.0f} ms "
+                f"(+{deltas[-1]:.0f} ms)")
+    finally:
+        stop.set()
+        background.join()
+    return {"delta_ms_median": statistics.median(deltas), "deltas_ms": deltas, "probes": probes}
+
+
+# ---- main -------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="directory for gpu_serve.json")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS)
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
+    parser.add_argument("--offline-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.offline_worker:
+        offline_worker(args.offline_worker)
+        return
+    cfg = dict(gpu_decode.LLAMA3_8B)
+    args.device, args.input_len, args.output_len, args.cold_concurrency, args.cold_settle_s = "cuda", 128, 128, 64, 10
+    counts = {"adapters": 32, "burst": 32, "cold": 5}
+    if args.smoke:
+        cfg.update(gpu_decode.SMOKE_CONFIG, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
+        gpu_decode.DEVICE = args.device = "cpu"
+        args.input_len, args.output_len, args.runs, args.cold_concurrency, args.cold_settle_s = 8, 8, 1, 4, 2
+        args.concurrency = [4]
+        counts = {"adapters": 4, "burst": 3, "cold": 2}
+    args.vocab = cfg["vocab_size"]
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-serve-"))
+    started = time.perf_counter()
+    model = write_model(tmp, cfg)
+    resolver_dir = tmp / "resolver"
+    resolver_dir.mkdir()
+    adapters = write_adapter_set(tmp / "static", cfg, "a", counts["adapters"])
+    burst = write_adapter_set(resolver_dir, cfg, "burst", counts["burst"]) if "burst" in args.only else {}
+    cold = write_adapter_set(resolver_dir, cfg, "cold", counts["cold"]) if "cold" in args.only else {}
+    log(f"files written in {time.perf_counter() - started:.0f} s under {tmp}")
+    results: dict = {"config": {k: v for k, v in vars(args).items() if k != "offline_worker"}}
+    for concurrency in args.concurrency:
+        num_prompts = 4 * concurrency
+        if "offline" in args.only:
+            r = run_offline(args, tmp, model, adapters, concurrency, num_prompts)
+            results[f"offline_{concurrency}"] = r
+            log(f"offline C={concurrency}: {r['tok_s']:.0f} tok/s, steady decode step {r['step_ms_median']} ms "
+                f"({r['steady_steps']} steps)")
+        wanted = {"serve"} | ({"burst", "cold"} if concurrency == args.concurrency[0] else set())
+        if not wanted & set(args.only):
+            continue
+        server = Server(args, model, adapters, resolver_dir, concurrency, tmp / f"server-{concurrency}.log")
+        try:
+            if "serve" in args.only:
+                runs = serve_section(args, server, tmp, adapters, concurrency, num_prompts)
+                results[f"serve_{concurrency}"] = runs
+                offline = results.get(f"offline_{concurrency}", {}).get("tok_s")
+                served = statistics.median(r["output_throughput"] for r in runs)
+                log(f"serve C={concurrency}: {served:.0f} tok/s median"
+                    + (f", {served / offline:.2f} of offline" if offline else ""))
+            if concurrency == args.concurrency[0] and "burst" in args.only:
+                results["burst"] = burst_section(args, server, tmp, burst)
+            if concurrency == args.concurrency[0] and "cold" in args.only:
+                results["cold"] = cold_section(args, server, tmp, adapters, cold)
+        finally:
+            server.stop()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gpu_serve.json").write_text(json.dumps(results, indent=2))
+    log(json.dumps(results, indent=1)[:20000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""EngineLoop: an EngineCore stepping in a busy loop, talking to its client only through messages.
+
+The same loop runs in a thread of the caller's process (AsyncEngine over an LLMEngine)
+or alone in the engine process (`loraplex serve`, engine_process.py); only the transport
+differs. The client sends requests, aborts, stop notices and calls into the loop's
+inbox; the loop sends back one StepOutputs per step, call results, stats, and a last
+EngineStopped.
+
+Between two steps the loop takes everything in its inbox; while the engine has work it
+never waits for messages, and while it has none it sleeps until one arrives. Requests
+for an adapter that is not loaded wait in the loop (not in the scheduler) while a loader
+thread reads it; one load per adapter, however many requests ask for it, and requests of
+other adapters and the base model go on meanwhile. Slow calls (add_lora, replace_lora)
+also run on the loader threads; the others (remove, pin, list) run between two steps.
+
+Many new adapters at once (a burst of first requests): the loader pool has a thread per
+core of the host (at least 4, at most 16), so that many adapters are read, validated,
+packed and page-locked at the same time (LoRAManager loads outside its locks; reading and
+copying tensors release the GIL), and each adapter's requests join the running batch as
+soon as that adapter is loaded, not when the whole burst is.
+
+If a step raises, the loop sends EngineStopped with the error and ends: the engine is
+dead, and the client fails everything in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, NamedTuple
+
+from loraplex.core.engine_core import EngineCore
+from loraplex.core.output_processor import SeqOutput
+from loraplex.core.request import Request
+from loraplex.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 0.1           # the loop sends stats at most this often while busy
+
+
+def loader_threads() -> int:
+    """Threads loading adapters: one per core this process may use, at least 4 (loads also
+    wait for the disk), at most 16 (each Python-level part holds the GIL the steps need)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        cores = os.cpu_count() or 1
+    return max(4, min(16, cores))
+
+
+ADAPTER_LOADER_THREADS = loader_threads()
+
+
+# ---- client -> loop -----------------------------------------------------------------------
+
+class AddRequest(NamedTuple):
+    request: Request
+
+
+class Abort(NamedTuple):
+    request_ids: list[str]
+
+
+class StopSequences(NamedTuple):
+    stopped: list[tuple[str, int]]       # (request_id, sample index) that stop strings ended
+
+
+class Call(NamedTuple):
+    call_id: int
+    method: str                          # an EngineCore method named in CALLS
+    args: tuple
+
+
+class Shutdown(NamedTuple):
+    pass
+
+
+# ---- loop -> client -----------------------------------------------------------------------
+
+class StepOutputs(NamedTuple):
+    outputs: list[SeqOutput]
+    failed: list[tuple[str, BaseException]]   # requests dropped with an error
+
+
+class CallResult(NamedTuple):
+    call_id: int
+    ok: bool
+    value: Any                           # the result, or the exception
+
+
+class Stats(NamedTuple):
+    stats: dict[str, float]
+
+
+class EngineStopped(NamedTuple):
+    error: BaseException | None          # None: shut down as asked
+
+
+# ---- inside the loop ----------------------------------------------------------------------
+
+class _AdapterLoaded(NamedTuple):
+    lora_int_id: int
+    error: BaseException | None
+
+
+class _CallDone(NamedTuple):
+    result: CallResult
+
+
+CALLS = frozenset({"add_lora", "replace_lora", "remove_lora", "pin_lora", "list_loras", "find_lora"})
+_SLOW_CALLS = frozenset({"add_lora", "replace_lora"})
+
+
+class Inbox:
+    """Messages for the loop, from any thread."""
+
+    def __init__(self) -> None:
+        self._items: deque = deque()
+        self._ready = threading.Condition()
+
+    def put(self, item) -> None:
+        with self._ready:
+            self._items.append(item)
+            self._ready.notify()
+
+    def take_all(self, wait: bool) -> list:
+        with self._ready:
+            while wait and not self._items:
+                self._ready.wait()
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+
+def core_stats(core: EngineCore) -> dict[str, float]:
+    """The engine's counters as one flat dict (the server exports them under /metrics)."""
+    stats: dict[str, float] = dataclasses.asdict(core.get_stats())
+    manager = core.lora_manager
+    if manager is not None:
+        on_cpu = manager.list_loras()
+        stats["lora_adapters_cpu"] = len(on_cpu)
+        stats["lora_adapters_device"] = sum(manager.slot_of(i) is not None for i in on_cpu)
+        stats["lora_adapters_pinned"] = sum(manager.is_pinned(i) for i in on_cpu)
+        for key, value in dict(manager.stats).items():       # cache counters: cpu_hits, loads, ...
+            stats[f"lora_{key}_total"] = value
+    return stats
+
+
+class EngineLoop:
+    def __init__(self, core: EngineCore, send: Callable[[Any], None]) -> None:
+        self.core = core
+        self.send = send
+        self.inbox = Inbox()
+        self._loader: ThreadPoolExecutor | None = None
+        self._waiting_for_adapter: dict[int, list[Request]] = {}   # lora_int_id -> requests
+        self._stopping = False
+        self._last_stats = 0.0
+        self._stats_sent_idle = False
+
+    def run(self) -> None:
+        """Step until Shutdown; the last message sent is EngineStopped."""
+        error = None
+        try:
+            while not self._stopping:
+                busy = self.core.has_unfinished_requests()
+                for message in self.inbox.take_all(wait=not busy):
+                    self._handle(message)
+                if self._stopping:
+                    break
+                if self.core.has_unfinished_requests():
+                    outputs = self.core.step()
+                    failed = self.core.pop_failed_requests()
+                    if outputs or failed:
+                        self.send(StepOutputs(outputs, failed))
+                self._maybe_send_stats()
+        except BaseException as exc:  # noqa: BLE001 - the client must hear about it
+            logger.exception("engine step failed; failing all in-flight requests")
+            error = exc
+        finally:
+            if self._loader is not None:
+                self._loader.shutdown(wait=False, cancel_futures=True)
+        self.send(EngineStopped(error))
+
+    def _maybe_send_stats(self) -> None:
+        idle = not self.core.has_unfinished_requests()
+        now = time.monotonic()
+        if (idle and not self._stats_sent_idle) or now - self._last_stats >= STATS_INTERVAL_S:
+            self.send(Stats(core_stats(self.core)))
+            self._last_stats = now
+            self._stats_sent_idle = idle
+        elif not idle:
+            self._stats_sent_idle = False
+
+    # ---- messages ------------------------------------------------------------------------
+
+    def _handle(self, message) -> None:
+        if isinstance(message, AddRequest):
+            self._add(message.request)
+        elif isinstance(message, Abort):
+            self.core.abort_requests(message.request_ids)
+            for waiting in self._waiting_for_adapter.values():
+                waiting[:] = [r for r in waiting if r.request_id not in message.request_ids]
+        elif isinstance(message, StopSequences):
+            self.core.stop_sequences(message.stopped)
+        elif isinstance(message, Call):
+            self._call(message)
+        elif isinstance(message, _AdapterLoaded):
+            self._adapter_loaded(message)
+        elif isinstance(message, _CallDone):
+            self.send(message.result)
+        elif isinstance(message, Shutdown):
+            self._stopping = True
+        else:
+            raise TypeError(f"unknown engine message {message!r}")
+
+    def _add(self, request: Request) -> None:
+        lora = request.lora_request
+        manager = self.core.lora_manager
+        try:
+            # load_inplace asks for the files to be read again (is_loaded would refuse a new path).
+            if lora is not None and manager is not None and (lora.load_inplace or not manager.is_loaded(lora)):
+                waiting = self._waiting_for_adapter.setdefault(lora.lora_int_id, [])
+                waiting.append(request)
+                if len(waiting) == 1:
+                    self._load_adapter(lora)
+                return
+        except Exception as exc:  # noqa: BLE001 - the request's caller gets it
+            self.send(StepOutputs([], [(request.request_id, exc)]))
+            return
+        self._admit(request)
+
+    def _admit(self, request: Request) -> None:
+        """Queue a request whose adapter (if any) is loaded."""
+        lora = request.lora_request
+        manager = self.core.lora_manager
+        try:
+            if lora is not None and manager is not None:
+                manager.check_servable(lora.lora_int_id)
+            self.core.add_request(request)
+        except Exception as exc:  # noqa: BLE001 - the request's caller gets it
+            self.send(StepOutputs([], [(request.request_id, exc)]))
+
+    def _load_adapter(self, lora) -> None:
+        def load() -> None:
+            try:
+                self.core.lora_manager.add_lora(lora)
+                error = None
+            except Exception as exc:  # noqa: BLE001 - its requests fail with it
+                error = exc
+            self.inbox.put(_AdapterLoaded(lora.lora_int_id, error))
+        self._loader_pool().submit(load)
+
+    def _adapter_loaded(self, message: _AdapterLoaded) -> None:
+        for request in self._waiting_for_adapter.pop(message.lora_int_id, []):
+            if message.error is not None:
+                self.send(StepOutputs([], [(request.request_id, message.error)]))
+            else:
+                # Not _add: a request with load_inplace never counts as loaded, and would load again.
+                self._admit(request)
+
+    def _call(self, message: Call) -> None:
+        if message.method not in CALLS:
+            self.send(CallResult(message.call_id, False, InvalidRequestError(
+                f"unknown engine call {message.method!r}")))
+            return
+        fn = getattr(self.core, message.method)
+
+        def run() -> CallResult:
+            try:
+                return CallResult(message.call_id, True, fn(*message.args))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                return CallResult(message.call_id, False, exc)
+
+        if message.method in _SLOW_CALLS:
+            # Reading an adapter from disk must not hold up the steps.
+            self._loader_pool().submit(lambda: self.inbox.put(_CallDone(run())))
+        else:
+            self.send(run())
+
+    def _loader_pool(self) -> ThreadPoolExecutor:
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(ADAPTER_LOADER_THREADS, thread_name_prefix="loraplex-lora-load")
+        return self._loader

@@ -1,0 +1,1 @@
+"""Multimodal inputs: images and audio from the prompt to the encoder towers (docs/multimodal.md)."""

@@ -1,0 +1,106 @@
+"""Many new adapters at once: their loads run in parallel on the engine loop's loader threads,
+and each adapter's first requests start as soon as that adapter is loaded, not when the whole
+burst is.
+
+The loads are made to wait for each other (a barrier: it is passed only if they run at the
+same time) and for the test (the last adapter's load is held until the first adapter's
+request has streamed tokens), so what is checked does not depend on timing. The outputs are
+checked against the offline LLM with the same adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from adapters import write_peft_adapter
+from runner_helpers import random_prompts
+from loraplex import LLM, LoRARequest, SamplingParams
+from loraplex.core import engine_loop
+from loraplex.core.async_engine import AsyncEngine
+from loraplex.core.config import EngineConfig
+from loraplex.core.llm_engine import LLMEngine
+from loraplex.core.lora import manager as manager_module
+from loraplex.lora_request import lora_id_for_name
+
+NUM_FAST = 3            # adapters whose loads must overlap; a fourth one is held back
+NUM_TOKENS = 6
+SETTINGS = dict(enable_lora=True, max_loras=4, max_cpu_loras=4, max_lora_rank=8, dtype="float32", device="cpu",
+                block_size=4, max_model_len=64, kv_cache_bytes=1 << 20)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
+
+
+def test_loader_pool_is_sized_to_the_host():
+    assert 4 <= engine_loop.ADAPTER_LOADER_THREADS <= 16
+    assert engine_loop.ADAPTER_LOADER_THREADS > NUM_FAST
+
+
+@pytest.mark.parametrize("how", ["generate", "add_lora"])
+def test_a_burst_of_new_adapters_loads_in_parallel_and_each_starts_when_ready(tiny_checkpoint, tmp_path,
+                                                                              monkeypatch, how):
+    """how="generate": first requests name adapters the engine has never loaded (the engine
+    loop loads them); "add_lora": each is loaded by add_lora, then requested (what the server's
+    resolution on first request does)."""
+    model_dir = tiny_checkpoint("llama")
+    names = [f"burst-{i}" for i in range(NUM_FAST)] + ["held-back"]
+    loras = [LoRARequest(name, lora_id_for_name(name),
+                         str(write_peft_adapter(tmp_path / name, rank=8, seed=i, base_model_name_or_path=str(model_dir))))
+             for i, name in enumerate(names)]
+    prompt = random_prompts([5], vocab_size=300, seed=1)[0]
+    offline = LLM(str(model_dir), **SETTINGS)
+    expected = {lora.lora_name: list(offline.generate({"prompt_token_ids": prompt}, PARAMS, lora_request=lora,
+                                                      use_tqdm=False)[0].outputs[0].token_ids) for lora in loras}
+
+    # The loads: the fast ones wait at a barrier for each other; the held-back one until released.
+    overlap = threading.Barrier(NUM_FAST, timeout=20)
+    release = threading.Event()
+    spans: dict[str, list[float]] = {}
+    real_load = manager_module.load_lora_adapter
+
+    def load(request, *args, **kwargs):
+        spans[request.lora_name] = [time.monotonic()]
+        if request.lora_name == "held-back":
+            assert release.wait(20), "the test never released the held-back adapter"
+        else:
+            overlap.wait()       # raises BrokenBarrierError unless NUM_FAST loads run at once
+        adapter = real_load(request, *args, **kwargs)
+        spans[request.lora_name].append(time.monotonic())
+        return adapter
+
+    monkeypatch.setattr(manager_module, "load_lora_adapter", load)
+    events: list[tuple[str, str]] = []      # (adapter, "first token" | "done"), in the order they happened
+
+    async def one(engine: AsyncEngine, lora: LoRARequest) -> list[int]:
+        if how == "add_lora":
+            assert await engine.add_lora(lora)
+        tokens = []
+        async for out in engine.generate({"prompt_token_ids": prompt}, PARAMS, f"r-{lora.lora_name}",
+                                          lora_request=lora):
+            if not tokens and out.outputs[0].token_ids:
+                events.append((lora.lora_name, "first token"))
+                if lora.lora_name == names[0]:
+                    # The first adapter streams while the held-back one is still loading.
+                    assert "held-back" not in spans or len(spans["held-back"]) == 1
+                    release.set()
+            tokens = list(out.outputs[0].token_ids)
+        events.append((lora.lora_name, "done"))
+        return tokens
+
+    async def main() -> list[list[int]]:
+        engine = AsyncEngine(LLMEngine(EngineConfig(model=str(model_dir), **SETTINGS)))
+        try:
+            return await asyncio.gather(*(one(engine, lora) for lora in loras))
+        finally:
+            engine.shutdown()
+
+    results = asyncio.run(main())
+    assert dict(zip(names, results)) == expected
+    # The fast loads overlapped in time (they met at the barrier), and the held-back one was
+    # still loading when the first adapter's request had its first token.
+    starts, ends = [spans[n][0] for n in names[:NUM_FAST]], [spans[n][1] for n in names[:NUM_FAST]]
+    assert max(starts) < min(ends)
+    assert events.index((names[0], "first token")) < events.index(("held-back", "first token"))
+    assert spans["held-back"][1] > spans[names[0]][1]
