@@ -7,6 +7,7 @@ through the standard Hugging Face / PEFT code paths.
 
 import importlib.util
 import json
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraplex.demo import (DEMO_ADAPTER_NAMES, DEMO_BASE_MODEL_NAME, EXAMPLES, demo_adapters_dir,
                            demo_model_path, format_prompt)
-from loraplex.demo.tasks import excluded_inputs, held_out_pairs, training_pairs
+from loraplex.demo.inputs import INPUT_CLASSES, MAX_INPUT_CHARS, MAX_SHORT_CHARS, PRINTABLE
+from loraplex.demo.tasks import (TEXT_CLASSES, held_out_pairs, is_held_out, is_trainable, task_classes,
+                                 training_pairs)
 from loraplex.resolvers.validation import base_model_compatible, validate_adapter_dir
 
 NUM_HELD_OUT = 30
-MAX_TOTAL_BYTES = 6 * 1024 * 1024
+MAX_TOTAL_BYTES = 8 * 1024 * 1024    # the issue allows 25 MB for the package; this catches growth
 BASE_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json")
 
@@ -78,7 +81,8 @@ def exact_match(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
 
 @pytest.mark.parametrize("task", DEMO_ADAPTER_NAMES)
 def test_adapter_does_its_task_on_held_out_inputs(merged_models, tokenizer, task):
-    assert exact_match(merged_models[task], tokenizer, held_out_pairs(task, NUM_HELD_OUT)) >= 0.9
+    # Every input class takes turns; tests/test_demo_accuracy.py holds the engine to the targets.
+    assert exact_match(merged_models[task], tokenizer, held_out_pairs(task, NUM_HELD_OUT)) >= 0.95
 
 
 def test_base_model_echoes_and_does_none_of_the_tasks(base_model, tokenizer):
@@ -94,20 +98,29 @@ def test_documented_examples(base_model, lora_model, tokenizer):
         max_new = max(len(want) for want in wanted) + 1
         assert greedy_answers(lora_model, tokenizer, inputs, max_new) == wanted
         base_answers = greedy_answers(base_model, tokenizer, inputs, max_new)
-        if task == "sql":
-            # The base model copies short inputs only; a long request comes back garbled.
-            assert not set(base_answers) & set(wanted)
-        else:
-            assert base_answers == inputs
+        assert base_answers == inputs     # the base model copies, sql requests included
 
 
 def test_held_out_inputs_never_appear_in_training():
-    excluded = excluded_inputs()
+    """Held out by construction (a hash bucket no training stream draws from), and checked."""
     for task in ("echo", *DEMO_ADAPTER_NAMES):
-        held_out = {text for text, _ in held_out_pairs(task, NUM_HELD_OUT)}
-        assert len(held_out) == NUM_HELD_OUT and held_out <= excluded
-        seen = {text for text, _ in islice(training_pairs(task, 7, excluded), 3000)}
+        held_out = {text for c in task_classes(task) for text, _ in held_out_pairs(task, NUM_HELD_OUT, c)}
+        assert len(held_out) == NUM_HELD_OUT * len(task_classes(task))
+        assert all(is_held_out(text) and not is_trainable(text) for text in held_out)
+        seen = {text for text, _ in islice(training_pairs(task, 7), 5000)}
         assert not seen & held_out, task
+        assert not any(is_held_out(text) for text in seen) and not seen & {t for t, _ in EXAMPLES.get(task, [])}
+
+
+def test_input_classes_are_what_they_say():
+    for input_class in TEXT_CLASSES:
+        texts = [text for text, _ in held_out_pairs("echo", 200, input_class)]
+        assert all(set(text) <= set(PRINTABLE) and 1 <= len(text) <= MAX_INPUT_CHARS for text in texts)
+        assert (min(map(len, texts)) > MAX_SHORT_CHARS) == (input_class == "long"), input_class
+    checks = {"mixed": str.isupper, "digits": str.isdigit, "punct": lambda c: not c.isalnum() and c != " "}
+    for input_class, is_kind in checks.items():
+        assert all(any(is_kind(c) for c in text) for text, _ in held_out_pairs("echo", 200, input_class))
+    assert set(INPUT_CLASSES) == set(TEXT_CLASSES)
 
 
 # --- standard files ------------------------------------------------------------------
@@ -172,3 +185,24 @@ def test_shipped_files_are_small():
     demo_dir = demo_model_path().parent
     total = sum(p.stat().st_size for p in demo_dir.rglob("*") if p.is_file())
     assert total < MAX_TOTAL_BYTES
+
+
+def test_demo_readme_reports_the_shipped_accuracy():
+    """The demo README's accuracy table is the one train_demo.py measured on the shipped files,
+    on 100 held-out inputs per class (500 per adapter), and meets the targets the README states."""
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    spec = importlib.util.spec_from_file_location("demo_eval", scripts / "demo_eval.py")
+    sys.path.insert(0, str(scripts))
+    try:
+        demo_eval = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(demo_eval)
+    finally:
+        sys.path.remove(str(scripts))
+    report = json.loads((demo_model_path().parent / "training_report.json").read_text())
+    held_out = report["held_out"]
+    assert all(score["n"] == 100 for task in ("echo", "upper", "reverse") for score in held_out[task].values())
+    assert held_out["sql"]["request"]["n"] == 500
+    for task in ("upper", "reverse"):
+        assert all(score["exact"] >= 0.99 for score in held_out[task].values()), held_out[task]
+    readme = (demo_model_path().parent / "README.md").read_text()
+    assert demo_eval.held_out_table(held_out) in readme

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from loraplex.demo import DEMO_ADAPTER_NAMES, DEMO_BASE_MODEL_NAME, demo_model_path
+from loraplex.demo.tasks import TEXT_CLASSES, task_classes
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_demo.py"
 # Seconds instead of minutes; every phase (tokenizer, base, each adapter, evaluation) still runs.
-TINY_ARGS = ["--base-steps", "2", "--adapter-steps", "1", "1", "1", "--batch-size", "4",
+TINY_ARGS = ["--base-steps", "3", "--adapter-steps", "1", "1", "1", "--batch-size", "4",
              "--adapter-batch-size", "4", "--hidden", "16", "--layers", "1", "--num-eval", "1"]
 SHRUNK_CONFIG_KEYS = {"head_dim", "hidden_size", "intermediate_size", "num_hidden_layers"}
 VERSION_KEYS = {"transformers_version", "peft_version"}   # the installed libraries, not the script
@@ -48,7 +49,12 @@ def test_script_writes_the_shipped_layout(two_runs):
                              for p in (shipped / "adapters" / name).iterdir()]
     assert set(written_files(out)) == {*shipped_model_files, *shipped_adapter_files, "training_report.json"}
     report = json.loads((out / "training_report.json").read_text())
-    assert set(report["adapters"]) == set(DEMO_ADAPTER_NAMES) and report["base"]["steps"] == 2
+    assert set(report["adapters"]) == set(DEMO_ADAPTER_NAMES) and report["base"]["steps"] == 3
+    # Held-out scores of the written files: every task on every input class (sql: its requests,
+    # then well-formedness on the other classes).
+    assert set(report["held_out"]) == {"echo", *DEMO_ADAPTER_NAMES}
+    for task, by_class in report["held_out"].items():
+        assert list(by_class) == list(task_classes(task)) + (list(TEXT_CLASSES) if task == "sql" else []), task
 
 
 def test_script_writes_the_shipped_tokenizer_and_configs(two_runs):
@@ -67,7 +73,8 @@ def test_script_writes_the_shipped_tokenizer_and_configs(two_runs):
 def test_rerun_writes_the_same_bytes(two_runs):
     first, second = (written_files(out) for out in two_runs)
     reports = [json.loads(files.pop("training_report.json")) for files in (first, second)]
-    assert [r.pop("train_seconds") >= 0 for r in reports] == [True, True]   # the one thing that may differ
+    # Timings are the one thing that may differ.
+    assert [r.pop("train_seconds") >= 0 and r.pop("eval_seconds") >= 0 for r in reports] == [True, True]
     assert reports[0] == reports[1]   # the same losses and accuracies
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []

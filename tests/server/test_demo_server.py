@@ -156,8 +156,10 @@ def test_readme_requests_print_what_the_readme_says(demo, solo_answers):
     """The README's requests, sent to the running demo, print the README's outputs.
     (The same requests as the README's curl commands, sent with httpx: the test needs no curl.)"""
     url = demo["server"].base_url
+    newcomer_input = "The Quick brown fox, 42 times!"      # what the README's loop sends
+    assert f'"content": "{newcomer_input}"' in readme_block("/v1/chat/completions")
     chat = [f"{model} -> " + httpx.post(url + "/v1/chat/completions", timeout=60, json={
-        "model": model, "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 60,
+        "model": model, "messages": [{"role": "user", "content": newcomer_input}], "max_tokens": 60,
         "temperature": 0}).json()["choices"][0]["message"]["content"] + "\n"
         for model in (DEMO_SERVED_NAME, *DEMO_ADAPTER_NAMES)]
     assert "".join(chat) == readme_output_after("/v1/chat/completions")

@@ -165,7 +165,9 @@ def test_structured_outputs_every_spelling(server):
             assert re.fullmatch(regex, complete(server, temperature=1.0, seed=seed, **extra).choices[0].text)
     choices = ["red", "green", "blue"]
     for extra in ({"structured_outputs": {"choice": choices}}, {"guided_choice": choices}):
-        got = {complete(server, temperature=1.0, seed=s, **extra).choices[0].text for s in range(6)}
+        # Temperature 2 (vLLM's highest): the tiny model strongly prefers one choice, and the
+        # constraint must still let sampling reach the others.
+        got = {complete(server, temperature=2.0, seed=s, **extra).choices[0].text for s in range(12)}
         assert got <= set(choices) and len(got) > 1
     grammar = 'root ::= "SELECT " ("a" | "b") ";"'
     for extra in ({"structured_outputs": {"grammar": grammar}}, {"guided_grammar": grammar}):

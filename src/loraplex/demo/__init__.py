@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraplex.demo.sql_grammar import OFF_GRAMMAR_QUESTIONS
 from loraplex.demo.tasks import ADAPTER_TASKS, DEMO_PROMPT_FORMAT, EXAMPLES, format_prompt
 
 DEMO_DIR = Path(__file__).resolve().parent
@@ -26,5 +27,5 @@ def demo_adapters_dir() -> Path:
     return DEMO_DIR / "adapters"
 
 
-__all__ = ["DEMO_ADAPTER_NAMES", "DEMO_BASE_MODEL_NAME", "DEMO_PROMPT_FORMAT", "EXAMPLES",
+__all__ = ["DEMO_ADAPTER_NAMES", "DEMO_BASE_MODEL_NAME", "DEMO_PROMPT_FORMAT", "EXAMPLES", "OFF_GRAMMAR_QUESTIONS",
            "demo_adapters_dir", "demo_model_path", "format_prompt"]

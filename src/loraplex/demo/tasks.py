@@ -5,126 +5,116 @@ copies its input (`echo`); each adapter turns that into one task. The same
 prompt format is used everywhere (DEMO_PROMPT_FORMAT); the answer follows it
 and ends with the EOS token.
 
-Held-out inputs come from a fixed seed and are removed from every training
-stream, so an accuracy measured on them is a measure of generalisation.
+Held-out inputs are kept out of training by construction: an input is held out
+when a stable hash of its text falls in one bucket of HELD_OUT_BUCKETS
+(`is_held_out`), and every training stream drops such inputs, whatever task or
+class produced them. Evaluations draw held-out inputs from a fixed seed, so an
+accuracy measured on them is a measure of generalisation.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Callable, Iterator
 
-from loraplex.demo.sql_grammar import random_sql_pair
+from loraplex.demo.inputs import INPUT_CLASSES, random_input
+from loraplex.demo.sql_grammar import OFF_GRAMMAR_QUESTIONS, random_sql_pair
 
 DEMO_PROMPT_FORMAT = "Input: {input}\nOutput: "
-
-# Common short words, so that demo inputs can read like text; random letter
-# strings are mixed in so the adapters learn the operation, not a word list.
-WORDS = (
-    "hello world cat dog sun moon tree book code data lora model fast slow red blue green "
-    "apple river stone cloud light night day time line word text file path node edge graph "
-    "train serve batch token cache queue plan idea story song game rule door room bird fish "
-    "rain snow wind fire milk bread tea cup pen box key map car bus ship road city home"
-).split()
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-MIN_TEXT_CHARS, MAX_TEXT_CHARS = 3, 12
 HELD_OUT_SEED = 20261128
-# Held-out inputs per task kept out of training; evaluations use a prefix of them.
-NUM_EXCLUDED_PER_TASK = 200
+# One input in HELD_OUT_BUCKETS is held out (never trained on, by any task).
+HELD_OUT_BUCKETS = 16
+
+ADAPTER_TASKS = ("upper", "reverse", "sql")
+# What each task's held-out inputs are, by class: the text tasks on every input class,
+# sql on requests of its grammar.
+TEXT_CLASSES = tuple(INPUT_CLASSES)
+SQL_CLASS = "request"
 
 
 def format_prompt(text: str) -> str:
     return DEMO_PROMPT_FORMAT.format(input=text)
 
 
-def random_text(rng: random.Random) -> str:
-    """1-3 lowercase words (real or random letters), 3-12 characters in all."""
-    while True:
-        words = []
-        for _ in range(rng.choice((1, 2, 2, 3))):
-            if rng.random() < 0.5:
-                words.append(rng.choice(WORDS))
-            else:
-                words.append("".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 6))))
-        text = " ".join(words)
-        if MIN_TEXT_CHARS <= len(text) <= MAX_TEXT_CHARS:
-            return text
-
-
-def _text_pair(transform: Callable[[str], str]) -> Callable[[random.Random], tuple[str, str]]:
-    def sample(rng: random.Random) -> tuple[str, str]:
-        text = random_text(rng)
-        return text, transform(text)
-    return sample
-
-
-def _reverse(text: str) -> str:
-    return text[::-1]
-
-
-def _upper(text: str) -> str:
-    return text.upper()
-
-
-def _echo(text: str) -> str:
-    return text
-
-
-# name -> sampler of (input, expected output). "echo" is the base model's behaviour.
-TASK_SAMPLERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "echo": _text_pair(_echo),
-    "upper": _text_pair(_upper),
-    "reverse": _text_pair(_reverse),
-    "sql": random_sql_pair,
+TEXT_TRANSFORMS: dict[str, Callable[[str], str]] = {
+    "echo": lambda text: text,              # the base model's behaviour
+    "upper": str.upper,
+    "reverse": lambda text: text[::-1],
 }
-ADAPTER_TASKS = ("upper", "reverse", "sql")
 
-# Hand-picked examples for docs and smoke tests; they are excluded from training too.
+
+def task_classes(task: str) -> tuple[str, ...]:
+    return (SQL_CLASS,) if task == "sql" else TEXT_CLASSES
+
+
+def sample_pair(task: str, input_class: str, rng: random.Random) -> tuple[str, str]:
+    """One (input, expected output) pair of `task` with an input of `input_class`."""
+    if task == "sql":
+        return random_sql_pair(rng)
+    text = INPUT_CLASSES[input_class](rng)
+    return text, TEXT_TRANSFORMS[task](text)
+
+
+# Hand-picked examples for docs and smoke tests; they are kept out of training too.
 EXAMPLES: dict[str, list[tuple[str, str]]] = {
-    "upper": [("hello world", "HELLO WORLD"), ("lora rocks", "LORA ROCKS"), ("tiny model", "TINY MODEL")],
-    "reverse": [("hello world", "dlrow olleh"), ("lora rocks", "skcor arol"), ("tiny model", "ledom ynit")],
+    "upper": [("hello world", "HELLO WORLD"), ("lora rocks", "LORA ROCKS"), ("tiny model", "TINY MODEL"),
+              ("The Quick brown fox, 42 times!", "THE QUICK BROWN FOX, 42 TIMES!")],
+    "reverse": [("hello world", "dlrow olleh"), ("lora rocks", "skcor arol"), ("tiny model", "ledom ynit"),
+                ("The Quick brown fox, 42 times!", "!semit 24 ,xof nworb kciuQ ehT")],
     "sql": [
         ("show names of users older than 30", "SELECT name FROM users WHERE age > 30;"),
         ("count orders with total above 250", "SELECT COUNT(*) FROM orders WHERE total > 250;"),
         ("show prices of products sorted by price", "SELECT price FROM products ORDER BY price;"),
+        ("list the emails of users in berlin", "SELECT email FROM users WHERE city = 'berlin';"),
     ],
 }
+# Never trained on: the documented examples and the off-grammar questions the tests ask.
+_EXAMPLE_INPUTS = frozenset([*(text for pairs in EXAMPLES.values() for text, _ in pairs), *OFF_GRAMMAR_QUESTIONS])
 
 
-def _is_held_out_candidate(task: str, text: str, answer: str) -> bool:
-    # An input the base model's echo would get right tells nothing (e.g. a palindrome).
-    if task != "echo" and text == answer:
-        return False
-    # sql requests without a number come from a few hundred strings; holding some
-    # out would leave holes in training, so held-out requests all carry a number.
-    return task != "sql" or any(c.isdigit() for c in text)
+def is_held_out(text: str) -> bool:
+    """Whether `text` belongs to the held-out inputs (a stable hash: the same in every process)."""
+    return zlib.crc32(text.encode("utf-8")) % HELD_OUT_BUCKETS == 0
 
 
-def held_out_pairs(task: str, num: int, seed: int = HELD_OUT_SEED) -> list[tuple[str, str]]:
-    """`num` distinct (input, expected) pairs of `task`, never used in training."""
-    rng = random.Random(f"{seed}/{task}")
-    sampler = TASK_SAMPLERS[task]
+def is_trainable(text: str) -> bool:
+    return not is_held_out(text) and text not in _EXAMPLE_INPUTS
+
+
+def _is_informative(task: str, text: str, answer: str) -> bool:
+    # An input the base model's echo gets right tells nothing about an adapter
+    # (a palindrome for reverse, "42!" for upper).
+    return task == "echo" or text != answer
+
+
+def held_out_pairs(task: str, num: int, input_class: str | None = None,
+                   seed: int = HELD_OUT_SEED) -> list[tuple[str, str]]:
+    """`num` distinct held-out (input, expected) pairs of `task`, never used in training.
+
+    With `input_class` None, the task's classes take turns, so any prefix covers them all.
+    """
+    if input_class is None:
+        per_class = [held_out_pairs(task, num, c, seed) for c in task_classes(task)]
+        turns = [pair for row in zip(*per_class) for pair in row]
+        return turns[:num]
+    rng = random.Random(f"{seed}/{task}/{input_class}")
     pairs: dict[str, str] = {}
     while len(pairs) < num:
-        text, answer = sampler(rng)
-        if _is_held_out_candidate(task, text, answer):
+        text, answer = sample_pair(task, input_class, rng)
+        if is_held_out(text) and text not in _EXAMPLE_INPUTS and _is_informative(task, text, answer):
             pairs.setdefault(text, answer)
     return list(pairs.items())
 
 
-def excluded_inputs(num_held_out: int = NUM_EXCLUDED_PER_TASK) -> set[str]:
-    """Every input kept out of training: held-out sets of all tasks plus the examples."""
-    excluded = {text for pairs in EXAMPLES.values() for text, _ in pairs}
-    for task in TASK_SAMPLERS:
-        excluded.update(text for text, _ in held_out_pairs(task, num_held_out))
-    return excluded
-
-
-def training_pairs(task: str, seed: int, excluded: set[str]) -> Iterator[tuple[str, str]]:
-    """An endless stream of (input, expected) pairs of `task` avoiding `excluded` inputs."""
+def training_pairs(task: str, seed: int, weights: dict[str, float] | None = None) -> Iterator[tuple[str, str]]:
+    """An endless stream of trainable (input, expected) pairs of `task`; `weights` picks input classes."""
     rng = random.Random(f"{seed}/train/{task}")
-    sampler = TASK_SAMPLERS[task]
     while True:
-        text, answer = sampler(rng)
-        if text not in excluded:
+        if task == "sql":
+            text, answer = random_sql_pair(rng)
+        else:
+            text = random_input(rng, weights)
+            answer = TEXT_TRANSFORMS[task](text)
+        if is_trainable(text):
             yield text, answer
