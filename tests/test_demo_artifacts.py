@@ -148,11 +148,21 @@ def test_tokenizer_is_byte_level_and_loads_without_transformers(tokenizer):
     assert tokenizer(text).input_ids == ids
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts import their siblings by name)."""
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(scripts))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(scripts))
+    return module
+
+
 def test_shipped_tokenizer_is_the_one_the_training_script_builds(tokenizer):
-    script = Path(__file__).resolve().parent.parent / "scripts" / "demo_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("demo_tokenizer", script)
-    demo_tokenizer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo_tokenizer)
+    demo_tokenizer = load_script("demo_tokenizer")
     shipped = Tokenizer.from_file(str(demo_model_path() / "tokenizer.json"))
     assert json.loads(demo_tokenizer.build_tokenizer().to_str()) == json.loads(shipped.to_str())
     assert tokenizer.chat_template == demo_tokenizer.CHAT_TEMPLATE
@@ -190,14 +200,7 @@ def test_shipped_files_are_small():
 def test_demo_readme_reports_the_shipped_accuracy():
     """The demo README's accuracy table is the one train_demo.py measured on the shipped files,
     on 100 held-out inputs per class (500 per adapter), and meets the targets the README states."""
-    scripts = Path(__file__).resolve().parent.parent / "scripts"
-    spec = importlib.util.spec_from_file_location("demo_eval", scripts / "demo_eval.py")
-    sys.path.insert(0, str(scripts))
-    try:
-        demo_eval = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(demo_eval)
-    finally:
-        sys.path.remove(str(scripts))
+    demo_eval = load_script("demo_eval")
     report = json.loads((demo_model_path().parent / "training_report.json").read_text())
     held_out = report["held_out"]
     assert all(score["n"] == 100 for task in ("echo", "upper", "reverse") for score in held_out[task].values())
