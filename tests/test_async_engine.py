@@ -161,7 +161,9 @@ def test_a_failing_step_reaches_every_consumer_and_later_callers(make_engine):
 
 
 def test_bad_requests_raise_at_once_and_others_keep_going(make_engine):
-    engine = make_engine(FakeRunner(max_model_len=32))
+    # Slow steps: "dup" must still be running when its id is reused (a fast runner could
+    # finish all its tokens before the second request is submitted, freeing the id).
+    engine = make_engine(SlowRunner(max_model_len=32))
 
     async def main():
         good = asyncio.create_task(_collect(engine, [1, 2], SamplingParams(max_tokens=20), "good"))
@@ -171,7 +173,7 @@ def test_bad_requests_raise_at_once_and_others_keep_going(make_engine):
             await _collect(engine, [1], SamplingParams(top_k=-5), "bad")
         outs = await good
         with pytest.raises(InvalidRequestError, match="already in use"):
-            slow = engine.generate([3], SamplingParams(max_tokens=5), "dup")
+            slow = engine.generate([3], SamplingParams(max_tokens=25, ignore_eos=True), "dup")
             first = await slow.__anext__()
             await _collect(engine, [3], SamplingParams(), "dup")
         await slow.aclose()
