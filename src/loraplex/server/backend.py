@@ -354,14 +354,6 @@ class ServingBackend:
             lora_id = lora_request.lora_int_id
             self._in_flight[lora_id] += 1
             hold = hold_directory(lora_request.lora_path)
-            if not retried and self._vanished(lora_request.lora_name, lora_request):
-                # Evicted while unused between the lookup and this hold: look the name up again
-                # (which resolves it again) rather than send the engine to a directory that is gone.
-                hold.release()
-                self._done_with(lora_id)
-                retried = True
-                lora_request = self._current_version(await self.lora_request_for(lora_request.lora_name))
-                continue
             produced = False
             try:
                 async for out in self.engine.generate(prompt, sampling_params, request_id,
