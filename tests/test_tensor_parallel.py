@@ -255,7 +255,6 @@ def test_a_failing_rank_reports_its_error(tiny_checkpoint):
     (worker,) = runner._processes
     runner._channel.send(("slot", 0, None))   # a LoRA message to a rank without LoRA: it raises
     worker.join(60)   # generous: on a loaded CI machine the exit can take longer than TIMEOUT_S
-    assert worker.exitcode == 1
     with pytest.raises(TensorParallelError, match=rf"rank 1 \(pid {worker.pid}\) exited with status 1: RuntimeError: "
                                                   r"rank 1 got 'slot' but LoRA is not enabled"):
         generate_once(llm)
