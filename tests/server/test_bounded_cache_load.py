@@ -123,12 +123,9 @@ def test_the_bound_with_the_engine_in_its_own_process(bounded, caplog):
     downloads = sum(s3.downloads(BUCKET, f"loras/b{i}/adapter_model.safetensors") for i in range(NUM_ADAPTERS))
     assert failures == []
     assert evictions > 0 and downloads - before > NUM_ADAPTERS          # the bound was exercised
-    # KNOWN GAP (to fix): the backend checks the directory when it looks the name up and takes the
-    # hold only when the request starts; an eviction in that window sends a request to a vanished
-    # directory, which it recovers from by resolving again (no failure, asserted above). Until the
-    # hold is taken before the check, a few such recoveries are allowed here.
-    recovered = [r for r in caplog.records if "vanished before request" in r.getMessage()]
-    assert len(recovered) <= 3, recovered
+    # Every request holds its adapter from before the engine sees it, so none is sent to a
+    # directory evicted meanwhile (one evicted between lookup and hold is looked up again).
+    assert not [r for r in caplog.records if "vanished before request" in r.getMessage()]
     assert [r for r in caplog.records if "is gone from" in r.getMessage()]       # evicted while unused
 
 

@@ -130,6 +130,11 @@ class _Registry:
                 except OSError as e:   # e.g. a read-only cache: serve, unprotected, rather than fail
                     logger.warning("cannot hold adapter directory %s against eviction: %s", path, e)
                     return NO_HOLD
+                if not os.path.isdir(path):
+                    # Evicted between the check above and the lock: the evictor deletes under
+                    # its exclusive lock, so once ours is granted this answer is final.
+                    os.close(fd)
+                    return NO_HOLD
                 held = self._held[path] = _Held(fd, Path(path) / MANIFEST_FILE)
             held.count += 1
             held.last_used = time.time()       # the LRU clock, in memory
@@ -196,6 +201,13 @@ def register_cache_root(root: Path) -> None:
 def cache_roots() -> list[str]:
     """Roots of the adapter caches built in this process."""
     return _REGISTRY.roots()
+
+
+def in_cache(path: str | os.PathLike) -> bool:
+    """Whether `path` lies in the directory of an adapter cache built in this process (an
+    entry that vanished from there was evicted; a path elsewhere is someone else's)."""
+    path = Path(path)
+    return any(path.is_relative_to(root) for root in _REGISTRY.roots())
 
 
 def is_held_here(path: str | os.PathLike) -> bool:

@@ -49,7 +49,7 @@ from typing import Any
 from loraplex.core.lora.resolution import LoRAResolution, load_errors
 from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError, ConfigError, LoraplexError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
-from loraplex.resolvers.holds import hold_directory
+from loraplex.resolvers.holds import hold_directory, in_cache
 from loraplex.resolvers.names import check_adapter_name
 from loraplex.server.errors import INVALID_USER_INPUT, HTTPError
 
@@ -229,6 +229,10 @@ class ServingBackend:
     def _vanished(self, name: str, adapter: LoRARequest) -> bool:
         return name in self._resolved and not os.path.isdir(adapter.lora_path)
 
+    def _evicted(self, adapter: LoRARequest) -> bool:
+        """Resolved into an adapter cache here, and gone from it."""
+        return self._vanished(adapter.lora_name, adapter) and in_cache(adapter.lora_path)
+
     def _adopt_resolved(self, name: str, request: LoRARequest) -> None:
         """LoRAResolution's on_loaded: the name now means the resolved version."""
         current = self._adapters.get(name)
@@ -342,18 +346,26 @@ class ServingBackend:
                        lora_request: LoRARequest | None) -> AsyncIterator:
         """The engine's outputs for one request. With an adapter: the name's current version
         (one replaced since the caller looked it up is not used for a new request), counted
-        and held while it runs; if its directory vanished before it produced anything, the
-        name is resolved again once and the request submitted again."""
+        and held while it runs. One evicted from the adapter cache before the hold was taken
+        is looked up again first; if its directory vanished anyway before it produced
+        anything (removed by hand), the name is resolved again once and the request
+        submitted again."""
         if lora_request is None:
             async for out in self.engine.generate(prompt, sampling_params, request_id, lora_request=None):
                 yield out
             return
         lora_request = self._current_version(lora_request)
-        retried = False
+        retried = looked_up_again = False
         while True:
+            hold = hold_directory(lora_request.lora_path)
+            if not (hold.is_held or looked_up_again) and self._evicted(lora_request):
+                # Evicted between the caller's lookup and this hold: look it up again now
+                # rather than send the engine to a directory that is gone.
+                looked_up_again = True
+                lora_request = self._current_version(await self.lora_request_for(lora_request.lora_name))
+                continue
             lora_id = lora_request.lora_int_id
             self._in_flight[lora_id] += 1
-            hold = hold_directory(lora_request.lora_path)
             produced = False
             try:
                 async for out in self.engine.generate(prompt, sampling_params, request_id,
