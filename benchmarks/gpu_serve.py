@@ -220,10 +220,25 @@ def summary_of(out: dict) -> dict:
     return {k: out[k] for k in keys}
 
 
+def profile(args, server: Server, name: str) -> subprocess.Popen | None:
+    """With --py-spy: samples the server and its engine process for --py-spy seconds (raw stacks to --out)."""
+    if not args.py_spy or not args.out:
+        return None
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["py-spy", "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking",
+                             "--rate", "200", "--duration", str(args.py_spy), "--format", "raw",
+                             "--output", str(Path(args.out) / f"pyspy-{name}.txt")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
 def serve_section(args, server: Server, tmp: Path, adapters: dict, concurrency: int, num_prompts: int) -> list[dict]:
     warm = bench_argv(model_mix(len(adapters)), concurrency, args.input_len, args.output_len, args.vocab)
     bench(server.url, [*warm, "--max-concurrency", str(concurrency)], tmp / "warm.json")
     argv = bench_argv(model_mix(len(adapters)), num_prompts, args.input_len, args.output_len, args.vocab)
+    spy = profile(args, server, f"serve-{concurrency}")
+    if spy is not None:                                # an extra run, sampled, left out of the figures
+        bench(server.url, [*argv, "--max-concurrency", str(concurrency)], tmp / f"serve-{concurrency}-profiled.json")
+        spy.wait(120)
     runs = []
     for run in range(args.runs):
         out = bench(server.url, [*argv, "--max-concurrency", str(concurrency)], tmp / f"serve-{concurrency}-{run}.json")
@@ -294,6 +309,8 @@ def main() -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
+    parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
+                        help="sample the server and engine processes with py-spy during the first serve run")
     parser.add_argument("--offline-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.offline_worker:
@@ -319,6 +336,11 @@ def main() -> None:
     cold = write_adapter_set(resolver_dir, cfg, "cold", counts["cold"]) if "cold" in args.only else {}
     log(f"files written in {time.perf_counter() - started:.0f} s under {tmp}")
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "offline_worker"}}
+
+    def save() -> None:                                # after every section: a run cut short keeps what it made
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "gpu_serve.json").write_text(json.dumps(results, indent=2))
     for concurrency in args.concurrency:
         num_prompts = 4 * concurrency
         if "offline" in args.only:
@@ -326,6 +348,7 @@ def main() -> None:
             results[f"offline_{concurrency}"] = r
             log(f"offline C={concurrency}: {r['tok_s']:.0f} tok/s, steady decode step {r['step_ms_median']} ms "
                 f"({r['steady_steps']} steps)")
+            save()
         wanted = {"serve"} | ({"burst", "cold"} if concurrency == args.concurrency[0] else set())
         if not wanted & set(args.only):
             continue
@@ -338,15 +361,19 @@ def main() -> None:
                 served = statistics.median(r["output_throughput"] for r in runs)
                 log(f"serve C={concurrency}: {served:.0f} tok/s median"
                     + (f", {served / offline:.2f} of offline" if offline else ""))
+                save()
             if concurrency == args.concurrency[0] and "burst" in args.only:
                 results["burst"] = burst_section(args, server, tmp, burst)
+                save()
             if concurrency == args.concurrency[0] and "cold" in args.only:
                 results["cold"] = cold_section(args, server, tmp, adapters, cold)
+                save()
         finally:
             server.stop()
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gpu_serve.json").write_text(json.dumps(results, indent=2))
+            if args.out:                               # warnings and errors only (--log-level warning)
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / f"server-{concurrency}.log").write_text(server.log_path.read_text()[-100000:])
+    save()
     log(json.dumps(results, indent=1)[:20000])
 
 
