@@ -11,7 +11,8 @@ Adapters by name, and their versions. A name maps to the LoRARequest that new re
 get. Loading a name again in place (`load_inplace`) loads and validates the new version
 under a fresh id first, then switches the name in one step: requests already running
 finish on the old version, which is dropped from the engine when the last of them ends
-(a failed load leaves the old version serving). Names nobody loaded are resolved through
+(a failed load leaves the old version serving; server/adapter_versions.py keeps that
+count). Names nobody loaded are resolved through
 LoRAResolution (core/lora/resolution.py: single flight, shared failures, invalid adapters
 remembered briefly), the one code path the async engine uses too; a resolved adapter whose
 directory vanished (evicted from a download cache, deleted) is resolved again, including
@@ -38,19 +39,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import itertools
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 from loraplex.core.lora.resolution import LoRAResolution, load_errors
 from loraplex.errors import AdapterError, AdapterInvalidError, AdapterNameError, AdapterNotFoundError, ConfigError, LoraplexError
-from loraplex.lora_request import LoRARequest, lora_id_for_name
+from loraplex.lora_request import LoRARequest
 from loraplex.resolvers.holds import hold_directory, in_cache
 from loraplex.resolvers.names import check_adapter_name
+from loraplex.server.adapter_versions import AdapterVersions, call_engine
 from loraplex.server.errors import INVALID_USER_INPUT, HTTPError
 
 logger = logging.getLogger(__name__)
@@ -108,13 +108,11 @@ class ServingBackend:
         self._resolved: set[str] = set()
         # One lock per adapter name: load and unload of one name never interleave.
         self._name_locks: dict[str, list] = {}     # name -> [lock, holders and waiters]
-        self._in_flight: Counter[int] = Counter()  # lora_int_id -> engine requests using it now
-        self._retiring: dict[int, LoRARequest] = {}   # replaced versions that still run requests
-        self._tasks: set[asyncio.Task] = set()     # engine removals started from sync code
+        self.versions = AdapterVersions(engine, lambda: self._adapters.values())
         # Resolvers get the model's path (vLLM passes model_config.model), which is what
         # adapters record as base_model_name_or_path; served names are only aliases.
         self.resolution = LoRAResolution(load=self._load, base_model_name=model_path,
-                                         chain_factory=lambda: self.resolver_chain, id_for=self._fresh_id,
+                                         chain_factory=lambda: self.resolver_chain, id_for=self.versions.fresh_id,
                                          on_loaded=self._adopt_resolved)
         self.resolution_listeners: list = self.resolution.listeners   # callables(name, outcome, seconds)
         # (name, path, base_model_name) loaded by startup(): --lora-modules.
@@ -188,16 +186,6 @@ class ServingBackend:
             if entry[1] == 0:
                 del self._name_locks[name]
 
-    def _fresh_id(self, name: str) -> int:
-        """An id no version the server knows uses: lora_id_for_name(name) when it is free,
-        else the first free one of lora_id_for_name("name@1"), "name@2", ... (deterministic,
-        and a new version never shares an id with the one it replaces)."""
-        used = {r.lora_int_id for r in self._adapters.values()} | set(self._retiring) | set(self._in_flight)
-        for version in itertools.count():
-            lora_id = lora_id_for_name(name if version == 0 else f"{name}@{version}")
-            if lora_id not in used:
-                return lora_id
-
     # ---- which adapter a request uses -----------------------------------------
     async def lora_request_for(self, model: str | None) -> LoRARequest | None:
         """None for the base model, the adapter's LoRARequest for an adapter name.
@@ -223,7 +211,7 @@ class ServingBackend:
             stale = self._adapters.get(model)
             if stale is not None and self._vanished(model, stale):   # gone for good: unlisted
                 self._drop_name(model)
-                self._spawn(self._retire(stale))
+                self.versions.spawn(self.versions.retire(stale))
             raise model_not_found(model) from None
 
     def _vanished(self, name: str, adapter: LoRARequest) -> bool:
@@ -238,18 +226,18 @@ class ServingBackend:
         current = self._adapters.get(name)
         if current is not None and name not in self._resolved:
             # /v1/load_lora_adapter loaded this name while it was being resolved: that one stays.
-            self._spawn(self._retire(request))
+            self.versions.spawn(self.versions.retire(request))
             return
         self._adapters[name] = request
         self._parents[name] = self.base_model_name
         self._resolved.add(name)
         logger.info("resolved LoRA adapter %r to %s on first request", name, request.lora_path)
         if current is not None and current is not request:
-            self._spawn(self._retire(current))
+            self.versions.spawn(self.versions.retire(current))
 
     async def _load(self, request: LoRARequest) -> None:
         # add_lora's bool only says whether it was newly cached; failures raise.
-        await self._call_engine_lora("add_lora", request)
+        await call_engine(self.engine, "add_lora", request)
 
     # ---- management ------------------------------------------------------------
     async def load_adapter(self, name: str, path: str, *, base_model_name: str | None = None,
@@ -269,18 +257,18 @@ class ServingBackend:
                                 param="lora_name", error_type=INVALID_USER_INPUT)
             # The new version is loaded and validated under its own id while the old one
             # serves; if it is unusable, nothing changes.
-            request = LoRARequest(name, self._fresh_id(name), path)
+            request = LoRARequest(name, self.versions.fresh_id(name), path)
             with blame_field("lora_path", AdapterInvalidError), load_errors(request):
                 if old is not None and callable(getattr(self.engine, "replace_lora", None)):
-                    await self._call_engine_lora("replace_lora", old.lora_int_id, request)
+                    await call_engine(self.engine, "replace_lora", old.lora_int_id, request)
                 else:
-                    await self._call_engine_lora("add_lora", request)
+                    await call_engine(self.engine, "add_lora", request)
             # The switch, with no await in between: new requests get the new version.
             self._adapters[name] = request
             self._resolved.discard(name)
             self._parents[name] = base_model_name if self.is_base_model(base_model_name) else self.base_model_name
             if old is not None:
-                await self._retire(old)
+                await self.versions.retire(old)
             logger.info("loaded LoRA adapter %r from %s%s", name, path, " in place" if old is not None else "")
             return request
 
@@ -290,49 +278,13 @@ class ServingBackend:
             if request is None:
                 raise HTTPError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
             self._drop_name(name)
-            await self._retire(request)
+            await self.versions.retire(request)
             logger.info("unloaded LoRA adapter %r", name)
 
     def _drop_name(self, name: str) -> None:
         self._adapters.pop(name, None)
         self._parents.pop(name, None)
         self._resolved.discard(name)
-
-    async def _retire(self, request: LoRARequest) -> None:
-        """Drop a version nobody will get any more: from the engine now if no request runs on
-        it, else once the last one ends (after replace_lora, the engine keeps its weights for
-        them meanwhile)."""
-        lora_id = request.lora_int_id
-        if any(r.lora_int_id == lora_id for r in self._adapters.values()):
-            return   # still current (e.g. the same version adopted twice)
-        self._retiring[lora_id] = request   # its id stays taken until the engine has dropped it
-        if not self._in_flight[lora_id]:
-            await self._drop_from_engine(lora_id)
-
-    async def _drop_from_engine(self, lora_id: int) -> None:
-        try:
-            # False only means the engine had already evicted it from its caches.
-            await self._engine_call_logged("remove_lora", lora_id)
-        finally:
-            self._retiring.pop(lora_id, None)
-
-    async def _engine_call_logged(self, method: str, lora_id: int) -> None:
-        try:
-            await self._call_engine_lora(method, lora_id)
-        except Exception:   # a failed cleanup must not fail the request that triggered it
-            logger.exception("%s(%d) failed", method, lora_id)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _call_engine_lora(self, method: str, *args):
-        fn = getattr(self.engine, method)
-        if inspect.iscoroutinefunction(fn):
-            return await fn(*args)
-        # Reading adapter weights from disk must not stall the event loop.
-        return await asyncio.to_thread(fn, *args)
 
     # ---- generation -------------------------------------------------------------
     @property
@@ -365,7 +317,7 @@ class ServingBackend:
                 lora_request = self._current_version(await self.lora_request_for(lora_request.lora_name))
                 continue
             lora_id = lora_request.lora_int_id
-            self._in_flight[lora_id] += 1
+            self.versions.begin(lora_id)
             produced = False
             try:
                 async for out in self.engine.generate(prompt, sampling_params, request_id,
@@ -378,7 +330,7 @@ class ServingBackend:
                     raise
             finally:
                 hold.release()
-                self._done_with(lora_id)
+                self.versions.end(lora_id)
             retried = True
             logger.info("the directory of LoRA adapter %r vanished before request %s ran; resolving "
                         "it again", lora_request.lora_name, request_id)
@@ -388,7 +340,7 @@ class ServingBackend:
         current = self._adapters.get(request.lora_name)
         if current is not None:
             return current
-        if request.lora_int_id in self._retiring or request.lora_int_id in self._in_flight:
+        if self.versions.is_known(request.lora_int_id):
             return request
         raise model_not_found(request.lora_name)   # unloaded before this request started
 
@@ -399,13 +351,6 @@ class ServingBackend:
         current = self._adapters.get(name)   # (LoRARequests compare by name: ids tell versions apart)
         return (current is not None and current.lora_int_id != request.lora_int_id) or (
             name in self._resolved and self.allow_runtime_lora_updating and self.resolver_chain is not None)
-
-    def _done_with(self, lora_id: int) -> None:
-        self._in_flight[lora_id] -= 1
-        if self._in_flight[lora_id] <= 0:
-            del self._in_flight[lora_id]
-            if lora_id in self._retiring:
-                self._spawn(self._drop_from_engine(lora_id))
 
     async def abort(self, request_id: str) -> None:
         await maybe_await(self.engine.abort(request_id))
