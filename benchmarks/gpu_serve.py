@@ -226,7 +226,7 @@ def profile(args, server: Server, name: str) -> subprocess.Popen | None:
         return None
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["py-spy", "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking",
-                             "--rate", "200", "--duration", str(args.py_spy), "--format", "raw",
+                             "--rate", "200", "--duration", str(args.py_spy), "--format", "raw", "--threads",
                              "--output", str(Path(args.out) / f"pyspy-{name}.txt")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
