@@ -152,8 +152,7 @@ def test_replicas_get_the_resolved_flags_and_the_loraplex_environment():
 @pytest.mark.parametrize("argv, message", [
     (["--replicas", "0"], "--replicas must be >= 1"),
     (["--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras (2) must be >= max_loras (4)"),
-    (["--enable-lora", "--default-mm-loras", '{"audio": "/a"}'],
-     "--default-mm-loras is not available with serve-ray"),
+    (["--default-mm-loras", '{"audio": "/a"}'], "default_mm_loras needs enable_lora=True (--enable-lora)"),
 ])
 def test_serve_ray_refuses_bad_flags_before_starting_ray(argv, message, caplog):
     import ray

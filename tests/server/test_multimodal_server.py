@@ -220,7 +220,10 @@ def test_server_rule_with_two_registered_modalities_applies_none(tmp_path):
         asyncio.run(backend.load_adapter(name, str(write_peft_adapter(tmp_path / name))))
     multimodal = ServerMultimodal({"image": "<image>", "audio": "<|audio|>"}, MediaLoader(),
                                   {"image": "x", "audio": "y"})
-    assert multimodal.default_lora(backend, {"audio"}).lora_name == "audio"
-    assert multimodal.default_lora(backend, {"image"}).lora_name == "image"
-    assert multimodal.default_lora(backend, {"image", "audio"}) is None
-    assert multimodal.default_lora(backend, set()) is None
+    def pick(modalities):
+        return asyncio.run(multimodal.default_lora(backend, modalities))
+
+    assert pick({"audio"}).lora_name == "audio"
+    assert pick({"image"}).lora_name == "image"
+    assert pick({"image", "audio"}) is None
+    assert pick(set()) is None

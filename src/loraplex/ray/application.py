@@ -75,9 +75,6 @@ def scaling_options(args: argparse.Namespace) -> dict:
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what the Ray deployment does not do (yet), and bad scaling flags: before Ray starts."""
     scaling_options(args)
-    if args.default_mm_loras:
-        raise ConfigError("--default-mm-loras is not available with serve-ray yet: the ingress does not "
-                          "pick default adapters; name the adapter in each request's model instead")
 
 
 def build_ray_app(args: argparse.Namespace) -> serve.Application:

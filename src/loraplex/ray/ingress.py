@@ -16,7 +16,8 @@ from loraplex.ray.cluster_metrics import ClusterMetrics
 from loraplex.resolvers.env import env_flag
 from loraplex.server.app import build_app
 from loraplex.server.lora_modules import parse_lora_module
-from loraplex.server.serve import RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV
+from loraplex.server.multimodal import ServerMultimodal
+from loraplex.server.serve import RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args
 from loraplex.server.state import ServerState
 
 
@@ -24,16 +25,21 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
     """The ServerState of the ingress: what build_state makes for `loraplex serve`, with a
     RayBackend in place of the engine (serve_args as resolved by the CLI: model, names, key)."""
     allow_runtime = env_flag(RUNTIME_LORA_ENV, default=False)
+    tokenizer = load_tokenizer(serve_args.model)
+    multimodal = ServerMultimodal.for_ray_ingress(engine_config_from_args(serve_args), tokenizer)
     backend = RayBackend(
-        replicas, directory, tokenizer=load_tokenizer(serve_args.model),
+        replicas, directory, tokenizer=tokenizer,
         served_model_names=serve_args.served_model_name or [serve_args.model], model_path=serve_args.model,
-        static_adapter_names=[parse_lora_module(m).name for m in serve_args.lora_modules],
+        # Every replica loads these at its start: --lora-modules, and the default adapter of each
+        # modality under the modality's name.
+        static_adapter_names=[parse_lora_module(m).name for m in serve_args.lora_modules] + list(
+            multimodal.default_loras),
         allow_runtime_lora_updating=allow_runtime, enable_lora=serve_args.enable_lora,
         skip_model_name_validation=env_flag(SKIP_MODEL_NAME_VALIDATION_ENV, default=False),
         route_by_adapter=route_by_adapter)
     return ServerState(backend, metrics=ClusterMetrics(max_adapter_labels=serve_args.max_adapter_metric_labels),
                        api_key=serve_args.api_key,
-                       allow_runtime_lora_updating=allow_runtime and serve_args.enable_lora,
+                       allow_runtime_lora_updating=allow_runtime and serve_args.enable_lora, multimodal=multimodal,
                        structured_outputs_defaults=dict(getattr(serve_args, "structured_outputs_config", None) or {}))
 
 

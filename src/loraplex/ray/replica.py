@@ -67,6 +67,9 @@ class LoRAReplica:
                                 ["target"], registry=self.state.metrics.registry)
         self._static_names = {name for name, _, _ in self.backend.static_adapters}
         await self.backend.startup()
+        if self.state.multimodal is not None:   # the default adapter of each modality, by its name
+            await self.state.multimodal.startup(self.backend)
+            self._static_names |= set(self.state.multimodal.default_loras)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._directory = directory
         self._adapters_changed = asyncio.Event()

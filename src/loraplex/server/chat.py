@@ -87,7 +87,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
         num_prompt_tokens = state.multimodal.num_prompt_tokens(prompt_ids, mm_data)
         prompt = {"prompt_token_ids": prompt_ids, "multi_modal_data": mm_data}
         if lora_request is None:   # no adapter named: the default one of the prompt's modality, if any
-            lora_request = state.multimodal.default_lora(backend, mm_data.keys())
+            lora_request = await state.multimodal.default_lora(backend, mm_data.keys())
     params = chat_sampling_params(request, num_prompt_tokens, backend.max_model_len,
                                   structured_defaults=state.structured_outputs_defaults)
     response_id = request_id_for("chatcmpl", request, raw)

@@ -9,6 +9,9 @@ The default adapters are loaded at start-up under their modality's name ("audio"
 --lora-modules, so /v1/models lists them; a path that is not a directory is a name for the
 resolver chain. A chat request that names no adapter gets the default of its modality
 (core/multimodal/default_loras.py); /v1/completions never does, as in vLLM.
+
+Behind Ray (`serve-ray`) the ingress reads the media and renders the prompt, and each replica
+loads the default adapters at its own start; the ingress only picks one by name.
 """
 
 from __future__ import annotations
@@ -34,10 +37,29 @@ class ServerMultimodal:
     default_loras: dict[str, str] = field(default_factory=dict)   # modality -> path or resolver name
     processor: object = None                     # the engine's MultimodalProcessor, None for a text model
     rule: DefaultLoRAs = field(default_factory=DefaultLoRAs)
+    loads_defaults: bool = True                  # False at a Ray ingress: the replicas load them
 
     @classmethod
     def from_engine(cls, engine, config) -> "ServerMultimodal":
-        processor = getattr(engine, "mm_processor", None)   # AsyncEngine's (None for a text model)
+        # AsyncEngine's processor (None for a text model)
+        return cls.from_processor(getattr(engine, "mm_processor", None), config)
+
+    @classmethod
+    def for_ray_ingress(cls, config, tokenizer) -> "ServerMultimodal":
+        """The ingress's own processor of the same checkpoint (it renders prompts; replicas run
+        them). Its context length is the replicas', learnt in startup()."""
+        from loraplex.core.input_processor import multimodal_processor
+        from loraplex.core.model_config import ModelConfig
+
+        model_config = ModelConfig.from_dir(config.model)
+        processor = multimodal_processor(config, model_config, config.max_model_len or model_config.max_position_embeddings,
+                                         tokenizer)
+        multimodal = cls.from_processor(processor, config)
+        multimodal.loads_defaults = False
+        return multimodal
+
+    @classmethod
+    def from_processor(cls, processor, config) -> "ServerMultimodal":
         placeholders = {processor.modality: processor.placeholder_text} if processor is not None else {}
         for modality in config.default_mm_loras or {}:
             if modality not in placeholders:
@@ -47,6 +69,10 @@ class ServerMultimodal:
 
     async def startup(self, backend) -> None:
         """Load the default adapters under their modality's names; any failure stops start-up."""
+        if not self.loads_defaults:
+            if self.processor is not None and backend.max_model_len:
+                self.processor.max_model_len = backend.max_model_len
+            return
         for modality, path in self.default_loras.items():
             lora_path = path
             if not os.path.isdir(path):
@@ -72,6 +98,10 @@ class ServerMultimodal:
             return len(token_ids)
         return self.processor.num_prompt_tokens(token_ids, mm_data)
 
-    def default_lora(self, backend, modalities) -> LoRARequest | None:
-        served = {m: backend.get_adapter(m) for m in self.default_loras}
-        return self.rule.pick(modalities, served)
+    async def default_lora(self, backend, modalities) -> LoRARequest | None:
+        """What a chat request with these modalities and no adapter named runs on (None: the base
+        model), as the backend routes that adapter's name."""
+        # Those loaded now; at a Ray ingress, all: every replica loaded them before it started.
+        served = {m: m for m in self.default_loras if not self.loads_defaults or backend.get_adapter(m) is not None}
+        name = self.rule.pick(modalities, served)
+        return await backend.lora_request_for(name) if name is not None else None
