@@ -52,20 +52,19 @@ class ServerMultimodal:
         from loraplex.core.model_config import ModelConfig
 
         model_config = ModelConfig.from_dir(config.model)
-        processor = multimodal_processor(config, model_config, config.max_model_len or model_config.max_position_embeddings,
-                                         tokenizer)
-        multimodal = cls.from_processor(processor, config)
-        multimodal.loads_defaults = False
-        return multimodal
+        max_model_len = config.max_model_len or model_config.max_position_embeddings
+        processor = multimodal_processor(config, model_config, max_model_len, tokenizer)
+        return cls.from_processor(processor, config, loads_defaults=False)
 
     @classmethod
-    def from_processor(cls, processor, config) -> "ServerMultimodal":
+    def from_processor(cls, processor, config, *, loads_defaults: bool = True) -> "ServerMultimodal":
         placeholders = {processor.modality: processor.placeholder_text} if processor is not None else {}
         for modality in config.default_mm_loras or {}:
             if modality not in placeholders:
                 takes = " or ".join(placeholders) + " input" if placeholders else "text only"
                 raise ConfigError(f"--default-mm-loras has a {modality!r} adapter, but this model takes {takes}")
-        return cls(placeholders, MediaLoader.from_config(config), dict(config.default_mm_loras or {}), processor)
+        return cls(placeholders, MediaLoader.from_config(config), dict(config.default_mm_loras or {}), processor,
+                   loads_defaults=loads_defaults)
 
     async def startup(self, backend) -> None:
         """Load the default adapters under their modality's names; any failure stops start-up."""
