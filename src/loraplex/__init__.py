@@ -1,9 +1,9 @@
 from loraplex.core.outputs import CompletionOutput, RequestOutput
-from loraplex.core.sampling_params import SamplingParams
+from loraplex.core.sampling_params import RequestOutputKind, SamplingParams
 from loraplex.core.structured_output import StructuredOutputsParams
 from loraplex.lora_request import LoRARequest
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "LoRARequest", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutputKind", "StructuredOutputsParams", "LoRARequest", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):

@@ -18,7 +18,7 @@ from loraplex.core.multimodal.chat import content_format, parse_chat_messages
 from loraplex.core.multimodal.default_loras import DefaultLoRAs, resolve_default_adapter
 from loraplex.core.multimodal.media import MediaLoader
 from loraplex.core.outputs import RequestOutput
-from loraplex.core.sampling_params import SamplingParams
+from loraplex.core.sampling_params import RequestOutputKind, SamplingParams
 from loraplex.core.tokenizer import Tokenizer
 from loraplex.errors import ConfigError, InvalidRequestError
 from loraplex.lora_request import LoRARequest, lora_id_for_name
@@ -172,7 +172,7 @@ class LLM:
         progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
         try:
             for request in requests:
-                engine.add_processed_request(request, stream=False)   # outputs only when finished
+                engine.add_processed_request(request, RequestOutputKind.FINAL_ONLY)
             while any(r is None for r in results):
                 for output in engine.step():
                     if output.finished:

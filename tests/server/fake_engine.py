@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from loraplex.core.outputs import CompletionOutput, Logprob, RequestOutput
+from loraplex.core.sampling_params import RequestOutputKind
 from loraplex.errors import AdapterCapacityError, EngineDeadError, InvalidRequestError
 from loraplex.lora_request import LoRARequest
 from loraplex.resolvers.validation import validate_adapter_dir
@@ -42,6 +43,24 @@ def expected_text(model_offset: int, prompt_ids: list[int], num_tokens: int, sam
 
 def model_offset(lora_request: LoRARequest | None) -> int:
     return 0 if lora_request is None else 1 + sum(map(ord, lora_request.lora_name)) % 25
+
+
+class _Sent:
+    """How much of one sample earlier delta outputs handed out."""
+
+    def __init__(self) -> None:
+        self.chars = self.tokens = 0
+        self.finished = False
+
+    def delta(self, out: CompletionOutput) -> CompletionOutput | None:
+        new = CompletionOutput(out.index, out.text[self.chars:], out.token_ids[self.tokens:], None,
+                               out.logprobs[self.tokens:len(out.token_ids)] if out.logprobs is not None else None,
+                               out.finish_reason)
+        if not (new.text or new.token_ids or (out.finish_reason and not self.finished)):
+            return None
+        self.chars, self.tokens = max(self.chars, len(out.text)), max(self.tokens, len(out.token_ids))
+        self.finished = out.finish_reason is not None
+        return new
 
 
 class FakeEngine:
@@ -88,6 +107,7 @@ class FakeEngine:
         texts = [""] * params.n
         reasons: list[str | None] = [None] * params.n
         logprobs: list[list] = [[] for _ in range(params.n)]
+        sent = [_Sent() for _ in range(params.n)]
         for step in range(params.max_tokens):
             await asyncio.sleep(self.step_delay_s)
             for s in range(params.n):
@@ -109,6 +129,8 @@ class FakeEngine:
             outputs = [CompletionOutput(s, texts[s], [ord(c) for c in texts[s]], None,
                                         logprobs[s] if params.logprobs is not None else None,
                                         reasons[s]) for s in range(params.n)]
+            if params.output_kind == RequestOutputKind.DELTA:   # what the server asks for
+                outputs = [d for d in (sent[s].delta(out) for s, out in enumerate(outputs)) if d is not None]
             done = all(r is not None for r in reasons)
             yield RequestOutput(request_id, prompt if isinstance(prompt, str) else None,
                                 prompt_ids, outputs, done)

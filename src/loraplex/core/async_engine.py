@@ -56,7 +56,7 @@ from loraplex.core.llm_engine import LLMEngine
 from loraplex.core.lora.resolution import LoRAResolution
 from loraplex.core.output_processor import OutputProcessor
 from loraplex.core.outputs import RequestOutput
-from loraplex.core.sampling_params import SamplingParams
+from loraplex.core.sampling_params import RequestOutputKind, SamplingParams
 from loraplex.core.tokenizer import load_tokenizer
 from loraplex.errors import EngineDeadError, InvalidRequestError
 from loraplex.lora_request import LoRARequest
@@ -164,7 +164,9 @@ class AsyncEngine:
                        request_id: str | None = None,
                        lora_request: LoRARequest | None = None,
                        lora_name: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its cumulative outputs; the last one has finished=True.
+        """Submit a request and yield its outputs; the last one has finished=True. Each holds what
+        SamplingParams.output_kind says (cumulative by default); outputs that waited for a consumer
+        that fell behind come as one.
 
         An adapter is given either as a LoRARequest or by name (`lora_name`): a name that is
         not loaded is looked up through the resolver chain and loaded first. A LoRARequest that
@@ -195,15 +197,25 @@ class AsyncEngine:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._core_ids[request_id] = core_id
             self._streams[core_id] = stream
-            self._outputs.add_request(request, stream=True)
+            self._outputs.add_request(request)
         self._send(AddRequest(request))
+        aggregate = request.sampling_params.output_kind == RequestOutputKind.DELTA
         finished = False
+        error = None
         try:
             while True:
-                item = await stream.queue.get()
+                item = error or await stream.queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                # A consumer that fell behind gets the outputs waiting for it as one (as vLLM's
+                # do): under load the server then streams fewer, larger chunks, not falling further back.
+                while not item.finished and not stream.queue.empty():
+                    later = stream.queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        error = later
+                        break
+                    item.add(later, aggregate)
                 finished = item.finished
                 yield item
                 if finished:

@@ -21,7 +21,7 @@ from loraplex.core.input_processor import InputProcessor, multimodal_processor
 from loraplex.core.output_processor import OutputProcessor
 from loraplex.core.outputs import RequestOutput
 from loraplex.core.request import Request
-from loraplex.core.sampling_params import SamplingParams
+from loraplex.core.sampling_params import RequestOutputKind, SamplingParams
 from loraplex.core.tokenizer import Tokenizer, load_tokenizer
 from loraplex.lora_request import LoRARequest
 
@@ -64,11 +64,11 @@ class LLMEngine:
                     lora_request: LoRARequest | None = None) -> None:
         self.add_processed_request(self.process_request(request_id, prompt, sampling_params, lora_request))
 
-    def add_processed_request(self, request: Request, stream: bool = True) -> None:
-        """Queue a processed request. stream=False: step() returns an output for it only when it
-        finishes (what LLM.generate reads), not after every token."""
+    def add_processed_request(self, request: Request, output_kind: RequestOutputKind | None = None) -> None:
+        """Queue a processed request. step() returns its outputs as its SamplingParams.output_kind
+        says, or as output_kind says if given (LLM.generate: FINAL_ONLY, one output when it finishes)."""
         self.core.add_request(request)
-        self.output_processor.add_request(request, stream)
+        self.output_processor.add_request(request, output_kind)
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         """Stop requests now and free their blocks; returns their final outputs (finish_reason "abort")."""

@@ -18,8 +18,11 @@ Tokens the core reports for a sequence that already finished here (a stop string
 found, or the request was aborted) are dropped: with overlapped scheduling the core
 learns of that finish a step late.
 
-Output objects are built only for requests whose every output is read (stream=True);
-the others (LLM.generate) get one when they finish.
+What an output holds is the request's SamplingParams.output_kind: everything so far
+(CUMULATIVE), only what is new since the request's previous output (DELTA: what the
+server streams, so a step costs the same however long the prompt and output already
+are), or nothing until the request finishes (FINAL_ONLY: what LLM.generate reads; no
+object is built for it before then).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import NamedTuple
 from loraplex.core.detokenizer import IncrementalDetokenizer
 from loraplex.core.outputs import CompletionOutput, Logprob, RequestOutput
 from loraplex.core.request import Request
+from loraplex.core.sampling_params import RequestOutputKind
 
 
 class SeqOutput(NamedTuple):
@@ -55,14 +59,20 @@ class _SeqState:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # What earlier outputs handed out (DELTA): token ids, characters of visible text, and
+    # whether the finish was reported.
+    sent_tokens: int = 0
+    sent_chars: int = 0
+    sent_finish: bool = False
 
 
 @dataclass
 class _RequestState:
     request: Request
-    stream: bool
+    output_kind: RequestOutputKind
     seqs: list[_SeqState]
     prompt_logprobs: list | None = None       # [None, {token_id: Logprob}, ...] once known
+    sent_prompt_logprobs: bool = False
 
     @property
     def is_finished(self) -> bool:
@@ -81,7 +91,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._requests: dict[str, _RequestState] = {}
 
-    def add_request(self, request: Request, stream: bool = True) -> None:
+    def add_request(self, request: Request, output_kind: RequestOutputKind | None = None) -> None:
+        """Track a request; output_kind overrides its SamplingParams' (LLM.generate: FINAL_ONLY)."""
         params = request.sampling_params
         seqs = []
         for index in range(params.n):
@@ -91,7 +102,8 @@ class OutputProcessor:
                                                            params.skip_special_tokens,
                                                            params.spaces_between_special_tokens)
             seqs.append(state)
-        self._requests[request.request_id] = _RequestState(request, stream, seqs)
+        kind = params.output_kind if output_kind is None else output_kind
+        self._requests[request.request_id] = _RequestState(request, kind, seqs)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -100,8 +112,8 @@ class OutputProcessor:
         return len(self._requests)
 
     def process(self, outputs: list[SeqOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
-        """Apply one step's outputs. Returns the RequestOutputs to hand out (requests that stream,
-        or finished), and (request_id, index) of the sequences stop strings ended (tell the core)."""
+        """Apply one step's outputs. Returns the RequestOutputs to hand out (all but FINAL_ONLY
+        requests that have not finished), and (request_id, index) of the sequences stop strings ended (tell the core)."""
         touched: dict[str, _RequestState] = {}
         stopped: list[tuple[str, int]] = []
         for out in outputs:
@@ -121,7 +133,7 @@ class OutputProcessor:
         results = []
         for request_id, state in touched.items():
             finished = state.is_finished
-            if state.stream or finished:
+            if finished or state.output_kind != RequestOutputKind.FINAL_ONLY:
                 results.append(self._output(state))
             if finished:
                 del self._requests[request_id]
@@ -202,13 +214,22 @@ class OutputProcessor:
     # ---- outputs ---------------------------------------------------------------------
 
     def _output(self, state: _RequestState) -> RequestOutput:
-        request = state.request
+        request, params = state.request, state.request.sampling_params
+        if state.output_kind != RequestOutputKind.DELTA:
+            return RequestOutput(
+                request_id=request.request_id, prompt=request.prompt,
+                prompt_token_ids=list(request.prompt_token_ids),
+                outputs=[self._completion(params, s) for s in state.seqs],
+                finished=state.is_finished, lora_request=request.lora_request,
+                prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None)
+        # DELTA: the samples with something new, each with only that; nothing is copied whole.
+        prompt_logprobs = None
+        if state.prompt_logprobs is not None and not state.sent_prompt_logprobs:
+            prompt_logprobs, state.sent_prompt_logprobs = state.prompt_logprobs, True
         return RequestOutput(
-            request_id=request.request_id, prompt=request.prompt,
-            prompt_token_ids=list(request.prompt_token_ids),
-            outputs=[self._completion(request.sampling_params, s) for s in state.seqs],
-            finished=state.is_finished, lora_request=request.lora_request,
-            prompt_logprobs=list(state.prompt_logprobs) if state.prompt_logprobs is not None else None)
+            request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            outputs=[c for c in (self._delta(params, s) for s in state.seqs) if c is not None],
+            finished=state.is_finished, lora_request=request.lora_request, prompt_logprobs=prompt_logprobs)
 
     @staticmethod
     def _completion(params, seq: _SeqState) -> CompletionOutput:
@@ -220,13 +241,35 @@ class OutputProcessor:
             logprobs=list(seq.logprobs) if wants_logprobs else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
 
+    @staticmethod
+    def _delta(params, seq: _SeqState) -> CompletionOutput | None:
+        """What the sample gained since its previous output; None if nothing (not even its finish)."""
+        visible = _visible_len(params, seq)
+        new_text = seq.detokenizer.text[seq.sent_chars:visible] if visible > seq.sent_chars else ""
+        new_ids = seq.token_ids[seq.sent_tokens:]
+        report_finish = seq.finish_reason is not None and not seq.sent_finish
+        if not (new_text or new_ids or report_finish):
+            return None
+        wants_logprobs = params.logprobs is not None
+        delta = CompletionOutput(
+            index=seq.index, text=new_text, token_ids=new_ids,
+            cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
+            logprobs=seq.logprobs[seq.sent_tokens:] if wants_logprobs else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+        seq.sent_chars, seq.sent_tokens = visible, len(seq.token_ids)
+        seq.sent_finish = seq.finish_reason is not None
+        return delta
+
 
 def _visible_text(params, seq: _SeqState) -> str:
     """The output text a consumer may see now (append-only from step to step)."""
+    return seq.detokenizer.text[:_visible_len(params, seq)] if seq.detokenizer is not None else ""
+
+
+def _visible_len(params, seq: _SeqState) -> int:
     if seq.detokenizer is None:
-        return ""
-    text = seq.detokenizer.text
+        return 0
+    length = len(seq.detokenizer.text)
     if seq.finish_reason is not None:
-        return text
-    hold = held_back(params)
-    return text[:max(0, len(text) - hold)]
+        return length
+    return max(0, length - held_back(params))

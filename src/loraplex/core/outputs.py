@@ -1,7 +1,8 @@
 """What generation returns: RequestOutput holding one CompletionOutput per sample (vLLM-like).
 
 Outputs are snapshots: the engine builds fresh objects every step, so a consumer
-on another thread may keep them while the engine goes on.
+on another thread may keep them while the engine goes on. What an output holds
+(everything so far, or only what is new) is the request's SamplingParams.output_kind.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class Logprob:
 class CompletionOutput:
     """One sample of a request.
 
-    text and token_ids are cumulative. finish_reason is None while running, then
+    text, token_ids and logprobs are cumulative, or only the new part when the request asked
+    for RequestOutputKind.DELTA. finish_reason is None while running, then
     "stop" (EOS, a stop token id or a stop string), "length" (max_tokens or
     max_model_len) or "abort". stop_reason is the stop string or stop token id
     that ended it (None for EOS and length).
@@ -51,3 +53,27 @@ class RequestOutput:
     finished: bool
     lora_request: LoRARequest | None = field(default=None, repr=False)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+    def add(self, later: RequestOutput, aggregate: bool) -> None:
+        """Fold a later output of the same request into this one, for a consumer that fell behind:
+        aggregate (delta outputs) appends its text, token ids and logprobs to this one's; otherwise
+        (cumulative outputs) its samples replace this one's."""
+        by_index = {c.index: i for i, c in enumerate(self.outputs)}
+        for comp in later.outputs:
+            i = by_index.get(comp.index)
+            if i is None:
+                by_index[comp.index] = len(self.outputs)
+                self.outputs.append(comp)
+            elif not aggregate:
+                self.outputs[i] = comp
+            else:
+                mine = self.outputs[i]
+                mine.text += comp.text
+                mine.token_ids = mine.token_ids + comp.token_ids
+                if comp.logprobs is not None:
+                    mine.logprobs = (mine.logprobs or []) + comp.logprobs
+                mine.cumulative_logprob = comp.cumulative_logprob
+                mine.finish_reason, mine.stop_reason = comp.finish_reason, comp.stop_reason
+        if not aggregate:   # delta outputs carry prompt logprobs in the first output only
+            self.prompt_logprobs = later.prompt_logprobs
+        self.finished = later.finished

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import enum
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,18 @@ MAX_TEMPERATURE = 2.0                       # vLLM's (and OpenAI's) upper bound
 LOGIT_BIAS_LIMIT = 100.0                    # biases are clamped to [-100, 100], as vLLM and OpenAI do
 MAX_N_ENV = "VLLM_MAX_N_SEQUENCES"          # vLLM's cap on n, 16384 unless set
 DEFAULT_MAX_N = 16384
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each output of a streamed request holds (vLLM's values).
+
+    CUMULATIVE: everything so far (text, token ids, logprobs). DELTA: only what is new since the
+    previous output of the request (prompt logprobs in the first output only); an output whose
+    consumer lagged behind holds several steps' worth. FINAL_ONLY: one output, when it finishes.
+    """
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 def max_n() -> int:
@@ -56,7 +69,8 @@ class SamplingParams:
     token of each word's tokenization is banned when the output ends with the tokens
     before it); structured_outputs constrains the output to a JSON schema, regex, choice
     or grammar (StructuredOutputsParams). truncate_prompt_tokens=k keeps the prompt's
-    last k tokens (-1: max_model_len).
+    last k tokens (-1: max_model_len). output_kind says what a streamed output holds
+    (RequestOutputKind; LLM.generate always returns final outputs).
     """
 
     n: int = 1
@@ -84,6 +98,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled from `stop` by __post_init__: always a list.
     stop_strings: list[str] = field(init=False, repr=False)
     # Filled by the InputProcessor, which has the tokenizer: each bad word's token ids (with and
@@ -115,6 +130,11 @@ class SamplingParams:
                                           f"temperature above 0 for several samples")
         if self.top_k == -1:
             self.top_k = 0
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise InvalidRequestError(f"SamplingParams.output_kind must be a RequestOutputKind (0 cumulative, "
+                                      f"1 delta, 2 final only), got {self.output_kind!r}") from None
 
     @property
     def is_greedy(self) -> bool:

@@ -1,7 +1,8 @@
 """Turning engine output streams into per-choice deltas, shared by completions and chat.
 
-The engine streams RequestOutputs whose text and token_ids are cumulative (vLLM's
-default); the HTTP layer wants what is new since the last output. One HTTP request
+The server's requests ask the engine for delta outputs (RequestOutputKind.DELTA, set in
+sampling.py): each holds what is new since the previous one, which is what the HTTP layer
+sends, so a step costs the same however long the prompt and the output are. One HTTP request
 with a batch of prompts becomes one engine request per prompt, run concurrently
 and merged; a request that stops early (client gone, error) is aborted in the engine.
 """
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.core.sampling_params import RequestOutputKind
 from loraplex.lora_request import LoRARequest
 
 
@@ -47,38 +49,29 @@ class PromptRun:
 async def run_prompt(backend: Any, run: PromptRun, prompt: str | list[int], sampling_params: Any,
                      lora_request: LoRARequest | None, n: int) -> AsyncIterator[ChoiceDelta]:
     """Stream the deltas of one engine request; abort it if the consumer stops early."""
-    seen_chars: dict[int, int] = {}
-    seen_tokens: dict[int, int] = {}
+    if sampling_params.output_kind != RequestOutputKind.DELTA:
+        raise ValueError("run_prompt reads delta outputs: build the SamplingParams with "
+                         "output_kind=RequestOutputKind.DELTA (server/sampling.py does)")
     finished = False
     try:
         async for out in backend.generate(prompt, sampling_params, run.request_id, lora_request):
-            if out.prompt_token_ids is not None:
+            if not run.prompt_token_ids and out.prompt_token_ids is not None:
                 run.prompt_token_ids = list(out.prompt_token_ids)
             if getattr(out, "prompt", None) is not None:
                 run.prompt = out.prompt
             if getattr(out, "prompt_logprobs", None) is not None:
                 run.prompt_logprobs = out.prompt_logprobs
             for comp in out.outputs:
-                prev_chars = seen_chars.get(comp.index, 0)
-                prev_tokens = seen_tokens.get(comp.index, 0)
-                token_ids = list(comp.token_ids)
-                new_ids = token_ids[prev_tokens:]
-                text = comp.text or ""
-                new_text = text[prev_chars:]
-                if not new_ids and not new_text and comp.finish_reason is None:
+                new_ids = list(comp.token_ids)
+                if not new_ids and not comp.text and comp.finish_reason is None:
                     continue
-                seen_chars[comp.index] = len(text)
-                seen_tokens[comp.index] = len(token_ids)
                 run.num_output_tokens += len(new_ids)
                 if new_ids and run.first_token_at is None:
                     run.first_token_at = time.perf_counter()
-                logprobs = None
-                if comp.logprobs is not None:
-                    logprobs = list(comp.logprobs)[prev_tokens:len(token_ids)]
                 if comp.finish_reason is not None:
                     run.finish_reasons.append(comp.finish_reason)
-                yield ChoiceDelta(run.prompt_index, run.prompt_index * n + comp.index, new_text,
-                                  new_ids, logprobs, comp.finish_reason,
+                yield ChoiceDelta(run.prompt_index, run.prompt_index * n + comp.index, comp.text or "",
+                                  new_ids, comp.logprobs, comp.finish_reason,
                                   getattr(comp, "stop_reason", None))
             finished = bool(out.finished)
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraplex.core.sampling_params import SamplingParams
+from loraplex.core.sampling_params import RequestOutputKind, SamplingParams
 from loraplex.core.structured_output import StructuredOutputsParams
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import HTTPError
@@ -60,7 +60,9 @@ def _common(request: SamplingFields, defaults: dict[str, bool]) -> dict:
               "truncation_side": request.truncation_side or "left",
               "logit_bias": request.logit_bias, "allowed_token_ids": request.allowed_token_ids,
               "bad_words": request.bad_words, "prompt_logprobs": request.prompt_logprobs,
-              "structured_outputs": _structured_outputs(request, defaults)}
+              "structured_outputs": _structured_outputs(request, defaults),
+              # Outputs hold what is new (generation.run_prompt streams them as they come).
+              "output_kind": RequestOutputKind.DELTA}
     for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "min_tokens"):
         value = getattr(request, name)
