@@ -60,6 +60,9 @@ def test_startup_logs_say_what_is_served(served):
                      "LoRA: max_loras 2, max_lora_rank 16, max_cpu_loras 2, static adapters: static-lora",
                      "plugin lora_s3_resolver: loaded", "resolver chain, in order: lora_s3_resolver"):
         assert expected in log, expected
+    # Both long-lived processes exempt their start-up heap from the collector's full passes.
+    assert re.search(r"API server: [1-9]\d+ start-up objects frozen", log), log
+    assert re.search(r"engine process: [1-9]\d+ start-up objects frozen", log), log
 
 
 def test_first_request_resolves_from_s3_once(served):

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from loraplex.core.config import EngineConfig
 from loraplex.core.engine_loop import EngineLoop, EngineStopped, Shutdown
+from loraplex.core.gc_heap import freeze_startup_heap
 from loraplex.core.input_processor import EngineLimits
 from loraplex.errors import EngineDeadError
 
@@ -92,6 +93,7 @@ def run_engine_process(config: EngineConfig, served_model_names: tuple[str, ...]
     except BaseException as exc:  # noqa: BLE001 - the parent raises it
         send(StartupFailed(exc))
         return
+    freeze_startup_heap("engine process")
     send(Ready(core.limits, engine_info(core)))
     loop = EngineLoop(core, send)
 

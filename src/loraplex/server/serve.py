@@ -265,12 +265,17 @@ def log_startup(args, config, engine, records, chain, allow_runtime: bool, stati
 def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from loraplex.core.gc_heap import freeze_startup_heap
     from loraplex.server.app import build_app
 
     state = build_state(args)
     app = build_app(state)
 
     class DrainingServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)           # after the app's start-up (adapters loaded)
+            freeze_startup_heap("API server")
+
         def handle_exit(self, sig, frame) -> None:
             if not state.is_draining:
                 logger.info("signal %s: draining in-flight requests, then exiting", sig)
