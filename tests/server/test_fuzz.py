@@ -12,7 +12,8 @@ from adapters import write_peft_adapter
 from server.harness import API_KEY
 from server.real_server import real_server
 
-ENDPOINTS = ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
+ENDPOINTS = ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+             "/tokenize", "/detokenize"]
 
 json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | \
     st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
@@ -45,6 +46,8 @@ FIELDS = {
     "continue_final_message": st.booleans(), "lora_name": models | any_json,
     "lora_path": st.sampled_from(["/", "/nonexistent", "\x00bad"]) | st.text(max_size=10) | any_json,
     "load_inplace": st.booleans() | any_json,
+    "tokens": token_ids | any_json, "add_special_tokens": st.booleans() | any_json,
+    "return_token_strs": st.booleans() | any_json,
 }
 # Mostly a valid request with a few fields replaced, so the engine path is fuzzed too, not
 # only request validation; sometimes any JSON at all.
@@ -53,6 +56,8 @@ VALID = {
     "/v1/chat/completions": {"model": "fs-lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     "/v1/load_lora_adapter": {"lora_name": "fuzz-lora", "lora_path": "/nonexistent"},
     "/v1/unload_lora_adapter": {"lora_name": "fuzz-lora"},
+    "/tokenize": {"model": "fs-lora", "messages": [{"role": "user", "content": "hi"}]},
+    "/detokenize": {"model": "tiny-base", "tokens": [5, 6, 7]},
 }
 changes = st.dictionaries(st.sampled_from(sorted(FIELDS)), st.just(None), max_size=3).flatmap(
     lambda keys: st.fixed_dictionaries({k: FIELDS[k] for k in keys}))
@@ -99,7 +104,7 @@ def test_no_5xx_for_any_json_body(fuzz_server, endpoint, data):
 
 
 def test_the_valid_bodies_succeed(fuzz_server):
-    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+    for endpoint in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
         assert fuzz_server.post(endpoint, json=VALID[endpoint]).status_code == 200
 
 

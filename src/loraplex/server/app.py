@@ -15,8 +15,10 @@ from loraplex.server.completions import create_completion
 from loraplex.server.errors import INVALID_USER_INPUT, HTTPError, install_error_handlers
 from loraplex.server.middleware import APIKeyMiddleware, MetricsMiddleware
 from loraplex.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeChatRequest,
+    TokenizeCompletionRequest, UnloadLoRAAdapterRequest)
 from loraplex.server.state import ServerState
+from loraplex.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,14 @@ def build_app(state: ServerState) -> FastAPI:
         state = _state(request)
         _check_not_draining(state)
         return await create_chat_completion(body, request, state)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> dict:
+        return await tokenize(body, _state(request))
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest, request: Request) -> dict:
+        return await detokenize(body, _state(request))
 
     if state.allow_runtime_lora_updating:
         logger.warning("runtime LoRA updating is on (VLLM_ALLOW_RUNTIME_LORA_UPDATING): "

@@ -77,7 +77,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
     backend = state.backend
     lora_request = await backend.lora_request_for(request.model)
     model_name = backend.response_model_name(request.model, lora_request)
-    conversation, mm_data = await _media(request, state)
+    conversation, mm_data = await conversation_and_media(request, state)
     prompt_ids = render_chat_prompt(backend.tokenizer, request, conversation)
     prompt_text = render_chat_prompt(backend.tokenizer, request, conversation, as_text=True) \
         if request.return_prompt_text else None
@@ -108,7 +108,8 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
     return JSONResponse(body)
 
 
-async def _media(request: ChatCompletionRequest, state: ServerState) -> tuple[list[dict] | None, dict]:
+async def conversation_and_media(request: ChatCompletionRequest,
+                                 state: ServerState) -> tuple[list[dict] | None, dict]:
     """The conversation for the template and multi_modal_data, when media or a multimodal model are involved."""
     multimodal = state.multimodal
     if not any(m.has_media for m in request.messages) and (multimodal is None or not multimodal.placeholders):

@@ -307,6 +307,33 @@ class ChatCompletionRequest(SamplingFields):
     media_io_kwargs: Any = None
 
 
+class TokenizeCompletionRequest(BaseModel):
+    """POST /tokenize with a prompt (vLLM's)."""
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """POST /tokenize with chat messages, rendered as /v1/chat/completions renders them (vLLM's)."""
+    model: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+    documents: list[dict[str, str]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's)."""
+    model: StrictStr | None = None
+    tokens: TokenIds
+
+
 # Empty names and paths pass validation here: the routes refuse them with vLLM's
 # InvalidUserInput error.
 class LoadLoRAAdapterRequest(BaseModel):
