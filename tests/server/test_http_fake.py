@@ -243,6 +243,8 @@ def test_auth_required_on_v1_only(fake_server):
             r = httpx.request(method, fake_server.base_url + path, json={}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["type"] == "UnauthorizedError", (method, path)
     assert httpx.get(fake_server.base_url + "/health").status_code == 200
+    assert httpx.get(fake_server.base_url + "/ping").status_code == 200     # open, as /health
+    assert httpx.post(fake_server.base_url + "/ping").status_code == 200
     assert httpx.get(fake_server.base_url + "/version").json()["version"]
 
 
@@ -327,6 +329,8 @@ def test_server_side_failures_map_to_502_and_503(fake_server):
     fake_server.engine.is_running = False
     try:
         assert httpx.get(fake_server.base_url + "/health").status_code == 503
+        assert httpx.get(fake_server.base_url + "/ping").status_code == 503
+        assert httpx.post(fake_server.base_url + "/ping").status_code == 503
         r = _post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})
         assert r.status_code == 503 and "restart" in r.json()["error"]["message"]
     finally:

@@ -65,6 +65,9 @@ def build_app(state: ServerState) -> FastAPI:
             raise HTTPError(503, "the engine has stopped; see the server log and restart it")
         return Response(status_code=200)
 
+    # vLLM's /ping: /health under the name SageMaker's container contract asks for.
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
     @app.get("/version")
     async def get_version() -> dict:
         return {"version": loraplex_version()}
