@@ -68,3 +68,48 @@ def test_a_broken_static_adapter_stops_the_start_up(tmp_path):
     backend.static_adapters.append(("bad", str(tmp_path / "missing"), None))
     with pytest.raises(ConfigError, match=r"--lora-modules bad=\S+ could not be loaded: .* does not exist"):
         asyncio.run(backend.startup())
+
+
+VLLM_COMMAND = ["--trust-remote-code", "--disable-log-requests", "--enable-prefix-caching", "--swap-space", "4",
+                "--enable-chunked-prefill", "--max-log-len", "100", "--kv-cache-dtype", "auto", "-pp", "1",
+                "--quantization", "None"]
+
+
+def test_a_vllm_command_line_is_accepted_with_each_flag_without_effect_logged(tmp_path, caplog):
+    from loraplex.server.vllm_flags import check_vllm_flags
+
+    args = build_parser().parse_args(["serve", str(tmp_path), *VLLM_COMMAND, "--tokenizer", str(tmp_path)])
+    with caplog.at_level("INFO", logger="loraplex.server"):
+        check_vllm_flags(args)
+    assert "--trust-remote-code has no effect in loraplex: loraplex runs its own model code" in caplog.text
+    assert "--enable-prefix-caching/--no-enable-prefix-caching has no effect in loraplex: loraplex has no " \
+           "prefix cache" in caplog.text
+    assert "--swap-space has no effect" in caplog.text and "--kv-cache-dtype" not in caplog.text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantization", "awq"], "--quantization awq is not supported by loraplex: loraplex serves unquantized"),
+    (["-q", "fp8"], "--quantization fp8 is not supported"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 is not supported by loraplex: the KV cache holds"),
+    (["--pipeline-parallel-size", "2"], "split a model with --tensor-parallel-size"),
+    (["--tokenizer", "/elsewhere"], "the tokenizer is read from MODEL's directory"),
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice is not supported"),
+    (["--tool-call-parser", "hermes"], "tool calls and reasoning are not parsed"),
+    (["--chat-template", "no-such-file"], "is neither a file nor a template"),
+    (["--chat-template", "{% if %}"], "is not a valid Jinja template"),
+])
+def test_refused_vllm_flags_stop_the_start_up_saying_why(tmp_path, caplog, flags, message):
+    assert main(["serve", str(tmp_path), *VLLM_COMMAND, *flags]) == 2
+    assert message in caplog.text
+
+
+def test_the_flag_tables_in_the_docs_follow_the_inventory():
+    from pathlib import Path
+
+    from loraplex.server.vllm_flags import REFUSED, WITHOUT_EFFECT
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
+    rows = {line.split(" | ")[0]: line for line in doc.splitlines() if line.startswith("| `-")}
+    for flags, kind in ((WITHOUT_EFFECT, "accepted, no effect"), (REFUSED, "refused")):
+        for flag in flags:
+            row = rows["| " + ", ".join(f"`{n}`" for n in flag.names)]
+            assert f" | {kind}" in row, row

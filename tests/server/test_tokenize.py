@@ -77,3 +77,18 @@ def test_bad_requests_are_4xx_that_say_what_was_wrong(served, path, body, status
     assert response.status_code == status, response.text
     assert message in response.json()["error"]["message"]
     assert post(served, "/tokenize", {"prompt": "still serving"}).json()["count"] > 0
+
+
+def test_chat_template_flag_replaces_the_tokenizers_template(tmp_path):
+    template = tmp_path / "brackets.jinja"
+    template.write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    argv = ["serve", str(demo_model_path()), "--served-model-name", "tiny-base", "--chat-template", str(template)]
+    with real_server(argv, {}) as server:
+        served = {"url": server.base_url}
+        body = post(served, "/tokenize", {"messages": MESSAGES}).json()
+        expected = Tokenizer(str(demo_model_path())).encode("<<Be brief.>><<Count to three, please.>>",
+                                                            add_special_tokens=False)
+        assert body["tokens"] == expected
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+        out = client.chat.completions.create(model="tiny-base", messages=MESSAGES, max_tokens=1, temperature=0)
+        assert out.usage.prompt_tokens == len(expected)

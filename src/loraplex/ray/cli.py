@@ -55,9 +55,12 @@ def resolve_args(args: argparse.Namespace) -> None:
     """Fill in what `loraplex serve` decides at start-up (--demo's model and environment, the
     API key from VLLM_API_KEY), so that every replica and the ingress get the same values."""
     from loraplex.server.demo_mode import apply_demo_args
-    from loraplex.server.serve import API_KEY_ENV
+    from loraplex.server.serve import API_KEY_ENV, read_chat_template
+    from loraplex.server.vllm_flags import check_vllm_flags
 
     apply_demo_args(args)
+    check_vllm_flags(args)
+    args.chat_template = read_chat_template(args.chat_template)   # its text: the replicas need no file
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_ENV) or None
 

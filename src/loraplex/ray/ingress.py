@@ -17,7 +17,8 @@ from loraplex.resolvers.env import env_flag
 from loraplex.server.app import build_app
 from loraplex.server.lora_modules import parse_lora_module
 from loraplex.server.multimodal import ServerMultimodal
-from loraplex.server.serve import RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args
+from loraplex.server.serve import (
+    RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args, read_chat_template)
 from loraplex.server.state import ServerState
 
 
@@ -26,6 +27,8 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
     RayBackend in place of the engine (serve_args as resolved by the CLI: model, names, key)."""
     allow_runtime = env_flag(RUNTIME_LORA_ENV, default=False)
     tokenizer = load_tokenizer(serve_args.model)
+    if getattr(serve_args, "chat_template", None) is not None:
+        tokenizer.chat_template = read_chat_template(serve_args.chat_template)
     multimodal = ServerMultimodal.for_ray_ingress(engine_config_from_args(serve_args), tokenizer)
     backend = RayBackend(
         replicas, directory, tokenizer=tokenizer,

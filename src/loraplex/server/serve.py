@@ -14,6 +14,7 @@ import os
 
 from loraplex.errors import ConfigError
 from loraplex.server.lora_modules import local_adapter_dirs, parse_lora_module
+from loraplex.server.vllm_flags import add_vllm_flags, check_vllm_flags
 
 logger = logging.getLogger("loraplex.server")
 
@@ -47,6 +48,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="adapters with their own label in per-adapter metrics; later ones are "
                           "counted as 'other' (default: 32)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                     help="the chat template of /v1/chat/completions and /tokenize, a Jinja file or the template "
+                          "itself (default: the tokenizer's, from MODEL's directory)")
     eng = parser.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     eng.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -96,6 +100,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--allow-pickle-lora-weights", action="store_true",
                       help="accept adapters whose only weights are adapter_model.bin (pickle can run code)")
     add_multimodal_arguments(parser)
+    add_vllm_flags(parser)
     so = parser.add_argument_group("structured outputs (docs/server.md, \"Structured outputs\")")
     so.add_argument("--structured-outputs-config", type=structured_outputs_config, default={}, metavar="JSON",
                     help="vLLM's structured-outputs settings: backend ('auto' or 'guidance': llguidance), and "
@@ -183,6 +188,26 @@ def engine_config_from_args(args: argparse.Namespace):
         media_fetch_timeout=args.media_fetch_timeout, max_media_bytes=args.max_media_bytes)
 
 
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's contents, or the value itself when it is a template (as vLLM reads it)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            template = f.read()
+    elif any(c in value for c in "{}\n"):
+        template = value
+    else:
+        raise ConfigError(f"--chat-template {value!r} is neither a file nor a template (a template holds "
+                          f"Jinja tags such as {{{{ ... }}}}); give the path of a .jinja file")
+    import jinja2
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"--chat-template is not a valid Jinja template: {e} (line {e.lineno})") from None
+    return template
+
+
 def build_state(args: argparse.Namespace, engine=None):
     """Everything `serve` runs, without the network: engine, plugins, chain, backend.
 
@@ -200,6 +225,8 @@ def build_state(args: argparse.Namespace, engine=None):
     from loraplex.server.state import ServerState
 
     apply_demo_args(args)
+    check_vllm_flags(args)
+    chat_template = read_chat_template(args.chat_template)
     modules = [parse_lora_module(m) for m in args.lora_modules]
     if modules and not args.enable_lora:
         raise ConfigError("--lora-modules needs --enable-lora")
@@ -228,6 +255,8 @@ def build_state(args: argparse.Namespace, engine=None):
                              max_model_len=getattr(engine, "max_model_len", None),
                              skip_model_name_validation=skip_name_validation)
     backend.static_adapters.extend(static_adapters)
+    if chat_template is not None:
+        backend.tokenizer.chat_template = chat_template
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
