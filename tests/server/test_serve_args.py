@@ -82,8 +82,8 @@ def test_a_vllm_command_line_is_accepted_with_each_flag_without_effect_logged(tm
     with caplog.at_level("INFO", logger="loraplex.server"):
         check_vllm_flags(args)
     assert "--trust-remote-code has no effect in loraplex: loraplex runs its own model code" in caplog.text
-    assert "--enable-prefix-caching/--no-enable-prefix-caching has no effect in loraplex: loraplex has no " \
-           "prefix cache" in caplog.text
+    assert "--disable-log-requests/--enable-log-requests has no effect" in caplog.text
+    assert engine_config_from_args(args).enable_prefix_caching      # implemented: reaches the engine
     assert "--swap-space has no effect" in caplog.text and "--kv-cache-dtype" not in caplog.text
 
 

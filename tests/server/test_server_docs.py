@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
+from loraplex.core.block_manager import BlockManager
 from loraplex.core.engine_loop import core_stats
 from loraplex.core.llm_engine import EngineStats
 from loraplex.core.lora.manager import LoRAManager
@@ -99,7 +100,8 @@ def exported_metric_names() -> set[str]:
     """Metric names (without the loraplex_ prefix) of a server whose engine has LoRA on."""
     manager = LoRAManager(SimpleNamespace(max_loras=1, max_lora_rank=8, dtype=torch.float32,
                                           device=torch.device("cpu")), max_cpu_loras=1)
-    core = SimpleNamespace(get_stats=lambda: EngineStats(0, 0, 8, 8, 0.0, 0), lora_manager=manager)
+    core = SimpleNamespace(get_stats=lambda: EngineStats(0, 0, 8, 8, 0.0, 0), lora_manager=manager,
+                           block_manager=BlockManager(8, 16, enable_prefix_caching=True))
     backend = ServingBackend(SimpleNamespace(engine_stats=lambda: core_stats(core)),
                              served_model_names=["base"], model_path="/m")
     metrics = ServerMetrics()

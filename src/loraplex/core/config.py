@@ -26,6 +26,8 @@ class EngineConfig:
     load_format: str = "auto"           # "dummy": random weights from config.json alone (benchmarks)
     # Overlap the host's work on step N with the device's on step N+1 (engine_core.py).
     async_scheduling: bool = True
+    # Share the cached keys and values of prompt prefixes between requests (block_manager.py).
+    enable_prefix_caching: bool = False
     # Tensor parallelism (issue 18): ranks (GPUs, or CPU processes) the model is split over,
     # and how long a collective may wait for a peer before the engine stops with an error.
     tensor_parallel_size: int = 1

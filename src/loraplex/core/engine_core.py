@@ -129,7 +129,8 @@ class EngineCore:
         self.runner = runner
         self.max_model_len = runner.max_model_len
         self.vocab_size = runner.vocab_size
-        self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size)
+        self.block_manager = BlockManager(runner.num_kv_blocks, runner.block_size,
+                                          enable_prefix_caching=config.enable_prefix_caching)
         lora_manager = self.lora_manager
         admission = MaxLorasAdmission(config.max_loras, pinned=lora_manager.pinned_in_slots
                                       if lora_manager is not None else None) if config.enable_lora else None
@@ -188,11 +189,24 @@ class EngineCore:
             if index == 0 and params.prompt_logprobs is not None:
                 seq.prompt_logprobs_k = params.prompt_logprobs
             seq.max_num_tokens = self.stop_checker.max_num_tokens(seq.num_prompt_tokens, params)
+            seq.cache_salt = self._cache_salt(request, seq)
             if params.seed is not None:
                 seq.generator = torch.Generator(self.device).manual_seed(sample_seed(params.seed, index))
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request.request_id] = seqs
+
+    def _cache_salt(self, request: Request, seq: Sequence):
+        """What besides its tokens decides a prompt's keys and values: the adapter and the version of
+        its weights (a reload under the same id is another version). None keeps the sequence out
+        of the prefix cache: multimodal prompts (placeholder tokens do not say which image) and
+        prompts whose logprobs are asked for (a cached block's positions would give none)."""
+        if not self.block_manager.enable_prefix_caching or seq.mm is not None or seq.prompt_logprobs_k is not None:
+            return None
+        lora = request.lora_request
+        if lora is None:
+            return ()
+        return (lora.lora_int_id, self.lora_manager.weights_version(lora.lora_int_id))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Stop requests now and free their blocks (a token in flight for them is dropped)."""
@@ -320,6 +334,8 @@ class EngineCore:
         rows, seqs = [], []
         for row, item in enumerate(scheduled):
             item.seq.num_computed_tokens += item.num_new_tokens
+            # Steps run in order on the device: a later step's reader comes after these writes.
+            self.block_manager.register_prefix(item.seq)
             if item.seq.num_computed_tokens == item.seq.num_tokens:
                 rows.append(row)
                 seqs.append(item.seq)

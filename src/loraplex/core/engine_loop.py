@@ -143,6 +143,9 @@ class Inbox:
 def core_stats(core: EngineCore) -> dict[str, float]:
     """The engine's counters as one flat dict (the server exports them under /metrics)."""
     stats: dict[str, float] = dataclasses.asdict(core.get_stats())
+    # Prompt tokens looked up in the prefix cache and found there (vLLM's prefix_cache_queries / _hits).
+    stats["prefix_cache_queries_total"] = core.block_manager.num_prefix_queries
+    stats["prefix_cache_hits_total"] = core.block_manager.num_prefix_hits
     manager = core.lora_manager
     if manager is not None:
         on_cpu = manager.list_loras()

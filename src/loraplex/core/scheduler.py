@@ -14,8 +14,9 @@ the sequence preempts itself.
 
 Phase 2 (only when nothing was preempted, so that admission does not take the
 blocks preemption just freed) admits waiting sequences in FCFS order while the
-budget, max_num_seqs and the KV cache allow. A prompt larger than the remaining
-budget is chunked. Admission stops at the first sequence whose blocks do not
+budget, max_num_seqs and the KV cache allow. With prefix caching a sequence first
+takes the cached blocks of its prompt's prefix, and only the rest counts against the
+budget. A prompt larger than the remaining budget is chunked. Admission stops at the first sequence whose blocks do not
 fit (no overtaking on memory: the oldest request gets memory first). An
 AdmissionPolicy may refuse a sequence for other reasons (the LoRA slot cap);
 then later sequences may pass it, as the policy allows.
@@ -172,9 +173,12 @@ class Scheduler:
                 if not self.admission.can_admit(seq):
                     still_waiting.append(self.waiting.popleft())
                     continue
+                self.block_manager.reuse_prefix(seq)      # cached prompt blocks, with prefix caching
                 num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
                 target = seq.num_computed_tokens + num_new
                 if not self.block_manager.can_allocate(seq, target):
+                    self.block_manager.free(seq)          # the shared blocks it took, if any
+                    seq.num_computed_tokens = 0
                     break
                 self.waiting.popleft()
                 self.block_manager.allocate(seq, target)

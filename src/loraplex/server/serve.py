@@ -69,6 +69,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                      help="dummy: random weights from MODEL's config.json, no checkpoint read "
                           "(benchmarks at real shapes; the output is noise) (default: auto)")
+    eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                     help="share the computed keys and values of prompt prefixes between requests "
+                          "(default: off; the outputs are the same)")
     eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="overlap the host's work on one step with the device's on the next "
                           "(default: on; --no-async-scheduling runs them in lock step)")
@@ -177,6 +180,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         load_format=args.load_format, async_scheduling=args.async_scheduling,
+        enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank,
         max_loras=DEFAULT_MAX_LORAS if args.max_loras is None else args.max_loras,

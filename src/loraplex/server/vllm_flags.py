@@ -37,8 +37,6 @@ WITHOUT_EFFECT = [
     VLLMFlag(("--enable-chunked-prefill", "--no-enable-chunked-prefill"), False,
              "prompts are always computed in chunks of at most --max-num-batched-tokens (the outputs are "
              "the same either way)"),
-    VLLMFlag(("--enable-prefix-caching", "--no-enable-prefix-caching"), False,
-             "loraplex has no prefix cache: every prompt is computed in full (the outputs are the same)"),
     VLLMFlag(("--swap-space",), True, "preempted requests are recomputed, never swapped to CPU memory"),
 ]
 

@@ -20,6 +20,7 @@ remove_lora(old_id). Every adapter in the CPU cache or a slot holds its director
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import Counter, OrderedDict
@@ -53,6 +54,8 @@ class LoRAManager:
         self._pinned: set[int] = set()
         self._retired: set[int] = set()                            # superseded versions, kept until removed
         self._holds: dict[int, Hold] = {}                          # on the directory of each id held here
+        self._versions: dict[int, int] = {}                        # id -> weights_version()
+        self._version_counter = itertools.count(1)
         self._step_ids: set[int] = set()                           # adapters of the latest step
         self._in_step = False                                      # between activate() and end_step()
         # Two locks, always taken in this order. step_lock is held by the runner for a whole
@@ -113,6 +116,7 @@ class LoRAManager:
                     raise
                 self._cpu[request.lora_int_id] = adapter
                 self.stats["loads"] += 1
+                self._versions[request.lora_int_id] = next(self._version_counter)
                 hold = self._keep_hold(request.lora_int_id, hold)
         finally:
             hold.release()
@@ -169,6 +173,12 @@ class LoRAManager:
                     f"all {self.max_loras} device slots are pinned by other adapters (ids "
                     f"{sorted(self._pinned)}), so a request for adapter id {lora_int_id} could never run; "
                     f"remove a pinned adapter (remove_lora) or start the engine with a larger max_loras")
+
+    def weights_version(self, lora_int_id: int) -> int | None:
+        """A number that changes whenever weights are read into the cache under this id (a first
+        load, a reload after eviction, an in-place reload): the prefix cache keys on it."""
+        with self._lock:
+            return self._versions.get(lora_int_id)
 
     def list_loras(self) -> set[int]:
         with self._lock:
@@ -289,6 +299,7 @@ class LoRAManager:
                 self._cpu[lora_id] = adapter
                 self._cpu.move_to_end(lora_id)
                 self.stats["loads"] += 1
+                self._versions[lora_id] = next(self._version_counter)
                 # The id now holds the new directory; the old directory's hold goes.
                 hold, self._holds[lora_id] = self._holds.get(lora_id, NO_HOLD), hold
         finally:
