@@ -125,6 +125,24 @@ def test_preemption_and_eviction_under_a_small_cache_keep_the_outputs(adapters):
     assert llm.llm_engine.scheduler.num_preemptions > 0 and llm.llm_engine.block_manager.num_prefix_hits > 0
 
 
+def test_the_next_turn_of_a_conversation_reuses_the_previous_answers_blocks(adapters):
+    first = SYSTEM + "turn one\nOutput: "
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    llm = demo_llm(True)
+    turn1 = llm.generate(first, params, lora_request=adapters["upper"], use_tqdm=False)[0]
+    follow_up = turn1.prompt_token_ids + turn1.outputs[0].token_ids + llm.get_tokenizer().encode(
+        "\nInput: and now?\nOutput: ", add_special_tokens=False)
+    manager = llm.llm_engine.block_manager
+    hits = manager.num_prefix_hits
+    turn2 = llm.generate({"prompt_token_ids": follow_up}, params, lora_request=adapters["upper"], use_tqdm=False)[0]
+    reused = manager.num_prefix_hits - hits
+    # Beyond the first prompt's full blocks: the answer's blocks (known and computed) were cached too.
+    assert reused > len(turn1.prompt_token_ids) // 8 * 8 and reused % 8 == 0
+    plain = demo_llm(False).generate({"prompt_token_ids": follow_up}, params, lora_request=adapters["upper"],
+                                     use_tqdm=False)[0]
+    assert turn2.outputs[0].token_ids == plain.outputs[0].token_ids
+
+
 def test_an_adapter_reloaded_in_place_does_not_reuse_blocks_of_its_old_weights(adapters):
     """Same name and id, new weights (vLLM's load_inplace): the prompt is computed again."""
     prompt = SYSTEM + "again\nOutput: "

@@ -4,15 +4,17 @@ The KV cache is num_blocks blocks of block_size token slots. A sequence's
 block_table lists its blocks in order: token i lives in block
 block_table[i // block_size] at offset i % block_size.
 
-Prefix caching (enable_prefix_caching): a full block of prompt tokens, once computed, is
-registered under a hash of everything that decides its keys and values: the tokens of the
-prompt up to and including it (a chain: each block's hash covers its parent's) and the
-sequence's cache_salt (the adapter and the version of its weights; None: the sequence
-neither reuses nor registers blocks, e.g. a multimodal prompt, whose placeholder tokens do
-not say which image they stand for). A new sequence starts with the longest run of
-registered blocks matching its prompt, shared (reference counted) with whoever else holds
-them, and computes only the rest. At least the prompt's last token is always computed (its
-logits are needed), so a block a sequence writes is never shared. A registered block
+Prefix caching (enable_prefix_caching): a full block of tokens (prompt or generated), once
+computed and known, is registered under a hash of everything that decides its keys and
+values: the sequence's tokens up to and including it (a chain: each block's hash covers
+its parent's) and its cache_salt (the adapter and the version of its weights; None: the
+sequence neither reuses nor registers blocks, e.g. a multimodal prompt, whose placeholder
+tokens do not say which image they stand for). A sequence starting (or restarting after
+preemption) takes the longest run of registered blocks matching its tokens, shared
+(reference counted) with whoever else holds them, and computes only the rest: a
+conversation's next turn finds the blocks of the previous turn's prompt and answer. At
+least its last token is always computed (its logits are needed), so a block a sequence
+writes is never shared. A registered block
 nobody holds stays cached, and is reused or, when a free block is needed and none is left,
 evicted least recently freed first (a prefix's later blocks before its earlier ones).
 Without prefix caching blocks are never shared, and freeing is just returning them.
@@ -97,14 +99,13 @@ class BlockManager:
     # ---- prefix caching ---------------------------------------------------------------------
 
     def reuse_prefix(self, seq: Sequence) -> int:
-        """Start a sequence that holds no blocks with the cached blocks of its prompt's longest
-        cached prefix; returns the tokens it need not compute (num_computed_tokens is set)."""
+        """Start a sequence that holds no blocks with the cached blocks of the longest cached prefix
+        of its tokens; returns the tokens it need not compute (num_computed_tokens is set)."""
         if not self.enable_prefix_caching or seq.cache_salt is None or seq.block_table:
             return 0
-        hashes = self._prompt_hashes(seq)
-        # The prompt's last token is always computed: its logits sample the first output token.
-        usable = hashes[:(seq.num_prompt_tokens - 1) // self.block_size]
-        for h in usable:
+        # The last known token is always computed: its logits sample the next token.
+        hashes = self._block_hashes(seq, (len(seq.token_ids) - 1) // self.block_size)
+        for h in hashes:
             block = self._block_of.get(h)
             if block is None:
                 break
@@ -114,19 +115,20 @@ class BlockManager:
             seq.block_table.append(block)
         seq.num_registered_blocks = len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
-        self.num_prefix_queries += seq.num_prompt_tokens
+        self.num_prefix_queries += len(seq.token_ids)
         self.num_prefix_hits += seq.num_computed_tokens
         return seq.num_computed_tokens
 
     def register_prefix(self, seq: Sequence) -> None:
-        """Register the prompt blocks `seq` has computed since the last call (call once their keys
-        and values are being written: a later step's reader is ordered after that write)."""
+        """Register the full blocks `seq` has computed, and whose tokens are known, since the last
+        call (call once their keys and values are being written: a later step's reader is ordered
+        after that write)."""
         if not self.enable_prefix_caching or seq.cache_salt is None:
             return
-        full = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.block_size
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if full <= seq.num_registered_blocks:
             return
-        hashes = self._prompt_hashes(seq)
+        hashes = self._block_hashes(seq, full)
         for i in range(seq.num_registered_blocks, full):
             block = seq.block_table[i]
             if hashes[i] not in self._block_of and block not in self._hash_of:
@@ -134,18 +136,18 @@ class BlockManager:
                 self._hash_of[block] = hashes[i]
         seq.num_registered_blocks = full
 
-    def _prompt_hashes(self, seq: Sequence) -> list[bytes]:
-        """The chained hash of each full block of seq's prompt (computed once per sequence)."""
-        if seq.block_hashes is None:
-            size = self.block_size
-            parent = hashlib.blake2b(repr(seq.cache_salt).encode(), digest_size=16).digest()
-            hashes = []
-            for start in range(0, seq.num_prompt_tokens - size + 1, size):
-                tokens = array("q", seq.token_ids[start:start + size]).tobytes()
-                parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
-                hashes.append(parent)
-            seq.block_hashes = hashes
-        return seq.block_hashes
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The chained hashes of seq's first num_blocks full blocks (each computed once per sequence)."""
+        hashes = seq.block_hashes
+        if hashes is None:
+            hashes = seq.block_hashes = []
+        size = self.block_size
+        parent = hashes[-1] if hashes else hashlib.blake2b(repr(seq.cache_salt).encode(), digest_size=16).digest()
+        for i in range(len(hashes), num_blocks):
+            tokens = array("q", seq.token_ids[i * size:(i + 1) * size]).tobytes()
+            parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
+            hashes.append(parent)
+        return hashes[:num_blocks]
 
     def _evict(self) -> int:
         block, _ = self._evictable.popitem(last=False)

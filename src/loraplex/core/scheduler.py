@@ -173,7 +173,7 @@ class Scheduler:
                 if not self.admission.can_admit(seq):
                     still_waiting.append(self.waiting.popleft())
                     continue
-                self.block_manager.reuse_prefix(seq)      # cached prompt blocks, with prefix caching
+                self.block_manager.reuse_prefix(seq)      # its cached prefix blocks, with prefix caching
                 num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
                 target = seq.num_computed_tokens + num_new
                 if not self.block_manager.can_allocate(seq, target):

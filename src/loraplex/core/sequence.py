@@ -63,9 +63,9 @@ class Sequence:
     prompt_logprobs_k: int | None = None
     num_prompt_logprobs_done: int = 0
     prompt_logprobs: list = field(default_factory=list)
-    # Prefix caching (block_manager.py): what besides the tokens decides the prompt's keys and
-    # values (None: this sequence neither reuses nor registers cached blocks), the chained hash
-    # of each full prompt block once computed, and how many of its blocks are registered.
+    # Prefix caching (block_manager.py): what besides the tokens decides their keys and values
+    # (None: this sequence neither reuses nor registers cached blocks), the chained hash of
+    # each full block hashed so far, and how many of its blocks are registered.
     cache_salt: Any = None
     block_hashes: list | None = None
     num_registered_blocks: int = 0
