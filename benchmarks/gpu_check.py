@@ -297,10 +297,33 @@ def check_engine() -> None:
                 got, replays = _generate(path, prompts, lora_requests, attention_backend="triton", **lora_settings)
                 report(f"engine {arch_kwargs} {label}: triton+graphs == torch eager",
                        got == ref and (replays > 0 or DEVICE != "cuda"), f"graph replays={replays}")
+            check_prefix_caching(path, mixed, arch_kwargs["arch"])
             if DEVICE == "cuda":
                 check_replay_has_no_sync(path)
                 if arch_kwargs["arch"] == "llama":
                     check_no_compile_after_warm_up(path, tmp, report)
+
+
+def check_prefix_caching(path, mixed, arch: str) -> None:
+    """Prompts sharing a 40-token prefix, generated twice with prefix caching on the Triton backend
+    and graphs: the tokens of torch eager without the cache, and the second pass reuses blocks."""
+    from runner_helpers import random_prompts
+
+    from loraplex import LLM, SamplingParams
+    shared = random_prompts([40], 300, seed=7)[0]
+    prompts = [{"prompt_token_ids": shared + p} for p in random_prompts([5, 17, 1, 40, 9, 23, 2], 300, seed=2)]
+    settings = dict(enable_lora=True, max_loras=4, max_lora_rank=8)
+    ref, _ = _generate(path, prompts, mixed, attention_backend="torch", enforce_eager=True, **settings)
+    llm = LLM(model=str(path), device=DEVICE, dtype="float32", max_model_len=256, max_num_seqs=16,
+              kv_cache_bytes=64 << 20, attention_backend="triton", enable_prefix_caching=True, **settings)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (24, 5, 17, 9, 30, 12, 3)]
+    runs = [[o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=mixed, use_tqdm=False)]
+            for _ in range(2)]
+    hits = llm.llm_engine.block_manager.num_prefix_hits
+    del llm
+    release_memory()
+    report(f"engine {arch} prefix caching (triton+graphs, adapters) == torch eager without it",
+           runs[0] == ref and runs[1] == ref and hits > 0, f"tokens reused={hits}")
 
 
 def check_replay_has_no_sync(path) -> None:

@@ -23,6 +23,9 @@ Sections (`--only`):
   cold     While C = 64 streams decode, one request for a never-seen adapter and one for a loaded
            adapter sent together, 5 times with fresh adapters: the difference of their first-token
            times (target <= 100 ms, median) and the streams' ITL meanwhile against without.
+  prefix   (only when named) prefix caching: C = the first --concurrency, prompts of a 1,024-token
+           prefix shared by all plus 128 of their own, served without and with
+           --enable-prefix-caching: output tokens/s, TTFT p50, and the cache's hit rate.
 
 Results: printed, and $OUT/gpu_serve.json. Every server and offline engine is its own
 process, started and stopped in turn (one 8B engine at a time on the GPU).
@@ -48,7 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import gpu_decode  # noqa: E402  (LLAMA3_8B, SMOKE_CONFIG, write_adapters)
 
-SECTIONS = ["offline", "serve", "burst", "cold"]
+SECTIONS = ["offline", "serve", "burst", "cold", "prefix"]
+DEFAULT_SECTIONS = ["offline", "serve", "burst", "cold"]
 BASE = "base"
 
 
@@ -174,7 +178,8 @@ def env(resolver_dir: Path | None = None) -> dict:
 
 
 class Server:
-    def __init__(self, args, model: Path, adapters: dict, resolver_dir: Path, concurrency: int, log_path: Path):
+    def __init__(self, args, model: Path, adapters: dict, resolver_dir: Path, concurrency: int, log_path: Path,
+                 extra: tuple[str, ...] = ()):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -184,7 +189,7 @@ class Server:
         argv = [sys.executable, "-m", "loraplex.server.cli", "serve", str(model), "--served-model-name", BASE,
                 "--load-format", "dummy", "--device", args.device, "--port", str(self.port),
                 "--max-num-seqs", str(concurrency), "--enable-lora", "--max-loras", "32", "--max-lora-rank", "16",
-                "--max-cpu-loras", "96", "--lora-modules", *modules, "--log-level", "warning"]
+                "--max-cpu-loras", "96", "--lora-modules", *modules, "--log-level", "warning", *extra]
         started = time.perf_counter()
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env(resolver_dir))
         deadline = time.monotonic() + 900
@@ -247,6 +252,30 @@ def serve_section(args, server: Server, tmp: Path, adapters: dict, concurrency: 
     return runs
 
 
+def prefix_section(args, tmp: Path, model: Path, adapters: dict, resolver_dir: Path, concurrency: int) -> dict:
+    prefix_len = 40 if args.smoke else 1024
+    argv = [*bench_argv(model_mix(len(adapters)), 4 * concurrency, args.input_len, args.output_len, args.vocab),
+            "--random-prefix-len", str(prefix_len), "--max-concurrency", str(concurrency)]
+    result = {}
+    for flag in ("--no-enable-prefix-caching", "--enable-prefix-caching"):
+        server = Server(args, model, adapters, resolver_dir, concurrency, tmp / f"server-prefix{flag}.log", (flag,))
+        try:
+            bench(server.url, [*argv[:-2], "--num-prompts", str(concurrency), "--max-concurrency",
+                               str(concurrency)], tmp / "prefix-warm.json")
+            out = summary_of(bench(server.url, argv, tmp / f"prefix{flag}.json"))
+            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+            counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                      if line.startswith("loraplex_prefix_cache_")}
+            out["hit_rate"] = counts.get("loraplex_prefix_cache_hits_total", 0) / max(
+                1, counts.get("loraplex_prefix_cache_queries_total", 0))
+        finally:
+            server.stop()
+        result[flag.lstrip("-")] = out
+        log(f"  prefix {flag}: {out['output_throughput']:.0f} tok/s, TTFT p50 {out['median_ttft_ms']:.0f} ms, "
+            f"hit rate {out['hit_rate']:.2f}")
+    return result
+
+
 def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
     names = list(burst)
     out = bench(server.url, ["--models", *names, "--model-distribution", "round-robin", "--num-prompts",
@@ -305,7 +334,7 @@ def cold_section(args, server: Server, tmp: Path, adapters: dict, cold: dict) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="directory for gpu_serve.json")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=DEFAULT_SECTIONS)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
@@ -373,6 +402,8 @@ def main() -> None:
             if args.out:                               # warnings and errors only (--log-level warning)
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 (Path(args.out) / f"server-{concurrency}.log").write_text(server.log_path.read_text()[-100000:])
+    if "prefix" in args.only:
+        results["prefix"] = prefix_section(args, tmp, model, adapters, resolver_dir, args.concurrency[0])
     save()
     log(json.dumps(results, indent=1)[:20000])
 

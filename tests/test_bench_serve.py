@@ -51,3 +51,16 @@ def test_random_range_ratio_varies_prompt_and_output_lengths():
     assert len(set(outputs)) > 30
     assert [r.max_tokens for r in build_requests(args)] == outputs          # reproducible
     assert {r.max_tokens for r in build_requests(parse("--model", "base", "--random-output-len", "40"))} == {40}
+
+
+def test_random_prefix_len_starts_every_prompt_alike():
+    args = parse("--model", "base", "--num-prompts", "20", "--random-prefix-len", "30", "--random-input-len", "8")
+    prompts = [r.prompt for r in build_requests(args)]
+    assert all(len(p) == 38 and p[:30] == prompts[0][:30] for p in prompts)
+    assert len({tuple(p[30:]) for p in prompts}) == 20                      # each its own end
+    no_prefix = [r.prompt for r in build_requests(parse("--model", "base", "--num-prompts", "20",
+                                                        "--random-input-len", "8"))]
+    assert len({tuple(p[:8]) for p in no_prefix}) == 20                     # unchanged without it
+    text = build_requests(parse("--model", "base", "--num-prompts", "3", "--prompt-format", "text",
+                                "--random-prefix-len", "4", "--random-input-len", "2"))
+    assert all(len(r.prompt.split()) == 6 and r.prompt.split()[:4] == text[0].prompt.split()[:4] for r in text)

@@ -84,15 +84,20 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
             file_prompts = [line.rstrip("\n") for line in f if line.strip()]
         if not file_prompts:
             raise SystemExit(f"--prompts-file {args.prompts_file} holds no prompt")
+    # vLLM's --random-prefix-len: the same random start for every prompt (what a prefix cache shares).
+    if args.prompt_format == "token-ids":
+        prefix = [rng.randrange(args.token_id_min, args.token_id_max) for _ in range(args.random_prefix_len)]
+    else:
+        prefix = " ".join(rng.choice(WORDS) for _ in range(args.random_prefix_len))
     requests = []
     for i, name in enumerate(names):
         input_len = random_length(args.random_input_len, args.random_range_ratio, rng)
         if file_prompts is not None:
             prompt = file_prompts[i % len(file_prompts)]
         elif args.prompt_format == "token-ids":
-            prompt = [rng.randrange(args.token_id_min, args.token_id_max) for _ in range(input_len)]
+            prompt = prefix + [rng.randrange(args.token_id_min, args.token_id_max) for _ in range(input_len)]
         else:
-            prompt = " ".join(rng.choice(WORDS) for _ in range(input_len))
+            prompt = " ".join(filter(None, [prefix, *(rng.choice(WORDS) for _ in range(input_len))]))
         requests.append(BenchRequest(i, name, prompt, random_length(args.random_output_len, args.random_range_ratio,
                                                                      rng)))
     return requests
@@ -299,6 +304,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     prompts.add_argument("--prompt-format", default="token-ids", choices=["token-ids", "text"],
                          help="random token ids (completions only) or random words (default: token-ids)")
     prompts.add_argument("--random-input-len", type=int, default=128, help="prompt length in tokens or words (default: 128)")
+    prompts.add_argument("--random-prefix-len", type=int, default=0,
+                         help="tokens (or words) every random prompt starts with, the same for all, before its "
+                              "--random-input-len own ones (default: 0)")
     prompts.add_argument("--random-output-len", type=int, default=128, help="max_tokens of each request (default: 128)")
     prompts.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
                          help="draw each request's input and output lengths uniformly from [len * (1 - R), "
@@ -322,9 +330,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         print("loraplex bench serve: give --model NAME or --models NAME...", file=sys.stderr)
         return 2
     if args.num_prompts < 1 or (args.max_concurrency is not None and args.max_concurrency < 1) \
-            or args.request_rate <= 0 or args.random_input_len < 1 or args.random_output_len < 1:
+            or args.request_rate <= 0 or args.random_input_len < 1 or args.random_output_len < 1 \
+            or args.random_prefix_len < 0:
         print("loraplex bench serve: --num-prompts, --max-concurrency, --request-rate, --random-input-len and "
-              "--random-output-len must be positive", file=sys.stderr)
+              "--random-output-len must be positive, --random-prefix-len not negative", file=sys.stderr)
         return 2
     requests = build_requests(args)
     results, duration = asyncio.run(run(args, requests))
