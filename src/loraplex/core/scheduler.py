@@ -15,9 +15,10 @@ the sequence preempts itself.
 Phase 2 (only when nothing was preempted, so that admission does not take the
 blocks preemption just freed) admits waiting sequences in FCFS order while the
 budget, max_num_seqs and the KV cache allow. With prefix caching a sequence first
-takes the cached blocks of its prompt's prefix, and only the rest counts against the
-budget. A prompt larger than the remaining budget is chunked. Admission stops at the first sequence whose blocks do not
-fit (no overtaking on memory: the oldest request gets memory first). An
+takes the cached blocks of its prefix, and only the rest counts against the budget.
+A prompt larger than the remaining budget is chunked. Admission stops at the first
+sequence whose blocks do not fit (no overtaking on memory: the oldest request gets
+memory first). An
 AdmissionPolicy may refuse a sequence for other reasons (the LoRA slot cap);
 then later sequences may pass it, as the policy allows.
 """
