@@ -1,5 +1,6 @@
 """Prefix caching: requests share the computed blocks of a common prompt prefix (per adapter and
-version of its weights), and every output is token for token what it is without the cache."""
+version of its weights, and per media for multimodal prompts), and every output is token for token
+what it is without the cache."""
 
 import pytest
 
@@ -158,20 +159,26 @@ def test_an_adapter_reloaded_in_place_does_not_reuse_blocks_of_its_old_weights(a
     assert second == fresh != first
 
 
-def test_multimodal_prompts_stay_out_of_the_cache(tiny_llava):
-    """The same prompt text with another image: the placeholders are the same tokens, the answer not."""
+def test_multimodal_prompts_share_blocks_only_with_the_same_media(tiny_llava):
+    """The same prompt text with another image: the placeholders are the same tokens, the answer not.
+    With the same image again, the cached blocks (image included) are reused and not re-encoded."""
     from mm_models import random_image
 
     text = "USER: <image>\nwhat is in the picture? ASSISTANT:"
     params = SamplingParams(temperature=0, max_tokens=8)
-    images = [random_image(1), random_image(2, (30, 60))]
-    prompts = [{"prompt": text, "multi_modal_data": {"image": image}} for image in images]
+    one, two = random_image(1), random_image(2, (30, 60))
+    prompts = [{"prompt": text, "multi_modal_data": {"image": image}} for image in (one, one, two)]
     plain = LLM(model=str(tiny_llava), device="cpu", max_model_len=128, block_size=4)
     cached = LLM(model=str(tiny_llava), device="cpu", max_model_len=128, block_size=4, enable_prefix_caching=True)
     expected = [plain.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
-    got = [cached.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
-    assert got == expected and expected[0] != expected[1]
-    assert cached.llm_engine.block_manager.num_prefix_queries == 0
+    manager = cached.llm_engine.block_manager
+    got, hits = [], []
+    for p in prompts:
+        got.append(cached.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids)
+        hits.append(manager.num_prefix_hits)
+    assert got == expected and expected[0] != expected[2]
+    assert hits[0] == 0 and hits[1] > 0 and hits[2] == hits[1]      # the other image found nothing
+    assert cached.llm_engine.runner.mm_encoder.num_items_encoded == 2   # the repeated image: not again
 
 
 def test_the_server_flag_turns_it_on_and_metrics_count_the_hits():

@@ -7,9 +7,9 @@ block_table[i // block_size] at offset i % block_size.
 Prefix caching (enable_prefix_caching): a full block of tokens (prompt or generated), once
 computed and known, is registered under a hash of everything that decides its keys and
 values: the sequence's tokens up to and including it (a chain: each block's hash covers
-its parent's) and its cache_salt (the adapter and the version of its weights; None: the
-sequence neither reuses nor registers blocks, e.g. a multimodal prompt, whose placeholder
-tokens do not say which image they stand for). A sequence starting (or restarting after
+its parent's) and its cache_salt (the adapter and the version of its weights, and a
+multimodal prompt's media, which its placeholder tokens do not identify; None: the
+sequence neither reuses nor registers blocks). A sequence starting (or restarting after
 preemption) takes the longest run of registered blocks matching its tokens, shared
 (reference counted) with whoever else holds them, and computes only the rest: a
 conversation's next turn finds the blocks of the previous turn's prompt and answer. At

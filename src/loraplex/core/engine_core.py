@@ -197,16 +197,15 @@ class EngineCore:
         self._requests[request.request_id] = seqs
 
     def _cache_salt(self, request: Request, seq: Sequence):
-        """What besides its tokens decides a prompt's keys and values: the adapter and the version of
-        its weights (a reload under the same id is another version). None keeps the sequence out
-        of the prefix cache: multimodal prompts (placeholder tokens do not say which image) and
-        prompts whose logprobs are asked for (a cached block's positions would give none)."""
-        if not self.block_manager.enable_prefix_caching or seq.mm is not None or seq.prompt_logprobs_k is not None:
+        """What besides its tokens decides a sequence's keys and values: the adapter and the version
+        of its weights (a reload under the same id is another version), and a multimodal prompt's
+        media (its placeholder tokens do not say which image). None keeps the sequence out of the
+        prefix cache: prompts whose logprobs are asked for (cached positions would give none)."""
+        if not self.block_manager.enable_prefix_caching or seq.prompt_logprobs_k is not None:
             return None
         lora = request.lora_request
-        if lora is None:
-            return ()
-        return (lora.lora_int_id, self.lora_manager.weights_version(lora.lora_int_id))
+        adapter = () if lora is None else (lora.lora_int_id, self.lora_manager.weights_version(lora.lora_int_id))
+        return adapter if request.mm_inputs is None else (*adapter, request.mm_inputs.content_hash)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Stop requests now and free their blocks (a token in flight for them is dropped)."""

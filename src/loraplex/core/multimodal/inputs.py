@@ -8,6 +8,7 @@ replace the embeddings of prompt positions offset .. offset + length - 1.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,19 @@ class MultimodalItem:
 @dataclass
 class MultimodalInputs:
     items: list[MultimodalItem] = field(default_factory=list)
+    # A digest of every item's modality, place and content, taken once on the caller's side:
+    # the prefix cache keys a multimodal prompt's blocks on it (its placeholder tokens alone do
+    # not say which image or clip they stand for).
+    content_hash: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self.content_hash:
+            digest = hashlib.blake2b(digest_size=16)
+            for item in self.items:
+                digest.update(f"{item.modality}:{item.offset}:{item.length}:{tuple(item.data.shape)}:"
+                              f"{item.data.dtype}".encode())
+                digest.update(item.data.detach().contiguous().cpu().numpy().tobytes())
+            self.content_hash = digest.digest()
 
     @property
     def modalities(self) -> set[str]:

@@ -111,6 +111,9 @@ class TensorParallelRunner:
         self._step_started: float | None = None   # monotonic time of the step in flight, for the watchdog
         self._stopping = threading.Event()
         self._recv_lock = threading.RLock()   # reading the other ranks' replies (tests, errors)
+        # The error each failed rank sent, once read off its pipe: the watchdog and a failing step
+        # may both describe the same rank, and only the first reader finds the message there.
+        self._rank_errors: dict[int, str] = {}
         if self.device.type == "cpu":
             # The ranks share the host's cores: threads of two ranks spinning on the same core
             # while one waits in a collective made steps many times slower.
@@ -202,6 +205,8 @@ class TensorParallelRunner:
                     if time.monotonic() > deadline:
                         raise self._fatal(TimeoutError(f"rank {rank} did not answer"))
                 reply = connection.recv()
+                if reply[0] == "error":   # kept for the failure's description
+                    self._rank_errors[rank] = reply[2].strip().splitlines()[-1]
                 if reply[0] != "report":
                     raise self._fatal(RuntimeError(f"rank {rank} answered {reply[0]!r}"))
                 states.append(reply[2])
@@ -302,13 +307,13 @@ class TensorParallelRunner:
         connection = self._channel.connections[rank - 1]
         with self._recv_lock:
             try:
-                while not connection.closed and connection.poll(0):
+                while rank not in self._rank_errors and not connection.closed and connection.poll(0):
                     message = connection.recv()
                     if message[0] == "error":
-                        return message[2].strip().splitlines()[-1]
+                        self._rank_errors[rank] = message[2].strip().splitlines()[-1]
             except (OSError, EOFError):
                 pass
-        return None
+            return self._rank_errors.get(rank)
 
     def _wait_for(self, kind: str, timeout_s: float) -> None:
         """Wait until every other rank has sent `kind` ("started", "ready"); fail fast if one dies."""
