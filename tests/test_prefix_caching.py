@@ -23,8 +23,8 @@ def run_prompt(bm, s):
     """Admit `s` as the scheduler does, compute its whole prompt and register what it computed."""
     bm.reuse_prefix(s)
     bm.allocate(s, s.num_tokens)
+    bm.register_prefix(s, s.num_tokens)
     s.num_computed_tokens = s.num_tokens
-    bm.register_prefix(s)
     return s
 
 
@@ -124,6 +124,22 @@ def test_preemption_and_eviction_under_a_small_cache_keep_the_outputs(adapters):
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=loras, use_tqdm=False)]
         assert got == expected
     assert llm.llm_engine.scheduler.num_preemptions > 0 and llm.llm_engine.block_manager.num_prefix_hits > 0
+
+
+def test_prompts_admitted_in_the_same_step_share_what_the_first_computes(adapters):
+    """One LLM.generate call, every request admitted in its first step: all but the first of each
+    adapter find the shared prefix (written by the first within the same forward pass)."""
+    prompts = [SYSTEM + f"same step {i}\nOutput: " for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    llm = demo_llm(True, max_num_seqs=8)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=adapters["upper"],
+                                                         use_tqdm=False)]
+    assert llm.llm_engine.get_stats().num_steps == 6                         # all six ran from step one
+    full_blocks = (len(llm.get_tokenizer().encode(SYSTEM)) - 1) // 8
+    assert llm.llm_engine.block_manager.num_prefix_hits >= 5 * full_blocks * 8
+    plain = demo_llm(False, max_num_seqs=8)
+    assert got == [o.outputs[0].token_ids for o in plain.generate(prompts, params, lora_request=adapters["upper"],
+                                                                   use_tqdm=False)]
 
 
 def test_the_next_turn_of_a_conversation_reuses_the_previous_answers_blocks(adapters):

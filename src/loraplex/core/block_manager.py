@@ -119,13 +119,14 @@ class BlockManager:
         self.num_prefix_hits += seq.num_computed_tokens
         return seq.num_computed_tokens
 
-    def register_prefix(self, seq: Sequence) -> None:
-        """Register the full blocks `seq` has computed, and whose tokens are known, since the last
-        call (call once their keys and values are being written: a later step's reader is ordered
-        after that write)."""
+    def register_prefix(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the full blocks of seq's first num_tokens tokens (those computed once the step
+        being scheduled has run; tokens not known yet are left out). Registered now, they may be
+        reused by sequences scheduled later in the same step: every layer writes the whole step's
+        keys and values before any attention reads them, and later steps run after it."""
         if not self.enable_prefix_caching or seq.cache_salt is None:
             return
-        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        full = min(num_tokens, len(seq.token_ids)) // self.block_size
         if full <= seq.num_registered_blocks:
             return
         hashes = self._block_hashes(seq, full)

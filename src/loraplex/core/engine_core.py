@@ -333,8 +333,6 @@ class EngineCore:
         rows, seqs = [], []
         for row, item in enumerate(scheduled):
             item.seq.num_computed_tokens += item.num_new_tokens
-            # Steps run in order on the device: a later step's reader comes after these writes.
-            self.block_manager.register_prefix(item.seq)
             if item.seq.num_computed_tokens == item.seq.num_tokens:
                 rows.append(row)
                 seqs.append(item.seq)

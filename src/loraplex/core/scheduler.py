@@ -158,6 +158,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.block_manager.allocate(seq, target)
+            self.block_manager.register_prefix(seq, target)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             kept.append(seq)
@@ -183,6 +184,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 self.block_manager.allocate(seq, target)
+                self.block_manager.register_prefix(seq, target)   # later admissions may share them
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, num_new))
