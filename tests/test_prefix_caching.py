@@ -221,3 +221,28 @@ def test_the_server_flag_turns_it_on_and_metrics_count_the_hits():
         else:
             assert counts == (0, 0)
     assert answers["--enable-prefix-caching"] == answers["--no-enable-prefix-caching"]
+
+
+def test_a_step_that_did_not_run_leaves_nothing_unwritten_in_the_cache():
+    """A admitted, B admitted after it in the same step sharing the blocks A is to compute; the
+    step fails to launch (an adapter failed to reload) and A is aborted before the retry: B must
+    not find A's never-written blocks, and A's requeued twin state must be clean."""
+    from loraplex.core.scheduler import Scheduler
+    from loraplex.core.sequence import SequenceStatus
+
+    bm = BlockManager(32, BS, enable_prefix_caching=True)
+    scheduler = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b = seq(range(13), seq_id=0), seq(list(range(12)) + [77], seq_id=1)
+    b.arrival_index = 1
+    scheduler.add(a)
+    scheduler.add(b)
+    plan = scheduler.schedule()
+    assert [s.seq for s in plan.scheduled] == [a, b] and b.num_computed_tokens == 12   # shared in-step
+    scheduler.unschedule(plan)                        # the launch failed
+    assert list(scheduler.waiting) == [a, b] and not scheduler.running
+    assert a.status is b.status is SequenceStatus.WAITING and a.block_table == b.block_table == []
+    scheduler.finish(a)                               # aborted before the retry
+    retry = scheduler.schedule()
+    assert [s.seq for s in retry.scheduled] == [b] and b.num_computed_tokens == 0
+    assert [s.num_new_tokens for s in retry.scheduled] == [13]
+    assert bm.num_used_blocks == 4 and bm.num_free_blocks == 28

@@ -137,6 +137,16 @@ class BlockManager:
                 self._hash_of[block] = hashes[i]
         seq.num_registered_blocks = full
 
+    def forget_uncomputed(self, seq: Sequence) -> None:
+        """Take back the registrations of seq's blocks beyond what it has computed (their step did
+        not run): nobody may find them in the cache before they are written."""
+        keep = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        for block in seq.block_table[keep:seq.num_registered_blocks]:
+            digest = self._hash_of.get(block)
+            if digest is not None and self._block_of.get(digest) == block:
+                del self._block_of[digest], self._hash_of[block]
+        seq.num_registered_blocks = min(seq.num_registered_blocks, keep)
+
     def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """The chained hashes of seq's first num_blocks full blocks (each computed once per sequence)."""
         hashes = seq.block_hashes

@@ -322,6 +322,7 @@ class EngineCore:
                 raise
             # An adapter evicted earlier failed to reload (its files changed or vanished): drop
             # its requests with that error; the rest of the batch runs again next step.
+            self.scheduler.unschedule(plan)
             self._fail_adapter_requests(exc)
             return None
         self.num_steps += 1

@@ -108,6 +108,7 @@ class MaxLorasAdmission:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)     # those that were waiting, FCFS order
     num_batched_tokens: int = 0
 
     @property
@@ -187,12 +188,27 @@ class Scheduler:
                 self.block_manager.register_prefix(seq, target)   # later admissions may share them
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
+                out.admitted.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 budget -= num_new
             self.waiting.extendleft(reversed(still_waiting))
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    def unschedule(self, plan: SchedulerOutput) -> None:
+        """Undo a plan whose step did not run: the sequences it admitted go back to the front of
+        the waiting queue with their blocks freed, and no block it was to compute stays in the
+        prefix cache (a sequence sharing one would read keys and values nobody wrote)."""
+        for item in plan.scheduled:
+            self.block_manager.forget_uncomputed(item.seq)
+        for seq in reversed(plan.admitted):
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
+                seq.status = SequenceStatus.WAITING
+                self.waiting.appendleft(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.block_manager.free(seq)
