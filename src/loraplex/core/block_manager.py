@@ -14,9 +14,9 @@ preemption) takes the longest run of registered blocks matching its tokens, shar
 (reference counted) with whoever else holds them, and computes only the rest: a
 conversation's next turn finds the blocks of the previous turn's prompt and answer. At
 least its last token is always computed (its logits are needed), so a block a sequence
-writes is never shared. A registered block
-nobody holds stays cached, and is reused or, when a free block is needed and none is left,
-evicted least recently freed first (a prefix's later blocks before its earlier ones).
+writes is never shared. A registered block nobody holds stays cached, and is reused or,
+when a free block is needed and none is left, evicted least recently freed first (a
+prefix's later blocks before its earlier ones).
 Without prefix caching blocks are never shared, and freeing is just returning them.
 
 Hashes are BLAKE2b digests, not Python's hash(): a prompt crafted to collide with another

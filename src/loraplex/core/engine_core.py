@@ -177,6 +177,7 @@ class EngineCore:
         if params.structured_outputs is not None and grammar is None:
             grammar = params.compiled_grammar = compile_grammar(params.structured_outputs)
         matchers = [self.grammars.start(grammar) for _ in range(params.n)] if grammar is not None else None
+        salt = self._cache_salt(request)
         seqs = []
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_counter), token_ids=list(request.prompt_token_ids),
@@ -189,19 +190,19 @@ class EngineCore:
             if index == 0 and params.prompt_logprobs is not None:
                 seq.prompt_logprobs_k = params.prompt_logprobs
             seq.max_num_tokens = self.stop_checker.max_num_tokens(seq.num_prompt_tokens, params)
-            seq.cache_salt = self._cache_salt(request, seq)
+            # Prompt logprobs need every prompt position computed: that sequence stays out of the cache.
+            seq.cache_salt = None if seq.prompt_logprobs_k is not None else salt
             if params.seed is not None:
                 seq.generator = torch.Generator(self.device).manual_seed(sample_seed(params.seed, index))
             seqs.append(seq)
             self.scheduler.add(seq)
         self._requests[request.request_id] = seqs
 
-    def _cache_salt(self, request: Request, seq: Sequence):
-        """What besides its tokens decides a sequence's keys and values: the adapter and the version
+    def _cache_salt(self, request: Request):
+        """What besides its tokens decides a request's keys and values: the adapter and the version
         of its weights (a reload under the same id is another version), and a multimodal prompt's
-        media (its placeholder tokens do not say which image). None keeps the sequence out of the
-        prefix cache: prompts whose logprobs are asked for (cached positions would give none)."""
-        if not self.block_manager.enable_prefix_caching or seq.prompt_logprobs_k is not None:
+        media (its placeholder tokens do not say which image). None without prefix caching."""
+        if not self.block_manager.enable_prefix_caching:
             return None
         lora = request.lora_request
         adapter = () if lora is None else (lora.lora_int_id, self.lora_manager.weights_version(lora.lora_int_id))

@@ -8,8 +8,8 @@ under load on the CPU, more often at GPU token rates) or the engine process does
 step. Moving them to the permanent generation once start-up is done (gc.freeze, as vLLM
 and SGLang do) leaves the collector only what was made since.
 
-Only for processes loraplex owns (the API server, the engine process, Ray replicas): in
-a user's process (offline `LLM`) freezing their objects would keep any garbage cycle among
+Only for processes loraplex owns (the API server and the engine process, a Ray replica's
+included; not yet the Ray replica and ingress processes themselves): in a user's process (offline `LLM`) freezing their objects would keep any garbage cycle among
 them forever.
 """
 

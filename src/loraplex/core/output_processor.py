@@ -112,8 +112,9 @@ class OutputProcessor:
         return len(self._requests)
 
     def process(self, outputs: list[SeqOutput]) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
-        """Apply one step's outputs. Returns the RequestOutputs to hand out (all but FINAL_ONLY
-        requests that have not finished), and (request_id, index) of the sequences stop strings ended (tell the core)."""
+        """Apply one step's outputs. Returns the RequestOutputs to hand out (all but those of
+        FINAL_ONLY requests that have not finished), and (request_id, index) of the sequences
+        stop strings ended (tell the core)."""
         touched: dict[str, _RequestState] = {}
         stopped: list[tuple[str, int]] = []
         for out in outputs:

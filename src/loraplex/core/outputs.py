@@ -68,10 +68,14 @@ class RequestOutput:
                 self.outputs[i] = comp
             else:
                 mine = self.outputs[i]
+                # A delta output's lists are its own (slices): extended in place, so folding a long
+                # backlog costs what it adds.
                 mine.text += comp.text
-                mine.token_ids = mine.token_ids + comp.token_ids
+                mine.token_ids.extend(comp.token_ids)
                 if comp.logprobs is not None:
-                    mine.logprobs = (mine.logprobs or []) + comp.logprobs
+                    if mine.logprobs is None:
+                        mine.logprobs = []
+                    mine.logprobs.extend(comp.logprobs)
                 mine.cumulative_logprob = comp.cumulative_logprob
                 mine.finish_reason, mine.stop_reason = comp.finish_reason, comp.stop_reason
         if not aggregate:   # delta outputs carry prompt logprobs in the first output only

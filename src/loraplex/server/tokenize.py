@@ -24,13 +24,13 @@ async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest, sta
     if isinstance(request, TokenizeCompletionRequest):
         tokens = tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
     else:
+        if any(m.has_media for m in request.messages):
+            raise HTTPError(400, "/tokenize does not take image or audio parts (their token count depends "
+                                 "on the media); send the text parts only", param="messages")
         chat = ChatCompletionRequest(
             model=request.model, messages=request.messages, add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message, add_special_tokens=request.add_special_tokens,
             documents=request.documents, chat_template_kwargs=request.chat_template_kwargs, tools=request.tools)
-        if any(m.has_media for m in request.messages):
-            raise HTTPError(400, "/tokenize does not take image or audio parts (their token count depends "
-                                 "on the media); send the text parts only", param="messages")
         conversation, _ = await conversation_and_media(chat, state)
         tokens = render_chat_prompt(tokenizer, chat, conversation)
     return {"count": len(tokens), "max_model_len": backend.max_model_len, "tokens": tokens,
