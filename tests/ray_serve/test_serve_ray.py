@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import time
 import uuid
@@ -164,6 +165,16 @@ def test_outputs_equal_a_single_loraplex_serve(cluster, s3_server, store, tmp_pa
     for name in DEMO_ADAPTER_NAMES:   # resolved by some replica, listed by the cluster
         assert models[name]["parent"] == DEMO_SERVED_NAME
         assert models[name]["root"].endswith(f"/{name}")
+
+
+def test_replicas_freeze_their_start_up_heap(cluster):
+    """A replica's worker process exempts its start-up objects from the garbage collector
+    (core/gc_heap.py). Ray forwards the replicas' log lines to serve-ray's output, folding
+    lines that differ only in numbers into one: the second replica's may not show."""
+    deadline = time.monotonic() + 60
+    while not re.search(r"Ray replica: [1-9]\d+ start-up objects frozen", cluster.log_path.read_text()):
+        assert time.monotonic() < deadline, cluster.log_path.read_text()[-5000:]
+        time.sleep(0.5)
 
 
 def test_openai_client_through_the_ingress(cluster):

@@ -31,7 +31,8 @@ class ServeProcess:
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraplex.server.cli", command, *argv, "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            # unbuffered: tests read the log while the server runs (Ray's forwarded lines included)
+            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         """Until /health answers 200; fails with the server's log if it exits or times out."""

@@ -8,9 +8,9 @@ under load on the CPU, more often at GPU token rates) or the engine process does
 step. Moving them to the permanent generation once start-up is done (gc.freeze, as vLLM
 and SGLang do) leaves the collector only what was made since.
 
-Only for processes loraplex owns (the API server and the engine process, a Ray replica's
-included; not yet the Ray replica and ingress processes themselves): in a user's process (offline `LLM`) freezing their objects would keep any garbage cycle among
-them forever.
+Only for processes loraplex owns (the API server, the engine process, and the Ray replica
+and ingress actors' worker processes, each dedicated to its actor): in a user's process
+(offline `LLM`) freezing their objects would keep any garbage cycle among them forever.
 """
 
 from __future__ import annotations

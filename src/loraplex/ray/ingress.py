@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from loraplex.core.gc_heap import freeze_startup_heap
 from loraplex.core.tokenizer import load_tokenizer
 from loraplex.ray.backend import RayBackend
 from loraplex.ray.cluster_metrics import ClusterMetrics
@@ -50,6 +51,7 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
 class LoRAIngress:
     def __init__(self, serve_args, replicas, directory, route_by_adapter: bool = True) -> None:
         self.state = ingress_state(serve_args, replicas, directory, route_by_adapter=route_by_adapter)
+        freeze_startup_heap("Ray ingress")
 
     def __serve_build_asgi_app__(self):
         return build_app(self.state)

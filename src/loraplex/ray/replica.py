@@ -30,6 +30,7 @@ import time
 
 from ray import serve
 
+from loraplex.core.gc_heap import freeze_startup_heap
 from loraplex.ray.directory import REPORT_INTERVAL_S
 from loraplex.ray.wire import AdapterCard, ReplicaError, ReplicaSnapshot
 
@@ -81,6 +82,7 @@ class LoRAReplica:
 
         self._load_adapter = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter)
         self._reporter = asyncio.create_task(self._report_forever())
+        freeze_startup_heap("Ray replica")
         logger.info("replica %s (pid %d) ready", self.replica_id, os.getpid())
 
     # ---- called by the ingress --------------------------------------------------------
