@@ -139,6 +139,25 @@ async def greedy_completions(base_url: str, model: str, prompts: list[str], max_
     return [choice.text for choice in sorted(out.choices, key=lambda ch: ch.index)]
 
 
+def test_an_interrupt_while_starting_stops_the_cluster_it_started(tmp_path):
+    """SIGTERM (or Ctrl-C) before the application is up: a clean stop, no traceback. First in
+    the module, so it runs before the shared cluster starts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
+    server = ServeProcess([*SERVE_ARGV, "--replicas", "1", "--ray-replica-cpus", "0.5"], {**env, **RAY_ENV},
+                          tmp_path / "serve-ray.log", command="serve-ray")
+    try:
+        deadline = time.monotonic() + 120
+        while "Deploying new version of Deployment" not in server.log_path.read_text():   # in serve.run
+            assert server.proc.poll() is None and time.monotonic() < deadline, server.log_path.read_text()
+            time.sleep(0.2)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(120) == 130
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "interrupted while starting: stopping" in log and "Traceback" not in log, log
+
+
 def test_outputs_equal_a_single_loraplex_serve(cluster, s3_server, store, tmp_path):   # noqa: F811
     """Base model and adapters resolved from S3 on first request, through the ingress and two
     replicas: the same text as one `loraplex serve` over the same bucket."""

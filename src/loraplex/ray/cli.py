@@ -76,6 +76,9 @@ def start(args: argparse.Namespace) -> None:
         ray.init(address=LOCAL_CLUSTER, include_dashboard=False)
     else:
         ray.init(address=args.ray_address)
+    # SIGTERM as Ctrl-C while the application starts (cmd_serve_ray stops what was started);
+    # set after ray.init, whose own handler aborts the process.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_ray_app(args), name=args.ray_app_name, route_prefix="/")
 
@@ -116,6 +119,10 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
         engine_config_from_args(args)   # a bad flag fails here, before Ray starts
         check_flags(args)
         start(args)
+    except KeyboardInterrupt:
+        logger.warning("interrupted while starting: stopping")
+        stop(args)
+        return 130
     except ConfigError as e:
         logger.error("%s", e)
         stop(args)
