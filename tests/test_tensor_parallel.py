@@ -289,6 +289,8 @@ def test_serve_with_tensor_parallel_size_2(tiny_checkpoint, tmp_path):
         (pid,) = re.search(r"tensor parallelism: 2 ranks \(gloo\), ranks 1-1 in processes \[(\d+)\]", log).groups()
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0
+        # The engine process stopped its ranks and exited by itself (it waited for them, 30 s).
+        assert "did not stop in time" not in server.log_path.read_text(), server.log_path.read_text()
         deadline = time.monotonic() + 15
         while _alive(int(pid)) and time.monotonic() < deadline:
             time.sleep(0.1)

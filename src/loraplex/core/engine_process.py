@@ -109,6 +109,12 @@ def run_engine_process(config: EngineConfig, served_model_names: tuple[str, ...]
         loop.run()
     except (BrokenPipeError, OSError):
         pass                                 # the parent went away while we were sending
+    finally:
+        # Tensor parallelism's other ranks ignore SIGTERM (rank 0 says when they stop), and
+        # this process's exit waits for its children: stop them first.
+        stop_ranks = getattr(core.runner, "shutdown", None)
+        if stop_ranks is not None:
+            stop_ranks()
 
 
 class ProcessHandle:

@@ -12,8 +12,9 @@ then handles rank 0's messages in order until "stop":
 Errors go to rank 0 as ("error", rank, traceback) before the process exits, so the engine
 can say which rank failed and why; the exit closes this rank's connections, which makes rank
 0's collectives fail instead of wait. When rank 0's process is gone the pipe closes and this
-process exits. SIGINT is ignored: Ctrl-C reaches every process of the terminal's group, and
-rank 0 decides what happens.
+process exits. SIGINT and SIGTERM are ignored: Ctrl-C reaches every process of the terminal's
+group (and a service manager's SIGTERM every process of the service) while in-flight
+requests drain; rank 0 decides when this rank stops.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class WorkerSpec:
 
 def run_worker(spec: WorkerSpec, connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s tp-rank{spec.rank} %(levelname)s "
                                                       f"%(name)s: %(message)s")
     logging.getLogger("loraplex.core.lora.adapter").setLevel(logging.ERROR)   # rank 0 warns about adapters
