@@ -51,7 +51,9 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = {"process": [], "thread": ["--disable-frontend-multiprocessing"],
-         "process-sync": ["--no-async-scheduling"]}
+         "process-sync": ["--no-async-scheduling"],
+         # fewer, larger streamed chunks: the API server's CPU per token
+         "interval-4": ["--stream-interval", "4"], "interval-16": ["--stream-interval", "16"]}
 
 
 def bench_args(args, num_prompts=None) -> list[str]:

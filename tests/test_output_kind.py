@@ -1,5 +1,6 @@
 """SamplingParams.output_kind (vLLM's RequestOutputKind): cumulative, delta and final-only outputs
-carry the same generation, and a streaming consumer that falls behind gets the waiting outputs as one."""
+carry the same generation, and a streaming consumer that falls behind gets the waiting outputs as one.
+SamplingParams.stream_interval: outputs every k tokens, the first and the last at once."""
 
 import asyncio
 import time
@@ -78,6 +79,39 @@ def test_delta_outputs_join_to_the_cumulative_ones_and_final_only_is_the_last(to
         assert out.outputs and all(c.text or c.token_ids or c.finish_reason for c in out.outputs)
     if "stop" in params:
         assert cumulative[-1].outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("interval", [2, 5])
+@pytest.mark.parametrize("case", CASES)
+def test_a_stream_interval_hands_out_the_same_generation_every_k_tokens(tokenizer, case, interval):
+    text, params = CASES[case]
+    script = tokenizer.encode(text)
+
+    def engine():
+        return fake_engine(ScriptedRunner(script + [5] * 60, vocab_size=tokenizer.vocab_size,
+                                          eos_token_id=tokenizer.eos_token_id), tokenizer=tokenizer)
+
+    prompt = tokenizer.encode("q: say it")
+    every_token = _outputs(engine(), prompt, params, RequestOutputKind.CUMULATIVE)
+    for kind in (RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE):
+        outs = _outputs(engine(), prompt, {**params, "stream_interval": interval}, kind)
+        final = _joined(outs) if kind == RequestOutputKind.DELTA else _final(outs[-1])
+        assert final == _final(every_token[-1])
+        # The first token at once, then one output per `interval` tokens of a sample, the finish at once.
+        generated = max(len(ids) for _, ids, *_ in final.values())
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert len(outs) == 1 + -(-(generated - 1) // interval), (len(outs), generated)
+        assert len(outs) < len(every_token)
+        if kind == RequestOutputKind.DELTA:
+            assert [len(c.token_ids) for c in outs[0].outputs] == [1] * len(outs[0].outputs)
+            for out in outs[1:-1]:
+                assert max(len(c.token_ids) for c in out.outputs) == interval
+
+
+def test_stream_interval_is_checked():
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(InvalidRequestError, match="stream_interval"):
+            SamplingParams(stream_interval=bad)
 
 
 def test_delta_outputs_of_the_demo_model_with_logprobs_prompt_logprobs_and_two_samples():

@@ -55,7 +55,7 @@ def complete(server, prompt=PROMPT, model=BASE, **extra):
 
 def chat(server, content="hello world", model=BASE, **extra):
     known = {k: extra.pop(k) for k in ("max_tokens", "temperature", "seed", "logprobs", "top_logprobs",
-                                       "response_format", "n") if k in extra}
+                                       "response_format", "n", "stream") if k in extra}
     known.setdefault("max_tokens", 16)
     known.setdefault("temperature", 0)
     return server.client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
@@ -148,6 +148,32 @@ def test_return_token_ids_streaming_and_not(server, tokenizer):
     assert tokenizer.decode(raw(reply.choices[0], "token_ids")) == reply.choices[0].message.content == "hello world"
 
 
+def test_stream_interval_streams_the_same_tokens_in_fewer_chunks(server):
+    """The first token at once, then every k tokens, the last at once; --stream-interval (the
+    server's floor, set here on the running server's state) is raised by a request, never lowered."""
+    def streamed(route="completions", **extra):
+        """The token ids of each streamed chunk that has some."""
+        send = chat if route == "chat" else complete
+        chunks = [raw(c.choices[0], "token_ids") for c in send(server, stream=True, max_tokens=16, ignore_eos=True,
+                                                              return_token_ids=True, **extra) if c.choices]
+        chunks = [c for c in chunks if c]
+        assert sum(map(len, chunks)) == 16
+        return chunks
+
+    every_token = streamed()
+    assert [len(c) for c in every_token] == [1] * 16
+    assert streamed(stream_interval=4) == [sum(every_token[i:j], []) for i, j in
+                                           ((0, 1), (1, 5), (5, 9), (9, 13), (13, 16))]
+    server.state.stream_interval = 8
+    try:
+        assert [len(c) for c in streamed()] == [1, 8, 7]
+        assert [len(c) for c in streamed(stream_interval=4)] == [1, 8, 7]     # the server's floor holds
+        assert [len(c) for c in streamed(stream_interval=16)] == [1, 15]
+        assert [len(c) for c in streamed("chat")] == [1, 8, 7]
+    finally:
+        server.state.stream_interval = 1
+
+
 def test_structured_outputs_every_spelling(server):
     def check_json(text):
         jsonschema.validate(json.loads(text), SCHEMA)
@@ -232,7 +258,7 @@ def _post(server, path, body):
 OFF = {"use_beam_search": True, "length_penalty": 0.5, "watermarking": True, "logprob_token_ids": [1],
        "prompt_embeds": "AAAA", "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1},
        "vllm_xargs": {"a": 1}, "repetition_detection": {"max_pattern_size": 2, "min_count": 2},
-       "thinking_token_budget": 10, "stream_interval": 4, "routed_experts_prompt_start": 3, "suffix": "end",
+       "thinking_token_budget": 10, "routed_experts_prompt_start": 3, "suffix": "end",
        "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
        "functions": [{"name": "f"}], "function_call": "auto", "chat_template": "{{ messages }}",
        "mm_processor_kwargs": {"a": 1}, "media_io_kwargs": {"image": {}}, "priority": 1,
@@ -276,6 +302,7 @@ def test_unknown_fields_are_ignored_and_logged_as_vllm_does(server, caplog):
     ({"response_format": {"type": "structural_tag", "format": {}}}, "response_format", "structural_tag"),
     ({"truncation_side": "middle"}, "truncation_side", ""),
     ({"cache_salt": "a/b"}, None, "cache_salt"),
+    ({"stream_interval": 0}, "stream_interval", "greater than or equal to 1"),
 ])
 def test_bad_values_are_400_naming_the_problem(server, body, param, message):
     r = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **body})

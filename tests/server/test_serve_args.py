@@ -57,6 +57,15 @@ def test_invalid_settings_exit_with_status_2(tmp_path, caplog):
     assert "does not exist" in caplog.text and "is not a model checkpoint" not in caplog.text
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_a_stream_interval_below_1_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "/m", "--stream-interval", value])
+    assert exit_info.value.code == 2
+    assert f"--stream-interval: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "/m", "--stream-interval", "4"]).stream_interval == 4
+
+
 def test_a_broken_static_adapter_stops_the_start_up(tmp_path):
     def make_app():
         backend = ServingBackend(FakeEngine(), served_model_names=["base"], model_path="/m")

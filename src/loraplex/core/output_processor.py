@@ -22,7 +22,10 @@ What an output holds is the request's SamplingParams.output_kind: everything so 
 (CUMULATIVE), only what is new since the request's previous output (DELTA: what the
 server streams, so a step costs the same however long the prompt and output already
 are), or nothing until the request finishes (FINAL_ONLY: what LLM.generate reads; no
-object is built for it before then).
+object is built for it before then). With SamplingParams.stream_interval = k, a streamed
+request's output is built once one of its samples has k tokens that no output has handed
+out yet, and at once for its first token and its finish (vLLM's rule): a server streams
+k times fewer chunks, each costing the same.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class _SeqState:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # What earlier outputs handed out (DELTA): token ids, characters of visible text, and
-    # whether the finish was reported.
+    # What earlier outputs handed out: token ids (any kind: stream_interval counts from it),
+    # and for DELTA the characters of visible text and whether the finish was reported.
     sent_tokens: int = 0
     sent_chars: int = 0
     sent_finish: bool = False
@@ -73,6 +76,7 @@ class _RequestState:
     seqs: list[_SeqState]
     prompt_logprobs: list | None = None       # [None, {token_id: Logprob}, ...] once known
     sent_prompt_logprobs: bool = False
+    sent_any: bool = False                    # an output was handed out (stream_interval)
 
     @property
     def is_finished(self) -> bool:
@@ -134,11 +138,21 @@ class OutputProcessor:
         results = []
         for request_id, state in touched.items():
             finished = state.is_finished
-            if finished or state.output_kind != RequestOutputKind.FINAL_ONLY:
+            if finished or self._due(state):
                 results.append(self._output(state))
             if finished:
                 del self._requests[request_id]
         return results, stopped
+
+    @staticmethod
+    def _due(state: _RequestState) -> bool:
+        """Whether a running request's output is handed out now (not FINAL_ONLY; its first,
+        or stream_interval tokens of one sample since its previous output)."""
+        if state.output_kind == RequestOutputKind.FINAL_ONLY:
+            return False
+        interval = state.request.sampling_params.stream_interval
+        return (interval == 1 or not state.sent_any
+                or any(len(s.token_ids) - s.sent_tokens >= interval for s in state.seqs))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request with "abort" and return its last output (None if unknown)."""
@@ -216,7 +230,10 @@ class OutputProcessor:
 
     def _output(self, state: _RequestState) -> RequestOutput:
         request, params = state.request, state.request.sampling_params
+        state.sent_any = True
         if state.output_kind != RequestOutputKind.DELTA:
+            for seq in state.seqs:
+                seq.sent_tokens = len(seq.token_ids)
             return RequestOutput(
                 request_id=request.request_id, prompt=request.prompt,
                 prompt_token_ids=list(request.prompt_token_ids),

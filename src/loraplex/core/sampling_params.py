@@ -70,7 +70,8 @@ class SamplingParams:
     before it); structured_outputs constrains the output to a JSON schema, regex, choice
     or grammar (StructuredOutputsParams). truncate_prompt_tokens=k keeps the prompt's
     last k tokens (-1: max_model_len). output_kind says what a streamed output holds
-    (RequestOutputKind; LLM.generate always returns final outputs).
+    (RequestOutputKind; LLM.generate always returns final outputs); stream_interval=k hands
+    a streamed request's outputs out every k tokens (the first and the last at once).
     """
 
     n: int = 1
@@ -99,6 +100,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    stream_interval: int = 1
     # Filled from `stop` by __post_init__: always a list.
     stop_strings: list[str] = field(init=False, repr=False)
     # Filled by the InputProcessor, which has the tokenizer: each bad word's token ids (with and
@@ -185,6 +187,8 @@ class SamplingParams:
                 or self.truncate_prompt_tokens < -1):
             raise bad("truncate_prompt_tokens", "an integer >= 1 (keep the prompt's last k tokens), -1 "
                       "(max_model_len) or None")
+        if not _is_int(self.stream_interval) or self.stream_interval < 1:
+            raise bad("stream_interval", "an integer >= 1 (1: an output for every token)")
         if self.truncation_side not in ("left", "right"):
             raise bad("truncation_side", '"left" (keep the last tokens) or "right" (keep the first)')
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",

@@ -44,7 +44,8 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
     return ServerState(backend, metrics=ClusterMetrics(max_adapter_labels=serve_args.max_adapter_metric_labels),
                        api_key=serve_args.api_key,
                        allow_runtime_lora_updating=allow_runtime and serve_args.enable_lora, multimodal=multimodal,
-                       structured_outputs_defaults=dict(getattr(serve_args, "structured_outputs_config", None) or {}))
+                       structured_outputs_defaults=dict(getattr(serve_args, "structured_outputs_config", None) or {}),
+                       stream_interval=getattr(serve_args, "stream_interval", 1))
 
 
 @serve.ingress()

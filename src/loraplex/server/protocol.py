@@ -74,7 +74,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "vllm_xargs": Unsupported((None, {}), "there are no custom sampling extensions"),
     "repetition_detection": Unsupported((None,), "repetition detection is not implemented"),
     "thinking_token_budget": Unsupported((None, -1), "there is no reasoning parser"),
-    "stream_interval": Unsupported((None, 1), "every streamed chunk carries the tokens of one step"),
     "routed_experts_prompt_start": Unsupported((0, None), "no served model is a mixture of experts"),
     "suffix": Unsupported((None, ""), "put the whole text in prompt"),
     # tools with tool_choice "none" are rendered into the chat template (check_unsupported).
@@ -158,6 +157,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    stream_interval: Annotated[int, Field(ge=1)] | None = None     # at least the server's --stream-interval
     logit_bias: dict[str, float] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -195,7 +195,6 @@ class SamplingFields(BaseModel):
     vllm_xargs: Any = None
     repetition_detection: Any = None
     thinking_token_budget: Any = None
-    stream_interval: Any = None
     routed_experts_prompt_start: Any = 0
     priority: Any = 0
     guided_decoding_backend: Any = None

@@ -50,7 +50,7 @@ def _structured_outputs(request: SamplingFields, defaults: dict[str, bool]) -> S
         raise InvalidRequestError(f"structured_outputs: {exc}") from None
 
 
-def _common(request: SamplingFields, defaults: dict[str, bool]) -> dict:
+def _common(request: SamplingFields, defaults: dict[str, bool], stream_interval: int) -> dict:
     kwargs = {"n": request.n if request.n is not None else 1, "ignore_eos": request.ignore_eos,
               "stop": request.stop, "stop_token_ids": request.stop_token_ids, "seed": request.seed,
               "include_stop_str_in_output": request.include_stop_str_in_output,
@@ -62,7 +62,9 @@ def _common(request: SamplingFields, defaults: dict[str, bool]) -> dict:
               "bad_words": request.bad_words, "prompt_logprobs": request.prompt_logprobs,
               "structured_outputs": _structured_outputs(request, defaults),
               # Outputs hold what is new (generation.run_prompt streams them as they come).
-              "output_kind": RequestOutputKind.DELTA}
+              "output_kind": RequestOutputKind.DELTA,
+              # --stream-interval is a floor a request may raise (vLLM's rule).
+              "stream_interval": max(request.stream_interval or 1, stream_interval)}
     for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                  "presence_penalty", "frequency_penalty", "min_tokens"):
         value = getattr(request, name)
@@ -93,10 +95,11 @@ def _max_tokens(requested: int | None, default: int | None, num_prompt_tokens: i
 
 def completion_sampling_params(request: CompletionRequest, num_prompt_tokens: int | None = None,
                                max_model_len: int | None = None,
-                               structured_defaults: dict[str, bool] | None = None) -> SamplingParams:
+                               structured_defaults: dict[str, bool] | None = None,
+                               stream_interval: int = 1) -> SamplingParams:
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise HTTPError(400, "best_of different from n is not supported; drop best_of", param="best_of")
-    kwargs = _common(request, structured_defaults or {})
+    kwargs = _common(request, structured_defaults or {}, stream_interval)
     kwargs["max_tokens"] = _max_tokens(request.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS,
                                        num_prompt_tokens, max_model_len)
     kwargs["logprobs"] = request.logprobs
@@ -106,10 +109,11 @@ def completion_sampling_params(request: CompletionRequest, num_prompt_tokens: in
 
 
 def chat_sampling_params(request: ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int | None,
-                         structured_defaults: dict[str, bool] | None = None) -> SamplingParams:
+                         structured_defaults: dict[str, bool] | None = None,
+                         stream_interval: int = 1) -> SamplingParams:
     if request.top_logprobs is not None and request.top_logprobs > 0 and not request.logprobs:
         raise HTTPError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs")
-    kwargs = _common(request, structured_defaults or {})
+    kwargs = _common(request, structured_defaults or {}, stream_interval)
     requested = request.max_completion_tokens or request.max_tokens
     kwargs["max_tokens"] = _max_tokens(requested, None, num_prompt_tokens, max_model_len)
     if request.logprobs:

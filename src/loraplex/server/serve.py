@@ -27,6 +27,17 @@ DEMO_MAX_LORAS = 4      # --demo's: room for every shipped adapter in one batch
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="path of the base model checkpoint directory (omit with --demo)")
@@ -48,6 +59,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="adapters with their own label in per-adapter metrics; later ones are "
                           "counted as 'other' (default: 32)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--stream-interval", type=positive_int, default=1, metavar="N",
+                     help="stream a request's tokens N at a time (the first and the last at once): "
+                          "fewer, larger chunks cost the server less per token; a request's own "
+                          "stream_interval may only raise it (default: 1)")
     srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                      help="the chat template of /v1/chat/completions and /tokenize, a Jinja file or the template "
                           "itself (default: the tokenizer's, from MODEL's directory)")
@@ -265,7 +280,8 @@ def build_state(args: argparse.Namespace, engine=None):
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
                         multimodal=ServerMultimodal.from_engine(engine, config),
-                        structured_outputs_defaults=dict(args.structured_outputs_config))
+                        structured_outputs_defaults=dict(args.structured_outputs_config),
+                        stream_interval=args.stream_interval)
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 

@@ -24,3 +24,5 @@ class ServerState:
     multimodal: Any = None
     # --structured-outputs-config: options requests do not set themselves (server/sampling.py).
     structured_outputs_defaults: dict = field(default_factory=dict)
+    # --stream-interval: the fewest tokens per streamed chunk (server/sampling.py).
+    stream_interval: int = 1
