@@ -1,6 +1,6 @@
 """Prefix caching: requests share the computed blocks of a common prompt prefix (per adapter and
-version of its weights, and per media for multimodal prompts), and every output is token for token
-what it is without the cache."""
+version of its weights, per media for multimodal prompts, and per cache_salt), and every output is
+token for token what it is without the cache."""
 
 import pytest
 
@@ -197,6 +197,28 @@ def test_multimodal_prompts_share_blocks_only_with_the_same_media(tiny_llava):
     assert cached.llm_engine.runner.mm_encoder.num_items_encoded == 2   # the repeated image: not again
 
 
+def test_a_cache_salt_keeps_requests_from_sharing_blocks_with_other_salts():
+    llm = demo_llm(True)
+    manager = llm.llm_engine.block_manager
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    prompt = SYSTEM + "salted\nOutput: "
+
+    def hits(prompt_or_dict):
+        before = manager.num_prefix_hits
+        out = llm.generate(prompt_or_dict, greedy, use_tqdm=False)[0].outputs[0].token_ids
+        return manager.num_prefix_hits - before, out
+
+    first = hits(prompt)
+    assert first[0] == 0
+    assert hits({"prompt": prompt, "cache_salt": "a"}) == (0, first[1])
+    assert hits({"prompt": prompt, "cache_salt": "b"}) == (0, first[1])
+    reused, out = hits({"prompt": prompt, "cache_salt": "a"})
+    assert reused > 0 and out == first[1]
+    assert hits(prompt)[0] == reused                   # no salt: the unsalted blocks
+    with pytest.raises(Exception, match="cache_salt must be a non-empty string"):
+        llm.generate({"prompt": prompt, "cache_salt": ""}, greedy, use_tqdm=False)
+
+
 def test_the_server_flag_turns_it_on_and_metrics_count_the_hits():
     import httpx
     import openai
@@ -216,6 +238,14 @@ def test_the_server_flag_turns_it_on_and_metrics_count_the_hits():
             answers[flag] = [client.completions.create(model="demo", prompt=prompt, max_tokens=8,
                                                        temperature=0).choices[0].text for _ in range(2)]
             counts = hits_and_queries(server.base_url)
+            # A request with a cache_salt shares blocks only with requests of the same salt.
+            for salt, shares in (("tenant-a", False), ("tenant-a", True), ("tenant-b", False)):
+                answers[flag].append(client.completions.create(model="demo", prompt=prompt, max_tokens=8, temperature=0,
+                                                               extra_body={"cache_salt": salt}).choices[0].text)
+                salted = hits_and_queries(server.base_url)
+                if flag == "--enable-prefix-caching":
+                    assert (salted[0] > counts[0]) == shares, (salt, counts, salted)
+                counts = salted
         if flag == "--enable-prefix-caching":
             assert 0 < counts[0] < counts[1]       # the second request found the first one's blocks
         else:

@@ -96,6 +96,8 @@ class FakeEngine:
             raise EngineDeadError("the engine stopped: RuntimeError('boom'); restart it")
         if prompt == "all slots pinned":
             raise AdapterCapacityError("all 2 device slots hold pinned adapters; unpin one")
+        if isinstance(prompt, dict):                  # {"prompt" | "prompt_token_ids": ..., "cache_salt": ...}
+            prompt = prompt.get("prompt_token_ids") or prompt["prompt"]
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(prompt_ids) + (params.max_tokens or 0) > self.max_model_len:
             raise InvalidRequestError(f"prompt of {len(prompt_ids)} tokens plus max_tokens "

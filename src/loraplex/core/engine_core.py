@@ -199,14 +199,18 @@ class EngineCore:
         self._requests[request.request_id] = seqs
 
     def _cache_salt(self, request: Request):
-        """What besides its tokens decides a request's keys and values: the adapter and the version
-        of its weights (a reload under the same id is another version), and a multimodal prompt's
-        media (its placeholder tokens do not say which image). None without prefix caching."""
+        """What besides its tokens decides which cached blocks a request may use: the adapter and
+        the version of its weights (a reload under the same id is another version), a multimodal
+        prompt's media (its placeholder tokens do not say which image), and the caller's
+        cache_salt (tenants who must not learn of each other's prompts through timing).
+        None without prefix caching."""
         if not self.block_manager.enable_prefix_caching:
             return None
         lora = request.lora_request
         adapter = () if lora is None else (lora.lora_int_id, self.lora_manager.weights_version(lora.lora_int_id))
-        return adapter if request.mm_inputs is None else (*adapter, request.mm_inputs.content_hash)
+        media = () if request.mm_inputs is None else (request.mm_inputs.content_hash,)
+        salt = () if request.cache_salt is None else ("salt", request.cache_salt)
+        return (*adapter, *media, *salt)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Stop requests now and free their blocks (a token in flight for them is dropped)."""

@@ -64,8 +64,9 @@ class InputProcessor:
     def process(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
                 lora_request: LoRARequest | None = None) -> Request:
         """prompt: a string, a list of token ids, or a dict with "prompt" and/or "prompt_token_ids",
-        and "multi_modal_data" ({"image": PIL image(s)} or {"audio": (waveform, rate) pair(s)})
-        for a multimodal model."""
+        "multi_modal_data" ({"image": PIL image(s)} or {"audio": (waveform, rate) pair(s)})
+        for a multimodal model, and "cache_salt" (a string: prefix caching shares computed
+        blocks only between requests with the same salt, as in vLLM)."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -88,18 +89,22 @@ class InputProcessor:
             raise InvalidRequestError("multi_modal_data was given, but this model takes text only; serve a "
                                       "multimodal checkpoint (docs/multimodal.md) or drop it")
         self._check_fits(len(token_ids), params)
-        return Request(request_id, text, token_ids, params, lora_request, mm_inputs=mm_inputs)
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
+        return Request(request_id, text, token_ids, params, lora_request, mm_inputs=mm_inputs,
+                       cache_salt=cache_salt)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         text, token_ids = None, None
         if isinstance(prompt, str):
             text = prompt
         elif isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "cache_salt"}
             if unknown or not set(prompt) & {"prompt", "prompt_token_ids"}:
                 raise InvalidRequestError(
-                    f"a prompt dict takes the keys 'prompt' and/or 'prompt_token_ids' (and 'multi_modal_data'), "
-                    f"got {sorted(prompt)}")
+                    f"a prompt dict takes the keys 'prompt' and/or 'prompt_token_ids' (and 'multi_modal_data', "
+                    f"'cache_salt'), got {sorted(prompt)}")
             text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
             if text is not None and not isinstance(text, str):
                 raise InvalidRequestError(f"'prompt' must be a string, got {type(text).__name__}")

@@ -17,3 +17,4 @@ class Request:
     sampling_params: SamplingParams
     lora_request: LoRARequest | None = None
     mm_inputs: MultimodalInputs | None = None      # images / audio of a multimodal prompt
+    cache_salt: str | None = None                  # prefix caching shares blocks only within a salt

@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from loraplex.server.disconnect import unless_disconnected
 from loraplex.server.errors import HTTPError, exception_to_body
-from loraplex.server.generation import PromptRun, run_prompt, start_stream
+from loraplex.server.generation import PromptRun, run_prompt, start_stream, with_cache_salt
 from loraplex.server.protocol import ChatCompletionRequest, check_unsupported, unknown_fields
 from loraplex.server.responses import (
     DONE_EVENT, TokenText, chat_logprobs, new_id, now, prompt_logprobs_body, request_id_for, sse, usage)
@@ -88,6 +88,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
         prompt = {"prompt_token_ids": prompt_ids, "multi_modal_data": mm_data}
         if lora_request is None:   # no adapter named: the default one of the prompt's modality, if any
             lora_request = await state.multimodal.default_lora(backend, mm_data.keys())
+    prompt = with_cache_salt(prompt, request.cache_salt)
     params = chat_sampling_params(request, num_prompt_tokens, backend.max_model_len,
                                   structured_defaults=state.structured_outputs_defaults,
                                   stream_interval=state.stream_interval)

@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from loraplex.server.disconnect import unless_disconnected
 from loraplex.server.errors import HTTPError, exception_to_body
-from loraplex.server.generation import PromptRun, merge, run_prompt, start_stream
+from loraplex.server.generation import PromptRun, merge, run_prompt, start_stream, with_cache_salt
 from loraplex.server.protocol import CompletionRequest, check_unsupported, unknown_fields
 from loraplex.server.responses import (
     DONE_EVENT, CompletionLogprobs, TokenText, new_id, now, prompt_logprobs_body, request_id_for, sse, usage)
@@ -56,7 +56,8 @@ async def create_completion(request: CompletionRequest, raw: Request, state: Ser
     n = request.n or 1
     # Engine ids of their own: a request_id a client reuses must not clash in the engine.
     runs = [PromptRun(i, new_id(f"{request_id}-{i}")) for i in range(len(prompts))]
-    streams = [run_prompt(backend, run, engine_prompt(prompt, backend.tokenizer, request.add_special_tokens),
+    streams = [run_prompt(backend, run, with_cache_salt(engine_prompt(prompt, backend.tokenizer,
+                                                                      request.add_special_tokens), request.cache_salt),
                           params, lora_request, n)
                for run, prompt in zip(runs, prompts)]
     ctx = _Context(request, state, model_name, request_id, runs, prompts)

@@ -46,6 +46,16 @@ class PromptRun:
     finish_reasons: list[str] = field(default_factory=list)
 
 
+def with_cache_salt(prompt, cache_salt: str | None):
+    """The engine prompt carrying the request's cache_salt: prefix caching shares computed
+    blocks only between requests of the same salt (vLLM's field)."""
+    if cache_salt is None:
+        return prompt
+    if isinstance(prompt, dict):
+        return {**prompt, "cache_salt": cache_salt}
+    return {"prompt" if isinstance(prompt, str) else "prompt_token_ids": prompt, "cache_salt": cache_salt}
+
+
 async def run_prompt(backend: Any, run: PromptRun, prompt: str | list[int], sampling_params: Any,
                      lora_request: LoRARequest | None, n: int) -> AsyncIterator[ChoiceDelta]:
     """Stream the deltas of one engine request; abort it if the consumer stops early."""

@@ -97,7 +97,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
 # Fields loraplex accepts whose effect cannot arise here, and why (docs/server.md lists them).
 ACCEPTED_WITHOUT_EFFECT: dict[str, str] = {
     "user": "vLLM ignores it too",
-    "cache_salt": "there is no prefix cache whose entries another request could reuse",
     "session_id": "there is no session-aware routing or KV transfer to key on it",
     "return_token_offsets": "vLLM honours it only on its /render endpoints",
     "return_mm_kwargs": "vLLM honours it only on its /render endpoints",
@@ -178,9 +177,10 @@ class SamplingFields(BaseModel):
     request_id: NonEmptyStr | None = None
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
+    # prefix caching shares blocks only between requests of the same salt
+    cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     # Accepted without effect (ACCEPTED_WITHOUT_EFFECT).
     user: str | None = None
-    cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     session_id: str | None = None
     return_token_offsets: bool | None = False
     return_mm_kwargs: bool = True
