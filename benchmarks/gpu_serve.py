@@ -340,6 +340,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
     parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
                         help="sample the server and engine processes with py-spy during the first serve run")
+    parser.add_argument("--server-flags", default="", metavar="FLAGS",
+                        help="more `loraplex serve` flags for the serve/burst/cold server, e.g. '--stream-interval 4'")
     parser.add_argument("--offline-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.offline_worker:
@@ -381,7 +383,8 @@ def main() -> None:
         wanted = {"serve"} | ({"burst", "cold"} if concurrency == args.concurrency[0] else set())
         if not wanted & set(args.only):
             continue
-        server = Server(args, model, adapters, resolver_dir, concurrency, tmp / f"server-{concurrency}.log")
+        server = Server(args, model, adapters, resolver_dir, concurrency, tmp / f"server-{concurrency}.log",
+                        tuple(args.server_flags.split()))
         try:
             if "serve" in args.only:
                 runs = serve_section(args, server, tmp, adapters, concurrency, num_prompts)
