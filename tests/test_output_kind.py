@@ -58,8 +58,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_delta_outputs_join_to_the_cumulative_ones_and_final_only_is_the_last(tokenizer, case):
+def _case(tokenizer, case):
+    """(params, a fresh engine that generates the case's text, the prompt) of one of CASES."""
     text, params = CASES[case]
     script = tokenizer.encode(text)
 
@@ -67,7 +67,12 @@ def test_delta_outputs_join_to_the_cumulative_ones_and_final_only_is_the_last(to
         return fake_engine(ScriptedRunner(script + [5] * 60, vocab_size=tokenizer.vocab_size,
                                           eos_token_id=tokenizer.eos_token_id), tokenizer=tokenizer)
 
-    prompt = tokenizer.encode("q: say it")
+    return params, engine, tokenizer.encode("q: say it")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_delta_outputs_join_to_the_cumulative_ones_and_final_only_is_the_last(tokenizer, case):
+    params, engine, prompt = _case(tokenizer, case)
     cumulative = _outputs(engine(), prompt, params, RequestOutputKind.CUMULATIVE)
     delta = _outputs(engine(), prompt, params, RequestOutputKind.DELTA)
     final = _outputs(engine(), prompt, params, RequestOutputKind.FINAL_ONLY)
@@ -84,14 +89,7 @@ def test_delta_outputs_join_to_the_cumulative_ones_and_final_only_is_the_last(to
 @pytest.mark.parametrize("interval", [2, 5])
 @pytest.mark.parametrize("case", CASES)
 def test_a_stream_interval_hands_out_the_same_generation_every_k_tokens(tokenizer, case, interval):
-    text, params = CASES[case]
-    script = tokenizer.encode(text)
-
-    def engine():
-        return fake_engine(ScriptedRunner(script + [5] * 60, vocab_size=tokenizer.vocab_size,
-                                          eos_token_id=tokenizer.eos_token_id), tokenizer=tokenizer)
-
-    prompt = tokenizer.encode("q: say it")
+    params, engine, prompt = _case(tokenizer, case)
     every_token = _outputs(engine(), prompt, params, RequestOutputKind.CUMULATIVE)
     for kind in (RequestOutputKind.DELTA, RequestOutputKind.CUMULATIVE):
         outs = _outputs(engine(), prompt, {**params, "stream_interval": interval}, kind)
