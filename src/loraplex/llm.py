@@ -13,6 +13,7 @@ import itertools
 from tqdm.auto import tqdm
 
 from loraplex.core.config import EngineConfig
+from loraplex.core.generation_defaults import generation_defaults
 from loraplex.core.llm_engine import LLMEngine
 from loraplex.core.multimodal.chat import content_format, parse_chat_messages
 from loraplex.core.multimodal.default_loras import DefaultLoRAs, resolve_default_adapter
@@ -64,6 +65,8 @@ class LLM:
                               tensor_parallel_size=tensor_parallel_size, enable_lora=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
                               max_cpu_loras=max_cpu_loras, **kwargs)
         self.llm_engine = LLMEngine(config)
+        self._sampling_defaults = generation_defaults(config.model, config.generation_config,
+                                                      config.override_generation_config)
         self._request_ids = itertools.count()
         self._media = MediaLoader.from_config(config)
         self._default_loras = DefaultLoRAs()
@@ -72,6 +75,12 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer | None:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() and chat() use when given no SamplingParams: the sampling parameters
+        the model's generation_config.json recommends (generation_config="vllm": none), with
+        override_generation_config on top."""
+        return SamplingParams(**self._sampling_defaults)
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request: LoRARequest | list[LoRARequest] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -79,12 +88,14 @@ class LLM:
 
         prompts: a string, a list of token ids, a {"prompt": ...} / {"prompt_token_ids": [...]}
         dict, or a list of those. sampling_params and lora_request: one for all prompts,
-        or a list with one per prompt.
+        or a list with one per prompt; no sampling_params: get_default_sampling_params().
         """
         if isinstance(prompts, (str, dict)) or _is_token_ids(prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise InvalidRequestError("prompts must be a prompt or a non-empty list of prompts")
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _per_prompt(sampling_params, len(prompts), "sampling_params")
         loras = _per_prompt(lora_request, len(prompts), "lora_request")
         return self._run(list(zip(prompts, params, loras)), use_tqdm)

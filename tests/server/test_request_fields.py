@@ -164,14 +164,14 @@ def test_stream_interval_streams_the_same_tokens_in_fewer_chunks(server):
     assert [len(c) for c in every_token] == [1] * 16
     assert streamed(stream_interval=4) == [sum(every_token[i:j], []) for i, j in
                                            ((0, 1), (1, 5), (5, 9), (9, 13), (13, 16))]
-    server.state.stream_interval = 8
+    server.state.request_defaults.stream_interval = 8
     try:
         assert [len(c) for c in streamed()] == [1, 8, 7]
         assert [len(c) for c in streamed(stream_interval=4)] == [1, 8, 7]     # the server's floor holds
         assert [len(c) for c in streamed(stream_interval=16)] == [1, 15]
         assert [len(c) for c in streamed("chat")] == [1, 8, 7]
     finally:
-        server.state.stream_interval = 1
+        server.state.request_defaults.stream_interval = 1
 
 
 def test_structured_outputs_every_spelling(server):

@@ -28,6 +28,10 @@ class EngineConfig:
     async_scheduling: bool = True
     # Share the cached keys and values of prompt prefixes between requests (block_manager.py).
     enable_prefix_caching: bool = False
+    # Default sampling parameters (core/generation_defaults.py): "auto" the model's
+    # generation_config.json, "vllm" none, or a directory holding one; then these on top.
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
     # Tensor parallelism (issue 18): ranks (GPUs, or CPU processes) the model is split over,
     # and how long a collective may wait for a peer before the engine stops with an error.
     tensor_parallel_size: int = 1
@@ -55,6 +59,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ConfigError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
+        if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):
+            raise ConfigError(f"override_generation_config must be a dict like {{\"temperature\": 0.5}}, "
+                              f"got {self.override_generation_config!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         if self.load_format not in ("auto", "dummy"):

@@ -19,7 +19,8 @@ from loraplex.server.app import build_app
 from loraplex.server.lora_modules import parse_lora_module
 from loraplex.server.multimodal import ServerMultimodal
 from loraplex.server.serve import (
-    RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args, read_chat_template)
+    RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args, read_chat_template,
+    request_defaults_from_args)
 from loraplex.server.state import ServerState
 
 
@@ -30,7 +31,8 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
     tokenizer = load_tokenizer(serve_args.model)
     if getattr(serve_args, "chat_template", None) is not None:
         tokenizer.chat_template = read_chat_template(serve_args.chat_template)
-    multimodal = ServerMultimodal.for_ray_ingress(engine_config_from_args(serve_args), tokenizer)
+    config = engine_config_from_args(serve_args)
+    multimodal = ServerMultimodal.for_ray_ingress(config, tokenizer)
     backend = RayBackend(
         replicas, directory, tokenizer=tokenizer,
         served_model_names=serve_args.served_model_name or [serve_args.model], model_path=serve_args.model,
@@ -44,8 +46,7 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
     return ServerState(backend, metrics=ClusterMetrics(max_adapter_labels=serve_args.max_adapter_metric_labels),
                        api_key=serve_args.api_key,
                        allow_runtime_lora_updating=allow_runtime and serve_args.enable_lora, multimodal=multimodal,
-                       structured_outputs_defaults=dict(getattr(serve_args, "structured_outputs_config", None) or {}),
-                       stream_interval=getattr(serve_args, "stream_interval", 1))
+                       request_defaults=request_defaults_from_args(serve_args, config))
 
 
 @serve.ingress()

@@ -90,8 +90,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
             lora_request = await state.multimodal.default_lora(backend, mm_data.keys())
     prompt = with_cache_salt(prompt, request.cache_salt)
     params = chat_sampling_params(request, num_prompt_tokens, backend.max_model_len,
-                                  structured_defaults=state.structured_outputs_defaults,
-                                  stream_interval=state.stream_interval)
+                                  defaults=state.request_defaults)
     response_id = request_id_for("chatcmpl", request, raw)
     run = PromptRun(0, new_id(response_id))   # an engine id of its own: a reused request_id must not clash
     deltas = run_prompt(backend, run, prompt, params, lora_request, request.n or 1)

@@ -50,8 +50,7 @@ async def create_completion(request: CompletionRequest, raw: Request, state: Ser
     lora_request = await backend.lora_request_for(request.model)
     model_name = backend.response_model_name(request.model, lora_request)
     prompts = normalize_prompts(request.prompt)
-    params = completion_sampling_params(request, structured_defaults=state.structured_outputs_defaults,
-                                        stream_interval=state.stream_interval)
+    params = completion_sampling_params(request, defaults=state.request_defaults)
     request_id = request_id_for("cmpl", request, raw)
     n = request.n or 1
     # Engine ids of their own: a request_id a client reuses must not clash in the engine.

@@ -5,10 +5,16 @@ vLLM merges them: `structured_outputs` (vLLM's own), `response_format` json_obje
 json_schema (OpenAI's; it replaces structured_outputs' constraint), and the `guided_*` fields
 of vLLM before 0.12. Options a request does not set come from the server's
 --structured-outputs-config.
+
+What a request leaves unset comes from the server's flags (RequestDefaults): the model's
+recommended sampling parameters (--generation-config, core/generation_defaults.py; its
+max_tokens caps a request's), the structured-outputs options, and the fewest tokens per
+streamed chunk (--stream-interval).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.core.sampling_params import RequestOutputKind, SamplingParams
@@ -18,6 +24,16 @@ from loraplex.server.errors import HTTPError
 from loraplex.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+# The sampling fields a request may leave to the model's generation config.
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass
+class RequestDefaults:
+    """What requests get for the fields they leave unset, from the server's flags."""
+    sampling: dict = field(default_factory=dict)            # --generation-config: temperature ..., max_tokens (a cap)
+    structured_outputs: dict = field(default_factory=dict)  # --structured-outputs-config
+    stream_interval: int = 1                                # --stream-interval: a floor
 
 def _structured_outputs(request: SamplingFields, defaults: dict[str, bool]) -> StructuredOutputsParams | None:
     spec: dict[str, Any] = dict(request.structured_outputs or {})
@@ -50,7 +66,7 @@ def _structured_outputs(request: SamplingFields, defaults: dict[str, bool]) -> S
         raise InvalidRequestError(f"structured_outputs: {exc}") from None
 
 
-def _common(request: SamplingFields, defaults: dict[str, bool], stream_interval: int) -> dict:
+def _common(request: SamplingFields, defaults: RequestDefaults) -> dict:
     kwargs = {"n": request.n if request.n is not None else 1, "ignore_eos": request.ignore_eos,
               "stop": request.stop, "stop_token_ids": request.stop_token_ids, "seed": request.seed,
               "include_stop_str_in_output": request.include_stop_str_in_output,
@@ -60,23 +76,30 @@ def _common(request: SamplingFields, defaults: dict[str, bool], stream_interval:
               "truncation_side": request.truncation_side or "left",
               "logit_bias": request.logit_bias, "allowed_token_ids": request.allowed_token_ids,
               "bad_words": request.bad_words, "prompt_logprobs": request.prompt_logprobs,
-              "structured_outputs": _structured_outputs(request, defaults),
+              "structured_outputs": _structured_outputs(request, defaults.structured_outputs),
               # Outputs hold what is new (generation.run_prompt streams them as they come).
               "output_kind": RequestOutputKind.DELTA,
               # --stream-interval is a floor a request may raise (vLLM's rule).
-              "stream_interval": max(request.stream_interval or 1, stream_interval)}
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty",
-                 "presence_penalty", "frequency_penalty", "min_tokens"):
+              "stream_interval": max(request.stream_interval or 1, defaults.stream_interval)}
+    for name in (*_GENERATION_DEFAULTS, "presence_penalty", "frequency_penalty", "min_tokens"):
         value = getattr(request, name)
+        if value is None:
+            value = defaults.sampling.get(name)
         if value is not None:
             kwargs[name] = value
-    if request.top_k is not None:
-        kwargs["top_k"] = request.top_k
     return kwargs
 
 
 def _max_tokens(requested: int | None, default: int | None, num_prompt_tokens: int | None,
-                max_model_len: int | None) -> int | None:
+                max_model_len: int | None, cap: int | None) -> int | None:
+    """The request's max_tokens: what it asks for, else `default`, else the room left; never
+    above `cap` (the model's recommended max_new_tokens, as vLLM caps it)."""
+    value = _max_tokens_uncapped(requested, default, num_prompt_tokens, max_model_len)
+    return value if cap is None or (value is not None and value <= cap) else cap
+
+
+def _max_tokens_uncapped(requested: int | None, default: int | None, num_prompt_tokens: int | None,
+                         max_model_len: int | None) -> int | None:
     if num_prompt_tokens is not None and max_model_len is not None:
         room = max_model_len - num_prompt_tokens
         if room < 1:
@@ -95,13 +118,13 @@ def _max_tokens(requested: int | None, default: int | None, num_prompt_tokens: i
 
 def completion_sampling_params(request: CompletionRequest, num_prompt_tokens: int | None = None,
                                max_model_len: int | None = None,
-                               structured_defaults: dict[str, bool] | None = None,
-                               stream_interval: int = 1) -> SamplingParams:
+                               defaults: RequestDefaults | None = None) -> SamplingParams:
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise HTTPError(400, "best_of different from n is not supported; drop best_of", param="best_of")
-    kwargs = _common(request, structured_defaults or {}, stream_interval)
+    defaults = defaults or RequestDefaults()
+    kwargs = _common(request, defaults)
     kwargs["max_tokens"] = _max_tokens(request.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS,
-                                       num_prompt_tokens, max_model_len)
+                                       num_prompt_tokens, max_model_len, defaults.sampling.get("max_tokens"))
     kwargs["logprobs"] = request.logprobs
     if request.echo and request.prompt_logprobs is None:
         kwargs["prompt_logprobs"] = request.logprobs     # vLLM's echo: the prompt's logprobs come first
@@ -109,13 +132,14 @@ def completion_sampling_params(request: CompletionRequest, num_prompt_tokens: in
 
 
 def chat_sampling_params(request: ChatCompletionRequest, num_prompt_tokens: int, max_model_len: int | None,
-                         structured_defaults: dict[str, bool] | None = None,
-                         stream_interval: int = 1) -> SamplingParams:
+                         defaults: RequestDefaults | None = None) -> SamplingParams:
     if request.top_logprobs is not None and request.top_logprobs > 0 and not request.logprobs:
         raise HTTPError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs")
-    kwargs = _common(request, structured_defaults or {}, stream_interval)
+    defaults = defaults or RequestDefaults()
+    kwargs = _common(request, defaults)
     requested = request.max_completion_tokens or request.max_tokens
-    kwargs["max_tokens"] = _max_tokens(requested, None, num_prompt_tokens, max_model_len)
+    kwargs["max_tokens"] = _max_tokens(requested, None, num_prompt_tokens, max_model_len,
+                                       defaults.sampling.get("max_tokens"))
     if request.logprobs:
         kwargs["logprobs"] = request.top_logprobs or 0
     return SamplingParams(**kwargs)

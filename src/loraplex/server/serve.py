@@ -87,6 +87,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                      help="share the computed keys and values of prompt prefixes between requests "
                           "(default: off; the outputs are the same)")
+    eng.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                     help="default sampling parameters of requests that leave them unset: 'auto' those the "
+                          "model's generation_config.json recommends (temperature, top_p, top_k, min_p, "
+                          "repetition_penalty; max_new_tokens caps max_tokens), 'vllm' none, or a directory "
+                          "holding a generation_config.json (default: auto, as vLLM)")
+    eng.add_argument("--override-generation-config", type=_json_object("--override-generation-config", '{"temperature": 0.5}'),
+                     default=None, metavar="JSON",
+                     help="default sampling parameters on top of --generation-config's, e.g. "
+                          "'{\"temperature\": 0.5}'")
     eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="overlap the host's work on one step with the device's on the next "
                           "(default: on; --no-async-scheduling runs them in lock step)")
@@ -155,14 +164,15 @@ def structured_outputs_config(text: str) -> dict[str, bool]:
     return value
 
 
-def _json_object(flag: str):
+def _json_object(flag: str, example: str = '{"image": 2}'):
+    """argparse type: a JSON object (a flag's value)."""
     def parse(text: str) -> dict:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
             raise argparse.ArgumentTypeError(f"{flag} must be a JSON object ({e})") from None
         if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object like '{{\"image\": 2}}'")
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object like '{example}'")
         return value
     return parse
 
@@ -196,6 +206,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         load_format=args.load_format, async_scheduling=args.async_scheduling,
         enable_prefix_caching=args.enable_prefix_caching,
+        generation_config=args.generation_config, override_generation_config=args.override_generation_config,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank,
         max_loras=DEFAULT_MAX_LORAS if args.max_loras is None else args.max_loras,
@@ -205,6 +216,17 @@ def engine_config_from_args(args: argparse.Namespace):
         limit_mm_per_prompt=args.limit_mm_per_prompt, default_mm_loras=args.default_mm_loras,
         allow_remote_media=args.allow_remote_media, allowed_media_domains=args.allowed_media_domains,
         media_fetch_timeout=args.media_fetch_timeout, max_media_bytes=args.max_media_bytes)
+
+
+def request_defaults_from_args(args: argparse.Namespace, config):
+    """What requests leave unset, from the flags (the model's generation config read once)."""
+    from loraplex.core.generation_defaults import generation_defaults
+    from loraplex.server.sampling import RequestDefaults
+
+    return RequestDefaults(
+        sampling=generation_defaults(config.model, config.generation_config, config.override_generation_config),
+        structured_outputs=dict(getattr(args, "structured_outputs_config", None) or {}),
+        stream_interval=getattr(args, "stream_interval", 1))
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -280,8 +302,7 @@ def build_state(args: argparse.Namespace, engine=None):
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
                         multimodal=ServerMultimodal.from_engine(engine, config),
-                        structured_outputs_defaults=dict(args.structured_outputs_config),
-                        stream_interval=args.stream_interval)
+                        request_defaults=request_defaults_from_args(args, config))
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from loraplex.server.backend import ServingBackend
 from loraplex.server.metrics import ServerMetrics
+from loraplex.server.sampling import RequestDefaults
 
 
 @dataclass
@@ -22,7 +23,6 @@ class ServerState:
     # Image/audio content parts and default LoRAs per modality (server/multimodal.py); None in
     # tests that build a state by hand.
     multimodal: Any = None
-    # --structured-outputs-config: options requests do not set themselves (server/sampling.py).
-    structured_outputs_defaults: dict = field(default_factory=dict)
-    # --stream-interval: the fewest tokens per streamed chunk (server/sampling.py).
-    stream_interval: int = 1
+    # What requests leave unset: --generation-config, --structured-outputs-config,
+    # --stream-interval (server/sampling.py).
+    request_defaults: RequestDefaults = field(default_factory=RequestDefaults)
