@@ -133,6 +133,19 @@ def test_bad_values_are_refused(kwargs, message):
         SamplingParams(**kwargs)
 
 
+def test_max_logprobs_raises_the_limit_up_to_the_whole_vocabulary():
+    from loraplex import LLM
+    from loraplex.demo import demo_model_path
+
+    llm = LLM(str(demo_model_path()), device="cpu", max_logprobs=-1)
+    vocab = llm.llm_engine.vocab_size
+    out = one(llm, max_tokens=2, logprobs=vocab, prompt_logprobs=30)
+    assert all(len(entry) >= vocab for entry in out.outputs[0].logprobs)
+    assert all(len(entry) >= 30 for entry in out.prompt_logprobs[1:])
+    with pytest.raises(InvalidRequestError, match="greater than max allowed: 3"):
+        one(LLM(str(demo_model_path()), device="cpu", max_logprobs=3), logprobs=4)
+
+
 def test_vllm_limits(llm, monkeypatch):
     assert SamplingParams(temperature=0.001).temperature == 0.01      # raised as vLLM does
     assert SamplingParams(temperature=2.0).temperature == 2.0
@@ -146,6 +159,8 @@ def test_vllm_limits(llm, monkeypatch):
                                                                          "allowed_token_ids")):
         with pytest.raises(InvalidRequestError, match=f"{name} holds out-of-vocabulary token ids \\[{vocab}\\]"):
             one(llm, **kwargs)
-    with pytest.raises(InvalidRequestError, match="greater than max allowed: 20"):
+    with pytest.raises(InvalidRequestError, match="Requested prompt logprobs of 21, which is greater than max allowed: 20"):
         one(llm, prompt_logprobs=21)
+    with pytest.raises(InvalidRequestError, match="Requested sample logprobs of 21, which is greater than max allowed: 20"):
+        one(llm, logprobs=21)
     assert math.isclose(SamplingParams(temperature=1.5).temperature, 1.5)

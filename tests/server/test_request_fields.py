@@ -149,29 +149,43 @@ def test_return_token_ids_streaming_and_not(server, tokenizer):
 
 
 def test_stream_interval_streams_the_same_tokens_in_fewer_chunks(server):
-    """The first token at once, then every k tokens, the last at once; --stream-interval (the
-    server's floor, set here on the running server's state) is raised by a request, never lowered."""
+    """The first token at once, then every k tokens, the last with the finish. (A stream that
+    falls behind gets the waiting chunks joined, server.md: a chunk after the first then holds
+    a multiple of k.)"""
     def streamed(route="completions", **extra):
         """The token ids of each streamed chunk that has some."""
         send = chat if route == "chat" else complete
         chunks = [raw(c.choices[0], "token_ids") for c in send(server, stream=True, max_tokens=16, ignore_eos=True,
                                                               return_token_ids=True, **extra) if c.choices]
-        chunks = [c for c in chunks if c]
-        assert sum(map(len, chunks)) == 16
-        return chunks
+        return [c for c in chunks if c]
 
-    every_token = streamed()
-    assert [len(c) for c in every_token] == [1] * 16
-    assert streamed(stream_interval=4) == [sum(every_token[i:j], []) for i, j in
-                                           ((0, 1), (1, 5), (5, 9), (9, 13), (13, 16))]
-    server.state.request_defaults.stream_interval = 8
+    def check(chunks, k):
+        assert sum(chunks, []) == every_token, chunks
+        assert len(chunks[0]) == 1 and all(len(c) % k == 0 for c in chunks[1:-1]), chunks
+        assert len(chunks) <= 2 + (16 - 2) // k, chunks
+
+    every_token = sum(streamed(), [])
+    assert len(every_token) == 16
+    check(streamed(stream_interval=4), 4)
+    server.state.request_defaults.stream_interval = 8     # --stream-interval 8
     try:
-        assert [len(c) for c in streamed()] == [1, 8, 7]
-        assert [len(c) for c in streamed(stream_interval=4)] == [1, 8, 7]     # the server's floor holds
-        assert [len(c) for c in streamed(stream_interval=16)] == [1, 15]
-        assert [len(c) for c in streamed("chat")] == [1, 8, 7]
+        check(streamed(), 8)
+        check(streamed(stream_interval=4), 8)              # the server's floor holds
+        check(streamed(stream_interval=16), 16)
+        check(streamed("chat", stream_interval=4), 8)
     finally:
         server.state.request_defaults.stream_interval = 1
+
+
+def test_the_servers_stream_interval_is_a_floor_a_request_may_raise():
+    from loraplex.server.protocol import CompletionRequest
+    from loraplex.server.sampling import RequestDefaults, completion_sampling_params
+
+    def interval(asked, floor):
+        request = CompletionRequest(model="m", prompt="x", stream_interval=asked)
+        return completion_sampling_params(request, defaults=RequestDefaults(stream_interval=floor)).stream_interval
+
+    assert [interval(None, 1), interval(4, 1), interval(None, 8), interval(4, 8), interval(16, 8)] == [1, 4, 8, 8, 16]
 
 
 def test_structured_outputs_every_spelling(server):
@@ -303,6 +317,8 @@ def test_unknown_fields_are_ignored_and_logged_as_vllm_does(server, caplog):
     ({"truncation_side": "middle"}, "truncation_side", ""),
     ({"cache_salt": "a/b"}, None, "cache_salt"),
     ({"stream_interval": 0}, "stream_interval", "greater than or equal to 1"),
+    ({"logprobs": 21}, None, "Requested sample logprobs of 21, which is greater than max allowed: 20"),
+    ({"prompt_logprobs": 21}, None, "Requested prompt logprobs of 21"),
 ])
 def test_bad_values_are_400_naming_the_problem(server, body, param, message):
     r = _post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **body})

@@ -38,12 +38,14 @@ def test_flags_reach_the_engine_config():
     args = build_parser().parse_args(
         ["serve", "/m", "--enable-lora", "--max-loras", "8", "--max-lora-rank", "64", "--max-cpu-loras", "32",
          "--dtype", "bfloat16", "--max-model-len", "512", "--gpu-memory-utilization", "0.5",
-         "--max-num-seqs", "7", "--seed", "3", "--allow-pickle-lora-weights", "--port", "9000"])
+         "--max-num-seqs", "7", "--seed", "3", "--allow-pickle-lora-weights", "--port", "9000",
+         "--max-logprobs", "-1", "--generation-config", "vllm", "--override-generation-config", '{"top_k": 5}'])
     config = engine_config_from_args(args)
     assert (config.max_loras, config.max_lora_rank, config.max_cpu_loras) == (8, 64, 32)
     assert (config.dtype, config.max_model_len, config.gpu_memory_utilization) == ("bfloat16", 512, 0.5)
     assert (config.max_num_seqs, config.seed, config.allow_pickle_lora_weights) == (7, 3, True)
     assert args.port == 9000
+    assert (config.max_logprobs, config.generation_config, config.override_generation_config) == (-1, "vllm", {"top_k": 5})
 
 
 def test_invalid_settings_exit_with_status_2(tmp_path, caplog):

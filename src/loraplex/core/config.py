@@ -32,6 +32,9 @@ class EngineConfig:
     # generation_config.json, "vllm" none, or a directory holding one; then these on top.
     generation_config: str = "auto"
     override_generation_config: dict | None = None
+    # The most top tokens per position a request's logprobs / prompt_logprobs may ask for
+    # (vLLM's default 20; -1: the whole vocabulary).
+    max_logprobs: int = 20
     # Tensor parallelism (issue 18): ranks (GPUs, or CPU processes) the model is split over,
     # and how long a collective may wait for a peer before the engine stops with an error.
     tensor_parallel_size: int = 1
@@ -59,6 +62,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ConfigError(f"max_logprobs must be an integer >= 0, or -1 for the whole vocabulary, "
+                              f"got {self.max_logprobs!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise ConfigError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
         if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):

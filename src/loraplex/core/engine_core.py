@@ -161,7 +161,8 @@ class EngineCore:
     def limits(self) -> EngineLimits:
         return EngineLimits(model=self.config.model, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                             block_size=self.block_manager.block_size, num_kv_blocks=self.block_manager.num_blocks,
-                            enable_lora=self.config.enable_lora)
+                            enable_lora=self.config.enable_lora,
+                            max_logprobs=self.vocab_size if self.config.max_logprobs == -1 else self.config.max_logprobs)
 
     # ---- requests ------------------------------------------------------------------------
 

@@ -23,9 +23,6 @@ from loraplex.core.request import Request
 from loraplex.core.sampling_params import SamplingParams
 from loraplex.core.structured_output import compile_grammar
 from loraplex.errors import InvalidRequestError
-
-# vLLM's default max_logprobs: the most top tokens per position a request may ask for.
-MAX_LOGPROBS = 20
 from loraplex.lora_request import LoRARequest
 
 
@@ -38,6 +35,7 @@ class EngineLimits:
     block_size: int
     num_kv_blocks: int
     enable_lora: bool
+    max_logprobs: int = 20      # the most top tokens per position a request may ask for
 
 
 def multimodal_processor(config, model_config, max_model_len: int, tokenizer=None):
@@ -137,9 +135,11 @@ class InputProcessor:
     def _prepare_params(self, params: SamplingParams) -> None:
         """Check the parameters against the vocabulary, tokenize bad words, compile the grammar."""
         vocab_size = self.limits.vocab_size
-        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
-            raise InvalidRequestError(f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater "
-                                      f"than max allowed: {MAX_LOGPROBS}")
+        for name, what in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+            value = getattr(params, name)
+            if value is not None and value > self.limits.max_logprobs:   # vLLM's words
+                raise InvalidRequestError(f"Requested {what} logprobs of {value}, which is greater than max "
+                                          f"allowed: {self.limits.max_logprobs} (the server's --max-logprobs)")
         for name in ("logit_bias", "allowed_token_ids"):
             ids = getattr(params, name) or ()
             outside = sorted(t for t in ids if t >= vocab_size)

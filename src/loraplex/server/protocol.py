@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 logger = logging.getLogger(__name__)
 
-MAX_LOGPROBS = 20
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
@@ -165,7 +164,7 @@ class SamplingFields(BaseModel):
     truncation_side: Literal["left", "right"] | None = None
     allowed_token_ids: TokenIds | None = None
     bad_words: list[StrictStr] | None = None
-    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
     # vLLM before 0.12 named structured outputs guided_*: still honoured.
@@ -214,7 +213,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     # A string, a batch of strings, one token list, or a batch of token lists.
     prompt: Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Annotated[int, Field(ge=0)] | None = None
     echo: bool | None = False
     add_special_tokens: bool = True
     # Older vLLM and OpenAI: refused unless equal to n (sampling.py).
@@ -284,7 +283,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False

@@ -96,6 +96,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      default=None, metavar="JSON",
                      help="default sampling parameters on top of --generation-config's, e.g. "
                           "'{\"temperature\": 0.5}'")
+    eng.add_argument("--max-logprobs", type=int, default=20, metavar="N",
+                     help="the most top tokens per position a request's logprobs / top_logprobs / "
+                          "prompt_logprobs may ask for; -1: the whole vocabulary (default: 20, as vLLM)")
     eng.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="overlap the host's work on one step with the device's on the next "
                           "(default: on; --no-async-scheduling runs them in lock step)")
@@ -207,6 +210,7 @@ def engine_config_from_args(args: argparse.Namespace):
         load_format=args.load_format, async_scheduling=args.async_scheduling,
         enable_prefix_caching=args.enable_prefix_caching,
         generation_config=args.generation_config, override_generation_config=args.override_generation_config,
+        max_logprobs=args.max_logprobs,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank,
         max_loras=DEFAULT_MAX_LORAS if args.max_loras is None else args.max_loras,
