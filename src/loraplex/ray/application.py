@@ -72,9 +72,19 @@ def scaling_options(args: argparse.Namespace) -> dict:
     return {"autoscaling_config": config}
 
 
+# `loraplex serve` flags that configure its uvicorn server: Ray Serve's proxy serves HTTP here.
+UVICORN_FLAGS = ("--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--root-path",
+                 "--uvicorn-log-level", "--disable-uvicorn-access-log")
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what the Ray deployment does not do (yet), and bad scaling flags: before Ray starts."""
     scaling_options(args)
+    given = [flag for flag in UVICORN_FLAGS if getattr(args, flag[2:].replace("-", "_"), None) not in (None, "", 0, False)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} configure `loraplex serve`'s own HTTP server; with serve-ray, "
+                          f"Ray Serve's proxy serves HTTP (TLS and a root path are set in Ray Serve's "
+                          f"http_options or the proxy in front of it)")
 
 
 def build_ray_app(args: argparse.Namespace) -> serve.Application:

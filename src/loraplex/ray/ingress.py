@@ -19,8 +19,8 @@ from loraplex.server.app import build_app
 from loraplex.server.lora_modules import parse_lora_module
 from loraplex.server.multimodal import ServerMultimodal
 from loraplex.server.serve import (
-    RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args, read_chat_template,
-    request_defaults_from_args)
+    RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args, http_options_from_args,
+    read_chat_template, request_defaults_from_args)
 from loraplex.server.state import ServerState
 
 
@@ -46,7 +46,8 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
     return ServerState(backend, metrics=ClusterMetrics(max_adapter_labels=serve_args.max_adapter_metric_labels),
                        api_key=serve_args.api_key,
                        allow_runtime_lora_updating=allow_runtime and serve_args.enable_lora, multimodal=multimodal,
-                       request_defaults=request_defaults_from_args(serve_args, config))
+                       request_defaults=request_defaults_from_args(serve_args, config),
+                       http=http_options_from_args(serve_args))
 
 
 @serve.ingress()

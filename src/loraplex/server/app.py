@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -54,7 +55,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     # /docs and /openapi.json describe the API (documented in docs/server.md); FastAPI's
     # second renderer of the same schema, /redoc, is not served.
+    docs = state.http.docs                     # --disable-fastapi-docs turns both off
     app = FastAPI(title="loraplex", version=loraplex_version(), lifespan=lifespan, redoc_url=None,
+                  docs_url="/docs" if docs else None, openapi_url="/openapi.json" if docs else None,
                   description="OpenAI-compatible multi-LoRA server")
     app.state.loraplex = state
     install_error_handlers(app)
@@ -131,10 +134,14 @@ def build_app(state: ServerState) -> FastAPI:
             await _state(request).backend.unload_adapter(body.lora_name)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    # The middleware added last runs first: metrics also count the key check's 401s.
+    # The middleware added last runs first: metrics also count the key check's 401s, and CORS
+    # answers a browser's preflight before the key is asked for (it carries none).
     if state.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    http = state.http
+    app.add_middleware(CORSMiddleware, allow_origins=http.allowed_origins, allow_methods=http.allowed_methods,
+                       allow_headers=http.allowed_headers, allow_credentials=http.allow_credentials)
     state.metrics.attach_backend(state.backend)
     return app
 

@@ -130,6 +130,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--allow-pickle-lora-weights", action="store_true",
                       help="accept adapters whose only weights are adapter_model.bin (pickle can run code)")
     add_multimodal_arguments(parser)
+    add_http_arguments(parser)
     add_vllm_flags(parser)
     so = parser.add_argument_group("structured outputs (docs/server.md, \"Structured outputs\")")
     so.add_argument("--structured-outputs-config", type=structured_outputs_config, default={}, metavar="JSON",
@@ -178,6 +179,65 @@ def _json_object(flag: str, example: str = '{"image": 2}'):
             raise argparse.ArgumentTypeError(f"{flag} must be a JSON object like '{example}'")
         return value
     return parse
+
+
+def _json_list(flag: str):
+    """argparse type: a JSON list of strings (vLLM's CORS flags)."""
+    def parse(text: str) -> list:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON list ({e})") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError(f"{flag} must be a JSON list of strings like '[\"*\"]'")
+        return value
+    return parse
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """vLLM's HTTP flags: CORS, the docs pages, and uvicorn's (TLS, root path, its log)."""
+    http = parser.add_argument_group("HTTP (vLLM's flags)")
+    for flag, what in (("--allowed-origins", "origins"), ("--allowed-methods", "methods"),
+                       ("--allowed-headers", "headers")):
+        http.add_argument(flag, type=_json_list(flag), default=["*"], metavar="JSON",
+                          help=f"CORS: the {what} a browser page may call the API with, a JSON list "
+                               f"(default: [\"*\"], as vLLM)")
+    http.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies)")
+    http.add_argument("--disable-fastapi-docs", action="store_true", help="serve neither /docs nor /openapi.json")
+    http.add_argument("--root-path", default="", help="the path prefix a proxy in front of the server "
+                      "strips (ASGI root_path)")
+    http.add_argument("--uvicorn-log-level", default=None,
+                      choices=["critical", "error", "warning", "info", "debug", "trace"],
+                      help="uvicorn's own log level (default: --log-level)")
+    http.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    http.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key file")
+    http.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate file")
+    http.add_argument("--ssl-ca-certs", default=None, help="CA certificates to verify clients with")
+    http.add_argument("--ssl-cert-reqs", type=int, default=0,
+                      help="whether a client certificate is required (Python's ssl.CERT_*: 0 none, 1 "
+                           "optional, 2 required) (default: 0)")
+
+
+def http_options_from_args(args: argparse.Namespace):
+    from loraplex.server.state import HTTPOptions
+
+    return HTTPOptions(allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                       allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
+                       docs=not args.disable_fastapi_docs)
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict:
+    """uvicorn.Config's arguments from the flags."""
+    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise ConfigError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    return dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
+                access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+                ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=args.graceful_shutdown_timeout)
 
 
 def add_multimodal_arguments(parser: argparse.ArgumentParser) -> None:
@@ -306,7 +366,8 @@ def build_state(args: argparse.Namespace, engine=None):
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
                         multimodal=ServerMultimodal.from_engine(engine, config),
-                        request_defaults=request_defaults_from_args(args, config))
+                        request_defaults=request_defaults_from_args(args, config),
+                        http=http_options_from_args(args))
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 
@@ -342,6 +403,7 @@ def run_server(args: argparse.Namespace) -> int:
     from loraplex.core.gc_heap import freeze_startup_heap
     from loraplex.server.app import build_app
 
+    options = uvicorn_options(args)              # a bad TLS file stops the start-up before the model loads
     state = build_state(args)
     app = build_app(state)
 
@@ -361,9 +423,9 @@ def run_server(args: argparse.Namespace) -> int:
             if isinstance(captured, list):
                 captured.clear()
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_shutdown_timeout)
-    logger.info("listening on http://%s:%d (OpenAI API under /v1)", args.host, args.port)
+    config = uvicorn.Config(app, **options)
+    logger.info("listening on %s://%s:%d%s (OpenAI API under /v1)", "https" if args.ssl_certfile else "http",
+                args.host, args.port, args.root_path)
     DrainingServer(config).run()
     return 0
 

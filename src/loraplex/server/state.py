@@ -11,6 +11,17 @@ from loraplex.server.sampling import RequestDefaults
 
 
 @dataclass
+class HTTPOptions:
+    """vLLM's HTTP flags that shape the app: CORS (a browser page of another origin may call
+    the API; vLLM allows every origin by default) and the /docs pages."""
+    allowed_origins: list = field(default_factory=lambda: ["*"])
+    allowed_methods: list = field(default_factory=lambda: ["*"])
+    allowed_headers: list = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    docs: bool = True
+
+
+@dataclass
 class ServerState:
     backend: ServingBackend
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
@@ -26,3 +37,4 @@ class ServerState:
     # What requests leave unset: --generation-config, --structured-outputs-config,
     # --stream-interval (server/sampling.py).
     request_defaults: RequestDefaults = field(default_factory=RequestDefaults)
+    http: HTTPOptions = field(default_factory=HTTPOptions)

@@ -1,0 +1,87 @@
+"""vLLM's HTTP flags: CORS (a browser page of another origin may call the API, its preflight
+answered without the API key), the docs pages, and uvicorn's settings (TLS, root path, its log)."""
+
+import argparse
+
+import httpx
+import pytest
+
+from loraplex.errors import ConfigError
+from loraplex.server.app import build_app
+from loraplex.server.backend import ServingBackend
+from loraplex.server.cli import build_parser
+from loraplex.server.serve import http_options_from_args, uvicorn_options
+from loraplex.server.state import ServerState
+from server.fake_engine import FakeEngine
+from server.harness import API_KEY, ServerThread
+
+
+def serve_args(*flags: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", "/models/tiny", *flags])
+
+
+def server_with(*flags: str) -> ServerThread:
+    engine = FakeEngine()
+
+    def make_app():
+        backend = ServingBackend(engine, served_model_names=["tiny-base"], model_path="/models/tiny",
+                                 max_model_len=engine.max_model_len)
+        return build_app(ServerState(backend, api_key=API_KEY, http=http_options_from_args(serve_args(*flags))))
+    return ServerThread(make_app)
+
+
+PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+def test_a_browser_page_may_call_the_api_by_default_as_in_vllm():
+    with server_with() as server:
+        r = httpx.options(server.base_url + "/v1/chat/completions", headers=PREFLIGHT)
+        assert r.status_code == 200, r.text                        # no API key asked of a preflight
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        r = httpx.get(server.base_url + "/v1/models", headers={"Origin": "https://app.example",
+                                                                 "Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+        assert httpx.get(server.base_url + "/v1/models", headers={"Origin": "https://app.example"}).status_code == 401
+        assert httpx.get(server.base_url + "/docs").status_code == 200
+
+
+def test_origins_can_be_restricted_and_the_docs_turned_off():
+    with server_with("--allowed-origins", '["https://app.example"]', "--allow-credentials",
+                     "--disable-fastapi-docs") as server:
+        ok = httpx.options(server.base_url + "/v1/completions", headers=PREFLIGHT)
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        assert ok.headers["access-control-allow-credentials"] == "true"
+        other = httpx.options(server.base_url + "/v1/completions", headers={**PREFLIGHT, "Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        assert httpx.get(server.base_url + "/docs").status_code == 404
+        assert httpx.get(server.base_url + "/openapi.json").status_code == 404
+
+
+def test_uvicorn_settings_come_from_vllms_flags(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_text("k")
+    cert.write_text("c")
+    options = uvicorn_options(serve_args("--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--ssl-cert-reqs",
+                                         "2", "--root-path", "/llm", "--uvicorn-log-level", "error",
+                                         "--disable-uvicorn-access-log"))
+    assert (options["ssl_keyfile"], options["ssl_certfile"], options["ssl_cert_reqs"]) == (str(key), str(cert), 2)
+    assert (options["root_path"], options["log_level"], options["access_log"]) == ("/llm", "error", False)
+    defaults = uvicorn_options(serve_args())
+    assert (defaults["log_level"], defaults["access_log"], defaults["ssl_keyfile"]) == ("info", True, None)
+    with pytest.raises(ConfigError, match="--ssl-keyfile .*: no such file"):
+        uvicorn_options(serve_args("--ssl-keyfile", str(tmp_path / "nope"), "--ssl-certfile", str(cert)))
+    with pytest.raises(ConfigError, match="needs both --ssl-keyfile and --ssl-certfile"):
+        uvicorn_options(serve_args("--ssl-certfile", str(cert)))
+    with pytest.raises(SystemExit):
+        serve_args("--allowed-origins", "*")                          # a JSON list, as in vLLM
+
+
+def test_serve_ray_refuses_the_flags_of_serves_own_http_server():
+    from loraplex.ray.application import check_flags
+
+    args = build_parser().parse_args(["serve-ray", "/models/tiny", "--root-path", "/llm"])
+    with pytest.raises(ConfigError, match="--root-path configure `loraplex serve`'s own HTTP server"):
+        check_flags(args)
+    check_flags(build_parser().parse_args(["serve-ray", "/models/tiny", "--allowed-origins", '["https://a"]']))
