@@ -57,6 +57,10 @@ def test_invalid_settings_exit_with_status_2(tmp_path, caplog):
     assert main(["serve", str(tmp_path), "--enable-lora", "--lora-modules", f"sql={tmp_path / 'nope'}"]) == 2
     assert f"--lora-modules sql={tmp_path / 'nope'}: adapter directory" in caplog.text
     assert "does not exist" in caplog.text and "is not a model checkpoint" not in caplog.text
+    # So does a --generation-config directory without a generation_config.json.
+    assert main(["serve", str(tmp_path), "--generation-config", str(tmp_path / "nope")]) == 2
+    assert "is not a directory holding a generation_config.json" in caplog.text
+    assert "is not a model checkpoint" not in caplog.text
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two"])

@@ -347,6 +347,7 @@ def build_state(args: argparse.Namespace, engine=None):
         # Resolvers read the opt-in from the environment; the flag opts them in too.
         os.environ[ALLOW_PICKLE_ENV] = "1"
     config = engine_config_from_args(args)
+    request_defaults = request_defaults_from_args(args, config)   # a bad --generation-config stops us here
     names = args.served_model_name or [args.model]
     if engine is None:
         from loraplex.core.async_engine import AsyncEngine
@@ -366,8 +367,7 @@ def build_state(args: argparse.Namespace, engine=None):
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
                         multimodal=ServerMultimodal.from_engine(engine, config),
-                        request_defaults=request_defaults_from_args(args, config),
-                        http=http_options_from_args(args))
+                        request_defaults=request_defaults, http=http_options_from_args(args))
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 
