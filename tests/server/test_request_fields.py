@@ -265,6 +265,23 @@ def test_chat_template_inputs(server):
     assert reply.choices[0].message.content == "hello world"
 
 
+def test_the_answers_role_is_the_response_role_or_that_of_the_message_it_continues(server):
+    messages = [{"role": "user", "content": "hello world"}]
+    body = {"model": BASE, "messages": messages, "max_tokens": 2}
+    assert _post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["role"] == "assistant"
+    server.state.response_role = "bot"                  # --response-role bot
+    try:
+        assert _post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["role"] == "bot"
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+            first = json.loads(next(line for line in r.iter_lines() if line.startswith("data: "))[6:])
+        assert first["choices"][0]["delta"]["role"] == "bot"
+        continued = {**body, "messages": [*messages, {"role": "assistant", "content": "hel"}],
+                     "add_generation_prompt": False, "continue_final_message": True}
+        assert _post(server, "/v1/chat/completions", continued).json()["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        server.state.response_role = "assistant"
+
+
 def _post(server, path, body):
     return httpx.post(server.base_url + path, json=body, timeout=60)
 

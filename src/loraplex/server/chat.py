@@ -133,6 +133,9 @@ class _ChatContext:
         # vLLM's echo: a final assistant message is repeated at the start of each answer.
         last = request.messages[-1]
         self.echo_text = last.text() if request.echo and last.role == "assistant" else ""
+        # The answer's role (vLLM's rule): --response-role after a generation prompt, else the
+        # role of the message the answer continues.
+        self.role = state.response_role if request.add_generation_prompt else last.role
 
     def _logprobs(self, delta) -> dict | None:
         if not self.request.logprobs:
@@ -148,7 +151,7 @@ class _ChatContext:
         choices: dict[int, dict] = {}
         async for delta in deltas:
             choice = choices.setdefault(delta.index, {
-                "index": delta.index, "message": {"role": "assistant", "content": self.echo_text},
+                "index": delta.index, "message": {"role": self.role, "content": self.echo_text},
                 "logprobs": {"content": []} if self.request.logprobs else None,
                 "finish_reason": None, "stop_reason": None})
             choice["message"]["content"] += delta.text
@@ -184,7 +187,7 @@ class _ChatContext:
         try:
             async for delta in deltas:
                 if delta.index not in started:   # OpenAI sends the role first, once per choice
-                    first_chunk = self._chunk([{"index": delta.index, "delta": {"role": "assistant", "content": ""},
+                    first_chunk = self._chunk([{"index": delta.index, "delta": {"role": self.role, "content": ""},
                                                 "logprobs": None, "finish_reason": None}])
                     if not started:
                         first_chunk.update(self._prompt_extras())

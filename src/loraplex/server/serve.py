@@ -63,6 +63,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stream a request's tokens N at a time (the first and the last at once): "
                           "fewer, larger chunks cost the server less per token; a request's own "
                           "stream_interval may only raise it (default: 1)")
+    srv.add_argument("--response-role", default="assistant", metavar="ROLE",
+                     help="the role of chat completions' answers after a generation prompt (default: assistant)")
     srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
                      help="the chat template of /v1/chat/completions and /tokenize, a Jinja file or the template "
                           "itself (default: the tokenizer's, from MODEL's directory)")
@@ -367,7 +369,8 @@ def build_state(args: argparse.Namespace, engine=None):
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
                         multimodal=ServerMultimodal.from_engine(engine, config),
-                        request_defaults=request_defaults, http=http_options_from_args(args))
+                        request_defaults=request_defaults, http=http_options_from_args(args),
+                        response_role=args.response_role)
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 

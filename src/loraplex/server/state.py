@@ -38,3 +38,4 @@ class ServerState:
     # --stream-interval (server/sampling.py).
     request_defaults: RequestDefaults = field(default_factory=RequestDefaults)
     http: HTTPOptions = field(default_factory=HTTPOptions)
+    response_role: str = "assistant"    # --response-role: the role of chat answers
