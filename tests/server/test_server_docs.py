@@ -101,7 +101,8 @@ def exported_metric_names() -> set[str]:
     manager = LoRAManager(SimpleNamespace(max_loras=1, max_lora_rank=8, dtype=torch.float32,
                                           device=torch.device("cpu")), max_cpu_loras=1)
     core = SimpleNamespace(get_stats=lambda: EngineStats(0, 0, 8, 8, 0.0, 0), lora_manager=manager,
-                           block_manager=BlockManager(8, 16, enable_prefix_caching=True))
+                           block_manager=BlockManager(8, 16, enable_prefix_caching=True),
+                           config=SimpleNamespace(max_loras=1), scheduler=SimpleNamespace(running=[], waiting=[]))
     backend = ServingBackend(SimpleNamespace(engine_stats=lambda: core_stats(core)),
                              served_model_names=["base"], model_path="/m")
     metrics = ServerMetrics()

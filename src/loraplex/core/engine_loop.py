@@ -140,8 +140,9 @@ class Inbox:
         return items
 
 
-def core_stats(core: EngineCore) -> dict[str, float]:
-    """The engine's counters as one flat dict (the server exports them under /metrics)."""
+def core_stats(core: EngineCore) -> dict[str, float | str]:
+    """The engine's counters as one flat dict (the server exports them under /metrics), and the
+    adapters of its running and waiting requests (comma-separated names: vLLM's lora_requests_info)."""
     stats: dict[str, float] = dataclasses.asdict(core.get_stats())
     # Prompt tokens looked up in the prefix cache and found there (vLLM's prefix_cache_queries / _hits).
     stats["prefix_cache_queries_total"] = core.block_manager.num_prefix_queries
@@ -154,6 +155,10 @@ def core_stats(core: EngineCore) -> dict[str, float]:
         stats["lora_adapters_pinned"] = sum(manager.is_pinned(i) for i in on_cpu)
         for key, value in dict(manager.stats).items():       # cache counters: cpu_hits, loads, ...
             stats[f"lora_{key}_total"] = value
+        stats["lora_max_loras"] = core.config.max_loras
+        for queue in ("running", "waiting"):
+            names = {seq.lora_request.lora_name for seq in getattr(core.scheduler, queue) if seq.lora_request}
+            stats[f"lora_{queue}_adapters"] = ",".join(sorted(names))
     return stats
 
 
@@ -196,7 +201,12 @@ class EngineLoop:
         idle = not self.core.has_unfinished_requests()
         now = time.monotonic()
         if (idle and not self._stats_sent_idle) or now - self._last_stats >= STATS_INTERVAL_S:
-            self.send(Stats(core_stats(self.core)))
+            stats = core_stats(self.core)
+            loading = {r.lora_request.lora_name for rs in self._waiting_for_adapter.values() for r in rs}
+            if loading:                      # requests whose adapter is being read wait too
+                waiting = set(filter(None, stats.get("lora_waiting_adapters", "").split(",")))
+                stats["lora_waiting_adapters"] = ",".join(sorted(waiting | loading))
+            self.send(Stats(stats))
             self._last_stats = now
             self._stats_sent_idle = idle
         elif not idle:

@@ -53,5 +53,6 @@ class ClusterMetrics(ServerMetrics):
         for metric in (self.resolutions, self.resolution_seconds, self.adapters_served, self.downloads,
                        self.download_bytes, self.download_seconds, self.first_request_loads):
             self.registry.unregister(metric)
+        self.model_name = backend.base_model_name      # the label of the vllm: request families
         own = {family.name for family in self.registry.collect()}
         self.registry.register(ReplicaMetricsCollector(lambda: backend.snapshots, skip=own))

@@ -9,6 +9,7 @@ requests, KV-cache use, LoRA cache hits, loads, evictions, downloads).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from loraplex.resolvers.eviction import EVICTION_LISTENERS, OVER_BOUND_LISTENERS
 logger = logging.getLogger(__name__)
 
 PREFIX = "loraplex_"
+VLLM_PREFIX = "vllm:"   # vLLM's names of the metrics routers and autoscalers read (VLLMMetrics)
 OTHER_ADAPTERS = "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -79,6 +81,44 @@ class EngineStatsCollector:
         yield from families.values()
 
 
+class VLLMEngineCollector:
+    """vLLM's names for the engine's state, read at scrape time, labelled with the served model's
+    name as vLLM labels them: what the Gateway API inference extension's endpoint picker, KEDA
+    autoscalers and vLLM dashboards read. `vllm:lora_requests_info` is vLLM's LoRA gauge: its
+    labels name the adapters of running and waiting requests and max_lora, its value is when
+    that was true (the picker keeps the newest)."""
+
+    def __init__(self, stats_source: Callable[[], dict], model_name: str) -> None:
+        self.stats_source = stats_source
+        self.model_name = model_name
+
+    def collect(self):
+        try:
+            stats = self.stats_source() or {}
+        except Exception:   # a scrape must never fail because the engine is busy
+            logger.exception("reading engine stats for /metrics failed")
+            return
+        label = [self.model_name]
+        gauges = {"num_requests_running": "num_requests_running", "num_requests_waiting": "num_requests_waiting",
+                  "kv_cache_usage_perc": "kv_cache_usage_perc", "gpu_cache_usage_perc": "kv_cache_usage_perc"}
+        for name, key in gauges.items():
+            if key in stats:
+                family = GaugeMetricFamily(VLLM_PREFIX + name, f"vLLM's {name}", labels=["model_name"])
+                family.add_metric(label, float(stats[key]))
+                yield family
+        if "num_preemptions_total" in stats:
+            family = CounterMetricFamily(VLLM_PREFIX + "num_preemptions", "vLLM's num_preemptions",
+                                         labels=["model_name"])
+            family.add_metric(label, float(stats["num_preemptions_total"]))
+            yield family
+        if "lora_max_loras" in stats:
+            family = GaugeMetricFamily(VLLM_PREFIX + "lora_requests_info", "running and waiting requests' adapters",
+                                       labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            family.add_metric([str(int(stats["lora_max_loras"])), stats.get("lora_running_adapters", ""),
+                               stats.get("lora_waiting_adapters", "")], time.time())
+            yield family
+
+
 class ServerMetrics:
     def __init__(self, *, max_adapter_labels: int = 32) -> None:
         self.registry = CollectorRegistry()
@@ -123,6 +163,21 @@ class ServerMetrics:
                                         "cache over its bound: every adapter left is in use", registry=r)
         self.first_request_loads = Counter(PREFIX + "lora_first_request_loads", "adapters resolved and "
                                            "loaded on a first request, by outcome", ["outcome"], registry=r)
+        # vLLM's names of the request metrics (and VLLMEngineCollector's of the engine's), labelled
+        # with the served model's name: dashboards and autoscalers built for vLLM read them.
+        self.vllm = {
+            "prompt_tokens": Counter(VLLM_PREFIX + "prompt_tokens", "prompt tokens", ["model_name"], registry=r),
+            "generation_tokens": Counter(VLLM_PREFIX + "generation_tokens", "generated tokens", ["model_name"],
+                                         registry=r),
+            "request_success": Counter(VLLM_PREFIX + "request_success", "finished requests by reason",
+                                       ["model_name", "finished_reason"], registry=r),
+            "ttft": Histogram(VLLM_PREFIX + "time_to_first_token_seconds", "time to first token", ["model_name"],
+                              buckets=LATENCY_BUCKETS, registry=r),
+            "tpot": Histogram(VLLM_PREFIX + "time_per_output_token_seconds", "mean time between output tokens",
+                              ["model_name"], buckets=PER_TOKEN_BUCKETS, registry=r),
+            "e2e": Histogram(VLLM_PREFIX + "e2e_request_latency_seconds", "request latency, end to end",
+                             ["model_name"], buckets=LATENCY_BUCKETS, registry=r)}
+        self.model_name = "unknown"              # the served model's (first) name, once attached
 
     def attach_backend(self, backend) -> None:
         """Listen to the backend's resolver chain and first-request loads, and read the
@@ -134,6 +189,8 @@ class ServerMetrics:
         if chain is not None and hasattr(chain, "add_listener"):
             chain.add_listener(self.observe_resolution)
         self.registry.register(EngineStatsCollector(backend.engine_stats))
+        self.model_name = backend.base_model_name
+        self.registry.register(VLLMEngineCollector(backend.engine_stats, self.model_name))
         DOWNLOAD_LISTENERS.append(self.observe_download)
         EVICTION_LISTENERS.append(self.observe_eviction)
         OVER_BOUND_LISTENERS.append(self.observe_over_bound)
@@ -170,12 +227,21 @@ class ServerMetrics:
         self.adapter_tokens.labels(label).inc(run.num_output_tokens)
         for reason in run.finish_reasons:
             self.requests_finished.labels(reason).inc()
+        vllm, served = self.vllm, self.model_name
+        vllm["prompt_tokens"].labels(served).inc(len(run.prompt_token_ids))
+        vllm["generation_tokens"].labels(served).inc(run.num_output_tokens)
+        for reason in run.finish_reasons:
+            vllm["request_success"].labels(served, reason).inc()
         end = run.finished_at or run.started
         self.e2e.observe(end - run.started)
+        vllm["e2e"].labels(served).observe(end - run.started)
         if run.first_token_at is not None:
             self.ttft.observe(run.first_token_at - run.started)
+            vllm["ttft"].labels(served).observe(run.first_token_at - run.started)
             if run.num_output_tokens > 1:
-                self.per_token.observe((end - run.first_token_at) / (run.num_output_tokens - 1))
+                per_token = (end - run.first_token_at) / (run.num_output_tokens - 1)
+                self.per_token.observe(per_token)
+                vllm["tpot"].labels(served).observe(per_token)
 
     def observe_resolution(self, resolver: str, outcome: str, seconds: float) -> None:
         self.resolutions.labels(resolver, outcome).inc()
