@@ -45,6 +45,15 @@ class BoundedLabels:
         return OTHER_ADAPTERS
 
 
+def read_stats(source: Callable[[], dict]) -> dict:
+    """The engine's stats for a scrape; {} when they cannot be read (a scrape never fails for it)."""
+    try:
+        return source() or {}
+    except Exception:   # noqa: BLE001 - logged; the scrape goes on without them
+        logger.exception("reading engine stats for /metrics failed")
+        return {}
+
+
 class EngineStatsCollector:
     """Reads `stats_source()` (a flat dict of numbers) at scrape time.
 
@@ -56,11 +65,7 @@ class EngineStatsCollector:
         self.stats_source = stats_source
 
     def collect(self):
-        try:
-            stats = self.stats_source() or {}
-        except Exception:   # a scrape must never fail because the engine is busy
-            logger.exception("reading engine stats for /metrics failed")
-            return
+        stats = read_stats(self.stats_source)
         families: dict[str, Any] = {}
         for key, value in sorted(stats.items()):
             name, labels = key, {}
@@ -93,11 +98,7 @@ class VLLMEngineCollector:
         self.model_name = model_name
 
     def collect(self):
-        try:
-            stats = self.stats_source() or {}
-        except Exception:   # a scrape must never fail because the engine is busy
-            logger.exception("reading engine stats for /metrics failed")
-            return
+        stats = read_stats(self.stats_source)
         label = [self.model_name]
         gauges = {"num_requests_running": "num_requests_running", "num_requests_waiting": "num_requests_waiting",
                   "kv_cache_usage_perc": "kv_cache_usage_perc", "gpu_cache_usage_perc": "kv_cache_usage_perc"}
