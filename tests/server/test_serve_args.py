@@ -87,7 +87,7 @@ def test_a_broken_static_adapter_stops_the_start_up(tmp_path):
 
 VLLM_COMMAND = ["--trust-remote-code", "--disable-log-requests", "--enable-prefix-caching", "--swap-space", "4",
                 "--enable-chunked-prefill", "--max-log-len", "100", "--kv-cache-dtype", "auto", "-pp", "1",
-                "--quantization", "None"]
+                "--quantization", "None", "--api-server-count", "1", "-dp", "1"]
 
 
 def test_a_vllm_command_line_is_accepted_with_each_flag_without_effect_logged(tmp_path, caplog):
@@ -110,6 +110,8 @@ def test_a_vllm_command_line_is_accepted_with_each_flag_without_effect_logged(tm
     (["--tokenizer", "/elsewhere"], "the tokenizer is read from MODEL's directory"),
     (["--enable-auto-tool-choice"], "--enable-auto-tool-choice is not supported"),
     (["--tool-call-parser", "hermes"], "tool calls and reasoning are not parsed"),
+    (["--api-server-count", "4"], "--api-server-count 4 is not supported by loraplex: one API server process"),
+    (["-dp", "2"], "run several with `loraplex serve-ray --replicas N`"),
     (["--chat-template", "no-such-file"], "is neither a file nor a template"),
     (["--chat-template", "{% if %}"], "is not a valid Jinja template"),
 ])
