@@ -35,6 +35,7 @@ class RequestDefaults:
     structured_outputs: dict = field(default_factory=dict)  # --structured-outputs-config
     stream_interval: int = 1                                # --stream-interval: a floor
 
+
 def _structured_outputs(request: SamplingFields, defaults: dict[str, bool]) -> StructuredOutputsParams | None:
     spec: dict[str, Any] = dict(request.structured_outputs or {})
     legacy = {"json": request.guided_json, "regex": request.guided_regex, "choice": request.guided_choice,
