@@ -181,7 +181,8 @@ def run_server_phase(kind: str, model_dir: Path, args) -> dict:
                   "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.concurrency),
                   "--log-level", "warning"] + (["--device", "cpu"] if args.smoke else [])
     server = subprocess.Popen([sys.executable, __file__, "--serve-dummy", json.dumps(serve_args)],
-                              env=dict(os.environ, PYTHONPATH=f"{REPO / 'src'}:{REPO / 'tests'}"))
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                  [str(REPO / "src"), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])))
     base_url = f"http://127.0.0.1:{port}"
     results: dict[str, list[dict]] = {}
     try:
