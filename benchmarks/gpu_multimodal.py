@@ -217,7 +217,7 @@ def encoder_times(kind: str, model_dir: Path, smoke: bool) -> dict[int, float]:
 
     device = "cpu" if smoke else "cuda"
     runner = ModelRunner(EngineConfig(model=str(model_dir), load_format="dummy", device=device, max_model_len=2048,
-                                      max_num_seqs=4, kv_cache_bytes=1 << 28))
+                                      max_num_seqs=4, kv_cache_bytes=1 << 31))   # one 2,048-token 7B sequence: 1 GiB
     processor = MultimodalProcessor(ModelConfig.from_dir(model_dir), model_dir, max_model_len=2048)
     raw = random_image(0, (640, 480)) if kind == "llava" else (random_audio(0, 10.0), 16000)
     item = processor.items(raw, "the item", max_tokens=2048)[0].to(runner.device)
