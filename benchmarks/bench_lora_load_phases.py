@@ -58,7 +58,7 @@ def main() -> None:
         files = validate_adapter_dir(path)
         config = parse_adapter_config(files.config, where)
         phases = {}
-        phases["read"], tensors = timed(lambda: loader._read_tensors(files.weights_path, where), args.repeats)
+        phases["read"], tensors = timed(lambda: loader._read_tensors(files, where), args.repeats)
         phases["validate"], modules = timed(lambda: loader._validate(tensors, config, spec, where), args.repeats)
         rank = max(a.shape[0] for a, _, _ in modules.values())
         phases["pack"], (targets, buffer) = timed(
