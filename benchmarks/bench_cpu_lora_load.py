@@ -14,6 +14,11 @@ bf16 (84 MB each), and times, on CPU slot stacks in bf16 with max_loras=2:
 No model is built: only the slot stacks and the manager. Prints medians in milliseconds.
 With --device cuda the slots are on the GPU (adapters packed in pinned memory): activate is
 timed twice, until it returns (host) and until the copies are done (synchronized).
+
+`--burst N` then writes N more adapters and loads them all, first one after another, then
+from a pool of the engine's loader threads at once (the engine process loads a burst of
+first requests' adapters that way): if the pool is not about threads-times faster, the
+loads serialize somewhere (memory, the GIL, or page-locking in the driver with --device cuda).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-lora-rank", type=int, default=RANK)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--burst", type=int, default=0, metavar="N",
+                        help="also load N fresh adapters serially and from the engine's loader pool")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = llama_lora_spec(**LLAMA3_8B)
@@ -103,6 +110,35 @@ def main() -> None:
     print(f"activate (write one slot), median of {len(activate_s)}: {statistics.median(activate_s) * 1e3:.1f} ms")
     if stacks.device.type == "cuda":
         print(f"activate until the copies are done: {statistics.median(activate_synced_s) * 1e3:.1f} ms")
+    if args.burst:
+        burst(args, spec, stacks)
+
+
+def burst(args, spec, stacks) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loraplex.core.engine_loop import ADAPTER_LOADER_THREADS
+
+    with tempfile.TemporaryDirectory(prefix="bench_lora_burst_") as tmp:
+        paths = [write_peft_adapter(Path(tmp, f"b{i}"), rank=RANK, alpha=32, target_modules=ALL_TARGETS,
+                                    num_layers=spec.num_layers, shapes=peft_shapes(LLAMA3_8B),
+                                    base_model_name_or_path="llama-3-8b", seed=100 + i, dtype=torch.bfloat16)
+                 for i in range(args.burst)]
+        times = {}
+        for how in ("one after another", f"{ADAPTER_LOADER_THREADS} loader threads"):
+            manager = LoRAManager(stacks, max_cpu_loras=args.burst, served_model_name="llama-3-8b")
+            requests = [LoRARequest(f"b{i}", 10_000 + i, str(p)) for i, p in enumerate(paths)]
+            start = time.perf_counter()
+            if how == "one after another":
+                for request in requests:
+                    manager.add_lora(request)
+            else:
+                with ThreadPoolExecutor(ADAPTER_LOADER_THREADS) as pool:
+                    list(pool.map(manager.add_lora, requests))
+            times[how] = time.perf_counter() - start
+            del manager
+    for how, seconds in times.items():
+        print(f"burst of {args.burst} fresh adapters, {how}: {seconds * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":
