@@ -18,6 +18,8 @@ Sections (`--only`):
   serve    `loraplex serve --max-num-seqs C` and `loraplex bench serve --max-concurrency C` (another
            process), the same 4 x C requests, --runs times: output tokens/s (target: >= 90% of
            offline), TTFT p50 (target < 100 ms at C = 64), ITL p99 (target < 2x the median step).
+           All at once by default: requests of equal lengths then start and finish in waves, and
+           each wave's prefill is one long step; --request-rate R spreads them (Poisson).
   burst    32 never-seen adapters requested at once, each for the first time, resolved from local
            disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
   cold     While C = 64 streams decode, one request for a never-seen adapter and one for a loaded
@@ -240,6 +242,8 @@ def serve_section(args, server: Server, tmp: Path, adapters: dict, concurrency: 
     warm = bench_argv(model_mix(len(adapters)), concurrency, args.input_len, args.output_len, args.vocab)
     bench(server.url, [*warm, "--max-concurrency", str(concurrency)], tmp / "warm.json")
     argv = bench_argv(model_mix(len(adapters)), num_prompts, args.input_len, args.output_len, args.vocab)
+    if args.request_rate:                              # Poisson arrivals: a steady state, not waves
+        argv += ["--request-rate", str(args.request_rate)]
     spy = profile(args, server, f"serve-{concurrency}")
     if spy is not None:                                # an extra run, sampled, left out of the figures
         bench(server.url, [*argv, "--max-concurrency", str(concurrency)], tmp / f"serve-{concurrency}-profiled.json")
@@ -340,6 +344,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
     parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
                         help="sample the server and engine processes with py-spy during the first serve run")
+    parser.add_argument("--request-rate", type=float, default=None, metavar="R",
+                        help="serve runs send requests at R per second (Poisson) instead of all at once: "
+                             "clients then do not start and finish in waves (steady-state TTFT and ITL)")
     parser.add_argument("--server-flags", default="", metavar="FLAGS",
                         help="more `loraplex serve` flags for the serve/burst/cold server, e.g. '--stream-interval 4'")
     parser.add_argument("--offline-worker", default=None, help=argparse.SUPPRESS)
