@@ -24,7 +24,8 @@ Sections (`--only`):
            disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
   cold     While C = 64 streams decode, one request for a never-seen adapter and one for a loaded
            adapter sent together, 5 times with fresh adapters: the difference of their first-token
-           times (target <= 100 ms, median) and the streams' ITL meanwhile against without.
+           times (target <= 100 ms, median), and the engine's mean step (from /metrics) while such
+           a pair runs against while a pair of loaded adapters does (target: at most 1.1x).
   prefix   (only when named) prefix caching: C = the first --concurrency, prompts of a 1,024-token
            prefix shared by all plus 128 of their own, served without and with
            --enable-prefix-caching: output tokens/s, TTFT p50, and the cache's hit rate.
@@ -221,6 +222,18 @@ def bench(url: str, argv: list[str], result: Path) -> dict:
     return json.loads(result.read_text())
 
 
+def engine_steps(url: str) -> tuple[float, float]:
+    """(now, the engine's forward passes so far) from /metrics: two readings give the mean step."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    line = next(line for line in text.splitlines() if line.startswith("loraplex_engine_steps_total "))
+    return time.perf_counter(), float(line.split()[-1])
+
+
+def mean_step_ms(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    steps = after[1] - before[1]
+    return (after[0] - before[0]) / steps * 1e3 if steps > 0 else None
+
+
 def summary_of(out: dict) -> dict:
     keys = ("output_throughput", "request_throughput", "completed", "failed", "median_ttft_ms", "p99_ttft_ms",
             "p100_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "p99_e2el_ms")
@@ -319,18 +332,30 @@ def cold_section(args, server: Server, tmp: Path, adapters: dict, cold: dict) ->
     deltas, probes = [], []
     try:
         for i, name in enumerate(cold):
+            # The background streams' mean step over each pair's lifetime: with a cold load in
+            # flight against without (the load runs on the engine's loader threads).
+            start = engine_steps(server.url)
             warm = bench(server.url, ["--models", "a1", "a2", *pair_argv], tmp / f"warm-pair-{i}.json")
+            middle = engine_steps(server.url)
             out = bench(server.url, ["--models", name, "a1", *pair_argv], tmp / f"cold-pair-{i}.json")
+            end = engine_steps(server.url)
             ttft = {r["model"]: r["ttft"] * 1e3 for r in out["requests"]}
             deltas.append(ttft[name] - ttft["a1"])
             probes.append({"cold_ms": ttft[name], "loaded_ms": ttft["a1"], "loaded_pair_ttft_ms": warm["median_ttft_ms"],
-                           "loaded_pair_itl_ms": warm["median_itl_ms"], "cold_pair_itl_ms": out["median_itl_ms"]})
+                           "loaded_pair_itl_ms": warm["median_itl_ms"], "cold_pair_itl_ms": out["median_itl_ms"],
+                           "step_ms_loaded_pair": mean_step_ms(start, middle),
+                           "step_ms_cold_pair": mean_step_ms(middle, end)})
             log(f"  cold {name}: first token {ttft[name]:.0f} ms, loaded adapter's {ttft['a1']:.0f} ms "
-                f"(+{deltas[-1]:.0f} ms)")
+                f"(+{deltas[-1]:.0f} ms); mean step {probes[-1]['step_ms_loaded_pair']} ms without a load, "
+                f"{probes[-1]['step_ms_cold_pair']} ms with one")
     finally:
         stop.set()
         background.join()
-    return {"delta_ms_median": statistics.median(deltas), "deltas_ms": deltas, "probes": probes}
+    ratios = [p["step_ms_cold_pair"] / p["step_ms_loaded_pair"] for p in probes
+              if p["step_ms_cold_pair"] and p["step_ms_loaded_pair"]]
+    return {"delta_ms_median": statistics.median(deltas), "deltas_ms": deltas, "probes": probes,
+            # target: the others' step time up at most 10% while a cold adapter loads
+            "step_ratio_median": statistics.median(ratios) if ratios else None}
 
 
 # ---- main -------------------------------------------------------------------------------
