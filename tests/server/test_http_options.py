@@ -10,7 +10,7 @@ from loraplex.errors import ConfigError
 from loraplex.server.app import build_app
 from loraplex.server.backend import ServingBackend
 from loraplex.server.cli import build_parser
-from loraplex.server.serve import http_options_from_args, uvicorn_options
+from loraplex.server.http_options import http_options_from_args, uvicorn_options
 from loraplex.server.state import ServerState
 from server.fake_engine import FakeEngine
 from server.harness import API_KEY, ServerThread

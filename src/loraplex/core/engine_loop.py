@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from loraplex.core.engine_core import EngineCore
 from loraplex.core.llm_engine import LLMEngine
@@ -140,9 +140,10 @@ class Inbox:
         return items
 
 
-def core_stats(core: EngineCore) -> dict[str, float | str]:
+def core_stats(core: EngineCore, loading: Iterable[str] = ()) -> dict[str, float | str]:
     """The engine's counters as one flat dict (the server exports them under /metrics), and the
-    adapters of its running and waiting requests (comma-separated names: vLLM's lora_requests_info)."""
+    adapters of its running and waiting requests (comma-separated names: vLLM's lora_requests_info);
+    `loading`: adapters that requests wait for outside the scheduler (being read)."""
     stats: dict[str, float] = dataclasses.asdict(core.get_stats())
     # Prompt tokens looked up in the prefix cache and found there (vLLM's prefix_cache_queries / _hits).
     stats["prefix_cache_queries_total"] = core.block_manager.num_prefix_queries
@@ -156,9 +157,9 @@ def core_stats(core: EngineCore) -> dict[str, float | str]:
         for key, value in dict(manager.stats).items():       # cache counters: cpu_hits, loads, ...
             stats[f"lora_{key}_total"] = value
         stats["lora_max_loras"] = core.config.max_loras
-        for queue in ("running", "waiting"):
-            names = {seq.lora_request.lora_name for seq in getattr(core.scheduler, queue) if seq.lora_request}
-            stats[f"lora_{queue}_adapters"] = ",".join(sorted(names))
+        for kind, extra in (("running", ()), ("waiting", loading)):
+            names = {seq.lora_request.lora_name for seq in getattr(core.scheduler, kind) if seq.lora_request}
+            stats[f"lora_{kind}_adapters"] = ",".join(sorted(names.union(extra)))
     return stats
 
 
@@ -201,12 +202,8 @@ class EngineLoop:
         idle = not self.core.has_unfinished_requests()
         now = time.monotonic()
         if (idle and not self._stats_sent_idle) or now - self._last_stats >= STATS_INTERVAL_S:
-            stats = core_stats(self.core)
             loading = {r.lora_request.lora_name for rs in self._waiting_for_adapter.values() for r in rs}
-            if loading:                      # requests whose adapter is being read wait too
-                waiting = set(filter(None, stats.get("lora_waiting_adapters", "").split(",")))
-                stats["lora_waiting_adapters"] = ",".join(sorted(waiting | loading))
-            self.send(Stats(stats))
+            self.send(Stats(core_stats(self.core, loading)))
             self._last_stats = now
             self._stats_sent_idle = idle
         elif not idle:

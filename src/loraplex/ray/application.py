@@ -23,6 +23,7 @@ from loraplex.errors import ConfigError
 from loraplex.ray.directory import ReplicaDirectory
 from loraplex.ray.ingress import LoRAIngress
 from loraplex.ray.replica import LoRAReplica
+from loraplex.server.http_options import uvicorn_flags_given
 from loraplex.server.serve import engine_config_from_args
 
 FORWARDED_ENV_PREFIXES = ("VLLM_", "LORAPLEX_", "AWS_", "HF_")
@@ -72,15 +73,10 @@ def scaling_options(args: argparse.Namespace) -> dict:
     return {"autoscaling_config": config}
 
 
-# `loraplex serve` flags that configure its uvicorn server: Ray Serve's proxy serves HTTP here.
-UVICORN_FLAGS = ("--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--root-path",
-                 "--uvicorn-log-level", "--disable-uvicorn-access-log")
-
-
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what the Ray deployment does not do (yet), and bad scaling flags: before Ray starts."""
     scaling_options(args)
-    given = [flag for flag in UVICORN_FLAGS if getattr(args, flag[2:].replace("-", "_"), None) not in (None, "", 0, False)]
+    given = uvicorn_flags_given(args)            # Ray Serve's proxy serves HTTP here
     if given:
         raise ConfigError(f"{', '.join(given)} configure `loraplex serve`'s own HTTP server; with serve-ray, "
                           f"Ray Serve's proxy serves HTTP (TLS and a root path are set in Ray Serve's "

@@ -16,11 +16,12 @@ from loraplex.ray.backend import RayBackend
 from loraplex.ray.cluster_metrics import ClusterMetrics
 from loraplex.resolvers.env import env_flag
 from loraplex.server.app import build_app
+from loraplex.server.http_options import http_options_from_args
 from loraplex.server.lora_modules import parse_lora_module
 from loraplex.server.multimodal import ServerMultimodal
 from loraplex.server.serve import (
-    RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args, http_options_from_args,
-    read_chat_template, request_defaults_from_args)
+    RUNTIME_LORA_ENV, SKIP_MODEL_NAME_VALIDATION_ENV, engine_config_from_args, read_chat_template,
+    request_defaults_from_args)
 from loraplex.server.state import ServerState
 
 

@@ -22,7 +22,7 @@ from loraplex.resolvers.eviction import EVICTION_LISTENERS, OVER_BOUND_LISTENERS
 logger = logging.getLogger(__name__)
 
 PREFIX = "loraplex_"
-VLLM_PREFIX = "vllm:"   # vLLM's names of the metrics routers and autoscalers read (VLLMMetrics)
+VLLM_PREFIX = "vllm:"   # vLLM's names of what routers and autoscalers read (VLLMEngineCollector, ServerMetrics.vllm)
 OTHER_ADAPTERS = "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

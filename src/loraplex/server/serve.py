@@ -13,6 +13,8 @@ import logging
 import os
 
 from loraplex.errors import ConfigError
+from loraplex.server.flag_types import json_flag, positive_int
+from loraplex.server.http_options import add_http_arguments, http_options_from_args, uvicorn_options
 from loraplex.server.lora_modules import local_adapter_dirs, parse_lora_module
 from loraplex.server.vllm_flags import add_vllm_flags, check_vllm_flags
 
@@ -25,17 +27,6 @@ DEFAULT_MAX_LORAS = 1   # vLLM's
 DEMO_MAX_LORAS = 4      # --demo's: room for every shipped adapter in one batch
 # The ranks vLLM's --max-lora-rank accepts; loraplex takes any rank >= 1 and says so.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +85,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           "model's generation_config.json recommends (temperature, top_p, top_k, min_p, "
                           "repetition_penalty; max_new_tokens caps max_tokens), 'vllm' none, or a directory "
                           "holding a generation_config.json (default: auto, as vLLM)")
-    eng.add_argument("--override-generation-config", type=_json_object("--override-generation-config", '{"temperature": 0.5}'),
+    eng.add_argument("--override-generation-config", type=json_flag("--override-generation-config", '{"temperature": 0.5}'),
                      default=None, metavar="JSON",
                      help="default sampling parameters on top of --generation-config's, e.g. "
                           "'{\"temperature\": 0.5}'")
@@ -170,84 +161,12 @@ def structured_outputs_config(text: str) -> dict[str, bool]:
     return value
 
 
-def _json_object(flag: str, example: str = '{"image": 2}'):
-    """argparse type: a JSON object (a flag's value)."""
-    def parse(text: str) -> dict:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object ({e})") from None
-        if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"{flag} must be a JSON object like '{example}'")
-        return value
-    return parse
-
-
-def _json_list(flag: str):
-    """argparse type: a JSON list of strings (vLLM's CORS flags)."""
-    def parse(text: str) -> list:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"{flag} must be a JSON list ({e})") from None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise argparse.ArgumentTypeError(f"{flag} must be a JSON list of strings like '[\"*\"]'")
-        return value
-    return parse
-
-
-def add_http_arguments(parser: argparse.ArgumentParser) -> None:
-    """vLLM's HTTP flags: CORS, the docs pages, and uvicorn's (TLS, root path, its log)."""
-    http = parser.add_argument_group("HTTP (vLLM's flags)")
-    for flag, what in (("--allowed-origins", "origins"), ("--allowed-methods", "methods"),
-                       ("--allowed-headers", "headers")):
-        http.add_argument(flag, type=_json_list(flag), default=["*"], metavar="JSON",
-                          help=f"CORS: the {what} a browser page may call the API with, a JSON list "
-                               f"(default: [\"*\"], as vLLM)")
-    http.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies)")
-    http.add_argument("--disable-fastapi-docs", action="store_true", help="serve neither /docs nor /openapi.json")
-    http.add_argument("--root-path", default="", help="the path prefix a proxy in front of the server "
-                      "strips (ASGI root_path)")
-    http.add_argument("--uvicorn-log-level", default=None,
-                      choices=["critical", "error", "warning", "info", "debug", "trace"],
-                      help="uvicorn's own log level (default: --log-level)")
-    http.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
-    http.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key file")
-    http.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate file")
-    http.add_argument("--ssl-ca-certs", default=None, help="CA certificates to verify clients with")
-    http.add_argument("--ssl-cert-reqs", type=int, default=0,
-                      help="whether a client certificate is required (Python's ssl.CERT_*: 0 none, 1 "
-                           "optional, 2 required) (default: 0)")
-
-
-def http_options_from_args(args: argparse.Namespace):
-    from loraplex.server.state import HTTPOptions
-
-    return HTTPOptions(allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-                       allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
-                       docs=not args.disable_fastapi_docs)
-
-
-def uvicorn_options(args: argparse.Namespace) -> dict:
-    """uvicorn.Config's arguments from the flags."""
-    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
-        path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
-    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
-        raise ConfigError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
-    return dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
-                access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
-                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
-                ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=args.graceful_shutdown_timeout)
-
-
 def add_multimodal_arguments(parser: argparse.ArgumentParser) -> None:
     mm = parser.add_argument_group("multimodal (docs/multimodal.md)")
-    mm.add_argument("--limit-mm-per-prompt", type=_json_object("--limit-mm-per-prompt"), default=None,
+    mm.add_argument("--limit-mm-per-prompt", type=json_flag("--limit-mm-per-prompt", '{"image": 2}'), default=None,
                     metavar="JSON", help="most items per prompt, per modality, e.g. '{\"image\": 2}' "
                                          "(default: no cap but max_model_len)")
-    mm.add_argument("--default-mm-loras", type=_json_object("--default-mm-loras"), default=None, metavar="JSON",
+    mm.add_argument("--default-mm-loras", type=json_flag("--default-mm-loras", '{"image": 2}'), default=None, metavar="JSON",
                     help="a LoRA applied to chat requests with that modality unless they name an adapter, "
                          "e.g. '{\"audio\": \"/path/to/lora\"}' (a path, or a name a resolver finds); "
                          "needs --enable-lora")

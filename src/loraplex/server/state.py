@@ -6,19 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.server.backend import ServingBackend
+from loraplex.server.http_options import HTTPOptions
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.sampling import RequestDefaults
-
-
-@dataclass
-class HTTPOptions:
-    """vLLM's HTTP flags that shape the app: CORS (a browser page of another origin may call
-    the API; vLLM allows every origin by default) and the /docs pages."""
-    allowed_origins: list = field(default_factory=lambda: ["*"])
-    allowed_methods: list = field(default_factory=lambda: ["*"])
-    allowed_headers: list = field(default_factory=lambda: ["*"])
-    allow_credentials: bool = False
-    docs: bool = True
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""vLLM's HTTP flags: CORS and the docs pages (the app's, HTTPOptions) and uvicorn's own (TLS,
+root path, its log). `loraplex serve-ray` takes the first kind; Ray Serve's proxy serves its
+HTTP, so it refuses the second (UVICORN_FLAGS)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from loraplex.errors import ConfigError
+from loraplex.server.flag_types import json_flag
+
+# The flags that configure `loraplex serve`'s uvicorn server, not the app.
+UVICORN_FLAGS = ("--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--root-path",
+                 "--uvicorn-log-level", "--disable-uvicorn-access-log")
+
+
+@dataclass
+class HTTPOptions:
+    """The app's: CORS (a browser page of another origin may call the API; vLLM allows every
+    origin by default) and the /docs pages."""
+    allowed_origins: list = field(default_factory=lambda: ["*"])
+    allowed_methods: list = field(default_factory=lambda: ["*"])
+    allowed_headers: list = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    docs: bool = True
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    http = parser.add_argument_group("HTTP (vLLM's flags)")
+    for flag, what in (("--allowed-origins", "origins"), ("--allowed-methods", "methods"),
+                       ("--allowed-headers", "headers")):
+        http.add_argument(flag, type=json_flag(flag, '["*"]', list), default=["*"], metavar="JSON",
+                          help=f"CORS: the {what} a browser page may call the API with, a JSON list "
+                               f"(default: [\"*\"], as vLLM)")
+    http.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies)")
+    http.add_argument("--disable-fastapi-docs", action="store_true", help="serve neither /docs nor /openapi.json")
+    http.add_argument("--root-path", default="", help="the path prefix a proxy in front of the server "
+                      "strips (ASGI root_path)")
+    http.add_argument("--uvicorn-log-level", default=None,
+                      choices=["critical", "error", "warning", "info", "debug", "trace"],
+                      help="uvicorn's own log level (default: --log-level)")
+    http.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+    http.add_argument("--ssl-keyfile", default=None, help="serve HTTPS: the private key file")
+    http.add_argument("--ssl-certfile", default=None, help="serve HTTPS: the certificate file")
+    http.add_argument("--ssl-ca-certs", default=None, help="CA certificates to verify clients with")
+    http.add_argument("--ssl-cert-reqs", type=int, default=0,
+                      help="whether a client certificate is required (Python's ssl.CERT_*: 0 none, 1 "
+                           "optional, 2 required) (default: 0)")
+
+
+def http_options_from_args(args: argparse.Namespace) -> HTTPOptions:
+    return HTTPOptions(allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                       allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
+                       docs=not args.disable_fastapi_docs)
+
+
+def uvicorn_flags_given(args: argparse.Namespace) -> list[str]:
+    """The UVICORN_FLAGS set to anything but their defaults."""
+    return [flag for flag in UVICORN_FLAGS
+            if getattr(args, flag[2:].replace("-", "_"), None) not in (None, "", 0, False)]
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict:
+    """uvicorn.Config's arguments from the flags."""
+    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise ConfigError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    return dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
+                access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+                ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=args.graceful_shutdown_timeout)
