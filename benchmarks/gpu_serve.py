@@ -240,14 +240,15 @@ def summary_of(out: dict) -> dict:
     return {k: out[k] for k in keys}
 
 
-def profile(args, server: Server, name: str) -> subprocess.Popen | None:
-    """With --py-spy: samples the server and its engine process for --py-spy seconds (raw stacks to --out)."""
+def profile(args, server: Server, name: str, idle: bool = False) -> subprocess.Popen | None:
+    """With --py-spy: samples the server and its engine process for --py-spy seconds (raw stacks to --out);
+    `idle`: threads waiting (on a lock, in a system call) are sampled too."""
     if not args.py_spy or not args.out:
         return None
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["py-spy", "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking",
                              "--rate", "200", "--duration", str(args.py_spy), "--format", "raw", "--threads",
-                             "--output", str(Path(args.out) / f"pyspy-{name}.txt")],
+                             "--output", str(Path(args.out) / f"pyspy-{name}.txt"), *(["--idle"] if idle else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -293,15 +294,35 @@ def prefix_section(args, tmp: Path, model: Path, adapters: dict, resolver_dir: P
     return result
 
 
+def metric_total(url: str, name: str) -> float:
+    """The sum over labels of one /metrics series (e.g. a histogram's _sum or _count)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
 def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
     names = list(burst)
+    resolution = "loraplex_lora_resolution_seconds"
+    before = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
+    spy = profile(args, server, "burst", idle=True)   # the loader threads wait in native code: keep idle samples
     out = bench(server.url, ["--models", *names, "--model-distribution", "round-robin", "--num-prompts",
                              str(len(names)), "--max-concurrency", str(len(names)), "--random-input-len",
                              str(args.input_len), "--random-output-len", "16", "--ignore-eos", "--token-id-min",
-                             "10", "--token-id-max", str(min(args.vocab, 128000))], tmp / "burst.json")
+                             "10", "--token-id-max", str(min(args.vocab, 128000)), "--save-detailed"],
+                tmp / "burst.json")
+    if spy is not None:
+        spy.wait(120)
+    after = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
     result = summary_of(out)
+    # Every first token in order: spread out (loads finish one by one) or together (something waits for all).
+    result["ttfts_ms"] = sorted(round(r["ttft"] * 1e3) for r in out["requests"] if r.get("ttft"))
+    loads = after[1] - before[1]
+    # Resolution: the resolver chain and the engine's load, as the server timed each adapter.
+    result["resolution_mean_ms"] = round((after[0] - before[0]) / loads * 1e3, 1) if loads else None
     log(f"  burst of {len(names)} new adapters: first token p50 {result['median_ttft_ms']:.0f} ms, "
-        f"last {result['p100_ttft_ms']:.0f} ms, failed {result['failed']}")
+        f"last {result['p100_ttft_ms']:.0f} ms, failed {result['failed']}; resolution mean "
+        f"{result['resolution_mean_ms']} ms over {loads:.0f}; first tokens at {result['ttfts_ms']}")
     return result
 
 
@@ -368,7 +389,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
     parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
-                        help="sample the server and engine processes with py-spy during the first serve run")
+                        help="sample the server and engine processes with py-spy during the first serve run and the burst")
     parser.add_argument("--request-rate", type=float, default=None, metavar="R",
                         help="serve runs send requests at R per second (Poisson) instead of all at once: "
                              "clients then do not start and finish in waves (steady-state TTFT and ITL)")
