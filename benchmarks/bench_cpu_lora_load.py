@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,14 +58,18 @@ def peft_shapes(m: dict) -> dict[str, tuple[int, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's intra-op threads (default: torch's own choice, as in the engine process)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-lora-rank", type=int, default=RANK)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--burst", type=int, default=0, metavar="N",
                         help="also load N fresh adapters serially and from the engine's loader pool")
+    parser.add_argument("--burst-repeats", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     spec = llama_lora_spec(**LLAMA3_8B)
 
     with tempfile.TemporaryDirectory(prefix="bench_lora_load_") as tmp:
@@ -114,31 +119,74 @@ def main() -> None:
         burst(args, spec, stacks)
 
 
+def single_threaded_ops() -> None:
+    """Loader-thread initializer under test: this thread's torch ops on one core (intra-op
+    threads are per calling thread: 16 loaders each running 16-thread ops oversubscribe)."""
+    torch.ones(1 << 17).sum()                        # this thread's own lazy set-up first
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)                         # this thread's count, and the global default...
+    restore = threading.Thread(target=torch.set_num_threads, args=(n,))
+    restore.start()                                  # ...which another thread sets back
+    restore.join()
+
+
+def step_probe(device: torch.device, stop: threading.Event, times: list[float]) -> None:
+    """A stand-in for the engine's step on the main thread: small kernels launched one by one,
+    then a wait for them. Slower while loads run = the steps (and first tokens) wait for them."""
+    x = torch.randn(256, 256, device=device)
+    while not stop.is_set():
+        start = time.perf_counter()
+        for _ in range(50):
+            x = (x @ x).tanh_()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+
+
 def burst(args, spec, stacks) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from loraplex.core.engine_loop import ADAPTER_LOADER_THREADS
+
+    def probed(work) -> tuple[float, float]:
+        stop, times = threading.Event(), []
+        probe = threading.Thread(target=step_probe, args=(stacks.device, stop, times))
+        probe.start()
+        start = time.perf_counter()
+        work()
+        seconds = time.perf_counter() - start
+        stop.set()
+        probe.join()
+        return seconds, statistics.median(times) if times else float("nan")
 
     with tempfile.TemporaryDirectory(prefix="bench_lora_burst_") as tmp:
         paths = [write_peft_adapter(Path(tmp, f"b{i}"), rank=RANK, alpha=32, target_modules=ALL_TARGETS,
                                     num_layers=spec.num_layers, shapes=peft_shapes(LLAMA3_8B),
                                     base_model_name_or_path="llama-3-8b", seed=100 + i, dtype=torch.bfloat16)
                  for i in range(args.burst)]
-        times = {}
-        for how in ("one after another", f"{ADAPTER_LOADER_THREADS} loader threads"):
-            manager = LoRAManager(stacks, max_cpu_loras=args.burst, served_model_name="llama-3-8b")
-            requests = [LoRARequest(f"b{i}", 10_000 + i, str(p)) for i, p in enumerate(paths)]
-            start = time.perf_counter()
-            if how == "one after another":
-                for request in requests:
-                    manager.add_lora(request)
-            else:
-                with ThreadPoolExecutor(ADAPTER_LOADER_THREADS) as pool:
-                    list(pool.map(manager.add_lora, requests))
-            times[how] = time.perf_counter() - start
-            del manager
-    for how, seconds in times.items():
-        print(f"burst of {args.burst} fresh adapters, {how}: {seconds * 1e3:.0f} ms")
+        _, idle_probe = probed(lambda: time.sleep(1))
+        print(f"step probe alone: {idle_probe * 1e3:.2f} ms (median)")
+        modes = {"one after another": None,
+                 f"{ADAPTER_LOADER_THREADS} loader threads": {},
+                 f"{ADAPTER_LOADER_THREADS} loader threads, one-thread ops": {"initializer": single_threaded_ops},
+                 "4 loader threads": {"max_workers": 4}}
+        for repeat in range(args.burst_repeats):
+            for how, pool_options in modes.items():
+                manager = LoRAManager(stacks, max_cpu_loras=args.burst, served_model_name="llama-3-8b")
+                requests = [LoRARequest(f"b{i}", 10_000 + i, str(p)) for i, p in enumerate(paths)]
+
+                def load_all() -> None:
+                    if pool_options is None:
+                        for request in requests:
+                            manager.add_lora(request)
+                        return
+                    with ThreadPoolExecutor(**{"max_workers": ADAPTER_LOADER_THREADS, **pool_options}) as pool:
+                        list(pool.map(manager.add_lora, requests))
+                seconds, probe = probed(load_all)
+                del manager
+                print(f"burst of {args.burst} fresh adapters, {how}: {seconds * 1e3:.0f} ms; "
+                      f"step probe meanwhile {probe * 1e3:.2f} ms (median)")
+            print(f"main thread's torch threads after the runs: {torch.get_num_threads()}")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ download() {
     --platform any -d .whl "$@"
 }
 # The server (fastapi and its stack), structured outputs (llguidance), the benchmarks' client
-# (openai and its stack), and py-spy for profiles; versions as tested on the CPU.
+# (openai and its stack), /metrics (prometheus_client), plugin hooks (pluggy), and py-spy for
+# profiles; versions as tested on the CPU.
 download fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 h11==0.16.0 httptools==0.9.0 uvloop==0.23.0 pydantic==2.14.4 pydantic_core==2.50.5 \
   annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 typing_extensions==4.16.0 anyio==4.16.0 \
   opentelemetry-api==1.45.2 llguidance==1.9.1 openai==3.63.0 httpx2==2.17.0 httpcore2==2.17.0 truststore \
-  idna==3.20 jiter==0.19.0 sniffio==1.3.1 distro py-spy
+  idna==3.20 jiter==0.19.0 sniffio==1.3.1 distro py-spy prometheus_client==0.26.0 pluggy==1.7.0
 
 # loraplex itself: run from src/ there (PYTHONPATH=src first), but its entry points (the
 # built-in resolvers are plugins) exist only in an installed distribution's metadata.
