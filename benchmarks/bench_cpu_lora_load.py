@@ -1,7 +1,7 @@
 """CPU benchmark of a cold adapter: loading it (add_lora) and copying it into a slot (activate).
 
     .venv/bin/python benchmarks/bench_cpu_lora_load.py [--threads N] [--repeats K] [--max-lora-rank R]
-                                                       [--device cuda]
+                                                       [--device cuda] [--burst N]
 
 Writes three random PEFT adapters with Llama-3-8B shapes (hidden 4096, 32 heads, 8 KV
 heads, head_dim 128, intermediate 14336, 32 layers), rank 16 on all seven projections in
@@ -19,6 +19,10 @@ timed twice, until it returns (host) and until the copies are done (synchronized
 from a pool of the engine's loader threads at once (the engine process loads a burst of
 first requests' adapters that way): if the pool is not about threads-times faster, the
 loads serialize somewhere (memory, the GIL, or page-locking in the driver with --device cuda).
+Two variants of the pool tell whether torch's intra-op threads are the cause (each loader
+thread runs its copies on every core: 16 loaders make 16 thread teams): loaders whose ops
+run on one thread, and 4 loaders. Meanwhile a step probe on the main thread (small kernels
+and a wait, like the engine's step) shows what the loads cost the requests already running.
 """
 
 from __future__ import annotations
