@@ -3,8 +3,8 @@
     PYTHONPATH=src:tests python benchmarks/bench_lora_load_phases.py [--threads N] [--pin]
 
 Writes one random Llama-3-8B-shaped PEFT adapter (rank 16, all seven projections, bf16,
-84 MB) and times, median of 5: mapping the safetensors file, validating names and shapes,
-packing (allocation and copies, which read the mapped file; --pin: into page-locked memory,
+84 MB) and times, median of 5: indexing the safetensors file, validating names and shapes,
+packing (allocation, and reading the file into place; --pin: into page-locked memory,
 needs CUDA), the finite check, and the whole load_lora_adapter. Pass --threads to match the engine's torch threads.
 """
 
@@ -58,14 +58,15 @@ def main() -> None:
         files = validate_adapter_dir(path)
         config = parse_adapter_config(files.config, where)
         phases = {}
-        phases["read"], tensors = timed(lambda: loader._read_tensors(files, where), args.repeats)
+        phases["read"], (tensors, source) = timed(lambda: loader._read_tensors(files, where), args.repeats)
         phases["validate"], modules = timed(lambda: loader._validate(tensors, config, spec, where), args.repeats)
         rank = max(a.shape[0] for a, _, _ in modules.values())
-        phases["pack"], (targets, buffer) = timed(
-            lambda: loader._pack(modules, spec, rank, torch.bfloat16, args.pin), args.repeats)
+        phases["pack"], (targets, buffer, flat) = timed(
+            lambda: loader._pack(modules, spec, rank, torch.bfloat16, args.pin, source), args.repeats)
         adapter = loader.LoRAAdapter(request=request, rank=rank, targets=targets, host_buffer=buffer,
                                      module_ranks={key: a.shape[0] for key, (a, _, _) in modules.items()})
-        phases["finite check"], _ = timed(lambda: loader._check_finite(adapter, modules, where), args.repeats)
+        phases["finite check"], _ = timed(lambda: loader._check_finite(adapter, modules, where, flat, source),
+                                           args.repeats)
         phases["load_lora_adapter (all)"], _ = timed(lambda: loader.load_lora_adapter(
             request, spec, max_lora_rank=RANK, served_model_name="llama-3-8b", dtype=torch.bfloat16,
             pin_memory=args.pin), args.repeats)

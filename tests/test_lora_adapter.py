@@ -11,9 +11,11 @@ from safetensors.torch import load_file, save_file
 
 from adapters import write_peft_adapter
 from loraplex.core.lora.adapter import load_lora_adapter
+from loraplex.core.lora.safetensors_file import SafetensorsFile
 from loraplex.core.lora.targets import llama_lora_spec
 from loraplex.errors import AdapterInvalidError
 from loraplex.lora_request import LoRARequest
+from loraplex.resolvers.validation import validate_adapter_dir
 
 # Matches tests/adapters.py TINY_SHAPES: q 64, k/v 32, intermediate 128, 2 layers.
 SPEC = llama_lora_spec(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -233,7 +235,7 @@ def test_unaligned_tensors_in_the_file_load_exactly(tmp_path):
     path = write_peft_adapter(tmp_path / "a", rank=4, target_modules=("q_proj",))
     weights = path / "adapter_model.safetensors"
     tensors = load_file(str(weights))
-    expected = load(path)
+    expected, expected_bf16 = load(path), load(path, dtype=torch.bfloat16)
     entries, blob = {}, b""
     for name, tensor in tensors.items():
         raw = tensor.contiguous().numpy().tobytes()
@@ -242,10 +244,47 @@ def test_unaligned_tensors_in_the_file_load_exactly(tmp_path):
     header_len = len(json.dumps(entries).encode())
     write_raw_safetensors(weights, entries, blob, header_pad=(1 - (8 + header_len)) % 4)  # data at 1 mod 4
     assert (8 + len(json.dumps(entries).encode()) + (1 - (8 + header_len)) % 4) % 4 == 1
+    # float32 into float32 is read into place byte for byte; into bfloat16 it goes through a
+    # tensor view of the file, which must start aligned.
+    for dtype, want in ((torch.float32, expected), (torch.bfloat16, expected_bf16)):
+        adapter = load(path, dtype=dtype)
+        for layer in range(2):
+            for got, ref in zip(adapter.module_weights(layer, "q_proj"), want.module_weights(layer, "q_proj")):
+                assert got.dtype == dtype and torch.equal(got, ref)
+
+
+def test_tensors_out_of_order_and_apart_in_the_file_load_exactly(tmp_path):
+    # Tensors read straight into place come in runs of neighbours in the file: a file in
+    # another order, with gaps between tensors, reads into the same places.
+    path = write_peft_adapter(tmp_path / "a", rank=4, alpha=12, target_modules=("q_proj", "v_proj", "down_proj"))
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    expected = load(path)
+    entries, blob = {}, b""
+    for i, (name, tensor) in enumerate(sorted(tensors.items(), reverse=True)):
+        blob += b"\x7f" * (4 * (i % 3))                    # gaps of 0, 4 or 8 bytes
+        raw = tensor.contiguous().numpy().tobytes()
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [len(blob), len(blob) + len(raw)]}
+        blob += raw
+    write_raw_safetensors(weights, entries, blob)
     adapter = load(path)
-    for layer in range(2):
-        for got, want in zip(adapter.module_weights(layer, "q_proj"), expected.module_weights(layer, "q_proj")):
-            assert torch.equal(got, want)
+    for name, packed in expected.targets.items():
+        assert torch.equal(adapter.targets[name].lora_a, packed.lora_a)
+        assert torch.equal(adapter.targets[name].lora_b, packed.lora_b)
+    assert expected.targets["down_proj"].lora_b.abs().sum() > 0
+
+
+def test_a_file_cut_short_while_reading_is_refused(tmp_path):
+    # Validation checks the size first; a file replaced in place afterwards, shorter, must
+    # not leave a half-read adapter (zeros where weights were).
+    path = write_peft_adapter(tmp_path / "a", rank=4, target_modules=("q_proj",), num_layers=1)
+    weights = path / "adapter_model.safetensors"
+    source = SafetensorsFile(weights, validate_adapter_dir(path).header, "'a'")
+    pieces = [(t, memoryview(bytearray(t.nbytes))) for t in source.tensors.values()]
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 100)
+    with pytest.raises(AdapterInvalidError, match="ended early"):
+        source.read_into(pieces)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -7,10 +7,13 @@ model's dtype, with the scaling (alpha/r, or alpha/sqrt(r) with rsLoRA) folded i
 float32 first. Activation is then one copy per tensor into a slot (slots.py), from pinned
 memory when the slots are on a GPU, so it does not hold up the step that needs it.
 
-A cold adapter's first token waits for this load, so it touches each byte few times: the
-safetensors file is mapped, not read into fresh tensors, and copied once into one buffer
-(host_buffer.py) that holds every packed tensor, zero from the start and page-locked in
-place when the slots are on a GPU.
+A cold adapter's first token waits for this load, so it touches each byte few times and
+takes the GIL back few times: tensors already in the model's dtype are read from the
+safetensors file straight into their packed place, a few system calls per adapter
+(safetensors_file.py says why that matters), and their scaling is applied to each packed B
+at once; the rest are copied from a mapping of the file. One buffer (host_buffer.py) holds
+every packed tensor, zero from the start and page-locked in place when the slots are on a
+GPU.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 
 from loraplex.core.lora.adapter_config import LoRAAdapterConfig, parse_adapter_config
 from loraplex.core.lora.host_buffer import HostBuffer
+from loraplex.core.lora.safetensors_file import FileTensor, SafetensorsFile
 from loraplex.core.lora.targets import (KNOWN_UNSUPPORTED_MODULES, PEFT_MODULE_PARENT, PEFT_MODULE_TO_PACKED,
                                         SUPPORTED_PEFT_MODULES, LoRAModelSpec, LoRATarget)
 from loraplex.errors import AdapterInvalidError
@@ -41,11 +44,6 @@ _TENSOR_NAME = re.compile(
     r"\.(\w+)\.(\w+))\.lora_(A|B)\.weight$")
 # Modules of a multimodal model's encoder towers, which loraplex does not adapt.
 _TOWER_MODULES = ("vision_tower.", "multi_modal_projector.", "encoder.", "projector.")
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
 @dataclass
 class PackedLoRATarget:
     """One adapter's weights for one fused target (e.g. qkv_proj) in every decoder layer.
@@ -111,15 +109,15 @@ def load_lora_adapter(request: LoRARequest, spec: LoRAModelSpec, *, max_lora_ran
         raise AdapterInvalidError(
             f"adapter {where} has rank {config.max_rank}, above max_lora_rank={max_lora_rank}; "
             f"start the engine with max_lora_rank >= {config.max_rank} (--max-lora-rank)")
-    tensors = _read_tensors(files, where)
+    tensors, source = _read_tensors(files, where)
     modules = _validate(tensors, config, spec, where)
     if not modules:
         raise AdapterInvalidError(f"adapter {where} holds no LoRA weights")
     rank = max(a.shape[0] for a, _, _ in modules.values())
-    targets, host_buffer = _pack(modules, spec, rank, dtype, pin_memory)
+    targets, host_buffer, flat = _pack(modules, spec, rank, dtype, pin_memory, source)
     adapter = LoRAAdapter(request=request, rank=rank, targets=targets, host_buffer=host_buffer,
                           module_ranks={key: a.shape[0] for key, (a, _, _) in modules.items()})
-    _check_finite(adapter, modules, where)
+    _check_finite(adapter, modules, where, flat, source)
     return adapter
 
 
@@ -134,57 +132,35 @@ def _check_base_model(config: LoRAAdapterConfig, request: LoRARequest, where: st
         logger.warning("adapter %s does not name its base model; assuming it fits %r", where, served)
 
 
-def _read_tensors(files: AdapterFiles, where: str) -> dict[str, torch.Tensor]:
+# A tensor of the adapter: located in its safetensors file (read later, into place) or, from
+# pickle weights, already in memory.
+AdapterTensor = FileTensor | torch.Tensor
+Modules = dict[tuple[int, str], tuple[AdapterTensor, AdapterTensor, float]]
+
+
+def _read_tensors(files: AdapterFiles, where: str) -> tuple[dict[str, AdapterTensor], SafetensorsFile | None]:
     path = files.weights_path
+    if files.header is not None:
+        source = SafetensorsFile(path, files.header, where)
+        return dict(source.tensors), source
     try:
-        if files.header is None:
-            # Reached only when pickle weights were explicitly allowed; weights_only refuses code.
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            tensors = _map_safetensors(path, files.header, where)
+        # Reached only when pickle weights were explicitly allowed; weights_only refuses code.
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise AdapterInvalidError(f"adapter {where}: cannot read {path.name}: {e}") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise AdapterInvalidError(f"adapter {where}: {path.name} must hold a flat name -> tensor mapping")
-    return tensors
+    return tensors, None
 
 
-def _map_safetensors(path: Path, header: dict, where: str) -> dict[str, torch.Tensor]:
-    """The file's tensors as views of a private (copy-on-write) mapping of it: nothing is copied
-    up front; pages are read as the packing copies them. `header` was checked by validation
-    (it parses within bounds, and every tensor lies inside the file); each tensor's dtype,
-    shape and byte span are checked against each other here."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-    data_start = 8 + header_len
-    mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype_name, shape, (start, end) = info.get("dtype"), info.get("shape"), info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-        if dtype is None:
-            raise AdapterInvalidError(f"adapter {where}: tensor {name!r} in {path.name} has dtype "
-                                      f"{dtype_name!r}; expected floating-point weights (F32, F16 or BF16)")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise AdapterInvalidError(f"adapter {where}: tensor {name!r} in {path.name} has an invalid shape "
-                                      f"{shape!r}; the file is corrupt")
-        size = math.prod(shape) * dtype.itemsize
-        if type(start) is not int or type(end) is not int or start < 0 or end - start != size:
-            raise AdapterInvalidError(f"adapter {where}: tensor {name!r} in {path.name} spans bytes {start}..{end}, "
-                                      f"but {shape} of {dtype_name} needs {size}; the file is corrupt")
-        data = mapped[data_start + start: data_start + end]
-        if (data_start + start) % dtype.itemsize:
-            data = data.clone()   # unaligned in the file: a copy starts aligned
-        tensors[name] = data.view(dtype).view(shape)
-    return tensors
+def _as_tensor(t: AdapterTensor, source: SafetensorsFile | None) -> torch.Tensor:
+    return source.tensor(t) if isinstance(t, FileTensor) else t
 
 
-def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec: LoRAModelSpec,
-              where: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]:
+def _validate(tensors: dict[str, AdapterTensor], config: LoRAAdapterConfig, spec: LoRAModelSpec,
+              where: str) -> Modules:
     """(layer, PEFT module) -> (A [rank, in], B [out, rank], scaling), every pair checked."""
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    pairs: dict[tuple[int, str], dict[str, AdapterTensor]] = {}
     module_paths: dict[tuple[int, str], str] = {}   # as PEFT names it: what rank/alpha patterns match
     for name, tensor in tensors.items():
         path, layer, module, which = _parse_name(name, spec, where)
@@ -194,7 +170,7 @@ def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec:
                                       f"in the adapter's target_modules {list(config.target_modules)}")
         pairs.setdefault((layer, module), {})[which] = tensor
 
-    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    modules: Modules = {}
     for (layer, module), pair in sorted(pairs.items()):
         key = module_paths[(layer, module)]
         if set(pair) != {"A", "B"}:
@@ -205,9 +181,10 @@ def _validate(tensors: dict[str, torch.Tensor], config: LoRAAdapterConfig, spec:
     return modules
 
 
-def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]], spec: LoRAModelSpec,
-          rank: int, dtype: torch.dtype, pin_memory: bool) -> tuple[dict[str, PackedLoRATarget], HostBuffer]:
-    by_target: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor, float]]] = {}
+def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, pin_memory: bool,
+          source: SafetensorsFile | None) -> tuple[dict[str, PackedLoRATarget], HostBuffer, torch.Tensor]:
+    """The packed targets, the buffer they are views of, and all of it as one flat tensor."""
+    by_target: dict[str, list[tuple[int, int, AdapterTensor, AdapterTensor, float]]] = {}
     for (layer, module), (a, b, scaling) in modules.items():
         name, index = PEFT_MODULE_TO_PACKED[module]
         by_target.setdefault(name, []).append((layer, index, a, b, scaling))
@@ -218,10 +195,21 @@ def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float
     # padding, unadapted layers and slices must hold, so only the weights are written.
     buffer = HostBuffer(total * dtype.itemsize, register=pin_memory)
     flat = buffer.view_as_tensor(total, dtype)
+    in_bytes = memoryview(buffer)
+
+    def place(start: int, numel: int) -> memoryview:      # flat[start: start + numel] as bytes
+        return in_bytes[start * dtype.itemsize: (start + numel) * dtype.itemsize]
+
+    def unchanged(t: AdapterTensor) -> bool:               # its file bytes are its packed bytes
+        return isinstance(t, FileTensor) and t.dtype == dtype
+
     targets: dict[str, PackedLoRATarget] = {}
+    reads: list[tuple[FileTensor, memoryview]] = []
+    to_scale: dict[str, list[tuple[int, int, int, float]]] = {}   # B read unscaled: (layer, index, rank, scaling)
     offset = 0
     for name, entries in by_target.items():
         target = spec.target(name)
+        a_start, b_start = offset, offset + math.prod(shapes[name][0])
         views = []
         for shape in shapes[name]:
             views.append(flat[offset: offset + math.prod(shape)].view(shape))
@@ -230,9 +218,20 @@ def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float
         offsets = target.slice_offsets
         for layer, index, a, b, scaling in entries:
             module_rank = a.shape[0]
-            # This rank's shard (all of it on one device): A's input columns, B's output rows.
-            a, b = target.in_shard.take(a, 1), target.out_shards[index].take(b, 0)
-            packed.lora_a[layer, index * rank: index * rank + module_rank].copy_(a)
+            # A's rows and, at the full rank, B's [out_i, rank] block are contiguous in place.
+            if unchanged(a) and target.in_shard.is_whole:
+                first_row = (layer * target.num_slices + index) * rank
+                reads.append((a, place(a_start + first_row * target.in_features, module_rank * target.in_features)))
+            else:
+                # This rank's shard (all of it on one device): A's input columns.
+                a = target.in_shard.take(_as_tensor(a, source), 1)
+                packed.lora_a[layer, index * rank: index * rank + module_rank].copy_(a)
+            if unchanged(b) and target.out_shards[index].is_whole and module_rank == rank:
+                first = (layer * target.out_features + offsets[index]) * rank
+                reads.append((b, place(b_start + first, (offsets[index + 1] - offsets[index]) * rank)))
+                to_scale.setdefault(name, []).append((layer, index, module_rank, scaling))
+                continue
+            b = target.out_shards[index].take(_as_tensor(b, source), 0)   # B's output rows
             # Scaling folded in float32, then one rounding to the model's dtype: torch.mul
             # computes in b's dtype (float32 math for 16-bit types), so that holds when b
             # is float32 or already the model's dtype, and spares a float32 temporary.
@@ -241,7 +240,20 @@ def _pack(modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float
                 torch.mul(b, scaling, out=b_slot)
             else:
                 b_slot.copy_(b.float() * scaling)
-    return targets, buffer
+    if reads:
+        source.read_into(reads)
+    del reads, in_bytes
+    # B read as it was saved, then scaled in place: the same one rounding as torch.mul above.
+    for name, scaled in to_scale.items():
+        packed, offsets = targets[name], targets[name].target.slice_offsets
+        factors = {scaling for *_, scaling in scaled}
+        if len(scaled) == len(by_target[name]) and len(factors) == 1:
+            if (factor := factors.pop()) != 1.0:           # every B of the target: one op (zeros stay zero)
+                packed.lora_b.mul_(factor)
+            continue
+        for layer, index, module_rank, scaling in scaled:
+            packed.lora_b[layer, offsets[index]:offsets[index + 1], :module_rank].mul_(scaling)
+    return targets, buffer, flat
 
 
 def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[str, int, str, str]:
@@ -280,7 +292,7 @@ def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[str, int, s
     return path, layer, module, which
 
 
-def _check_pair(a: torch.Tensor, b: torch.Tensor, key: str, module: str, config: LoRAAdapterConfig,
+def _check_pair(a: AdapterTensor, b: AdapterTensor, key: str, module: str, config: LoRAAdapterConfig,
                 spec: LoRAModelSpec, where: str) -> None:
     in_features, out_features = spec.peft_module_shape(module)
     rank, _ = config.rank_and_alpha(key)
@@ -290,25 +302,27 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, key: str, module: str, config:
                 f"adapter {where}: {key}.{label} has shape {list(tensor.shape)}, expected {list(expected)} "
                 f"(rank {rank} for the model's {module} of {in_features} -> {out_features}); "
                 f"the adapter does not fit this base model or its config's r/rank_pattern")
-        if not tensor.is_floating_point():
+        if not tensor.dtype.is_floating_point:
             raise AdapterInvalidError(f"adapter {where}: {key}.{label} has dtype {tensor.dtype}; "
                                       f"expected floating-point weights")
 
 
-def _check_finite(adapter: LoRAAdapter, modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]],
-                  where: str) -> None:
-    """Refuse NaN or infinite weights, in the files or once scaled and cast to the model's dtype."""
-    dtype = next(iter(adapter.targets.values())).lora_a.dtype
+def _check_finite(adapter: LoRAAdapter, modules: Modules, where: str, flat: torch.Tensor,
+                  source: SafetensorsFile | None) -> None:
+    """Refuse NaN or infinite weights, in the files or once scaled and cast to the model's dtype.
+    `flat`: every packed tensor as one."""
+    dtype = flat.dtype
     whole = all(p.target.is_whole for p in adapter.targets.values())
-    # Fast path: min and max propagate NaN and inf, and one aminmax per packed tensor costs
-    # a fraction of an element-wise check of every module. Only a failure looks closer.
-    # A tensor-parallel rank packs only its shard, but must refuse exactly what one device
-    # would (every rank decides alike): it checks every module's range in the files.
-    if whole:
-        packed = [t for p in adapter.targets.values() for t in (p.lora_a, p.lora_b)]
-        if all(torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in packed):
-            return
-    elif all(_fits(a, 1.0, dtype) and _fits(b, scaling, dtype) for a, b, scaling in modules.values()):
+    # Fast path: min and max propagate NaN and inf, and one aminmax over the packed weights
+    # (zero padding included) costs a fraction of an element-wise check of every module.
+    # Only a failure looks closer. A tensor-parallel rank packs only its shard, but must
+    # refuse exactly what one device would (every rank decides alike): it checks every
+    # module's range in the files.
+    if whole and torch.isfinite(torch.stack(torch.aminmax(flat))).all():
+        return
+    # The files' own tensors from here (a tensor-parallel shard, or a failure to explain).
+    modules = {key: (_as_tensor(a, source), _as_tensor(b, source), scaling) for key, (a, b, scaling) in modules.items()}
+    if not whole and all(_fits(a, 1.0, dtype) and _fits(b, scaling, dtype) for a, b, scaling in modules.values()):
         return
     for (layer, module), (a, b, _) in modules.items():
         for tensor, label in ((a, "lora_A"), (b, "lora_B")):
