@@ -29,8 +29,8 @@ def test_bad_data_offsets(tmp_path, offsets):
 
 
 @pytest.mark.parametrize("header, message", [
-    (b"[" * 100_000 + b"]" * 100_000, "nested 100000 levels deep"),
-    (b'{"t": ' + b"{" * 50 + b"}" * 50 + b"}", "nested 51 levels deep"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested more than 32 levels deep"),
+    (b'{"t": ' + b"{" * 32 + b"}" * 32 + b"}", "nested more than 32 levels deep"),   # 33
     (b'{"t": "unterminated', "not a safetensors file"),
     (b"[1, 2]", "header is not an object"),
     (b'{"t": 5}', "invalid data_offsets"),
@@ -54,7 +54,7 @@ def test_bad_configs(tmp_path, monkeypatch):
     adapter = write_peft_adapter(tmp_path / "a")
     config = adapter / "adapter_config.json"
     config.write_text('{"peft_type": "LORA", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
-    with pytest.raises(AdapterInvalidError, match="adapter_config.json is nested 100001 levels deep"):
+    with pytest.raises(AdapterInvalidError, match="adapter_config.json is nested more than 32 levels deep"):
         validate_adapter_dir(adapter)
     monkeypatch.setattr(validation, "MAX_ADAPTER_CONFIG_BYTES", 100)
     config.write_text(json.dumps({"peft_type": "LORA", "notes": "x" * 200}))
@@ -69,6 +69,21 @@ def test_messages_use_the_label(tmp_path):
 
 
 def test_json_depth_ignores_brackets_in_strings():
-    assert json_depth(b'{"a": [1, {"b": "[[[[{{{{"}], "c": "\\\\\\"[["}') == 3
-    assert json_depth(b"") == 0 and json_depth(b"42") == 0
-    assert json_depth(b"[" * 5_000_000 + b"]" * 5_000_000) == 5_000_000   # several numpy chunks
+    assert json_depth(b'{"a": [1, {"b": "[[[[{{{{"}], "c": "\\\\\\"[["}', 32) == 3
+    assert json_depth(b"", 32) == 0 and json_depth(b"42", 32) == 0
+
+
+def test_json_depth_counts_each_level_up_to_the_limit():
+    assert json_depth(b'[{"a": [[1], {"b": []}]}, [[[2]]]]', 32) == 5        # the deepest branch counts
+    assert json_depth(b"[" * 32 + b"]" * 32, 32) == 32
+    assert json_depth(b"{" * 33 + b"}" * 33, 32) == 33
+    assert json_depth(b"[" * 5_000_000 + b"]" * 5_000_000, 32) == 33        # stops past the limit
+
+
+def test_json_depth_of_many_brackets_is_counted_alike():
+    # Past 64 KiB of brackets the count is a running sum instead of passes: the same answers.
+    wide = b"[" + b"[[1],{}]," * 20_000 + b"[]]"                          # 3 deep, 180 KB of brackets
+    narrow = b"[" + b"[[1],{}]," * 6_000 + b"[]]"                         # 36 KB of brackets: passes
+    assert json_depth(wide, 32) == 3 and json_depth(narrow, 32) == 3
+    deep = b"[" * 40 + wide + b"]" * 40
+    assert json_depth(deep, 32) == 33 and json_depth(deep, 64) == 43

@@ -56,9 +56,9 @@ FILE_CASES = {
     "offsets-null": (lambda d: rewrite_header(d / "adapter_model.safetensors", set_offsets(None)), "data_offsets"),
     "offsets-nan": (lambda d: rewrite_header(d / "adapter_model.safetensors", set_offsets([0, float("nan")])),
                     "data_offsets"),
-    "header-deep": (lambda d: rewrite_header(d / "adapter_model.safetensors", deep_header), "levels deep (the limit is 32)"),
+    "header-deep": (lambda d: rewrite_header(d / "adapter_model.safetensors", deep_header), "more than 32 levels deep"),
     "config-deep": (lambda d: (d / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "x": ' + "[" * DEEP + "]" * DEEP + "}"), "levels deep (the limit is 32)"),
+        '{"peft_type": "LORA", "x": ' + "[" * DEEP + "]" * DEEP + "}"), "more than 32 levels deep"),
 }
 
 
