@@ -120,6 +120,11 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.attention_backend.name == "triton":
             from loraplex.core.cuda_graphs import DecodeGraphs
             self.decode_graphs = DecodeGraphs(self)
+        # Steps with prompt tokens replay graphs of everything but attention (mixed_step_graphs.py).
+        self.mixed_graphs = None
+        if self.decode_graphs is not None:
+            from loraplex.core.mixed_step_graphs import MixedStepGraphs
+            self.mixed_graphs = MixedStepGraphs(self)
         if self.device.type == "cuda" and self.attention_backend.name == "triton":
             from loraplex.core.warmup import warm_up
             warm_up(self)
@@ -218,6 +223,8 @@ class ModelRunner:
         # chunks) cannot replay a decode graph, which reads token embeddings only.
         if host.mm_indices is None and self.decode_graphs is not None and self.decode_graphs.can_run(host):
             return self.decode_graphs.execute(host, pending_ids)
+        if self.mixed_graphs is not None and self.mixed_graphs.can_run(host):
+            return self.mixed_graphs.execute(host, pending_ids)
         inputs = host.to_device(self.device)
         fill_pending_tokens(inputs.input_ids, inputs.pending, pending_ids)
         mm_embeds = self._mm_embeds(host)
