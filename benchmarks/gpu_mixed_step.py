@@ -2,11 +2,12 @@
 
     PYTHONPATH=src:tests python3 benchmarks/gpu_mixed_step.py [--profile] [--smoke]
 
-Every new request's first token waits for such a step (only decode steps replay CUDA
-graphs), so its time is the floor of time-to-first-token under load. Builds the
-Llama-3-8B-shaped runner of gpu_decode.py with 8 adapters, prefills 32 sequences (with
-adapters, round robin) and times six mixed steps whose newcomer uses an adapter, then six
-whose newcomer does not (ms each; the first of each is a cold start for that shape).
+Every new request's first token waits for such a step, so its time is the floor of
+time-to-first-token under load. Builds the Llama-3-8B-shaped runner of gpu_decode.py with
+8 adapters, prefills 32 sequences (with adapters, round robin) and times six mixed steps
+whose newcomer uses an adapter, then six whose newcomer does not (ms each; the first of
+each is a cold start for that shape): replayed in pieces from CUDA graphs
+(mixed_step_graphs.py), as the engine runs them, then eagerly, as it did before.
 --profile adds cProfile's top functions for one more step of each kind and the GPU time
 per kernel (torch.profiler), to tell host from device time.
 """
@@ -50,23 +51,27 @@ def main() -> None:
     blocks = bench.Blocks(runner.num_kv_blocks, runner.block_size)
     decoding = bench.new_seqs(runner, 32, 128, adapters, first_id=1, seed=1)
     bench.prefill_all(runner, blocks, decoding, runner.config.max_num_batched_tokens)
-    for label, newcomer_lora in (("newcomer with an adapter", [adapters[0]]), ("newcomer without", [])):
-        times = []
-        for i in range(6 + args.profile):
-            newcomer = bench.new_seqs(runner, 1, 128, newcomer_lora, first_id=1000 + i, seed=i)[0]
-            profiler = cProfile.Profile() if i == 6 else None
-            bench.sync()
-            start = time.perf_counter()
-            if profiler:
-                profiler.enable()
-            bench.run_step(runner, blocks, [(s, 1) for s in decoding] + [(newcomer, newcomer.num_tokens)])
-            if profiler:
-                profiler.disable()
-                pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-            else:
-                times.append((time.perf_counter() - start) * 1e3)
-            blocks.release([newcomer])
-        print(f"mixed step, {label}: {', '.join(f'{t:.1f}' for t in times)} ms", flush=True)
+    graphs = runner.mixed_graphs
+    for mode in (["graphed pieces"] if graphs is not None else []) + ["eager"]:
+        runner.mixed_graphs = graphs if mode == "graphed pieces" else None
+        for label, newcomer_lora in (("newcomer with an adapter", [adapters[0]]), ("newcomer without", [])):
+            times = []
+            for i in range(6 + args.profile):
+                newcomer = bench.new_seqs(runner, 1, 128, newcomer_lora, first_id=1000 + i, seed=i)[0]
+                profiler = cProfile.Profile() if i == 6 else None
+                bench.sync()
+                start = time.perf_counter()
+                if profiler:
+                    profiler.enable()
+                bench.run_step(runner, blocks, [(s, 1) for s in decoding] + [(newcomer, newcomer.num_tokens)])
+                if profiler:
+                    profiler.disable()
+                    pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+                else:
+                    times.append((time.perf_counter() - start) * 1e3)
+                blocks.release([newcomer])
+            print(f"mixed step ({mode}), {label}: {', '.join(f'{t:.1f}' for t in times)} ms", flush=True)
+    runner.mixed_graphs = graphs
     if args.profile and device == "cuda":
         newcomer = bench.new_seqs(runner, 1, 128, [adapters[0]], first_id=2000, seed=9)[0]
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
