@@ -77,10 +77,10 @@ def test_few_adapter_steps_replay_the_few_adapter_variant(tiny_checkpoint, tmp_p
     # one (on the CPU the metadata's host check also proves the bound covers the slot map),
     # and every step's logits equal the eager runner's (which passes the exact count).
     from loraplex.core.lora import runtime
-    eager_bounds = []
+    built_bounds = []
     build = runtime.build_lora_meta
     monkeypatch.setattr(runtime, "build_lora_meta", lambda *args, max_active_slots: (
-        eager_bounds.append(max_active_slots), build(*args, max_active_slots=max_active_slots))[1])
+        built_bounds.append(max_active_slots), build(*args, max_active_slots=max_active_slots))[1])
     model_dir = tiny_checkpoint()
     num_adapters = FEW_ADAPTERS + 1
     adapters = [LoRARequest(f"a{i}", i + 1, str(write_peft_adapter(
@@ -108,8 +108,10 @@ def test_few_adapter_steps_replay_the_few_adapter_variant(tiny_checkpoint, tmp_p
             logits.append(step_logits)
         results.append(logits)
     assert graphs.replays_per_bound == {num_adapters + 1: 1, FEW_ADAPTERS: 2, 0: 1}
-    # Built eagerly with the exact count: the eager runner's prefill and decodes (the base-only
-    # step builds none), then the graphed runner's prefill.
-    assert eager_bounds == [num_adapters, num_adapters, FEW_ADAPTERS, 1, num_adapters]
+    # Built eagerly with the exact count (the eager runner's prefill and decodes; the base-only
+    # step builds none), then the graphed runner's prefill (eager), then its replays with the
+    # variant's bound (a "replay" builds it on the CPU; the base-only variant builds none).
+    assert built_bounds == [num_adapters, num_adapters, FEW_ADAPTERS, 1] + \
+        [num_adapters, num_adapters + 1, FEW_ADAPTERS, FEW_ADAPTERS]
     for ours, ref in zip(results[1], results[0]):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

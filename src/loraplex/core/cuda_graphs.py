@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 
@@ -112,18 +113,10 @@ class DecodeGraphs:
 
     def _forward(self, size: int, lora_bound: int) -> torch.Tensor:
         runner = self.runner
-        if lora_bound:
-            from loraplex.kernels.lora_meta import build_lora_meta
-            stacks = runner.lora.stacks
-            runner.lora.state.meta = build_lora_meta(self.token_slots[:size], stacks.slot_ranks, stacks.max_loras,
-                                                     max_active_slots=lora_bound)
-        try:
+        with runner.lora.device_batch(self.token_slots[:size], lora_bound) if lora_bound else nullcontext():
             hidden = runner.model(self.input_ids[:size], self.positions[:size], runner.kv_cache.layers,
                                   self._metadata(size))                      # [size, hidden]
             return runner.model.compute_logits(hidden).float()               # [size, vocab]
-        finally:
-            if lora_bound:
-                runner.lora.state.meta = None
 
     def _capture(self, size: int, lora_bound: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Buffers hold padding (slot -1): the warm-up (which compiles the kernels) writes nothing.

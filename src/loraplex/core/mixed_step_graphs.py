@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -160,20 +161,14 @@ class MixedStepGraphs:
         piecewise = _PiecewiseAttention(self)
         for attn in layers:
             attn.backend = piecewise
-        if lora_bound:
-            from loraplex.kernels.lora_meta import build_lora_meta
-            stacks = runner.lora.stacks
-            runner.lora.state.meta = build_lora_meta(self.token_slots[:size], stacks.slot_ranks, stacks.max_loras,
-                                                     max_active_slots=lora_bound)
         try:
-            hidden = runner.model(self.input_ids[:size], self.positions[:size], runner.kv_cache.layers,
-                                  None)                                                # [size, hidden]
-            self.hidden[:size].copy_(hidden)
+            with runner.lora.device_batch(self.token_slots[:size], lora_bound) if lora_bound else nullcontext():
+                hidden = runner.model(self.input_ids[:size], self.positions[:size], runner.kv_cache.layers,
+                                      None)                                            # [size, hidden]
+                self.hidden[:size].copy_(hidden)
         finally:
             for attn in layers:
                 attn.backend = self.backend
-            if lora_bound:
-                runner.lora.state.meta = None
 
     def _capture(self, size: int, lora_bound: int, stream: torch.cuda.Stream) -> tuple[list, list]:
         self.token_slots[:size].fill_(-1)    # the warm-up and capture adapt nothing, write no K/V

@@ -97,8 +97,20 @@ class LoRARuntime:
         if token_slots is None:
             yield
             return
-        self.state.meta = build_lora_meta(device_tensor(token_slots, torch.int32, self.device),
-                                          self.stacks.slot_ranks, self.stacks.max_loras, max_active_slots=num_adapters)
+        with self.device_batch(device_tensor(token_slots, torch.int32, self.device), num_adapters):
+            yield
+
+    @contextmanager
+    def device_batch(self, token_slots: torch.Tensor, max_active_slots: int) -> Iterator[None]:
+        """`batch` of a slot map already on the device ([num_tokens] int32): a CUDA graph's static
+        buffer, regrouped inside the graph at each replay. max_active_slots bounds its distinct
+        adapters and sizes the kernels (a graph variant's bound, cuda_graphs.lora_graph_bound);
+        0 = no token uses an adapter, no LoRA work."""
+        if not max_active_slots:
+            yield
+            return
+        self.state.meta = build_lora_meta(token_slots, self.stacks.slot_ranks, self.stacks.max_loras,
+                                          max_active_slots=max_active_slots)
         try:
             yield
         finally:
