@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -279,6 +280,8 @@ def check_engine() -> None:
     from runner_helpers import random_prompts
 
     from loraplex import LoRARequest
+    from loraplex.core.model_runner import MIXED_STEP_GRAPHS_ENV
+    os.environ[MIXED_STEP_GRAPHS_ENV] = "1"   # checked here before they are on by default
     release_memory()   # part 1 leaves large blocks in torch's cache
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import tempfile
 import time
@@ -25,7 +26,7 @@ import torch
 
 import gpu_decode as bench
 from loraplex.core.config import EngineConfig
-from loraplex.core.model_runner import ModelRunner
+from loraplex.core.model_runner import MIXED_STEP_GRAPHS_ENV, ModelRunner
 from loraplex.lora_request import LoRARequest
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
     args = parser.parse_args()
+    os.environ[MIXED_STEP_GRAPHS_ENV] = "1"
     cfg = dict(bench.LLAMA3_8B)
     device = "cpu" if args.smoke else "cuda"
     bench.DEVICE = device

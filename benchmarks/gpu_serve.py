@@ -172,7 +172,10 @@ def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, 
 # ---- serving ----------------------------------------------------------------------------
 
 def env(resolver_dir: Path | None = None) -> dict:
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))}
+    # The caller's VLLM_* and LORAPLEX_* settings are dropped, but for the engine's switch for
+    # prefill/mixed-step graphs (LORAPLEX_MIXED_STEP_GRAPHS=1 python3 benchmarks/gpu_serve.py ...).
+    out = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VLLM_", "LORAPLEX_")) or k == "LORAPLEX_MIXED_STEP_GRAPHS"}
     out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
     if resolver_dir is not None:
         out.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
