@@ -17,6 +17,8 @@ from loraplex.errors import AdapterInvalidError
 from loraplex.lora_request import LoRARequest
 from loraplex.resolvers.validation import validate_adapter_dir
 
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # Matches tests/adapters.py TINY_SHAPES: q 64, k/v 32, intermediate 128, 2 layers.
 SPEC = llama_lora_spec(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
                        intermediate_size=128)
@@ -333,3 +335,31 @@ def test_scaling_is_rounded_once_from_any_file_dtype(tmp_path):
             b = raw["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
             got = load(path, dtype=model_dtype).module_weights(0, "v_proj")[1]
             assert torch.equal(got, (b.float() * (7 / 4)).to(model_dtype)), (file_dtype, model_dtype)
+
+
+def test_torch_calls_of_a_load_do_not_grow_with_its_tensors(tmp_path):
+    # Each torch call lets the GIL go and may wait up to 5 ms to take it back beside a busy
+    # thread (the engine's step loop): an 8B adapter's 448 tensors copied a few calls each took
+    # seconds. Tensors in the model's dtype are read into place with the file's bytes instead,
+    # so a load makes the same few calls however many tensors it has.
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    spec = llama_lora_spec(num_layers=8, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                           intermediate_size=128)
+    counts = []
+    for num_layers in (2, 8):
+        path = write_peft_adapter(tmp_path / f"l{num_layers}", rank=4, target_modules=ALL_TARGETS,
+                                  num_layers=num_layers, dtype=torch.bfloat16)
+        Count.calls = 0
+        with Count():
+            load_lora_adapter(LoRARequest("a", 1, str(path)), spec, max_lora_rank=4, dtype=torch.bfloat16,
+                              served_model_name="tiny-base")
+        counts.append(Count.calls)
+    assert counts[0] == counts[1] < 40, counts
