@@ -172,8 +172,9 @@ def burst(args, spec, stacks) -> None:
         print(f"step probe alone: {idle_probe * 1e3:.2f} ms (median)")
         modes = {"one after another": None,
                  f"{ADAPTER_LOADER_THREADS} loader threads": {},
-                 f"{ADAPTER_LOADER_THREADS} loader threads, one-thread ops": {"initializer": single_threaded_ops},
-                 "4 loader threads": {"max_workers": 4}}
+                 f"{ADAPTER_LOADER_THREADS} loader threads, one-thread ops": {"initializer": single_threaded_ops}}
+        if ADAPTER_LOADER_THREADS != 4:
+            modes["4 loader threads"] = {"max_workers": 4}
         for repeat in range(args.burst_repeats):
             for how, pool_options in modes.items():
                 manager = LoRAManager(stacks, max_cpu_loras=args.burst, served_model_name="llama-3-8b")
