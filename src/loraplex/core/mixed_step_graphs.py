@@ -74,9 +74,7 @@ class _PiecewiseAttention(AttentionBackend):
             piece.capture_begin(pool=g.pool)
             g.capturing.append(piece)
         elif g.metadata is not None:
-            n = g.num_tokens
-            g.out[:n].copy_(g.backend.forward(q[:n], k[:n], v[:n], k_cache, v_cache, g.metadata,
-                                              scale=scale, sliding_window=sliding_window))
+            g.attend(q, k, v, (k_cache, v_cache, scale, sliding_window))
         return g.out[:size]
 
 
@@ -126,33 +124,39 @@ class MixedStepGraphs:
     def execute(self, host: HostStepInputs, pending_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One step: float32 logits [num_seqs (+ prompt positions), vocab], as ModelRunner.run's eager path."""
         runner = self.runner
-        inputs = host.to_device(runner.device)
+        metadata = host.attention_metadata(runner.device)
         n = len(host.input_ids)
         size = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n].copy_(inputs.input_ids)
+        copy_to_device(self.input_ids[:n], torch.from_numpy(host.input_ids))
         fill_pending_tokens(self.input_ids, host.pending, pending_ids)
-        self.positions[:n].copy_(inputs.positions)
+        copy_to_device(self.positions[:n], torch.from_numpy(host.positions))
         lora_bound = 0
         if host.token_slots is not None:
             copy_to_device(self.token_slots[:n], torch.from_numpy(host.token_slots))
             self.token_slots[n:size].fill_(-1)
             lora_bound = lora_graph_bound(host.num_adapters, runner.lora.stacks.max_loras)
         self.num_replays += 1
-        self.metadata, self.num_tokens = inputs.metadata, n
+        self.metadata, self.num_tokens = metadata, n
         try:
             if self.use_cuda_graphs:
                 pieces, calls = self.graphs[size, lora_bound]
-                for piece, (k_cache, v_cache, scale, sliding_window) in zip(pieces, calls):
+                for piece, call in zip(pieces, calls):
                     piece.replay()
-                    self.out[:n].copy_(self.backend.forward(self.q[:n], self.k[:n], self.v[:n], k_cache, v_cache,
-                                                            inputs.metadata, scale=scale,
-                                                            sliding_window=sliding_window))
+                    self.attend(self.q, self.k, self.v, call)
                 pieces[-1].replay()
             else:
                 self._forward(size, lora_bound)
         finally:
             self.metadata = None
-        return runner.model.compute_logits(self.hidden[inputs.metadata.logits_indices]).float()
+        return runner.model.compute_logits(self.hidden[metadata.logits_indices]).float()
+
+    def attend(self, q, k, v, call: tuple) -> None:
+        """One layer's attention over the step's real tokens into the static output; call:
+        (k_cache, v_cache, scale, sliding_window), as recorded at capture."""
+        n = self.num_tokens
+        k_cache, v_cache, scale, sliding_window = call
+        self.out[:n].copy_(self.backend.forward(q[:n], k[:n], v[:n], k_cache, v_cache, self.metadata,
+                                                scale=scale, sliding_window=sliding_window))
 
     def _forward(self, size: int, lora_bound: int) -> None:
         """The bucket's forward over the static buffers, attention through _PiecewiseAttention."""

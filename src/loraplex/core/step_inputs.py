@@ -98,18 +98,23 @@ class HostStepInputs:
         return last if self.prompt_positions is None else np.concatenate([last, self.prompt_positions])
 
     def to_device(self, device: torch.device) -> StepInputs:
-        def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return device_tensor(np.ascontiguousarray(array), dtype, device)
-
-        metadata = AttentionMetadata(
-            slot_mapping=to_device(self.slot_mapping, torch.int64),
-            query_start_loc=to_device(self.query_start_loc, torch.int32),
-            seq_lens=to_device(self.seq_lens, torch.int32),
-            block_tables=to_device(self.block_tables, torch.int32),
-            logits_indices=to_device(self.logits_indices(), torch.int64),
-            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, is_decode_only=self.is_decode_only)
-        return StepInputs(to_device(self.input_ids, torch.int64), to_device(self.positions, torch.int64), metadata,
+        return StepInputs(_to_device(self.input_ids, torch.int64, device),
+                          _to_device(self.positions, torch.int64, device), self.attention_metadata(device),
                           self.pending)
+
+    def attention_metadata(self, device: torch.device) -> AttentionMetadata:
+        """The step's AttentionMetadata on `device` (a graph replay copies its ids and positions itself)."""
+        return AttentionMetadata(
+            slot_mapping=_to_device(self.slot_mapping, torch.int64, device),
+            query_start_loc=_to_device(self.query_start_loc, torch.int32, device),
+            seq_lens=_to_device(self.seq_lens, torch.int32, device),
+            block_tables=_to_device(self.block_tables, torch.int32, device),
+            logits_indices=_to_device(self.logits_indices(), torch.int64, device),
+            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, is_decode_only=self.is_decode_only)
+
+
+def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return device_tensor(np.ascontiguousarray(array), dtype, device)
 
 
 def prompt_logprob_rows(scheduled: list[ScheduledSeq]) -> list[tuple[int, object, int, int]]:
