@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -11,7 +12,7 @@ from loraplex.core.lora.host_buffer import HostBuffer
 
 
 def test_buffer_starts_zero_and_lives_as_long_as_a_view():
-    buffer = HostBuffer(4096, register=False)
+    buffer = HostBuffer(4096)
     alive = weakref.ref(buffer)
     flat = buffer.view_as_tensor(1024, torch.float32)
     assert flat.shape == (1024,) and torch.count_nonzero(flat) == 0
@@ -26,6 +27,37 @@ def test_buffer_starts_zero_and_lives_as_long_as_a_view():
 
 
 def test_unregistered_buffer_records_no_use():
-    buffer = HostBuffer(16, register=False)
+    buffer = HostBuffer(16)
     buffer.record_use()   # nothing to wait for: the memory was never page-locked
     assert buffer.registered_address == 0 and buffer.last_use is None
+
+
+def _smaps_entry(address: int) -> dict[str, str]:
+    """This process's /proc/self/smaps fields for the mapping that holds `address`."""
+    entry = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:           # a mapping's first line: start-end perms ...
+            if entry is not None:
+                break
+            start, end = (int(x, 16) for x in head.split("-"))
+            entry = {} if start <= address < end else None
+        elif entry is not None:
+            key, _, value = line.partition(":")
+            entry[key] = value.strip()
+    return entry or {}
+
+
+def test_buffer_asks_for_huge_pages_where_the_kernel_has_them():
+    """Faulting 80 MiB in 4 KiB pages took 39 ms, in 2 MiB pages 10.5 ms (host_buffer.py)."""
+    buffer = HostBuffer(8 * 2**20)
+    flat = buffer.view_as_tensor(2 * 2**20, torch.float32)
+    flat.fill_(1.0)                                   # fault every page in
+    entry = _smaps_entry(flat.data_ptr())
+    assert entry, "the buffer's mapping is not in /proc/self/smaps"
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if setting.exists() and "[never]" not in setting.read_text():
+        assert entry.get("THPeligible") == "1", entry
+    else:                                             # no huge pages here: plain pages, same contents
+        assert entry.get("AnonHugePages", "0 kB") == "0 kB"
+    assert flat.sum() == 2 * 2**20

@@ -193,7 +193,7 @@ def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, 
     total = sum(math.prod(shape) for pair in shapes.values() for shape in pair)
     # One buffer for every tensor; fresh anonymous memory reads as zero, which is what the
     # padding, unadapted layers and slices must hold, so only the weights are written.
-    buffer = HostBuffer(total * dtype.itemsize, register=pin_memory)
+    buffer = HostBuffer(total * dtype.itemsize)
     flat = buffer.view_as_tensor(total, dtype)
     in_bytes = memoryview(buffer)
 
@@ -253,6 +253,8 @@ def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, 
             continue
         for layer, index, module_rank, scaling in scaled:
             packed.lora_b[layer, offsets[index]:offsets[index + 1], :module_rank].mul_(scaling)
+    if pin_memory:
+        buffer.register()
     return targets, buffer, flat
 
 

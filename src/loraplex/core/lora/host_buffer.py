@@ -23,21 +23,27 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-# Pages are faulted in by the mmap call, in one pass: cheaper than one fault per page as
-# the packing first writes them (populate + copy 60 ms against 120 ms for 80 MiB on a
-# 2-core VM), and page-locking finds them present.
-_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+# Neither MAP_POPULATE nor madvise lets the GIL go while the kernel faults the pages in
+# (37 ms for 84 MiB here, every other thread of the process stopped meanwhile), so the pages
+# are faulted by the writes that fill them (os.preadv and torch copies, which let it go).
+# Huge pages make those faults 2 MiB at a time: populate 84 MiB 39 -> 10.5 ms on a 2-core
+# VM (benchmarks/bench_lora_load_phases.py); where the kernel has none, nothing changes.
+_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+_HUGE_PAGES = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 class HostBuffer(mmap.mmap):
-    """Anonymous, zeroed memory of `nbytes`, page-locked for CUDA when `register`."""
+    """Anonymous, zeroed memory of `nbytes`; `register()` page-locks it for CUDA once written."""
 
-    def __new__(cls, nbytes: int, *, register: bool):
+    def __new__(cls, nbytes: int):
         buffer = super().__new__(cls, -1, max(nbytes, 1), flags=_FLAGS)
         buffer.registered_address = 0
         buffer.last_use = None      # torch.cuda.Event recorded after the latest copy from it
-        if register:
-            buffer._register()
+        if _HUGE_PAGES is not None:
+            try:
+                buffer.madvise(_HUGE_PAGES)
+            except OSError:          # a kernel without transparent huge pages: 4 KiB pages
+                pass
         return buffer
 
     def view_as_tensor(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -51,7 +57,9 @@ class HostBuffer(mmap.mmap):
             event.record()
             self.last_use = event
 
-    def _register(self) -> None:
+    def register(self) -> None:
+        """Page-lock the buffer for CUDA (after writing it: the pages it faults in here are
+        faulted with the GIL let go, or held, as torch's binding does)."""
         address = torch.frombuffer(self, dtype=torch.uint8).data_ptr()
         status = torch.cuda.cudart().cudaHostRegister(address, len(self), 0)
         if int(status) != 0:
