@@ -34,6 +34,7 @@ from loraplex.core.engine_loop import EngineLoop, EngineStopped, Shutdown
 from loraplex.core.gc_heap import freeze_startup_heap
 from loraplex.core.input_processor import EngineLimits
 from loraplex.errors import EngineDeadError
+from loraplex.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def run_engine_process(config: EngineConfig, served_model_names: tuple[str, ...]
     """The engine process's main function."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     logging.getLogger("loraplex").setLevel(log_level)
     send_lock = threading.Lock()
 

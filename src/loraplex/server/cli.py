@@ -4,8 +4,9 @@ parsed args and returning the exit status."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from loraplex.logs import configure_logging
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     return args.func(args)
 
 
