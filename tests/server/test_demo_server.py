@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -268,3 +269,5 @@ def test_bench_serve_poisson_text_chat_and_failures(demo, tmp_path):
     assert out["per_model"]["upper"]["output_tokens"] == 12
     assert any("404" in e and "does not exist" in e for e in out["errors"]), out["errors"]
     assert len(out["requests"]) == 6 and out["request_rate"] == 20
+    sent = [r["sent_at"] for r in sorted(out["requests"], key=lambda r: r["index"])]   # wall clock, in order
+    assert sent == sorted(sent) and time.time() - 120 < sent[0] < sent[-1] <= time.time()

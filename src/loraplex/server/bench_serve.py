@@ -51,6 +51,7 @@ class RequestResult:
     ttft: float = 0.0                          # seconds
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
+    sent_at: float = 0.0                       # wall clock (time.time()): lines up with server logs
 
 
 # ---- the workload -----------------------------------------------------------------------
@@ -124,6 +125,7 @@ def request_body(args: argparse.Namespace, request: BenchRequest) -> dict:
 async def send(pool: ConnectionPool, args: argparse.Namespace, request: BenchRequest, headers: dict) -> RequestResult:
     result = RequestResult(request.index, request.model)
     body = json.dumps(request_body(args, request)).encode()
+    result.sent_at = time.time()
     start = time.perf_counter()
     last = start
     chunks = 0
