@@ -152,7 +152,7 @@ def burst(args, spec, stacks) -> None:
 
     from loraplex.core.engine_loop import ADAPTER_LOADER_THREADS
 
-    def probed(work) -> tuple[float, float]:
+    def probed(work) -> tuple[float, list[float]]:
         stop, times = threading.Event(), []
         probe = threading.Thread(target=step_probe, args=(stacks.device, stop, times))
         probe.start()
@@ -161,7 +161,7 @@ def burst(args, spec, stacks) -> None:
         seconds = time.perf_counter() - start
         stop.set()
         probe.join()
-        return seconds, statistics.median(times) if times else float("nan")
+        return seconds, sorted(times) or [float("nan")]
 
     with tempfile.TemporaryDirectory(prefix="bench_lora_burst_") as tmp:
         paths = [write_peft_adapter(Path(tmp, f"b{i}"), rank=RANK, alpha=32, target_modules=ALL_TARGETS,
@@ -169,7 +169,8 @@ def burst(args, spec, stacks) -> None:
                                     base_model_name_or_path="llama-3-8b", seed=100 + i, dtype=torch.bfloat16)
                  for i in range(args.burst)]
         _, idle_probe = probed(lambda: time.sleep(1))
-        print(f"step probe alone: {idle_probe * 1e3:.2f} ms (median)")
+        print(f"step probe alone: {statistics.median(idle_probe) * 1e3:.2f} ms median, "
+              f"{idle_probe[-1] * 1e3:.2f} ms max")
         modes = {"one after another": None,
                  f"{ADAPTER_LOADER_THREADS} loader threads": {},
                  f"{ADAPTER_LOADER_THREADS} loader threads, one-thread ops": {"initializer": single_threaded_ops}}
@@ -179,18 +180,27 @@ def burst(args, spec, stacks) -> None:
             for how, pool_options in modes.items():
                 manager = LoRAManager(stacks, max_cpu_loras=args.burst, served_model_name="llama-3-8b")
                 requests = [LoRARequest(f"b{i}", 10_000 + i, str(p)) for i, p in enumerate(paths)]
+                done: list[float] = []     # when each load finished: a burst's first tokens wait for these
+                start = time.perf_counter()
+
+                def load(request) -> None:
+                    manager.add_lora(request)
+                    done.append(time.perf_counter() - start)
 
                 def load_all() -> None:
                     if pool_options is None:
                         for request in requests:
-                            manager.add_lora(request)
+                            load(request)
                         return
                     with ThreadPoolExecutor(**{"max_workers": ADAPTER_LOADER_THREADS, **pool_options}) as pool:
-                        list(pool.map(manager.add_lora, requests))
+                        list(pool.map(load, requests))
                 seconds, probe = probed(load_all)
                 del manager
-                print(f"burst of {args.burst} fresh adapters, {how}: {seconds * 1e3:.0f} ms; "
-                      f"step probe meanwhile {probe * 1e3:.2f} ms (median)")
+                done.sort()
+                print(f"burst of {args.burst} fresh adapters, {how}: {seconds * 1e3:.0f} ms; loads done at "
+                      f"{done[0] * 1e3:.0f} / {statistics.median(done) * 1e3:.0f} / {done[-1] * 1e3:.0f} ms "
+                      f"(first / median / last); step probe meanwhile {statistics.median(probe) * 1e3:.2f} ms "
+                      f"median, {probe[-1] * 1e3:.1f} ms max")
             print(f"main thread's torch threads after the runs: {torch.get_num_threads()}")
 
 

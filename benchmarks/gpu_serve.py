@@ -12,9 +12,10 @@ at start-up (`--lora-modules`), prompts of 128 random token ids, 128 new tokens,
 
 Sections (`--only`):
   offline  `LLM.generate` of 4 x C requests with max_num_seqs C (C = each --concurrency), in
-           its own process: tokens/s, and the engine's steady decode step (the median time
-           between step starts while C sequences decode), to hold against gpu_decode.py's
-           graph replay at the same batch (target: within 0.3 ms).
+           its own process, with the mix above and with the base model only: tokens/s, and
+           the engine's steady decode step (the median time between step starts while C
+           sequences decode), against the runner alone: the same steps' CUDA graph replayed
+           back to back (target: within 0.3 ms).
   serve    `loraplex serve --max-num-seqs C` and `loraplex bench serve --max-concurrency C` (another
            process), the same 4 x C requests, --runs times: output tokens/s (target: >= 90% of
            offline), TTFT p50 (target < 100 ms at C = 64), ITL p99 (target < 2x the median step).
@@ -22,6 +23,8 @@ Sections (`--only`):
            each wave's prefill is one long step; --request-rate R spreads them (Poisson).
   burst    32 never-seen adapters requested at once, each for the first time, resolved from local
            disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
+           With --server-flags "--log-level info", also when each adapter was resolved and
+           loaded, from the server's log (ms after the first request was sent).
   cold     While C = 64 streams decode, one request for a never-seen adapter and one for a loaded
            adapter sent together, 5 times with fresh adapters: the difference of their first-token
            times (target <= 100 ms, median), and the engine's mean step (from /metrics) while such
@@ -37,8 +40,10 @@ process, started and stopped in turn (one 8B engine at a time on the GPU).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -119,6 +124,8 @@ def bench_argv(models: list[str], num_prompts: int, input_len: int, output_len: 
 
 def offline_worker(spec_path: str) -> None:
     """In its own process: LLM.generate over the spec's requests; prints JSON."""
+    import torch
+
     from loraplex import LLM, LoRARequest, SamplingParams
     from loraplex.lora_request import lora_id_for_name
     from loraplex.server.bench_serve import build_requests
@@ -147,20 +154,43 @@ def offline_worker(spec_path: str) -> None:
         return step()
 
     core.scheduler.schedule, core.step = timed_schedule, timed_step
+    graphs = core.runner.decode_graphs
+    replayed = collections.Counter()                                # (batch bucket, LoRA variant) of each replay
+    replay = graphs._replay if graphs is not None else None
+    if graphs is not None:
+        def counted_replay(size, lora_bound, num_seqs):
+            replayed[size, lora_bound] += 1
+            return replay(size, lora_bound, num_seqs)
+        graphs._replay = counted_replay
     start = time.perf_counter()
     outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steady = [b - a for a, b, n in zip(starts, starts[1:], decode_batch) if n == spec["concurrency"]]
-    print(json.dumps({"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
-                      "steady_steps": len(steady), "step_ms_median": statistics.median(steady) * 1e3 if steady else None}))
+    result = {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "steady_steps": len(steady),
+              "step_ms_median": statistics.median(steady) * 1e3 if steady else None}
+    if replayed:
+        # The runner alone on the same batch: the steady steps' graph replayed back to back on
+        # the last step's inputs (the same bucket, adapters and about the same context).
+        (size, bound), _ = replayed.most_common(1)[0]
+        graph = graphs.graphs[size, bound][0]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(31)]
+        ends[0].record()
+        for end in ends[1:]:
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        times = [a.elapsed_time(b) for a, b in zip(ends, ends[1:])]
+        result.update(replay_batch=size, replay_lora_bound=bound, replay_ms_median=statistics.median(times))
+    print(json.dumps(result))
 
 
-def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, num_prompts: int) -> dict:
+def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, num_prompts: int,
+                models: list[str]) -> dict:
     spec = tmp / f"offline-{concurrency}.json"
     spec.write_text(json.dumps({"model": str(model), "device": args.device, "concurrency": concurrency,
                                 "adapters": {k: str(v) for k, v in adapters.items()},
-                                "bench_argv": bench_argv(model_mix(len(adapters)), num_prompts, args.input_len,
+                                "bench_argv": bench_argv(models, num_prompts, args.input_len,
                                                          args.output_len, args.vocab)}))
     proc = subprocess.run([sys.executable, __file__, "--offline-worker", str(spec)], capture_output=True, text=True,
                           timeout=1800, env=env())
@@ -173,7 +203,7 @@ def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, 
 
 def env(resolver_dir: Path | None = None) -> dict:
     # The caller's VLLM_* and LORAPLEX_* settings are dropped, but for the engine's switch for
-    # prefill/mixed-step graphs (LORAPLEX_MIXED_STEP_GRAPHS=1 python3 benchmarks/gpu_serve.py ...).
+    # prefill/mixed-step graphs (LORAPLEX_MIXED_STEP_GRAPHS=0 python3 benchmarks/gpu_serve.py ...).
     out = {k: v for k, v in os.environ.items()
            if not k.startswith(("VLLM_", "LORAPLEX_")) or k == "LORAPLEX_MIXED_STEP_GRAPHS"}
     out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
@@ -243,15 +273,16 @@ def summary_of(out: dict) -> dict:
     return {k: out[k] for k in keys}
 
 
-def profile(args, server: Server, name: str, idle: bool = False) -> subprocess.Popen | None:
+def profile(args, server: Server, name: str, only: str | None = None) -> subprocess.Popen | None:
     """With --py-spy: samples the server and its engine process for --py-spy seconds (raw stacks to --out);
-    `idle`: threads waiting (on a lock, in a system call) are sampled too."""
+    `only`: "--idle" samples threads waiting (on a lock, in a system call) too, "--gil" only
+    the thread holding the GIL."""
     if not args.py_spy or not args.out:
         return None
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["py-spy", "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking",
                              "--rate", "200", "--duration", str(args.py_spy), "--format", "raw", "--threads",
-                             "--output", str(Path(args.out) / f"pyspy-{name}.txt"), *(["--idle"] if idle else [])],
+                             "--output", str(Path(args.out) / f"pyspy-{name}.txt"), *([only] if only else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -304,28 +335,51 @@ def metric_total(url: str, name: str) -> float:
                if line.startswith(name + "{") or line.startswith(name + " "))
 
 
+def logged_times(log_path: Path, pattern: str, names: list[str]) -> list[float]:
+    """Unix times of the server's log lines (logs.py's format) that contain `pattern` and
+    one of `names` (quoted)."""
+    year = time.localtime().tm_year
+    quoted = {f"'{name}'" for name in names}
+    times = []
+    for line in log_path.read_text().splitlines():
+        stamp = re.match(r"(\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) ", line)
+        if stamp and pattern in line and any(q in line for q in quoted):
+            seconds = time.mktime(time.strptime(f"{year}-{stamp[1]}", "%Y-%m-%d %H:%M:%S"))
+            times.append(seconds + int(stamp[2]) / 1e3)
+    return times
+
+
 def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
     names = list(burst)
     resolution = "loraplex_lora_resolution_seconds"
     before = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
-    spy = profile(args, server, "burst", idle=True)   # the loader threads wait in native code: keep idle samples
+    # Every thread, waiting or not (the loaders wait in native code), and which one holds the GIL.
+    spies = [profile(args, server, "burst", "--idle"), profile(args, server, "burst-gil", "--gil")]
     out = bench(server.url, ["--models", *names, "--model-distribution", "round-robin", "--num-prompts",
                              str(len(names)), "--max-concurrency", str(len(names)), "--random-input-len",
                              str(args.input_len), "--random-output-len", "16", "--ignore-eos", "--token-id-min",
                              "10", "--token-id-max", str(min(args.vocab, 128000)), "--save-detailed"],
                 tmp / "burst.json")
-    if spy is not None:
+    for spy in filter(None, spies):
         spy.wait(120)
     after = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
     result = summary_of(out)
     # Every first token in order: spread out (loads finish one by one) or together (something waits for all).
     result["ttfts_ms"] = sorted(round(r["ttft"] * 1e3) for r in out["requests"] if r.get("ttft"))
+    # With --server-flags "--log-level info", when (after the first request was sent) each
+    # adapter was found by the resolver (API process) and loaded (engine process).
+    sent = min(r["sent_at"] for r in out["requests"])
+    for event, pattern in (("resolved", "resolved by"), ("loaded", "loaded LoRA adapter")):
+        times = logged_times(server.log_path, pattern, names)
+        if times:
+            result[f"{event}_ms"] = sorted(round((t - sent) * 1e3) for t in times)
     loads = after[1] - before[1]
     # Resolution: the resolver chain and the engine's load, as the server timed each adapter.
     result["resolution_mean_ms"] = round((after[0] - before[0]) / loads * 1e3, 1) if loads else None
     log(f"  burst of {len(names)} new adapters: first token p50 {result['median_ttft_ms']:.0f} ms, "
         f"last {result['p100_ttft_ms']:.0f} ms, failed {result['failed']}; resolution mean "
-        f"{result['resolution_mean_ms']} ms over {loads:.0f}; first tokens at {result['ttfts_ms']}")
+        f"{result['resolution_mean_ms']} ms over {loads:.0f}; first tokens at {result['ttfts_ms']}; "
+        f"resolved at {result.get('resolved_ms')}; loaded at {result.get('loaded_ms')}")
     return result
 
 
@@ -431,11 +485,13 @@ def main() -> None:
     for concurrency in args.concurrency:
         num_prompts = 4 * concurrency
         if "offline" in args.only:
-            r = run_offline(args, tmp, model, adapters, concurrency, num_prompts)
-            results[f"offline_{concurrency}"] = r
-            log(f"offline C={concurrency}: {r['tok_s']:.0f} tok/s, steady decode step {r['step_ms_median']} ms "
-                f"({r['steady_steps']} steps)")
-            save()
+            for suffix, models in (("", model_mix(len(adapters))), ("_base", [BASE])):
+                r = run_offline(args, tmp, model, adapters, concurrency, num_prompts, models)
+                results[f"offline_{concurrency}{suffix}"] = r
+                log(f"offline C={concurrency}{' base model only' if suffix else ''}: {r['tok_s']:.0f} tok/s, "
+                    f"steady decode step {r['step_ms_median']} ms ({r['steady_steps']} steps); the runner's "
+                    f"replay of its graph {r.get('replay_ms_median')} ms")
+                save()
         wanted = {"serve"} | ({"burst", "cold"} if concurrency == args.concurrency[0] else set())
         if not wanted & set(args.only):
             continue
