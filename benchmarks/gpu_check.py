@@ -281,7 +281,7 @@ def check_engine() -> None:
 
     from loraplex import LoRARequest
     from loraplex.core.model_runner import MIXED_STEP_GRAPHS_ENV
-    os.environ[MIXED_STEP_GRAPHS_ENV] = "1"   # checked here before they are on by default
+    os.environ[MIXED_STEP_GRAPHS_ENV] = "1"   # on, whatever the caller's environment says
     release_memory()   # part 1 leaves large blocks in torch's cache
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -51,9 +51,9 @@ from loraplex.errors import ConfigError, LoraplexError
 
 logger = logging.getLogger(__name__)
 
-# Prefill and mixed steps replayed from CUDA graphs in pieces (core/mixed_step_graphs.py): off
-# until a GPU has checked them (benchmarks/gpu_check.py turns them on for its engine checks);
-# the CPU tests cover all but the capture. "1" turns them on.
+# Prefill and mixed steps replayed from CUDA graphs in pieces (core/mixed_step_graphs.py): on
+# with the decode graphs; "0" turns them off alone (a few seconds less start-up and the
+# graphs' memory, for 4x slower steps that carry prompt tokens; enforce_eager turns off all).
 MIXED_STEP_GRAPHS_ENV = "LORAPLEX_MIXED_STEP_GRAPHS"
 
 
@@ -126,10 +126,10 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.attention_backend.name == "triton":
             from loraplex.core.cuda_graphs import DecodeGraphs
             self.decode_graphs = DecodeGraphs(self)
-        # Steps with prompt tokens replay graphs of everything but attention (mixed_step_graphs.py),
-        # for now only when asked: see MIXED_STEP_GRAPHS_ENV.
+        # Steps with prompt tokens replay graphs of everything but attention (mixed_step_graphs.py)
+        # unless MIXED_STEP_GRAPHS_ENV is "0".
         self.mixed_graphs = None
-        if self.decode_graphs is not None and os.environ.get(MIXED_STEP_GRAPHS_ENV, "0") == "1":
+        if self.decode_graphs is not None and os.environ.get(MIXED_STEP_GRAPHS_ENV, "1") != "0":
             from loraplex.core.mixed_step_graphs import MixedStepGraphs
             self.mixed_graphs = MixedStepGraphs(self)
         if self.device.type == "cuda" and self.attention_backend.name == "triton":
