@@ -33,9 +33,8 @@ SETTINGS = dict(enable_lora=True, max_loras=4, max_cpu_loras=4, max_lora_rank=8,
 PARAMS = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 
 
-def test_loader_pool_is_sized_to_the_host():
-    assert 4 <= engine_loop.ADAPTER_LOADER_THREADS <= 16
-    assert engine_loop.ADAPTER_LOADER_THREADS > NUM_FAST
+def test_loader_pool_overlaps_loads_but_leaves_the_step_loop_the_gil():
+    assert NUM_FAST < engine_loop.ADAPTER_LOADER_THREADS <= 4
 
 
 @pytest.mark.parametrize("how", ["generate", "add_lora"])

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
@@ -46,17 +45,14 @@ logger = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.1           # the loop sends stats at most this often while busy
 
 
-def loader_threads() -> int:
-    """Threads loading adapters: one per core this process may use, at least 4 (loads also
-    wait for the disk), at most 16 (each Python-level part holds the GIL the steps need)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:   # not on Linux
-        cores = os.cpu_count() or 1
-    return max(4, min(16, cores))
-
-
-ADAPTER_LOADER_THREADS = loader_threads()
+# Threads loading adapters. Four, whatever the host: each load's Python part (headers, names,
+# shapes) holds the GIL the step loop needs, and on a 16-core H100 host 16 loaders starved it
+# (32 adapters at once: a stand-in step waited up to 745-775 ms, with page-locking or without)
+# while finishing no sooner: 4 loaders took 708 ms against 806, finished one by one (the first
+# at 109 ms, the median at 406) rather than together, and the step waited at most 61 ms
+# (benchmarks/bench_cpu_lora_load.py --device cuda --burst 32). Loads also wait on the disk,
+# so a 2-core host still gets four.
+ADAPTER_LOADER_THREADS = 4
 
 
 # ---- client -> loop -----------------------------------------------------------------------
