@@ -21,8 +21,11 @@ first requests' adapters that way): if the pool is not about threads-times faste
 loads serialize somewhere (memory, the GIL, or page-locking in the driver with --device cuda).
 Two variants of the pool tell whether torch's intra-op threads are the cause (each loader
 thread runs its copies on every core: 16 loaders make 16 thread teams): loaders whose ops
-run on one thread, and 4 loaders. Meanwhile a step probe on the main thread (small kernels
-and a wait, like the engine's step) shows what the loads cost the requests already running.
+run on one thread, and 4 loaders; with --device cuda a third, loaders that do not page-lock
+their buffers, tells the GIL from the CUDA driver (cudaHostRegister is a load's only driver
+call). Meanwhile a step probe on the main thread (small kernels and a wait, like the
+engine's step) shows what the loads cost the requests already running (median and max);
+each line also says when the first, median and last load finished.
 """
 
 from __future__ import annotations
@@ -176,9 +179,16 @@ def burst(args, spec, stacks) -> None:
                  f"{ADAPTER_LOADER_THREADS} loader threads, one-thread ops": {"initializer": single_threaded_ops}}
         if ADAPTER_LOADER_THREADS != 4:
             modes["4 loader threads"] = {"max_workers": 4}
+        if stacks.device.type == "cuda":
+            # Tells the GIL from the CUDA driver: page-locking (cudaHostRegister) is the loads'
+            # only driver call, and the probe's kernels and waits need the driver too.
+            modes[f"{ADAPTER_LOADER_THREADS} loader threads, no page-locking"] = {"pin": False}
         for repeat in range(args.burst_repeats):
             for how, pool_options in modes.items():
                 manager = LoRAManager(stacks, max_cpu_loras=args.burst, served_model_name="llama-3-8b")
+                pool_options = dict(pool_options) if pool_options is not None else None
+                if pool_options is not None and not pool_options.pop("pin", True):
+                    manager._load_options["pin_memory"] = False
                 requests = [LoRARequest(f"b{i}", 10_000 + i, str(p)) for i, p in enumerate(paths)]
                 done: list[float] = []     # when each load finished: a burst's first tokens wait for these
                 start = time.perf_counter()

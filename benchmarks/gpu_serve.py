@@ -25,10 +25,11 @@ Sections (`--only`):
            disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
            With --server-flags "--log-level info", also when each adapter was resolved and
            loaded, from the server's log (ms after the first request was sent).
-  cold     While C = 64 streams decode, one request for a never-seen adapter and one for a loaded
-           adapter sent together, 5 times with fresh adapters: the difference of their first-token
-           times (target <= 100 ms, median), and the engine's mean step (from /metrics) while such
-           a pair runs against while a pair of loaded adapters does (target: at most 1.1x).
+  cold     While C = 64 streams decode (over 24 of the adapters, so slots are free), one
+           request for a never-seen adapter and one for a loaded adapter sent together, 5 times
+           with fresh adapters: the difference of their first-token times (target <= 100 ms,
+           median), and the engine's mean step (from /metrics) while such a pair runs against
+           while a pair of loaded adapters does (target: at most 1.1x).
   prefix   (only when named) prefix caching: C = the first --concurrency, prompts of a 1,024-token
            prefix shared by all plus 128 of their own, served without and with
            --enable-prefix-caching: output tokens/s, TTFT p50, and the cache's hit rate.
@@ -44,6 +45,7 @@ import collections
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -273,17 +275,26 @@ def summary_of(out: dict) -> dict:
     return {k: out[k] for k in keys}
 
 
-def profile(args, server: Server, name: str, only: str | None = None) -> subprocess.Popen | None:
-    """With --py-spy: samples the server and its engine process for --py-spy seconds (raw stacks to --out);
-    `only`: "--idle" samples threads waiting (on a lock, in a system call) too, "--gil" only
-    the thread holding the GIL."""
+def profile(args, server: Server, name: str, only: str | None = None,
+            seconds: int | None = None) -> subprocess.Popen | None:
+    """With --py-spy: samples the server and its engine process for `seconds` (--py-spy's by
+    default; stop_profile ends it sooner), raw stacks to --out; `only`: "--idle" samples
+    threads waiting (on a lock, in a system call) too, "--gil" only the thread holding the GIL."""
     if not args.py_spy or not args.out:
         return None
     Path(args.out).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(["py-spy", "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking",
-                             "--rate", "200", "--duration", str(args.py_spy), "--format", "raw", "--threads",
+                             "--rate", "200", "--duration", str(seconds or args.py_spy), "--format", "raw", "--threads",
                              "--output", str(Path(args.out) / f"pyspy-{name}.txt"), *([only] if only else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def stop_profile(spy: subprocess.Popen | None) -> None:
+    """End a profile now: py-spy writes what it sampled when interrupted."""
+    if spy is not None and spy.poll() is None:
+        spy.send_signal(signal.SIGINT)
+    if spy is not None:
+        spy.wait(120)
 
 
 def serve_section(args, server: Server, tmp: Path, adapters: dict, concurrency: int, num_prompts: int) -> list[dict]:
@@ -353,15 +364,17 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
     names = list(burst)
     resolution = "loraplex_lora_resolution_seconds"
     before = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
-    # Every thread, waiting or not (the loaders wait in native code), and which one holds the GIL.
-    spies = [profile(args, server, "burst", "--idle"), profile(args, server, "burst-gil", "--gil")]
+    # Every thread, waiting or not (the loaders wait in native code), and which one holds the GIL,
+    # from before the client starts (it takes seconds to import) until its last request ends.
+    spies = [profile(args, server, "burst", "--idle", seconds=120),
+             profile(args, server, "burst-gil", "--gil", seconds=120)]
     out = bench(server.url, ["--models", *names, "--model-distribution", "round-robin", "--num-prompts",
                              str(len(names)), "--max-concurrency", str(len(names)), "--random-input-len",
                              str(args.input_len), "--random-output-len", "16", "--ignore-eos", "--token-id-min",
                              "10", "--token-id-max", str(min(args.vocab, 128000)), "--save-detailed"],
                 tmp / "burst.json")
-    for spy in filter(None, spies):
-        spy.wait(120)
+    for spy in spies:
+        stop_profile(spy)
     after = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
     result = summary_of(out)
     # Every first token in order: spread out (loads finish one by one) or together (something waits for all).
@@ -384,9 +397,12 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
 
 
 def cold_section(args, server: Server, tmp: Path, adapters: dict, cold: dict) -> dict:
-    """Pairs (never-seen adapter, loaded adapter) sent together while C = 64 streams decode."""
-    background_argv = [*bench_argv(model_mix(len(adapters)), 100000, args.input_len, args.output_len, args.vocab),
-                       "--max-concurrency", str(args.cold_concurrency)]
+    """Pairs (never-seen adapter, loaded adapter) sent together while C = 64 streams decode.
+    The streams use 24 of the 32 loaded adapters, so the cold adapter finds a free device slot:
+    with all 32 in use, each new adapter evicts one the streams need back at once, and the
+    swaps that follow (an 80 MiB copy each) would be counted as the load's cost."""
+    background_argv = [*bench_argv(model_mix(min(24, len(adapters))), 100000, args.input_len, args.output_len,
+                                   args.vocab), "--max-concurrency", str(args.cold_concurrency)]
     stop = threading.Event()
 
     def load(result_name: str) -> threading.Thread:
