@@ -58,6 +58,11 @@ def test_the_server_exports_them_labelled_with_the_served_name():
     assert found[("vllm:kv_cache_usage_perc", demo)] == found[("vllm:gpu_cache_usage_perc", demo)] == 0
     assert found[("vllm:generation_tokens_total", demo)] >= 2 and found[("vllm:prompt_tokens_total", demo)] > 0
     assert found[("vllm:time_to_first_token_seconds_count", demo)] == 2
+    # One gap per engine output with new tokens after a request's first: at most tokens - 1 each.
+    gaps = found[("vllm:inter_token_latency_seconds_count", demo)]
+    assert 1 <= gaps <= found[("vllm:generation_tokens_total", demo)] - 2
+    assert found[("vllm:inter_token_latency_seconds_sum", demo)] > 0
+    assert found[("loraplex_inter_token_latency_seconds_count", ())] == gaps
     assert sum(v for (name, labels), v in found.items() if name == "vllm:request_success_total") == 2
     idle = (("max_lora", "2"), ("running_lora_adapters", ""), ("waiting_lora_adapters", ""))
     assert found[("vllm:lora_requests_info", idle)] > 0

@@ -42,6 +42,10 @@ class PromptRun:
     num_output_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    # Seconds between the engine outputs that brought new tokens, one per output after the
+    # first (vLLM's inter-token latency: a stall shows here, a mean per request hides it).
+    token_gaps: list[float] = field(default_factory=list)
     finished_at: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
 
@@ -71,13 +75,18 @@ async def run_prompt(backend: Any, run: PromptRun, prompt: str | list[int], samp
                 run.prompt = out.prompt
             if getattr(out, "prompt_logprobs", None) is not None:
                 run.prompt_logprobs = out.prompt_logprobs
+            if any(comp.token_ids for comp in out.outputs):
+                now = time.perf_counter()
+                if run.last_token_at is not None:
+                    run.token_gaps.append(now - run.last_token_at)
+                run.last_token_at = now
             for comp in out.outputs:
                 new_ids = list(comp.token_ids)
                 if not new_ids and not comp.text and comp.finish_reason is None:
                     continue
                 run.num_output_tokens += len(new_ids)
                 if new_ids and run.first_token_at is None:
-                    run.first_token_at = time.perf_counter()
+                    run.first_token_at = run.last_token_at
                 if comp.finish_reason is not None:
                     run.finish_reasons.append(comp.finish_reason)
                 yield ChoiceDelta(run.prompt_index, run.prompt_index * n + comp.index, comp.text or "",

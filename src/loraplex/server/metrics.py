@@ -26,6 +26,9 @@ VLLM_PREFIX = "vllm:"   # vLLM's names of what routers and autoscalers read (VLL
 OTHER_ADAPTERS = "other"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# Finer where decode steps lie (5-30 ms on a GPU): a tail of 1.5 or 2 steps must be told apart.
+INTER_TOKEN_BUCKETS = (0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05,
+                       0.075, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class BoundedLabels:
@@ -138,6 +141,9 @@ class ServerMetrics:
                                    buckets=PER_TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "request latency, end to end",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram(PREFIX + "inter_token_latency_seconds",
+                                     "time between a request's successive outputs of new tokens",
+                                     buckets=INTER_TOKEN_BUCKETS, registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "tokens generated", registry=r)
         self.adapter_requests = Counter(PREFIX + "lora_requests", "generation requests per model "
@@ -176,6 +182,8 @@ class ServerMetrics:
                               buckets=LATENCY_BUCKETS, registry=r),
             "tpot": Histogram(VLLM_PREFIX + "time_per_output_token_seconds", "mean time between output tokens",
                               ["model_name"], buckets=PER_TOKEN_BUCKETS, registry=r),
+            "itl": Histogram(VLLM_PREFIX + "inter_token_latency_seconds", "time between output tokens",
+                             ["model_name"], buckets=INTER_TOKEN_BUCKETS, registry=r),
             "e2e": Histogram(VLLM_PREFIX + "e2e_request_latency_seconds", "request latency, end to end",
                              ["model_name"], buckets=LATENCY_BUCKETS, registry=r)}
         self.model_name = "unknown"              # the served model's (first) name, once attached
@@ -243,6 +251,10 @@ class ServerMetrics:
                 per_token = (end - run.first_token_at) / (run.num_output_tokens - 1)
                 self.per_token.observe(per_token)
                 vllm["tpot"].labels(served).observe(per_token)
+        itl = vllm["itl"].labels(served)
+        for gap in run.token_gaps:
+            self.inter_token.observe(gap)
+            itl.observe(gap)
 
     def observe_resolution(self, resolver: str, outcome: str, seconds: float) -> None:
         self.resolutions.labels(resolver, outcome).inc()
