@@ -20,7 +20,9 @@ Sections (`--only`):
            process), the same 4 x C requests, --runs times: output tokens/s (target: >= 90% of
            offline), TTFT p50 (target < 100 ms at C = 64), ITL p99 (target < 2x the median step).
            All at once by default: requests of equal lengths then start and finish in waves, and
-           each wave's prefill is one long step; --request-rate R spreads them (Poisson).
+           each wave's prefill is one long step; --request-rate R spreads them (Poisson). Each
+           run also reads the server's own inter-token histogram (the gaps as the API server
+           received the engine's outputs): its p99 bucket and the share above 17.5 ms.
   burst    32 never-seen adapters requested at once, each for the first time, resolved from local
            disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
            With --server-flags "--log-level info", also when each adapter was resolved and
@@ -309,8 +311,14 @@ def serve_section(args, server: Server, tmp: Path, adapters: dict, concurrency: 
         spy.wait(120)
     runs = []
     for run in range(args.runs):
+        before = histogram(server.url, "loraplex_inter_token_latency_seconds")
         out = bench(server.url, [*argv, "--max-concurrency", str(concurrency)], tmp / f"serve-{concurrency}-{run}.json")
         runs.append(summary_of(out))
+        # The same gaps as the API server received them (before the SSE write, the network and
+        # the client): a tail the client's ITL has and this has not is the delivery's.
+        gaps = {le: n - before.get(le, 0) for le, n in histogram(server.url, "loraplex_inter_token_latency_seconds").items()}
+        runs[-1]["server_itl_p99_le_ms"] = quantile_bound(gaps, 0.99)
+        runs[-1]["server_itl_over_18ms"] = share_above(gaps, 0.0175)
         log(f"  serve C={concurrency} run {run + 1}: {json.dumps({k: round(v, 2) for k, v in runs[-1].items()})}")
     return runs
 
@@ -337,6 +345,31 @@ def prefix_section(args, tmp: Path, model: Path, adapters: dict, resolver_dir: P
         log(f"  prefix {flag}: {out['output_throughput']:.0f} tok/s, TTFT p50 {out['median_ttft_ms']:.0f} ms, "
             f"hit rate {out['hit_rate']:.2f}")
     return result
+
+
+def histogram(url: str, name: str) -> dict[float, float]:
+    """A /metrics histogram's cumulative counts by upper bound (le), summed over labels."""
+    counts: dict[float, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        match = re.match(re.escape(name) + r'_bucket\{(?:.*,)?le="([^"]+)"(?:,.*)?\} (\S+)', line)
+        if match:
+            le = float(match[1])
+            counts[le] = counts.get(le, 0.0) + float(match[2])
+    return counts
+
+
+def quantile_bound(cumulative: dict[float, float], q: float) -> float | None:
+    """The smallest bucket bound (ms) under which a share q of the observations lie."""
+    total = cumulative.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    return next((le * 1e3 for le, n in sorted(cumulative.items()) if n >= q * total), None)
+
+
+def share_above(cumulative: dict[float, float], bound: float) -> float | None:
+    """The share of observations above a bucket bound (seconds)."""
+    total = cumulative.get(float("inf"), 0.0)
+    return round(1 - cumulative.get(bound, 0.0) / total, 4) if total > 0 else None
 
 
 def metric_total(url: str, name: str) -> float:
