@@ -27,11 +27,12 @@ Sections (`--only`):
            disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
            With --server-flags "--log-level info", also when each adapter was resolved and
            loaded, from the server's log (ms after the first request was sent).
-  cold     While C = 64 streams decode (over 24 of the adapters, so slots are free), one
-           request for a never-seen adapter and one for a loaded adapter sent together, 5 times
-           with fresh adapters: the difference of their first-token times (target <= 100 ms,
-           median), and the engine's mean step (from /metrics) while such a pair runs against
-           while a pair of loaded adapters does (target: at most 1.1x).
+  cold     While 56 streams decode (over 24 of the adapters, so device slots and sequence
+           seats are free; the server's max_num_seqs is C = 64), one request for a never-seen
+           adapter and one for a loaded adapter sent together, 5 times with fresh adapters:
+           the difference of their first-token times (target <= 100 ms, median), and the
+           engine's mean step (from /metrics) while such a pair runs against while a pair of
+           loaded adapters does (target: at most 1.1x).
   prefix   (only when named) prefix caching: C = the first --concurrency, prompts of a 1,024-token
            prefix shared by all plus 128 of their own, served without and with
            --enable-prefix-caching: output tokens/s, TTFT p50, and the cache's hit rate.
@@ -430,7 +431,7 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
 
 
 def cold_section(args, server: Server, tmp: Path, adapters: dict, cold: dict) -> dict:
-    """Pairs (never-seen adapter, loaded adapter) sent together while C = 64 streams decode.
+    """Pairs (never-seen adapter, loaded adapter) sent together while 56 streams decode.
     The streams use 24 of the 32 loaded adapters, so the cold adapter finds a free device slot:
     with all 32 in use, each new adapter evicts one the streams need back at once, and the
     swaps that follow (an 80 MiB copy each) would be counted as the load's cost."""
@@ -507,7 +508,11 @@ def main() -> None:
         offline_worker(args.offline_worker)
         return
     cfg = dict(gpu_decode.LLAMA3_8B)
-    args.device, args.input_len, args.output_len, args.cold_concurrency, args.cold_settle_s = "cuda", 128, 128, 64, 10
+    # The cold probes' background: 56 streams on a server of 64 sequences, so a probe's request
+    # finds a free seat. With 64, both probes queued behind the streams' own new requests, and
+    # the cold one, entering the queue a load later, behind more of them: the delta measured
+    # the queue's growth during the load as much as the load.
+    args.device, args.input_len, args.output_len, args.cold_concurrency, args.cold_settle_s = "cuda", 128, 128, 56, 10
     counts = {"adapters": 32, "burst": 32, "cold": 5}
     if args.smoke:
         cfg.update(gpu_decode.SMOKE_CONFIG, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
