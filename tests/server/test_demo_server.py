@@ -184,8 +184,11 @@ def test_readme_openai_example_prints_what_the_readme_says(demo, solo_answers):
 
 def test_readme_log_lines_are_in_the_servers_log(demo, solo_answers):
     log = demo["server"].log_path.read_text()
+    stamp = r"\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} "           # logs.py's time, other in every run
     for line in readme_block("loraplex.resolvers.chain: LoRA adapter").splitlines():
-        assert re.search(re.escape(line).replace(re.escape("..."), ".*"), log), f"{line!r} not in:\n{log}"
+        assert re.match(stamp, line), f"the README's log line {line!r} has no time"
+        pattern = "^" + stamp + re.escape(re.sub("^" + stamp, "", line)).replace(re.escape("..."), ".*")
+        assert re.search(pattern, log, re.MULTILINE), f"{line!r} not in:\n{log}"
 
 
 def parse_serve(*argv: str):
