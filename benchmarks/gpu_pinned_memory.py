@@ -46,7 +46,7 @@ def main() -> None:
     timed("torch pinned, 1 block, from its cache of freed blocks",
           lambda: torch.empty(total, dtype=torch.bfloat16, pin_memory=True))
     def registered() -> HostBuffer:
-        buffer = HostBuffer(total * 2)
+        buffer = HostBuffer.lease(total * 2)
         buffer.register()
         return buffer
     timed("HostBuffer: fresh mapping + cudaHostRegister", lambda: kept.append(registered()))

@@ -69,7 +69,8 @@ def _variant_keys() -> dict[str, set[str]]:
 
 def check_pinned_adapter(report) -> None:
     """An adapter packed in page-locked memory (host_buffer.py) is pinned, reaches its slot intact,
-    and may be freed while its copies are still queued (the unregistering waits for them)."""
+    and may be freed while its copies are still queued: the next adapter of its size, loaded at
+    once into the same (recycled) memory, waits for those copies before writing."""
     from adapters import write_peft_adapter
     from bench_cpu_lora_load import ALL_TARGETS, peft_shapes
 
@@ -81,19 +82,27 @@ def check_pinned_adapter(report) -> None:
     spec = llama_lora_spec(**shape)
     stacks = LoRASlotStacks(spec, max_loras=2, max_lora_rank=16, dtype=torch.bfloat16, device="cuda")
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_peft_adapter(Path(tmp, "a"), rank=16, alpha=32, target_modules=ALL_TARGETS, num_layers=4,
-                                  shapes=peft_shapes(shape), base_model_name_or_path="base", dtype=torch.bfloat16)
-        adapter = load_lora_adapter(LoRARequest("a", 1, str(path)), spec, max_lora_rank=16,
-                                    served_model_name="base", dtype=torch.bfloat16, pin_memory=True)
-    registered = adapter.host_buffer.registered_address != 0
-    pinned = all(t.is_pinned() for p in adapter.targets.values() for t in (p.lora_a, p.lora_b))
-    expected = {name: (p.lora_a.clone(), p.lora_b.clone()) for name, p in adapter.targets.items()}
-    torch.cuda._sleep(100_000_000)      # ~50 ms of GPU work ahead of the copies: they stay queued
-    stacks.write_slot(1, adapter)
-    del adapter
-    gc.collect()                        # the buffer is freed now, its copies not yet done
+        paths = [write_peft_adapter(Path(tmp, name), rank=16, alpha=32, target_modules=ALL_TARGETS, num_layers=4,
+                                    shapes=peft_shapes(shape), base_model_name_or_path="base", dtype=torch.bfloat16,
+                                    seed=seed) for seed, name in enumerate("ab")]
+
+        def load(i: int):
+            return load_lora_adapter(LoRARequest("ab"[i], i + 1, str(paths[i])), spec, max_lora_rank=16,
+                                     served_model_name="base", dtype=torch.bfloat16, pin_memory=True)
+        adapter = load(0)
+        registered = adapter.host_buffer.registered_address != 0
+        pinned = all(t.is_pinned() for p in adapter.targets.values() for t in (p.lora_a, p.lora_b))
+        expected = {name: (p.lora_a.clone(), p.lora_b.clone()) for name, p in adapter.targets.items()}
+        address = adapter.host_buffer.registered_address
+        torch.cuda._sleep(100_000_000)      # ~50 ms of GPU work ahead of the copies: they stay queued
+        stacks.write_slot(1, adapter)
+        del adapter
+        gc.collect()                        # the buffer is freed now, its copies not yet done
+        following = load(1)                 # into the same memory, once those copies are done
+        recycled = following.host_buffer.registered_address == address
     torch.cuda.synchronize()
     intact = all(torch.equal(stacks.lora_a[name][:, 1].cpu(), a) and torch.equal(stacks.lora_b[name][:, 1].cpu(), b)
                  for name, (a, b) in expected.items())
-    report("adapter in registered page-locked memory: pinned, slot written intact though freed while queued",
-           registered and pinned and intact, f"registered={registered} pinned={pinned} intact={intact}")
+    report("adapter in registered page-locked memory: pinned, slot written intact though freed while queued "
+           "and its memory recycled at once", registered and pinned and intact and recycled,
+           f"registered={registered} pinned={pinned} intact={intact} recycled={recycled}")

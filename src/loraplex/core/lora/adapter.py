@@ -191,9 +191,12 @@ def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, 
     shapes = {name: ((spec.num_layers, spec.target(name).num_slices * rank, spec.target(name).in_features),
                      (spec.num_layers, spec.target(name).out_features, rank)) for name in by_target}
     total = sum(math.prod(shape) for pair in shapes.values() for shape in pair)
-    # One buffer for every tensor; fresh anonymous memory reads as zero, which is what the
-    # padding, unadapted layers and slices must hold, so only the weights are written.
-    buffer = HostBuffer(total * dtype.itemsize)
+    # One buffer for every tensor. Padding, unadapted layers and slices must hold zeros: a
+    # fresh buffer does, a recycled one (host_buffer.py) is zeroed first unless this adapter
+    # writes every element (every layer and slice of each packed target, at the full rank).
+    writes_all = all(spec.target(name).is_whole and len(entries) == spec.num_layers * spec.target(name).num_slices
+                     for name, entries in by_target.items()) and all(a.shape[0] == rank for a, _, _ in modules.values())
+    buffer = HostBuffer.lease(total * dtype.itemsize, zeroed=not writes_all)
     flat = buffer.view_as_tensor(total, dtype)
     in_bytes = memoryview(buffer)
 
