@@ -12,8 +12,8 @@ takes the GIL back few times: tensors already in the model's dtype are read from
 safetensors file straight into their packed place, a few system calls per adapter
 (safetensors_file.py says why that matters), and their scaling is applied to each packed B
 at once; the rest are copied from a mapping of the file. One buffer (host_buffer.py) holds
-every packed tensor, zero from the start and page-locked in place when the slots are on a
-GPU.
+every packed tensor, zero wherever the adapter writes nothing (fresh, or a recycled one
+zeroed) and page-locked in place when the slots are on a GPU.
 """
 
 from __future__ import annotations
@@ -193,10 +193,8 @@ def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, 
     total = sum(math.prod(shape) for pair in shapes.values() for shape in pair)
     # One buffer for every tensor. Padding, unadapted layers and slices must hold zeros: a
     # fresh buffer does, a recycled one (host_buffer.py) is zeroed first unless this adapter
-    # writes every element (every layer and slice of each packed target, at the full rank).
-    writes_all = all(spec.target(name).is_whole and len(entries) == spec.num_layers * spec.target(name).num_slices
-                     for name, entries in by_target.items()) and all(a.shape[0] == rank for a, _, _ in modules.values())
-    buffer = HostBuffer.lease(total * dtype.itemsize, zeroed=not writes_all)
+    # writes every element.
+    buffer = HostBuffer.lease(total * dtype.itemsize, zeroed=not _writes_every_element(modules, by_target, spec, rank))
     flat = buffer.view_as_tensor(total, dtype)
     in_bytes = memoryview(buffer)
 
@@ -259,6 +257,14 @@ def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, 
     if pin_memory:
         buffer.register()
     return targets, buffer, flat
+
+
+def _writes_every_element(modules: Modules, by_target: dict[str, list], spec: LoRAModelSpec, rank: int) -> bool:
+    """Whether packing fills its whole buffer: every layer and slice of each packed target
+    adapted, at the full rank, unsharded."""
+    return (all(a.shape[0] == rank for a, _, _ in modules.values())
+            and all(spec.target(name).is_whole and len(entries) == spec.num_layers * spec.target(name).num_slices
+                    for name, entries in by_target.items()))
 
 
 def _parse_name(name: str, spec: LoRAModelSpec, where: str) -> tuple[str, int, str, str]:

@@ -125,11 +125,10 @@ class HostBuffer:
         a recycled block then keeps its old contents until overwritten)."""
         nbytes = max(nbytes, 1)
         block, recycled = _POOL.take(nbytes)
-        kind = _LEASE_TYPES.get(nbytes)
-        if kind is None:
-            kind = _LEASE_TYPES.setdefault(nbytes, type(f"HostBuffer{nbytes}", (HostBuffer, ctypes.Array),
-                                                        {"_type_": ctypes.c_char, "_length_": nbytes}))
-        buffer = kind.from_buffer(block.memory)
+        if nbytes not in _LEASE_TYPES:
+            _LEASE_TYPES[nbytes] = type(f"HostBuffer{nbytes}", (HostBuffer, ctypes.Array),
+                                        {"_type_": ctypes.c_char, "_length_": nbytes})
+        buffer = _LEASE_TYPES[nbytes].from_buffer(block.memory)
         buffer._block = block
         if recycled and zeroed:
             torch.frombuffer(buffer, dtype=torch.uint8).zero_()     # lets the GIL go
