@@ -23,7 +23,8 @@ Two variants of the pool tell whether torch's intra-op threads are the cause (ea
 thread runs its copies on every core: 16 loaders make 16 thread teams): loaders whose ops
 run on one thread, and 4 loaders; with --device cuda a third, loaders that do not page-lock
 their buffers, tells the GIL from the CUDA driver (cudaHostRegister is a load's only driver
-call). Meanwhile a step probe on the main thread (small kernels and a wait, like the
+call). Last, the pool loads into buffers reserved beforehand, faulted in and page-locked, as
+the engine loop reserves them when it starts. Meanwhile a step probe on the main thread (small kernels and a wait, like the
 engine's step) shows what the loads cost the requests already running (median and max);
 each line also says when the first, median and last load finished.
 """
@@ -31,6 +32,7 @@ each line also says when the first, median and last load finished.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
@@ -45,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from adapters import write_peft_adapter  # noqa: E402
 
+from loraplex.core.lora.adapter import largest_packed_nbytes  # noqa: E402
+from loraplex.core.lora.host_buffer import HostBuffer  # noqa: E402
 from loraplex.core.lora.manager import LoRAManager  # noqa: E402
 from loraplex.core.lora.slots import LoRASlotStacks  # noqa: E402
 from loraplex.core.lora.targets import llama_lora_spec  # noqa: E402
@@ -183,35 +187,49 @@ def burst(args, spec, stacks) -> None:
             # Tells the GIL from the CUDA driver: page-locking (cudaHostRegister) is the loads'
             # only driver call, and the probe's kernels and waits need the driver too.
             modes[f"{ADAPTER_LOADER_THREADS} loader threads, no page-locking"] = {"pin": False}
+        def run(how: str, pool_options: dict | None) -> None:
+            manager = LoRAManager(stacks, max_cpu_loras=args.burst, served_model_name="llama-3-8b")
+            pool_options = dict(pool_options) if pool_options is not None else None
+            if pool_options is not None and not pool_options.pop("pin", True):
+                manager._load_options["pin_memory"] = False
+            requests = [LoRARequest(f"b{i}", 10_000 + i, str(p)) for i, p in enumerate(paths)]
+            done: list[float] = []     # when each load finished: a burst's first tokens wait for these
+            start = time.perf_counter()
+
+            def load(request) -> None:
+                manager.add_lora(request)
+                done.append(time.perf_counter() - start)
+
+            def load_all() -> None:
+                if pool_options is None:
+                    for request in requests:
+                        load(request)
+                    return
+                with ThreadPoolExecutor(**{"max_workers": ADAPTER_LOADER_THREADS, **pool_options}) as pool:
+                    list(pool.map(load, requests))
+            seconds, probe = probed(load_all)
+            del manager
+            done.sort()
+            print(f"burst of {args.burst} fresh adapters, {how}: {seconds * 1e3:.0f} ms; loads done at "
+                  f"{done[0] * 1e3:.0f} / {statistics.median(done) * 1e3:.0f} / {done[-1] * 1e3:.0f} ms "
+                  f"(first / median / last); step probe meanwhile {statistics.median(probe) * 1e3:.2f} ms "
+                  f"median, {probe[-1] * 1e3:.1f} ms max")
+
         for repeat in range(args.burst_repeats):
             for how, pool_options in modes.items():
-                manager = LoRAManager(stacks, max_cpu_loras=args.burst, served_model_name="llama-3-8b")
-                pool_options = dict(pool_options) if pool_options is not None else None
-                if pool_options is not None and not pool_options.pop("pin", True):
-                    manager._load_options["pin_memory"] = False
-                requests = [LoRARequest(f"b{i}", 10_000 + i, str(p)) for i, p in enumerate(paths)]
-                done: list[float] = []     # when each load finished: a burst's first tokens wait for these
-                start = time.perf_counter()
-
-                def load(request) -> None:
-                    manager.add_lora(request)
-                    done.append(time.perf_counter() - start)
-
-                def load_all() -> None:
-                    if pool_options is None:
-                        for request in requests:
-                            load(request)
-                        return
-                    with ThreadPoolExecutor(**{"max_workers": ADAPTER_LOADER_THREADS, **pool_options}) as pool:
-                        list(pool.map(load, requests))
-                seconds, probe = probed(load_all)
-                del manager
-                done.sort()
-                print(f"burst of {args.burst} fresh adapters, {how}: {seconds * 1e3:.0f} ms; loads done at "
-                      f"{done[0] * 1e3:.0f} / {statistics.median(done) * 1e3:.0f} / {done[-1] * 1e3:.0f} ms "
-                      f"(first / median / last); step probe meanwhile {statistics.median(probe) * 1e3:.2f} ms "
-                      f"median, {probe[-1] * 1e3:.1f} ms max")
+                run(how, pool_options)
             print(f"main thread's torch threads after the runs: {torch.get_num_threads()}")
+        # Last, since reserved buffers stay in the process: as the engine loop does when it
+        # starts (LoRAManager.host_buffer_reservations), one buffer per adapter of the burst.
+        nbytes = largest_packed_nbytes(spec, args.max_lora_rank, torch.bfloat16)
+        reserve = functools.partial(HostBuffer.reserve, nbytes, up_to=args.burst, register=stacks.device.type == "cuda")
+        start = time.perf_counter()
+        with ThreadPoolExecutor(ADAPTER_LOADER_THREADS) as pool:
+            list(pool.map(lambda _: reserve(), range(args.burst)))
+        print(f"reserving {args.burst} buffers of {nbytes / 2**20:.1f} MiB on {ADAPTER_LOADER_THREADS} threads: "
+              f"{(time.perf_counter() - start) * 1e3:.0f} ms")
+        for repeat in range(args.burst_repeats):
+            run(f"{ADAPTER_LOADER_THREADS} loader threads, into reserved buffers", {})
 
 
 if __name__ == "__main__":

@@ -167,9 +167,16 @@ def offline_worker(spec_path: str) -> None:
             replayed[size, lora_bound] += 1
             return replay(size, lora_bound, num_seqs)
         graphs._replay = counted_replay
+    spy = None
+    if spec.get("py_spy_output"):        # this process sampled while it generates, waits included
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--nonblocking", "--rate", "200",
+                                "--duration", "600", "--format", "raw", "--threads", "--idle",
+                                "--output", spec["py_spy_output"]], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        time.sleep(1)                    # py-spy attached
     start = time.perf_counter()
     outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
     seconds = time.perf_counter() - start
+    stop_profile(spy)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steady = [b - a for a, b, n in zip(starts, starts[1:], decode_batch) if n == spec["concurrency"]]
     result = {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "steady_steps": len(steady),
@@ -191,10 +198,14 @@ def offline_worker(spec_path: str) -> None:
 
 
 def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, num_prompts: int,
-                models: list[str]) -> dict:
+                models: list[str], name: str) -> dict:
     spec = tmp / f"offline-{concurrency}.json"
+    if args.py_spy and args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     spec.write_text(json.dumps({"model": str(model), "device": args.device, "concurrency": concurrency,
                                 "adapters": {k: str(v) for k, v in adapters.items()},
+                                "py_spy_output": str(Path(args.out) / f"pyspy-{name}.txt")
+                                if args.py_spy and args.out else None,
                                 "bench_argv": bench_argv(models, num_prompts, args.input_len,
                                                          args.output_len, args.vocab)}))
     proc = subprocess.run([sys.executable, __file__, "--offline-worker", str(spec)], capture_output=True, text=True,
@@ -496,7 +507,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks this script only")
     parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
-                        help="sample the server and engine processes with py-spy during the first serve run and the burst")
+                        help="sample the server and engine processes with py-spy during the first serve run and the burst, "
+                             "and the offline worker (waits included) while it generates")
     parser.add_argument("--request-rate", type=float, default=None, metavar="R",
                         help="serve runs send requests at R per second (Poisson) instead of all at once: "
                              "clients then do not start and finish in waves (steady-state TTFT and ITL)")
@@ -540,7 +552,8 @@ def main() -> None:
         num_prompts = 4 * concurrency
         if "offline" in args.only:
             for suffix, models in (("", model_mix(len(adapters))), ("_base", [BASE])):
-                r = run_offline(args, tmp, model, adapters, concurrency, num_prompts, models)
+                r = run_offline(args, tmp, model, adapters, concurrency, num_prompts, models,
+                                f"offline-{concurrency}{suffix}")
                 results[f"offline_{concurrency}{suffix}"] = r
                 log(f"offline C={concurrency}{' base model only' if suffix else ''}: {r['tok_s']:.0f} tok/s, "
                     f"steady decode step {r['step_ms_median']} ms ({r['steady_steps']} steps); the runner's "

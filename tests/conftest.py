@@ -15,6 +15,16 @@ torch.set_num_threads(1)
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def host_buffer_pool(monkeypatch):
+    """An empty pool of adapter host buffers (host_buffer.py) for this test: blocks freed or
+    reserved by earlier tests in the process do not decide which memory a lease gets."""
+    from loraplex.core.lora import host_buffer
+    pool = host_buffer._Pool()
+    monkeypatch.setattr(host_buffer, "_POOL", pool)
+    return pool
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """`tiny_checkpoint(arch="llama", **kwargs) -> Path`: a tiny HF checkpoint from

@@ -39,10 +39,11 @@ def test_loader_pool_overlaps_loads_but_leaves_the_step_loop_the_gil():
 
 @pytest.mark.parametrize("how", ["generate", "add_lora"])
 def test_a_burst_of_new_adapters_loads_in_parallel_and_each_starts_when_ready(tiny_checkpoint, tmp_path,
-                                                                              monkeypatch, how):
+                                                                              monkeypatch, how, host_buffer_pool):
     """how="generate": first requests name adapters the engine has never loaded (the engine
     loop loads them); "add_lora": each is loaded by add_lora, then requested (what the server's
-    resolution on first request does)."""
+    resolution on first request does). Each packs into a host buffer the loop reserved when it
+    started (LoRAManager.host_buffer_reservations)."""
     model_dir = tiny_checkpoint("llama")
     names = [f"burst-{i}" for i in range(NUM_FAST)] + ["held-back"]
     loras = [LoRARequest(name, lora_id_for_name(name),
@@ -57,6 +58,7 @@ def test_a_burst_of_new_adapters_loads_in_parallel_and_each_starts_when_ready(ti
     overlap = threading.Barrier(NUM_FAST, timeout=20)
     release = threading.Event()
     spans: dict[str, list[float]] = {}
+    in_reserved: dict[str, bool] = {}
     real_load = manager_module.load_lora_adapter
 
     def load(request, *args, **kwargs):
@@ -67,6 +69,7 @@ def test_a_burst_of_new_adapters_loads_in_parallel_and_each_starts_when_ready(ti
             overlap.wait()       # raises BrokenBarrierError unless NUM_FAST loads run at once
         adapter = real_load(request, *args, **kwargs)
         spans[request.lora_name].append(time.monotonic())
+        in_reserved[request.lora_name] = adapter.host_buffer.reserved
         return adapter
 
     monkeypatch.setattr(manager_module, "load_lora_adapter", load)
@@ -103,3 +106,4 @@ def test_a_burst_of_new_adapters_loads_in_parallel_and_each_starts_when_ready(ti
     assert max(starts) < min(ends)
     assert events.index((names[0], "first token")) < events.index(("held-back", "first token"))
     assert spans["held-back"][1] > spans[names[0]][1]
+    assert in_reserved == dict.fromkeys(names, True)

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters import write_peft_adapter
-from loraplex.core.lora.adapter import load_lora_adapter
+from loraplex.core.lora.adapter import largest_packed_nbytes, load_lora_adapter
+from loraplex.core.lora.host_buffer import HostBuffer
 from loraplex.core.lora.safetensors_file import SafetensorsFile
 from loraplex.core.lora.targets import llama_lora_spec
 from loraplex.errors import AdapterInvalidError
@@ -367,7 +368,7 @@ def test_torch_calls_of_a_load_do_not_grow_with_its_tensors(tmp_path):
     assert max(counts) - min(counts) <= 2 and max(counts) < 40, counts
 
 
-def test_a_recycled_buffer_holds_only_the_next_adapters_weights(tmp_path):
+def test_a_recycled_buffer_holds_only_the_next_adapters_weights(tmp_path, host_buffer_pool):
     """An adapter freed from the cache leaves its page-locked buffer to the next load of the same
     size (host_buffer.py). Where the next adapter writes nothing (a module it does not adapt, a
     layer it lacks) its slots must read zero, not the earlier adapter's weights; where it writes
@@ -403,3 +404,24 @@ def test_a_recycled_buffer_holds_only_the_next_adapters_weights(tmp_path):
     assert packed.lora_a[1, 8:12].abs().sum() == 0 and packed.lora_b[1, 96:128].abs().sum() == 0   # layer 1's v
     raw = load_file(str(some / "adapter_model.safetensors"))
     torch.testing.assert_close(packed.lora_a[0, 8:12], raw["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"])
+
+
+def test_an_adapter_in_a_larger_reserved_buffer_packs_as_in_fresh_memory(tmp_path, host_buffer_pool):
+    """Engines reserve buffers for the largest adapter they take (every target at max_lora_rank)
+    before any arrives; a smaller adapter packed into one that held a full-size adapter must
+    read exactly as it does from fresh memory, down to the zeros it does not write."""
+    full = write_peft_adapter(tmp_path / "full", rank=16, alpha=16, target_modules=ALL_TARGETS, seed=1)
+    small = write_peft_adapter(tmp_path / "small", rank=4, alpha=8, target_modules=("k_proj", "up_proj"), seed=2)
+    reference = load(small)                          # kept: its fresh block stays out of the pool
+    nbytes = largest_packed_nbytes(SPEC, 16, torch.float32)
+    assert HostBuffer.reserve(nbytes, up_to=1, register=False)
+    filled = load(full)
+    assert filled.host_buffer.reserved and filled.num_bytes == nbytes   # the full adapter fills the block
+    del filled
+    gc.collect()
+    adapter = load(small)
+    assert adapter.host_buffer.reserved and adapter.num_bytes < nbytes
+    assert not reference.host_buffer.reserved and set(adapter.targets) == set(reference.targets)
+    for name, packed in reference.targets.items():
+        assert torch.equal(adapter.targets[name].lora_a, packed.lora_a)
+        assert torch.equal(adapter.targets[name].lora_b, packed.lora_b)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loraplex.core.lora.host_buffer import FREE_BLOCKS_PER_SIZE, HostBuffer, _POOL
+from loraplex.core.lora.host_buffer import FREE_BLOCKS_PER_SIZE, HostBuffer
 
 
 def test_buffer_starts_zero_and_lives_as_long_as_a_view():
@@ -64,14 +64,14 @@ def test_buffer_asks_for_huge_pages_where_the_kernel_has_them():
     assert flat.sum() == 2 * 2**20
 
 
-def test_a_freed_buffer_is_recycled_zeroed_unless_the_next_writes_it_all():
-    nbytes = 3 * 4096 + 8                             # a size no other test uses
+def test_a_freed_buffer_is_recycled_zeroed_unless_the_next_writes_it_all(host_buffer_pool):
+    nbytes = 3 * 4096 + 8
     first = HostBuffer.lease(nbytes).view_as_tensor(nbytes // 4, torch.float32)
     first.fill_(7.0)
     address = first.data_ptr()
     del first
     gc.collect()
-    assert _POOL.num_free(nbytes) == 1               # back in the pool once its last view is gone
+    assert host_buffer_pool.num_free(nbytes) == 1               # back in the pool once its last view is gone
     again = HostBuffer.lease(nbytes).view_as_tensor(nbytes // 4, torch.float32)
     assert again.data_ptr() == address and torch.count_nonzero(again) == 0   # same memory, zeroed
     again.fill_(5.0)
@@ -81,10 +81,40 @@ def test_a_freed_buffer_is_recycled_zeroed_unless_the_next_writes_it_all():
     assert kept.data_ptr() == address and bool((kept == 5.0).all())          # its writer overwrites all
 
 
-def test_the_pool_keeps_a_few_blocks_per_size():
+def test_the_pool_keeps_a_few_blocks_per_size(host_buffer_pool):
     nbytes = 5 * 4096 + 24
     leases = [HostBuffer.lease(nbytes) for _ in range(FREE_BLOCKS_PER_SIZE + 2)]
     assert len({b.view_as_tensor(1, torch.uint8).data_ptr() for b in leases}) == len(leases)
     del leases
     gc.collect()
-    assert _POOL.num_free(nbytes) == FREE_BLOCKS_PER_SIZE   # the rest were unmapped
+    assert host_buffer_pool.num_free(nbytes) == FREE_BLOCKS_PER_SIZE   # the rest were unmapped
+
+
+def test_reserved_blocks_are_kept_and_take_leases_of_any_smaller_size(host_buffer_pool):
+    """An engine reserves blocks for its largest adapter before any arrives (LoRAManager
+    .host_buffer_reservations); an adapter of any size packs into one of them."""
+    nbytes, count = 4 * 4096, FREE_BLOCKS_PER_SIZE + 1
+    assert all(HostBuffer.reserve(nbytes, up_to=count, register=False) for _ in range(count))
+    assert not HostBuffer.reserve(nbytes, up_to=count, register=False)   # a second engine's: none more
+    assert HostBuffer.reserve(2 * 4096, up_to=1, register=False)
+    assert host_buffer_pool.num_free(nbytes) == count and host_buffer_pool.num_free(2 * 4096) == 1
+
+    small = HostBuffer.lease(4096 + 8)               # none free of its size: the smallest reserved that holds it
+    assert small.reserved and host_buffer_pool.num_free(2 * 4096) == 0
+    first = small.view_as_tensor(1024, torch.float32)
+    assert torch.count_nonzero(first) == 0
+    first.fill_(3.0)
+    address = first.data_ptr()
+    del small, first
+    gc.collect()
+    assert host_buffer_pool.num_free(2 * 4096) == 1 and host_buffer_pool.num_free(4096 + 8) == 0
+    again = HostBuffer.lease(2000).view_as_tensor(500, torch.float32)
+    assert again.data_ptr() == address and torch.count_nonzero(again) == 0   # the earlier lease's bytes zeroed
+    del again
+
+    assert not HostBuffer.lease(nbytes + 1).reserved  # larger than every reserved block: fresh memory
+    leases = [HostBuffer.lease(nbytes) for _ in range(count + 1)]
+    assert [b.reserved for b in leases] == [True] * count + [False]
+    del leases
+    gc.collect()
+    assert host_buffer_pool.num_free(nbytes) == count   # every reserved one kept, the other unmapped

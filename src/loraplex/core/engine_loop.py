@@ -13,11 +13,12 @@ thread reads it; one load per adapter, however many requests ask for it, and req
 other adapters and the base model go on meanwhile. Slow calls (add_lora, replace_lora)
 also run on the loader threads; the others (remove, pin, list) run between two steps.
 
-Many new adapters at once (a burst of first requests): the loader pool has a thread per
-core of the host (at least 4, at most 16), so that many adapters are read, validated,
-packed and page-locked at the same time (LoRAManager loads outside its locks; reading and
-copying tensors release the GIL), and each adapter's requests join the running batch as
-soon as that adapter is loaded, not when the whole burst is.
+Many new adapters at once (a burst of first requests): the loader pool's threads read,
+validate and pack several adapters at the same time (LoRAManager loads outside its locks;
+reading and copying tensors release the GIL) into host buffers it reserved, faulted in and
+page-locked, when the loop started (LoRAManager.reserve_host_buffers), and each adapter's
+requests join the running batch as soon as that adapter is loaded, not when the whole
+burst is.
 
 If a step raises, the loop sends EngineStopped with the error and ends: the engine is
 dead, and the client fails everything in flight.
@@ -173,6 +174,9 @@ class EngineLoop:
     def run(self) -> None:
         """Step until Shutdown; the last message sent is EngineStopped."""
         error = None
+        if self.core.lora_manager is not None:
+            # Before the first message: an adapter requested at once must find them ready.
+            list(self._loader_pool().map(lambda reserve: reserve(), self.core.lora_manager.host_buffer_reservations()))
         try:
             while not self._stopping:
                 busy = self.core.has_unfinished_requests()

@@ -188,8 +188,7 @@ def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, 
     for (layer, module), (a, b, scaling) in modules.items():
         name, index = PEFT_MODULE_TO_PACKED[module]
         by_target.setdefault(name, []).append((layer, index, a, b, scaling))
-    shapes = {name: ((spec.num_layers, spec.target(name).num_slices * rank, spec.target(name).in_features),
-                     (spec.num_layers, spec.target(name).out_features, rank)) for name in by_target}
+    shapes = _packed_shapes(spec, by_target, rank)
     total = sum(math.prod(shape) for pair in shapes.values() for shape in pair)
     # One buffer for every tensor. Padding, unadapted layers and slices must hold zeros: a
     # fresh buffer does, a recycled one (host_buffer.py) is zeroed first unless this adapter
@@ -257,6 +256,18 @@ def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, 
     if pin_memory:
         buffer.register()
     return targets, buffer, flat
+
+
+def _packed_shapes(spec: LoRAModelSpec, names, rank: int) -> dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """Each packed target's (A, B) shapes: A [layers, slices * rank, in], B [layers, out, rank]."""
+    return {name: ((spec.num_layers, spec.target(name).num_slices * rank, spec.target(name).in_features),
+                   (spec.num_layers, spec.target(name).out_features, rank)) for name in names}
+
+
+def largest_packed_nbytes(spec: LoRAModelSpec, max_lora_rank: int, dtype: torch.dtype) -> int:
+    """The host buffer of the largest adapter the slots take: every target at max_lora_rank."""
+    shapes = _packed_shapes(spec, [t.name for t in spec.targets], max_lora_rank)
+    return sum(math.prod(shape) for pair in shapes.values() for shape in pair) * dtype.itemsize
 
 
 def _writes_every_element(modules: Modules, by_target: dict[str, list], spec: LoRAModelSpec, rank: int) -> bool:

@@ -11,7 +11,10 @@ keep it alive; when the last one is freed (the adapter left the CPU cache), its 
 back to a small pool, still faulted in and page-locked, and the next load of the same size
 takes it: that load neither faults fresh pages nor registers them (on an H100 host 42 ms
 and 7.7 ms of an 89 ms load). Blocks beyond the pool's room are unregistered and unmapped.
-A copy queued from a buffer may still be pending on the GPU by then, so whoever queues
+An engine also reserves blocks before any adapter arrives (`HostBuffer.reserve`, sized for
+the largest adapter it accepts): a burst of first requests for new adapters then packs into
+memory already faulted in and page-locked, and a lease smaller than every free block of its
+own size takes a reserved one. A copy queued from a buffer may still be pending on the GPU by then, so whoever queues
 copies calls `record_use()` after them, and both the next lease and the unregistering wait
 for that event first (torch's own pinned allocator does the same for its blocks).
 """
@@ -50,6 +53,8 @@ class _Block:
         self.nbytes = nbytes
         self.registered_address = 0
         self.last_use = None      # torch.cuda.Event recorded after the latest copy from it
+        self.written = False      # leased before: its memory may hold an earlier adapter's bytes
+        self.reserved = False     # kept by the pool for good (HostBuffer.reserve)
         if _HUGE_PAGES is not None:
             try:
                 self.memory.madvise(_HUGE_PAGES)
@@ -84,25 +89,42 @@ class _Block:
 class _Pool:
     def __init__(self) -> None:
         self._free: dict[int, list[_Block]] = {}
+        self._reserved: dict[int, int] = {}  # size -> blocks reserved: kept free beyond FREE_BLOCKS_PER_SIZE
         self._lock = threading.RLock()       # RLock: a lease may end (and give back) inside take()
 
-    def take(self, nbytes: int) -> tuple[_Block, bool]:
-        """A block of `nbytes`, and whether it was used before (its memory is not zero)."""
+    def take(self, nbytes: int) -> _Block:
+        """A free block of `nbytes`, else the smallest free reserved block that holds it, else a
+        new one."""
         with self._lock:
             free = self._free.get(nbytes)
+            if not free:
+                sizes = sorted(size for size in self._reserved if size > nbytes and self._free.get(size))
+                free = self._free[sizes[0]] if sizes else None
             block = free.pop() if free else None
         if block is None:
-            return _Block(nbytes), False
+            return _Block(nbytes)
         block.wait()
-        return block, True
+        return block
 
     def give_back(self, block: _Block) -> None:
         with self._lock:
             free = self._free.setdefault(block.nbytes, [])
-            if len(free) < FREE_BLOCKS_PER_SIZE:
+            if len(free) < max(FREE_BLOCKS_PER_SIZE, self._reserved.get(block.nbytes, 0)):
                 free.append(block)
                 return
         block.release()
+
+    def reserve(self, nbytes: int, up_to: int) -> bool:
+        """Count one more reserved block of `nbytes`, unless `up_to` are already."""
+        with self._lock:
+            if self._reserved.get(nbytes, 0) >= up_to:
+                return False
+            self._reserved[nbytes] = self._reserved.get(nbytes, 0) + 1
+            return True
+
+    def add_free(self, block: _Block) -> None:
+        with self._lock:
+            self._free.setdefault(block.nbytes, []).append(block)
 
     def num_free(self, nbytes: int) -> int:
         with self._lock:
@@ -124,19 +146,40 @@ class HostBuffer:
         """`nbytes` of memory, zero if `zeroed` (a caller that writes every byte passes False:
         a recycled block then keeps its old contents until overwritten)."""
         nbytes = max(nbytes, 1)
-        block, recycled = _POOL.take(nbytes)
+        block = _POOL.take(nbytes)
         if nbytes not in _LEASE_TYPES:
             _LEASE_TYPES[nbytes] = type(f"HostBuffer{nbytes}", (HostBuffer, ctypes.Array),
                                         {"_type_": ctypes.c_char, "_length_": nbytes})
-        buffer = _LEASE_TYPES[nbytes].from_buffer(block.memory)
+        buffer = _LEASE_TYPES[nbytes].from_buffer(block.memory)   # the block's first nbytes
         buffer._block = block
-        if recycled and zeroed:
+        if block.written and zeroed:
             torch.frombuffer(buffer, dtype=torch.uint8).zero_()     # lets the GIL go
+        block.written = True
         return buffer
+
+    @staticmethod
+    def reserve(nbytes: int, *, up_to: int, register: bool) -> bool:
+        """Add a block of `nbytes` to the pool for good, faulted in (zeroed by torch, which lets
+        the GIL go) and page-locked for CUDA if `register`, unless `up_to` blocks of that size
+        were reserved already (so engines started one after another in a process share them)."""
+        if not _POOL.reserve(nbytes, up_to):
+            return False
+        block = _Block(nbytes)
+        block.reserved = True
+        torch.frombuffer(block.memory, dtype=torch.uint8).zero_()
+        if register:
+            block.register(ctypes.addressof(ctypes.c_char.from_buffer(block.memory)))
+        _POOL.add_free(block)
+        return True
 
     @property
     def registered_address(self) -> int:
         return self._block.registered_address
+
+    @property
+    def reserved(self) -> bool:
+        """Whether the lease is on a block reserved ahead of loads (HostBuffer.reserve)."""
+        return self._block.reserved
 
     @property
     def last_use(self):

@@ -20,19 +20,25 @@ remove_lora(old_id). Every adapter in the CPU cache or a slot holds its director
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from loraplex.core.lora.adapter import LoRAAdapter, load_lora_adapter
+from loraplex.core.lora.adapter import LoRAAdapter, largest_packed_nbytes, load_lora_adapter
+from loraplex.core.lora.host_buffer import HostBuffer
 from loraplex.core.lora.slots import LoRASlotStacks
 from loraplex.errors import AdapterCapacityError, AdapterError, AdapterInvalidError, AdapterNotFoundError
 from loraplex.lora_request import LoRARequest
 from loraplex.resolvers.holds import NO_HOLD, Hold, hold_directory
 
 logger = logging.getLogger(__name__)
+
+# Host memory reserved for adapters before they arrive, at most (vLLM's --swap-space, CPU
+# memory it reserves per GPU, defaults to the same).
+RESERVED_HOST_BYTES = 4 * 2**30
 
 
 class LoRAManager:
@@ -69,6 +75,17 @@ class LoRAManager:
         # exists from the start, so readers on other threads never see the dict grow.
         self.stats: Counter[str] = Counter(dict.fromkeys(
             ("device_hits", "cpu_hits", "cpu_misses", "loads", "cpu_evictions", "device_evictions"), 0))
+
+    def host_buffer_reservations(self) -> list[Callable[[], bool]]:
+        """One reservation (host_buffer.py) per device slot, each of a buffer for the largest
+        adapter the slots take, within RESERVED_HOST_BYTES: the engine loop runs them when it
+        starts, so that many new adapters requested at once pack into memory faulted in and
+        page-locked already (faulting 80 MiB in took 42 ms of an 89 ms load on an H100 host)."""
+        nbytes = largest_packed_nbytes(self.stacks.spec, self.stacks.max_lora_rank, self.stacks.dtype)
+        count = min(self.max_loras, self.max_cpu_loras, RESERVED_HOST_BYTES // nbytes)
+        logger.info("reserving %d host buffers of %.1f MiB for adapters", count, nbytes / 2**20)
+        return [functools.partial(HostBuffer.reserve, nbytes, up_to=count, register=self._load_options["pin_memory"])
+                for _ in range(count)]
 
     # ---- the user-facing operations (LLM.add_lora, pin_lora, remove_lora, list_loras)
 
