@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 
 import pytest
 import torch
@@ -242,3 +244,35 @@ def test_download_cache_entries_are_left_to_remote_resolvers(lora_dir):
     assert resolve(resolver, "from-s3") is None
     with pytest.raises(AdapterNameError, match="reserves"):
         resolve(resolver, ".loraplex-tmp/partial")
+
+
+def test_many_adapters_at_once_are_checked_two_at_a_time_in_order(lora_dir, monkeypatch):
+    """Checking an adapter holds the GIL: 32 at once on the event loop's executor all finished
+    late (filesystem.py), so they are checked two at a time in order of arrival."""
+    names = [f"burst-{i}" for i in range(8)]
+    for name in names:
+        write_peft_adapter(lora_dir / name, rank=4)
+    resolver = FilesystemResolver(lora_dir)
+    lock, running, most, started = threading.Lock(), [0], [0], []
+    real = resolver._request_for_path
+
+    def checked(lora_name, *args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            started.append(lora_name)
+        time.sleep(0.02)                     # a check that takes a while, as a real header does
+        try:
+            return real(lora_name, *args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(resolver, "_request_for_path", checked)
+
+    async def main():
+        return await asyncio.gather(*(resolver.resolve_lora(BASE, name) for name in names))
+
+    results = asyncio.run(main())
+    assert [r.lora_name for r in results] == names
+    assert most[0] == 2 and started == names

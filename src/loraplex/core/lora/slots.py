@@ -126,4 +126,6 @@ class LoRASlotStacks:
 
     def _set_rank(self, slot: int, rank: int) -> None:
         self._slot_ranks_host[slot] = rank
-        self.slot_ranks[slot] = rank
+        # fill_ passes the rank to a kernel; `slot_ranks[slot] = rank` would copy it from
+        # pageable memory, which waits for the stream (the step in flight and the slot's copies).
+        self.slot_ranks[slot:slot + 1].fill_(rank)
