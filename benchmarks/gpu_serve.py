@@ -409,6 +409,7 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
     names = list(burst)
     resolution = "loraplex_lora_resolution_seconds"
     before = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
+    steps_before = engine_steps(server.url)
     # Every thread, waiting or not (the loaders wait in native code), and which one holds the GIL,
     # from before the client starts (it takes seconds to import) until its last request ends.
     spies = [profile(args, server, "burst", "--idle", seconds=120),
@@ -421,7 +422,10 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
     for spy in spies:
         stop_profile(spy)
     after = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
+    steps_after = engine_steps(server.url)
     result = summary_of(out)
+    # Few steps for the burst's length: some steps were long (the first tokens come in clumps).
+    result["engine_steps"] = steps_after[1] - steps_before[1]
     # Every first token in order: spread out (loads finish one by one) or together (something waits for all).
     result["ttfts_ms"] = sorted(round(r["ttft"] * 1e3) for r in out["requests"] if r.get("ttft"))
     # With --server-flags "--log-level info", when (after the first request was sent) each
@@ -437,7 +441,8 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
     log(f"  burst of {len(names)} new adapters: first token p50 {result['median_ttft_ms']:.0f} ms, "
         f"last {result['p100_ttft_ms']:.0f} ms, failed {result['failed']}; resolution mean "
         f"{result['resolution_mean_ms']} ms over {loads:.0f}; first tokens at {result['ttfts_ms']}; "
-        f"resolved at {result.get('resolved_ms')}; loaded at {result.get('loaded_ms')}")
+        f"resolved at {result.get('resolved_ms')}; loaded at {result.get('loaded_ms')}; "
+        f"{result['engine_steps']:.0f} engine steps")
     return result
 
 
