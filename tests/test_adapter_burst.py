@@ -37,6 +37,16 @@ def test_loader_pool_overlaps_loads_but_leaves_the_step_loop_the_gil():
     assert NUM_FAST < engine_loop.ADAPTER_LOADER_THREADS <= 4
 
 
+@pytest.mark.parametrize("cores", [1, 2, 5, 16, 64])
+def test_loaders_torch_threads_leave_the_step_loop_a_core(cores):
+    """On a GPU engine the loaders' torch ops share the cores; all of them together with the
+    step loop's thread fit (16 cores: 3 each; one core: still one thread)."""
+    threads = engine_loop.loader_torch_threads(cores)
+    assert threads >= 1
+    assert threads * engine_loop.ADAPTER_LOADER_THREADS + 1 <= max(cores, engine_loop.ADAPTER_LOADER_THREADS + 1)
+    assert engine_loop.loader_torch_threads(16) == 3
+
+
 @pytest.mark.parametrize("how", ["generate", "add_lora"])
 def test_a_burst_of_new_adapters_loads_in_parallel_and_each_starts_when_ready(tiny_checkpoint, tmp_path,
                                                                               monkeypatch, how, host_buffer_pool):

@@ -47,7 +47,9 @@ import hashlib
 import inspect
 import itertools
 import logging
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -84,6 +86,15 @@ class EngineStats:
     num_steps: int = 0
     num_step_seqs: int = 0
     num_step_tokens: int = 0
+
+
+class StepTimes(NamedTuple):
+    """Where the latest step's time went: launching it (scheduling, adapters into slots, the
+    forward's launch) and finishing the step before (waiting for its tokens, stop checks)."""
+    launch_s: float
+    finish_s: float
+    num_seqs: int
+    num_tokens: int
 
 
 @dataclass
@@ -156,6 +167,7 @@ class EngineCore:
         self._seq_counter = itertools.count()
         self.num_discarded_tokens = 0        # sampled for sequences that had finished meanwhile
         self.num_steps = self.num_step_seqs = self.num_step_tokens = 0
+        self.last_step = StepTimes(0.0, 0.0, 0, 0)
 
     @property
     def limits(self) -> EngineLimits:
@@ -306,13 +318,17 @@ class EngineCore:
     def step(self) -> list[SeqOutput]:
         """Run one batch; return the new token of every sequence whose token is now known
         (with overlapped scheduling: those sampled by the previous step)."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         launched = self._launch(plan) if not plan.is_empty else None
+        launch_done = time.perf_counter()
         outputs = self._finish_in_flight()
         if launched is not None:
             self._sample(*launched)
         if not self.async_scheduling:
             outputs += self._finish_in_flight()
+        self.last_step = StepTimes(launch_done - start, time.perf_counter() - launch_done,
+                                   len(plan.scheduled), plan.num_batched_tokens)
         return outputs
 
     def _launch(self, plan: SchedulerOutput) -> tuple[torch.Tensor, list[int], list[Sequence]] | None:

@@ -44,6 +44,7 @@ from loraplex.errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.1           # the loop sends stats at most this often while busy
+SLOW_STEP_S = 0.1                # a step this long is logged (info): where its time went
 
 
 # Threads loading adapters. Four, whatever the host: each load's Python part (headers, names,
@@ -54,6 +55,16 @@ STATS_INTERVAL_S = 0.1           # the loop sends stats at most this often while
 # (benchmarks/bench_cpu_lora_load.py --device cuda --burst 32). Loads also wait on the disk,
 # so a 2-core host still gets four.
 ADAPTER_LOADER_THREADS = 4
+
+
+def loader_torch_threads(num_cores: int) -> int:
+    """torch's intra-op threads for an engine whose model runs on a GPU, where the process's big
+    CPU ops are the loaders' (scaling and checking 80 MiB adapters): a share of the cores each,
+    leaving one to the step loop. With torch's default (a thread per core for every op) four
+    loaders ran 64 threads on a 16-core H100 host, and a burst's steps launched in 200 ms
+    instead of 10: 32 new adapters' first tokens came at p50 641 ms, last 717, against 453
+    and 529 with 3 threads (benchmarks/gpu_serve.py --only burst, docs/performance.md)."""
+    return max(1, num_cores // (ADAPTER_LOADER_THREADS + 1))
 
 
 # ---- client -> loop -----------------------------------------------------------------------
@@ -189,6 +200,7 @@ class EngineLoop:
                     failed = self.core.pop_failed_requests()
                     if outputs or failed:
                         self.send(StepOutputs(outputs, failed))
+                    self._log_if_slow(self.core.last_step)
                 self._maybe_send_stats()
         except BaseException as exc:  # noqa: BLE001 - the client must hear about it
             logger.exception("engine step failed; failing all in-flight requests")
@@ -197,6 +209,12 @@ class EngineLoop:
             if self._loader is not None:
                 self._loader.shutdown(wait=False, cancel_futures=True)
         self.send(EngineStopped(error))
+
+    @staticmethod
+    def _log_if_slow(times) -> None:
+        if times.launch_s + times.finish_s >= SLOW_STEP_S:
+            logger.info("slow engine step: %.0f ms launching %d sequences (%d tokens), %.0f ms finishing the step "
+                        "before", times.launch_s * 1e3, times.num_seqs, times.num_tokens, times.finish_s * 1e3)
 
     def _maybe_send_stats(self) -> None:
         idle = not self.core.has_unfinished_requests()

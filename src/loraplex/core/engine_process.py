@@ -24,13 +24,14 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
 from typing import Any, NamedTuple
 
 from loraplex.core.config import EngineConfig
-from loraplex.core.engine_loop import EngineLoop, EngineStopped, Shutdown
+from loraplex.core.engine_loop import EngineLoop, EngineStopped, Shutdown, loader_torch_threads
 from loraplex.core.gc_heap import freeze_startup_heap
 from loraplex.core.input_processor import EngineLimits
 from loraplex.errors import EngineDeadError
@@ -94,6 +95,9 @@ def run_engine_process(config: EngineConfig, served_model_names: tuple[str, ...]
     except BaseException as exc:  # noqa: BLE001 - the parent raises it
         send(StartupFailed(exc))
         return
+    if core.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+        torch.set_num_threads(loader_torch_threads(len(os.sched_getaffinity(0))))
     freeze_startup_heap("engine process")
     send(Ready(core.limits, engine_info(core)))
     loop = EngineLoop(core, send)
