@@ -174,9 +174,6 @@ class Sampler:
         if grammar is not None:
             logits = apply_grammar(logits, grammar)
         raw = logits
-        logits = logits.clone()
-
-        apply_token_controls(logits, seqs)
         # min_tokens: forbid stopping too early.
         rows, ids = [], []
         for i, (seq, p) in enumerate(zip(seqs, params)):
@@ -184,6 +181,12 @@ class Sampler:
                 stop = [t for t in stop_ids[i] if t < logits.shape[1]]
                 rows += [i] * len(stop)
                 ids += stop
+        if rows or any(s.token_controls is not None for s in seqs):
+            # Changed in place below; `raw` (the caller's) stays as it was, for logprobs and the
+            # grammar. Greedy rows with no controls copy nothing (a copy of 128 x 128,256 float32
+            # logits is 0.04 ms of an H100's memory bandwidth every step).
+            logits = logits.clone()
+        apply_token_controls(logits, seqs)
         if rows:
             logits.index_put_((device_tensor(rows, torch.long, device), device_tensor(ids, torch.long, device)),
                               torch.tensor(float("-inf"), device=device))
