@@ -16,7 +16,7 @@ also run on the loader threads; the others (remove, pin, list) run between two s
 Many new adapters at once (a burst of first requests): the loader pool's threads read,
 validate and pack several adapters at the same time (LoRAManager loads outside its locks;
 reading and copying tensors release the GIL) into host buffers it reserved, faulted in and
-page-locked, when the loop started (LoRAManager.reserve_host_buffers), and each adapter's
+page-locked, when the loop started (LoRAManager.host_buffer_reservations), and each adapter's
 requests join the running batch as soon as that adapter is loaded, not when the whole
 burst is.
 

@@ -13,8 +13,10 @@ takes it: that load neither faults fresh pages nor registers them (on an H100 ho
 and 7.7 ms of an 89 ms load). Blocks beyond the pool's room are unregistered and unmapped.
 An engine also reserves blocks before any adapter arrives (`HostBuffer.reserve`, sized for
 the largest adapter it accepts): a burst of first requests for new adapters then packs into
-memory already faulted in and page-locked, and a lease smaller than every free block of its
-own size takes a reserved one. A copy queued from a buffer may still be pending on the GPU by then, so whoever queues
+memory already faulted in and page-locked; a lease that finds no free block of its own size
+takes the smallest free reserved one that holds it.
+
+A copy queued from a buffer may still be pending on the GPU when its lease ends, so whoever queues
 copies calls `record_use()` after them, and both the next lease and the unregistering wait
 for that event first (torch's own pinned allocator does the same for its blocks).
 """
