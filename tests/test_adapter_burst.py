@@ -11,8 +11,10 @@ checked against the offline LLM with the same adapters.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -117,3 +119,29 @@ def test_a_burst_of_new_adapters_loads_in_parallel_and_each_starts_when_ready(ti
     assert events.index((names[0], "first token")) < events.index(("held-back", "first token"))
     assert spans["held-back"][1] > spans[names[0]][1]
     assert in_reserved == dict.fromkeys(names, True)
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", True), ("cuda:1", True), ("cpu", False)])
+def test_an_engine_process_on_a_gpu_starts_with_a_share_of_the_cores(monkeypatch, device, expected):
+    """The engine process of `loraplex serve` gets OMP_NUM_THREADS (a share of the cores) when
+    its model runs on a GPU and the user set none; the API process's own environment is left
+    as it was. CPU engines keep every core for the model."""
+    from loraplex.core import engine_process
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = engine_process.engine_torch_threads(SimpleNamespace(device=device))
+    cores = len(os.sched_getaffinity(0))
+    assert threads == (engine_loop.loader_torch_threads(cores) if expected else None)
+    with engine_process._engine_environment(threads):
+        assert os.environ.get("OMP_NUM_THREADS") == (str(threads) if expected else None)
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")           # the user's choice stands
+    assert engine_process.engine_torch_threads(SimpleNamespace(device=device)) is None
+
+
+def test_no_gpu_here_means_no_thread_setting_when_no_device_is_named(monkeypatch):
+    from loraplex.core import engine_process
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    has_gpu_file = any(n.startswith("nvidia") and n[6:].isdigit() for n in os.listdir("/dev"))
+    assert engine_process._gpu_serves(SimpleNamespace(device=None)) == has_gpu_file
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not engine_process._gpu_serves(SimpleNamespace(device=None))

@@ -275,4 +275,7 @@ def test_many_adapters_at_once_are_checked_two_at_a_time_in_order(lora_dir, monk
 
     results = asyncio.run(main())
     assert [r.lora_name for r in results] == names
-    assert most[0] == 2 and started == names
+    # In order of arrival: two threads take the queue's items one after another (either may
+    # record its start first, so two neighbours can swap).
+    assert most[0] == 2 and sorted(started) == sorted(names)
+    assert all(abs(started.index(name) - i) <= 1 for i, name in enumerate(names)), started

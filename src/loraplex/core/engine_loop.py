@@ -63,7 +63,8 @@ def loader_torch_threads(num_cores: int) -> int:
     leaving one to the step loop. With torch's default (a thread per core for every op) four
     loaders ran 64 threads on a 16-core H100 host, and a burst's steps launched in 200 ms
     instead of 10: 32 new adapters' first tokens came at p50 641 ms, last 717, against 453
-    and 529 with 3 threads (benchmarks/gpu_serve.py --only burst, docs/performance.md)."""
+    and 529 with 3 threads (OMP_NUM_THREADS=3; benchmarks/gpu_serve.py --only burst,
+    docs/performance.md). engine_process.py sets it for the engine process."""
     return max(1, num_cores // (ADAPTER_LOADER_THREADS + 1))
 
 

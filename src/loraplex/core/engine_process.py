@@ -22,6 +22,7 @@ end and the client fails every request in flight (EngineDeadError: HTTP 503).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -95,9 +96,6 @@ def run_engine_process(config: EngineConfig, served_model_names: tuple[str, ...]
     except BaseException as exc:  # noqa: BLE001 - the parent raises it
         send(StartupFailed(exc))
         return
-    if core.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
-        import torch
-        torch.set_num_threads(loader_torch_threads(len(os.sched_getaffinity(0))))
     freeze_startup_heap("engine process")
     send(Ready(core.limits, engine_info(core)))
     loop = EngineLoop(core, send)
@@ -122,6 +120,44 @@ def run_engine_process(config: EngineConfig, served_model_names: tuple[str, ...]
             stop_ranks()
 
 
+def engine_torch_threads(config: EngineConfig) -> int | None:
+    """OMP_NUM_THREADS for an engine process whose model runs on a GPU, unless the user set it:
+    a share of the cores (engine_loop.loader_torch_threads). It must be in the process's
+    environment before torch starts its thread pools: torch.set_num_threads in the started
+    process did not do the same (a burst of 32 new adapters on an H100 host: launching a step
+    still took up to 147 ms, first tokens p50 692 ms, against no step over 100 ms and 453 ms
+    with the variable set; docs/performance.md)."""
+    if "OMP_NUM_THREADS" in os.environ or not _gpu_serves(config):
+        return None
+    return loader_torch_threads(len(os.sched_getaffinity(0)))
+
+
+def _gpu_serves(config: EngineConfig) -> bool:
+    """Whether the engine will run on an NVIDIA GPU, told without importing torch here (the API
+    process does not load it): device "cuda", or none named and a GPU's device file visible."""
+    device = (config.device or "").split(":")[0]
+    if device:
+        return device == "cuda"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return any(name[len("nvidia"):].isdigit() for name in os.listdir("/dev") if name.startswith("nvidia"))
+
+
+@contextlib.contextmanager
+def _engine_environment(threads: int | None):
+    """os.environ as the spawned engine process starts with it (spawn copies it at start)."""
+    if threads is None:
+        yield
+        return
+    logger.info("engine process: OMP_NUM_THREADS=%d (a GPU runs the model; the adapter loaders' CPU work "
+                "shares the cores; set OMP_NUM_THREADS to choose)", threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+
+
 class ProcessHandle:
     """The parent's end: start the engine process, send it messages, receive its replies."""
 
@@ -131,7 +167,8 @@ class ProcessHandle:
         # Not daemonic, so the engine may start processes of its own; atexit stops it instead.
         self.process = ctx.Process(target=run_engine_process, name="loraplex-engine",
                                    args=(config, tuple(served_model_names), child_conn, log_level.upper()))
-        self.process.start()
+        with _engine_environment(engine_torch_threads(config)):
+            self.process.start()
         child_conn.close()                   # so that the child's death ends our reads
         self._send_lock = threading.Lock()
         self._closed = False
