@@ -341,3 +341,17 @@ def test_replace_keeps_the_old_version_for_its_requests_outside_the_bound(reques
     manager.end_step()
     assert manager.stats["loads"] == loads and manager.stats["cpu_hits"] == 1
     assert manager.remove_lora(1) and manager.list_loras() == {2}
+
+
+def test_host_buffer_reservations_cover_the_cpu_cache_within_a_memory_bound(monkeypatch):
+    """The engine loop reserves a buffer per adapter the CPU cache holds, each the size of the
+    largest adapter the slots take (host_buffer.py), but no more memory than the bound."""
+    from loraplex.core.lora import manager as manager_module
+    from loraplex.core.lora.adapter import largest_packed_nbytes
+    manager = make_manager(max_loras=2, max_cpu_loras=5)
+    nbytes = largest_packed_nbytes(SPEC, MAX_RANK, torch.float32)
+    reservations = manager.host_buffer_reservations()
+    assert len(reservations) == 5
+    assert {(r.args, r.keywords["up_to"]) for r in reservations} == {((nbytes,), 5)}
+    monkeypatch.setattr(manager_module, "RESERVED_HOST_MAX_BYTES", 3 * nbytes + 1)
+    assert len(manager.host_buffer_reservations()) == 3

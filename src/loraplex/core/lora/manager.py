@@ -37,8 +37,10 @@ from loraplex.resolvers.holds import NO_HOLD, Hold, hold_directory
 
 logger = logging.getLogger(__name__)
 
-# The share of the host's memory at most reserved for adapters before they arrive.
+# Host memory reserved for adapters before they arrive, at most: a share of the host's, and
+# an amount page-locked in a few seconds at start (80 MiB took 12-42 ms on H100 hosts).
 RESERVED_HOST_SHARE = 0.25
+RESERVED_HOST_MAX_BYTES = 16 * 2**30
 
 
 class LoRAManager:
@@ -78,14 +80,16 @@ class LoRAManager:
 
     def host_buffer_reservations(self) -> list[Callable[[], bool]]:
         """One reservation (host_buffer.py) per adapter the CPU cache holds, each of a buffer for
-        the largest adapter the slots take, within RESERVED_HOST_SHARE of the host's memory
-        (beyond it adapters take fresh memory as they load): the engine loop runs them
-        when it starts, so that many new adapters requested at once pack into memory faulted in
-        and page-locked already (on one H100 host faulting 80 MiB in took 42 ms of an 89 ms load;
-        page-locking takes 7 ms more, in the CUDA driver the step loop calls too)."""
+        the largest adapter the slots take, within RESERVED_HOST_SHARE of the host's memory and
+        RESERVED_HOST_MAX_BYTES (beyond them adapters take fresh memory as they load): the
+        engine loop runs them when it starts, so that many new adapters requested at once pack
+        into memory faulted in and page-locked already (on one H100 host faulting 80 MiB in
+        took 42 ms of an 89 ms load; page-locking takes 7 ms more, in the CUDA driver the step
+        loop calls too)."""
         nbytes = largest_packed_nbytes(self.stacks.spec, self.stacks.max_lora_rank, self.stacks.dtype)
         host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        count = min(self.max_cpu_loras, int(host_bytes * RESERVED_HOST_SHARE) // nbytes)
+        budget = min(int(host_bytes * RESERVED_HOST_SHARE), RESERVED_HOST_MAX_BYTES)
+        count = min(self.max_cpu_loras, budget // nbytes)
         logger.info("reserving %d host buffers of %.1f MiB for adapters", count, nbytes / 2**20)
         return [functools.partial(HostBuffer.reserve, nbytes, up_to=count, register=self._load_options["pin_memory"])
                 for _ in range(count)]
