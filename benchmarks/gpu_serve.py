@@ -435,6 +435,12 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
         times = logged_times(server.log_path, pattern, names)
         if times:
             result[f"{event}_ms"] = sorted(round((t - sent) * 1e3) for t in times)
+    # Steps of 100 ms or more, as the engine logged them (with --log-level info): their count
+    # and the longest, with where its time went.
+    slow = [line for line in server.log_path.read_text().splitlines() if "slow engine step" in line]
+    result["slow_steps"] = len(slow)
+    if slow:
+        result["slowest_step"] = max(slow, key=lambda line: int(re.search(r"step: (\d+) ms", line).group(1)))
     loads = after[1] - before[1]
     # Resolution: the resolver chain and the engine's load, as the server timed each adapter.
     result["resolution_mean_ms"] = round((after[0] - before[0]) / loads * 1e3, 1) if loads else None
@@ -442,7 +448,7 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
         f"last {result['p100_ttft_ms']:.0f} ms, failed {result['failed']}; resolution mean "
         f"{result['resolution_mean_ms']} ms over {loads:.0f}; first tokens at {result['ttfts_ms']}; "
         f"resolved at {result.get('resolved_ms')}; loaded at {result.get('loaded_ms')}; "
-        f"{result['engine_steps']:.0f} engine steps")
+        f"{result['engine_steps']:.0f} engine steps, {len(slow)} of them 100 ms or more")
     return result
 
 
