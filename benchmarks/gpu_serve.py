@@ -457,8 +457,11 @@ def cold_section(args, server: Server, tmp: Path, adapters: dict, cold: dict) ->
     The streams use 24 of the 32 loaded adapters, so the cold adapter finds a free device slot:
     with all 32 in use, each new adapter evicts one the streams need back at once, and the
     swaps that follow (an 80 MiB copy each) would be counted as the load's cost."""
-    background_argv = [*bench_argv(model_mix(min(24, len(adapters))), 100000, args.input_len, args.output_len,
-                                   args.vocab), "--max-concurrency", str(args.cold_concurrency)]
+    # Enough prompts for the probes' minute (a stream's request lasts about a second), not
+    # 100,000: the client made all of them before sending any, and the first probes of earlier
+    # runs met a server still waiting for its streams.
+    background_argv = [*bench_argv(model_mix(min(24, len(adapters))), 100 * args.cold_concurrency, args.input_len,
+                                   args.output_len, args.vocab), "--max-concurrency", str(args.cold_concurrency)]
     stop = threading.Event()
 
     def load(result_name: str) -> threading.Thread:
@@ -478,7 +481,12 @@ def cold_section(args, server: Server, tmp: Path, adapters: dict, cold: dict) ->
                  "--random-input-len", str(args.input_len), "--random-output-len", "4", "--ignore-eos",
                  "--token-id-min", "10", "--token-id-max", str(min(args.vocab, 128000)), "--save-detailed"]
     background = load("background")
-    time.sleep(args.cold_settle_s)                     # the streams reach steady decode
+    # The streams reach steady decode: all of them running (at most a minute), then a settle.
+    deadline = time.monotonic() + 60
+    while (metric_total(server.url, "vllm:num_requests_running") < args.cold_concurrency
+           and time.monotonic() < deadline):
+        time.sleep(0.5)
+    time.sleep(args.cold_settle_s)
     deltas, probes = [], []
     try:
         for i, name in enumerate(cold):
@@ -535,7 +543,7 @@ def main() -> None:
     # finds a free seat. With 64, both probes queued behind the streams' own new requests, and
     # the cold one, entering the queue a load later, behind more of them: the delta measured
     # the queue's growth during the load as much as the load.
-    args.device, args.input_len, args.output_len, args.cold_concurrency, args.cold_settle_s = "cuda", 128, 128, 56, 10
+    args.device, args.input_len, args.output_len, args.cold_concurrency, args.cold_settle_s = "cuda", 128, 128, 56, 5
     counts = {"adapters": 32, "burst": 32, "cold": 5}
     if args.smoke:
         cfg.update(gpu_decode.SMOKE_CONFIG, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
