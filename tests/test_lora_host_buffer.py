@@ -118,3 +118,20 @@ def test_reserved_blocks_are_kept_and_take_leases_of_any_smaller_size(host_buffe
     del leases
     gc.collect()
     assert host_buffer_pool.num_free(nbytes) == count   # every reserved one kept, the other unmapped
+
+
+def test_a_reservation_without_memory_warns_and_loads_go_on(host_buffer_pool, monkeypatch, caplog):
+    """Reserving is an optimisation: without memory to spare the engine starts anyway and
+    adapters take fresh memory as they load."""
+    from loraplex.core.lora import host_buffer
+
+    def no_memory(nbytes):
+        raise OSError(12, "Cannot allocate memory")
+
+    block_type = host_buffer._Block
+    monkeypatch.setattr(host_buffer, "_Block", no_memory)
+    assert not HostBuffer.reserve(4096, up_to=2, register=False)
+    assert host_buffer_pool.num_free(4096) == 0 and "could not reserve 4096 bytes" in caplog.text
+    monkeypatch.setattr(host_buffer, "_Block", block_type)
+    lease = HostBuffer.lease(4096)
+    assert not lease.reserved and torch.count_nonzero(lease.view_as_tensor(1024, torch.float32)) == 0

@@ -178,6 +178,7 @@ class EngineLoop:
         self.send = send
         self.inbox = Inbox()
         self._loader: ThreadPoolExecutor | None = None
+        self._reserved = False
         self._waiting_for_adapter: dict[int, list[Request]] = {}   # lora_int_id -> requests
         self._stopping = False
         self._last_stats = 0.0
@@ -186,9 +187,7 @@ class EngineLoop:
     def run(self) -> None:
         """Step until Shutdown; the last message sent is EngineStopped."""
         error = None
-        if self.core.lora_manager is not None:
-            # Before the first message: an adapter requested at once must find them ready.
-            list(self._loader_pool().map(lambda reserve: reserve(), self.core.lora_manager.host_buffer_reservations()))
+        self.reserve_host_buffers()              # before the first message, unless done already
         try:
             while not self._stopping:
                 busy = self.core.has_unfinished_requests()
@@ -216,6 +215,14 @@ class EngineLoop:
         if times.launch_s + times.finish_s >= SLOW_STEP_S:
             logger.info("slow engine step: %.0f ms launching %d sequences (%d tokens), %.0f ms finishing the step "
                         "before", times.launch_s * 1e3, times.num_seqs, times.num_tokens, times.finish_s * 1e3)
+
+    def reserve_host_buffers(self) -> None:
+        """Reserve the adapters' host buffers (LoRAManager.host_buffer_reservations) on the loader
+        threads, and wait for them: adapters requested at once must find them ready. Once."""
+        if self._reserved or self.core.lora_manager is None:
+            return
+        self._reserved = True
+        list(self._loader_pool().map(lambda reserve: reserve(), self.core.lora_manager.host_buffer_reservations()))
 
     def _maybe_send_stats(self) -> None:
         idle = not self.core.has_unfinished_requests()

@@ -96,9 +96,10 @@ def run_engine_process(config: EngineConfig, served_model_names: tuple[str, ...]
     except BaseException as exc:  # noqa: BLE001 - the parent raises it
         send(StartupFailed(exc))
         return
+    loop = EngineLoop(core, send)
+    loop.reserve_host_buffers()              # part of starting: Ready means adapters find them
     freeze_startup_heap("engine process")
     send(Ready(core.limits, engine_info(core)))
-    loop = EngineLoop(core, send)
 
     def read() -> None:
         try:

@@ -166,9 +166,14 @@ class HostBuffer:
         were reserved already (so engines started one after another in a process share them)."""
         if not _POOL.reserve(nbytes, up_to):
             return False
-        block = _Block(nbytes)
+        try:
+            block = _Block(nbytes)
+            torch.frombuffer(block.memory, dtype=torch.uint8).zero_()
+        except (OSError, RuntimeError) as e:   # no memory to spare: loads take fresh memory, as before
+            logger.warning("could not reserve %d bytes of host memory for adapters (%s); adapters are "
+                           "loaded into fresh memory instead", nbytes, e)
+            return False
         block.reserved = True
-        torch.frombuffer(block.memory, dtype=torch.uint8).zero_()
         if register:
             block.register(ctypes.addressof(ctypes.c_char.from_buffer(block.memory)))
         _POOL.add_free(block)
