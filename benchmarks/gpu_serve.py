@@ -26,7 +26,8 @@ Sections (`--only`):
   burst    32 never-seen adapters requested at once, each for the first time, resolved from local
            disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
            With --server-flags "--log-level info", also when each adapter was resolved and
-           loaded, from the server's log (ms after the first request was sent).
+           loaded, from the server's log (ms after the first request was sent), and the engine's
+           slow steps. --burst-runs N: N bursts on the same server, each of new adapters.
   cold     While 56 streams decode (over 24 of the adapters, so device slots and sequence
            seats are free; the server's max_num_seqs is C = 64), one request for a never-seen
            adapter and one for a loaded adapter sent together, 5 times with fresh adapters:
@@ -405,15 +406,16 @@ def logged_times(log_path: Path, pattern: str, names: list[str]) -> list[float]:
     return times
 
 
-def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
+def burst_section(args, server: Server, tmp: Path, burst: dict, profiled: bool = True) -> dict:
     names = list(burst)
     resolution = "loraplex_lora_resolution_seconds"
     before = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
     steps_before = engine_steps(server.url)
+    log_lines_before = len(server.log_path.read_text().splitlines())
     # Every thread, waiting or not (the loaders wait in native code), and which one holds the GIL,
     # from before the client starts (it takes seconds to import) until its last request ends.
     spies = [profile(args, server, "burst", "--idle", seconds=120),
-             profile(args, server, "burst-gil", "--gil", seconds=120)]
+             profile(args, server, "burst-gil", "--gil", seconds=120)] if profiled else []
     out = bench(server.url, ["--models", *names, "--model-distribution", "round-robin", "--num-prompts",
                              str(len(names)), "--max-concurrency", str(len(names)), "--random-input-len",
                              str(args.input_len), "--random-output-len", "16", "--ignore-eos", "--token-id-min",
@@ -435,9 +437,9 @@ def burst_section(args, server: Server, tmp: Path, burst: dict) -> dict:
         times = logged_times(server.log_path, pattern, names)
         if times:
             result[f"{event}_ms"] = sorted(round((t - sent) * 1e3) for t in times)
-    # Steps of 100 ms or more, as the engine logged them (with --log-level info): their count
-    # and the longest, with where its time went.
-    slow = [line for line in server.log_path.read_text().splitlines() if "slow engine step" in line]
+    # Steps of 100 ms or more during this burst, as the engine logged them (with --log-level
+    # info): their count and the longest, with where its time went.
+    slow = [line for line in server.log_path.read_text().splitlines()[log_lines_before:] if "slow engine step" in line]
     result["slow_steps"] = len(slow)
     if slow:
         result["slowest_step"] = max(slow, key=lambda line: int(re.search(r"step: (\d+) ms", line).group(1)))
@@ -528,6 +530,8 @@ def main() -> None:
     parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
                         help="sample the server and engine processes with py-spy during the first serve run and the burst, "
                              "and the offline worker (waits included) while it generates")
+    parser.add_argument("--burst-runs", type=int, default=1, metavar="N",
+                        help="bursts on the same server, each of its own never-seen adapters (py-spy samples the first)")
     parser.add_argument("--request-rate", type=float, default=None, metavar="R",
                         help="serve runs send requests at R per second (Poisson) instead of all at once: "
                              "clients then do not start and finish in waves (steady-state TTFT and ITL)")
@@ -558,7 +562,9 @@ def main() -> None:
     resolver_dir = tmp / "resolver"
     resolver_dir.mkdir()
     adapters = write_adapter_set(tmp / "static", cfg, "a", counts["adapters"])
-    burst = write_adapter_set(resolver_dir, cfg, "burst", counts["burst"]) if "burst" in args.only else {}
+    # One set of never-seen adapters per burst run (the server keeps each set loaded).
+    bursts = [write_adapter_set(resolver_dir, cfg, "burst" if run == 0 else f"burst{run + 1}-", counts["burst"])
+              for run in range(args.burst_runs)] if "burst" in args.only else []
     cold = write_adapter_set(resolver_dir, cfg, "cold", counts["cold"]) if "cold" in args.only else {}
     log(f"files written in {time.perf_counter() - started:.0f} s under {tmp}")
     results: dict = {"config": {k: v for k, v in vars(args).items() if k != "offline_worker"}}
@@ -593,8 +599,10 @@ def main() -> None:
                     + (f", {served / offline:.2f} of offline" if offline else ""))
                 save()
             if concurrency == args.concurrency[0] and "burst" in args.only:
-                results["burst"] = burst_section(args, server, tmp, burst)
-                save()
+                for run, burst in enumerate(bursts):
+                    result = burst_section(args, server, tmp, burst, profiled=run == 0)
+                    results["burst" if run == 0 else f"burst_{run + 1}"] = result
+                    save()
             if concurrency == args.concurrency[0] and "cold" in args.only:
                 results["cold"] = cold_section(args, server, tmp, adapters, cold)
                 save()
