@@ -49,7 +49,6 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -63,6 +62,7 @@ from loraplex.core.sampler import HostCopy, Sampler, SamplerOutput, TokenControl
 from loraplex.core.scheduler import MaxLorasAdmission, Scheduler, SchedulerOutput
 from loraplex.core.sequence import Sequence
 from loraplex.core.step_inputs import prompt_logprob_rows
+from loraplex.core.step_times import StepTimes, slot_writes
 from loraplex.core.stop_checker import StopChecker
 from loraplex.core.grammar import GrammarState
 from loraplex.core.structured_output import compile_grammar
@@ -86,15 +86,6 @@ class EngineStats:
     num_steps: int = 0
     num_step_seqs: int = 0
     num_step_tokens: int = 0
-
-
-class StepTimes(NamedTuple):
-    """Where the latest step's time went: launching it (scheduling, adapters into slots, the
-    forward's launch) and finishing the step before (waiting for its tokens, stop checks)."""
-    launch_s: float
-    finish_s: float
-    num_seqs: int
-    num_tokens: int
 
 
 @dataclass
@@ -318,7 +309,7 @@ class EngineCore:
     def step(self) -> list[SeqOutput]:
         """Run one batch; return the new token of every sequence whose token is now known
         (with overlapped scheduling: those sampled by the previous step)."""
-        start = time.perf_counter()
+        start, writes = time.perf_counter(), slot_writes(self.lora_manager)
         plan = self.scheduler.schedule()
         launched = self._launch(plan) if not plan.is_empty else None
         launch_done = time.perf_counter()
@@ -327,8 +318,8 @@ class EngineCore:
             self._sample(*launched)
         if not self.async_scheduling:
             outputs += self._finish_in_flight()
-        self.last_step = StepTimes(launch_done - start, time.perf_counter() - launch_done,
-                                   len(plan.scheduled), plan.num_batched_tokens)
+        self.last_step = StepTimes(launch_done - start, time.perf_counter() - launch_done, len(plan.scheduled),
+                                   plan.num_batched_tokens, slot_writes(self.lora_manager) - writes)
         return outputs
 
     def _launch(self, plan: SchedulerOutput) -> tuple[torch.Tensor, list[int], list[Sequence]] | None:

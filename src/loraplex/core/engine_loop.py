@@ -39,12 +39,12 @@ from loraplex.core.engine_core import EngineCore
 from loraplex.core.llm_engine import LLMEngine
 from loraplex.core.output_processor import SeqOutput
 from loraplex.core.request import Request
+from loraplex.core.step_times import log_if_slow
 from loraplex.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.1           # the loop sends stats at most this often while busy
-SLOW_STEP_S = 0.1                # a step this long is logged (info): where its time went
 
 
 # Threads loading adapters. Four, whatever the host: each load's Python part (headers, names,
@@ -200,7 +200,7 @@ class EngineLoop:
                     failed = self.core.pop_failed_requests()
                     if outputs or failed:
                         self.send(StepOutputs(outputs, failed))
-                    self._log_if_slow(self.core.last_step)
+                    log_if_slow(self.core.last_step)
                 self._maybe_send_stats()
         except BaseException as exc:  # noqa: BLE001 - the client must hear about it
             logger.exception("engine step failed; failing all in-flight requests")
@@ -209,12 +209,6 @@ class EngineLoop:
             if self._loader is not None:
                 self._loader.shutdown(wait=False, cancel_futures=True)
         self.send(EngineStopped(error))
-
-    @staticmethod
-    def _log_if_slow(times) -> None:
-        if times.launch_s + times.finish_s >= SLOW_STEP_S:
-            logger.info("slow engine step: %.0f ms launching %d sequences (%d tokens), %.0f ms finishing the step "
-                        "before", times.launch_s * 1e3, times.num_seqs, times.num_tokens, times.finish_s * 1e3)
 
     def reserve_host_buffers(self) -> None:
         """Reserve the adapters' host buffers (LoRAManager.host_buffer_reservations) on the loader
