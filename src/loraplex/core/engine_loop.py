@@ -15,8 +15,8 @@ also run on the loader threads; the others (remove, pin, list) run between two s
 
 Many new adapters at once (a burst of first requests): the loader pool's threads read,
 validate and pack several adapters at the same time (LoRAManager loads outside its locks;
-reading and copying tensors release the GIL) into host buffers it reserved, faulted in and
-page-locked, when the loop started (LoRAManager.host_buffer_reservations), and each adapter's
+reading and copying tensors release the GIL) into host buffers reserved, faulted in and
+page-locked, before the loop started (LoRAManager.host_buffer_reservations), and each adapter's
 requests join the running batch as soon as that adapter is loaded, not when the whole
 burst is.
 
@@ -178,7 +178,6 @@ class EngineLoop:
         self.send = send
         self.inbox = Inbox()
         self._loader: ThreadPoolExecutor | None = None
-        self._reserved = False
         self._waiting_for_adapter: dict[int, list[Request]] = {}   # lora_int_id -> requests
         self._stopping = False
         self._last_stats = 0.0
@@ -187,7 +186,6 @@ class EngineLoop:
     def run(self) -> None:
         """Step until Shutdown; the last message sent is EngineStopped."""
         error = None
-        self.reserve_host_buffers()              # before the first message, unless done already
         try:
             while not self._stopping:
                 busy = self.core.has_unfinished_requests()
@@ -212,10 +210,10 @@ class EngineLoop:
 
     def reserve_host_buffers(self) -> None:
         """Reserve the adapters' host buffers (LoRAManager.host_buffer_reservations) on the loader
-        threads, and wait for them: adapters requested at once must find them ready. Once."""
-        if self._reserved or self.core.lora_manager is None:
+        threads, and wait for them: whoever starts the loop calls this first, so that adapters
+        requested at once find them ready."""
+        if self.core.lora_manager is None:
             return
-        self._reserved = True
         list(self._loader_pool().map(lambda reserve: reserve(), self.core.lora_manager.host_buffer_reservations()))
 
     def _maybe_send_stats(self) -> None:
@@ -328,6 +326,7 @@ class ThreadHandle:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.loop = EngineLoop(llm_engine.core, self._outbox.put)
         self.limits, self.info = llm_engine.core.limits, {}
+        self.loop.reserve_host_buffers()
         self.thread = threading.Thread(target=self.loop.run, name="loraplex-engine", daemon=True)
         self.thread.start()
 

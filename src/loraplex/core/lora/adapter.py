@@ -189,7 +189,7 @@ def _pack(modules: Modules, spec: LoRAModelSpec, rank: int, dtype: torch.dtype, 
         name, index = PEFT_MODULE_TO_PACKED[module]
         by_target.setdefault(name, []).append((layer, index, a, b, scaling))
     shapes = _packed_shapes(spec, by_target, rank)
-    total = sum(math.prod(shape) for pair in shapes.values() for shape in pair)
+    total = _numel(shapes)
     # One buffer for every tensor. Padding, unadapted layers and slices must hold zeros: a
     # fresh buffer does, a recycled one (host_buffer.py) is zeroed first unless this adapter
     # writes every element.
@@ -266,8 +266,11 @@ def _packed_shapes(spec: LoRAModelSpec, names, rank: int) -> dict[str, tuple[tup
 
 def largest_packed_nbytes(spec: LoRAModelSpec, max_lora_rank: int, dtype: torch.dtype) -> int:
     """The host buffer of the largest adapter the slots take: every target at max_lora_rank."""
-    shapes = _packed_shapes(spec, [t.name for t in spec.targets], max_lora_rank)
-    return sum(math.prod(shape) for pair in shapes.values() for shape in pair) * dtype.itemsize
+    return _numel(_packed_shapes(spec, [t.name for t in spec.targets], max_lora_rank)) * dtype.itemsize
+
+
+def _numel(shapes: dict[str, tuple[tuple[int, ...], ...]]) -> int:
+    return sum(math.prod(shape) for pair in shapes.values() for shape in pair)
 
 
 def _writes_every_element(modules: Modules, by_target: dict[str, list], spec: LoRAModelSpec, rank: int) -> bool:

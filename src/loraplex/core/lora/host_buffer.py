@@ -16,9 +16,9 @@ the largest adapter it accepts): a burst of first requests for new adapters then
 memory already faulted in and page-locked; a lease that finds no free block of its own size
 takes the smallest free reserved one that holds it.
 
-A copy queued from a buffer may still be pending on the GPU when its lease ends, so whoever queues
-copies calls `record_use()` after them, and both the next lease and the unregistering wait
-for that event first (torch's own pinned allocator does the same for its blocks).
+A copy queued from a buffer may still be pending on the GPU when its lease ends, so whoever
+queues copies calls `record_use()` after them, and both the next lease and the unregistering
+wait for that event first (torch's own pinned allocator does the same for its blocks).
 """
 
 from __future__ import annotations
