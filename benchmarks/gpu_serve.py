@@ -68,6 +68,7 @@ import gpu_decode  # noqa: E402  (LLAMA3_8B, SMOKE_CONFIG, write_adapters)
 SECTIONS = ["offline", "serve", "burst", "cold", "prefix"]
 DEFAULT_SECTIONS = ["offline", "serve", "burst", "cold"]
 BASE = "base"
+PROFILE_WINDOW = (200, 20)    # --torch-profile: steps 205-225 (after 5 of warm-up), the second wave's decodes
 
 
 def log(*args) -> None:
@@ -155,18 +156,39 @@ def offline_worker(spec_path: str) -> None:
         decode_batch.append(len(plan.scheduled) if all(s.num_new_tokens == 1 for s in plan.scheduled) else 0)
         return plan
 
+    prof = None
+    if spec.get("torch_profile"):        # a window of steady decode steps (the second wave's)
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import schedule as profile_schedule
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                       schedule=profile_schedule(wait=spec["profile_window"][0], warmup=5, active=spec["profile_window"][1],
+                                         repeat=1))
+        prof.start()
+
     def timed_step():
         starts.append(time.perf_counter())
+        if prof is not None:
+            prof.step()
         return step()
 
     core.scheduler.schedule, core.step = timed_schedule, timed_step
     graphs = core.runner.decode_graphs
     replayed = collections.Counter()                                # (batch bucket, LoRA variant) of each replay
+    in_engine = []                                                  # CUDA events around full-batch replays
     replay = graphs._replay if graphs is not None else None
     if graphs is not None:
         def counted_replay(size, lora_bound, num_seqs):
             replayed[size, lora_bound] += 1
-            return replay(size, lora_bound, num_seqs)
+            if num_seqs < spec["concurrency"]:
+                return replay(size, lora_bound, num_seqs)
+            # The graph's own time inside the engine (CUDA events around it), against the
+            # back-to-back replay below: is a slower step the graph's or the work around it?
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record()
+            logits = replay(size, lora_bound, num_seqs)
+            after.record()
+            in_engine.append((before, after))
+            return logits
         graphs._replay = counted_replay
     spy = None
     if spec.get("py_spy_output"):        # this process sampled while it generates, waits included
@@ -178,10 +200,18 @@ def offline_worker(spec_path: str) -> None:
     outs = llm.generate([r.prompt for r in requests], params, lora_request=lora_of, use_tqdm=False)
     seconds = time.perf_counter() - start
     stop_profile(spy)
+    trace = None
+    if prof is not None:
+        prof.stop()
+        import gpu_timeline
+        trace = gpu_timeline.summarize(prof.events(), spec["profile_window"][1])
+        prof.export_chrome_trace(spec["torch_profile"])
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steady = [b - a for a, b, n in zip(starts, starts[1:], decode_batch) if n == spec["concurrency"]]
     result = {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "steady_steps": len(steady),
               "step_ms_median": statistics.median(steady) * 1e3 if steady else None}
+    if trace is not None:
+        result["trace"] = trace
     if replayed:
         # The runner alone on the same batch: the steady steps' graph replayed back to back on
         # the last step's inputs (the same bucket, adapters and about the same context).
@@ -194,19 +224,24 @@ def offline_worker(spec_path: str) -> None:
             end.record()
         torch.cuda.synchronize()
         times = [a.elapsed_time(b) for a, b in zip(ends, ends[1:])]
-        result.update(replay_batch=size, replay_lora_bound=bound, replay_ms_median=statistics.median(times))
+        result.update(replay_batch=size, replay_lora_bound=bound, replay_ms_median=statistics.median(times),
+                      graph_in_engine_ms_median=statistics.median(a.elapsed_time(b) for a, b in in_engine)
+                      if in_engine else None)
     print(json.dumps(result))
 
 
 def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, num_prompts: int,
                 models: list[str], name: str) -> dict:
     spec = tmp / f"offline-{concurrency}.json"
-    if args.py_spy and args.out:
+    if (args.py_spy or args.torch_profile) and args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     spec.write_text(json.dumps({"model": str(model), "device": args.device, "concurrency": concurrency,
                                 "adapters": {k: str(v) for k, v in adapters.items()},
                                 "py_spy_output": str(Path(args.out) / f"pyspy-{name}.txt")
                                 if args.py_spy and args.out else None,
+                                "torch_profile": str(Path(args.out) / f"trace-{name}.json")
+                                if args.torch_profile and args.out else None,
+                                "profile_window": (2, 3) if args.smoke else PROFILE_WINDOW,
                                 "bench_argv": bench_argv(models, num_prompts, args.input_len,
                                                          args.output_len, args.vocab)}))
     proc = subprocess.run([sys.executable, __file__, "--offline-worker", str(spec)], capture_output=True, text=True,
@@ -530,6 +565,10 @@ def main() -> None:
     parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
                         help="sample the server and engine processes with py-spy during the first serve run and the burst, "
                              "and the offline worker (waits included) while it generates")
+    parser.add_argument("--torch-profile", action="store_true",
+                        help=f"the offline worker traces {PROFILE_WINDOW[1]} steady decode steps with torch.profiler: the "
+                             "GPU's busy and idle time per step, its largest idle gaps, kernels per step "
+                             "(gpu_timeline.py); the chrome trace to --out")
     parser.add_argument("--burst-runs", type=int, default=1, metavar="N",
                         help="bursts on the same server, each of its own never-seen adapters (py-spy samples the first)")
     parser.add_argument("--request-rate", type=float, default=None, metavar="R",
@@ -582,7 +621,7 @@ def main() -> None:
                 results[f"offline_{concurrency}{suffix}"] = r
                 log(f"offline C={concurrency}{' base model only' if suffix else ''}: {r['tok_s']:.0f} tok/s, "
                     f"steady decode step {r['step_ms_median']} ms ({r['steady_steps']} steps); the runner's "
-                    f"replay of its graph {r.get('replay_ms_median')} ms")
+                    f"replay of its graph {r.get('replay_ms_median')} ms (in the engine: {r.get('graph_in_engine_ms_median')})")
                 save()
         wanted = {"serve"} | ({"burst", "cold"} if concurrency == args.concurrency[0] else set())
         if not wanted & set(args.only):

@@ -203,3 +203,40 @@ def test_min_tokens_masks_eos_in_the_logits():
                                                                      min_tokens=3))])
     tokens = out["a"].outputs[0].token_ids
     assert len(tokens) >= 3 and first not in tokens[:3]
+
+
+def test_model_dtype_logits_sample_as_their_float32_widening():
+    # Runners hand over logits in the model's dtype; greedy batches with nothing to change take
+    # their argmax directly, every other stage widens them first: the same tokens and logprobs
+    # as the float32 copy of the same values, on every path.
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50).bfloat16()
+    logits[0, 7] = logits[0, 31] = logits[0].max() + 1          # a tie: the first index wins
+    greedy = SamplingParams(temperature=0)
+    cases = {
+        "greedy": [greedy] * 6,
+        "greedy with logprobs": [greedy, SamplingParams(temperature=0, logprobs=2)] * 3,
+        "penalties": [greedy, SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5)] * 3,
+        "min_tokens": [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[7, 31])] + [greedy] * 5,
+        "seeded sampling": [SamplingParams(temperature=0.8, top_p=0.9, seed=i) for i in range(6)],
+    }
+    for name, params in cases.items():
+        outs = []
+        for values in (logits, logits.float()):
+            seqs = [_seq([1, 2, 3], [7, 4], p) for p in params]
+            for i, s in enumerate(seqs):
+                s.seq_id = i
+                s.generator = torch.Generator().manual_seed(p.seed) if (p := s.sampling_params).seed is not None else None
+            stop_ids = [set(p.stop_token_ids or ()) for p in params]
+            outs.append(Sampler(torch.Generator().manual_seed(5))(values, seqs, stop_ids))
+        wide, narrow = outs[1], outs[0]
+        assert torch.equal(narrow.token_ids, wide.token_ids), name
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        assert (narrow.logprobs.rows if narrow.logprobs else []) == asked, name
+        if wide.logprobs is not None:
+            assert narrow.logprobs.chosen.dtype == torch.float32
+            assert torch.equal(narrow.logprobs.chosen, wide.logprobs.chosen), name
+            assert torch.equal(narrow.logprobs.top_ids, wide.logprobs.top_ids), name
+    assert int(Sampler()(logits, [_seq([1], [], greedy)] * 6, [set()] * 6).token_ids[0]) == 7
+    assert int(Sampler()(logits, [_seq([1], [], cases["min_tokens"][0])] + [_seq([1], [], greedy)] * 5,
+                         [{7, 31}] + [set()] * 5).token_ids[0]) not in (7, 31)

@@ -122,7 +122,7 @@ class MixedStepGraphs:
         return 0 < len(host.input_ids) <= self.max_tokens and host.mm_indices is None
 
     def execute(self, host: HostStepInputs, pending_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One step: float32 logits [num_seqs (+ prompt positions), vocab], as ModelRunner.run's eager path."""
+        """One step: logits (model dtype) [num_seqs (+ prompt positions), vocab], as ModelRunner.run's eager path."""
         runner = self.runner
         metadata = host.attention_metadata(runner.device)
         n = len(host.input_ids)
@@ -148,7 +148,7 @@ class MixedStepGraphs:
                 self._forward(size, lora_bound)
         finally:
             self.metadata = None
-        return runner.model.compute_logits(self.hidden[metadata.logits_indices]).float()
+        return runner.model.compute_logits(self.hidden[metadata.logits_indices])
 
     def attend(self, q, k, v, call: tuple) -> None:
         """One layer's attention over the step's real tokens into the static output; call:

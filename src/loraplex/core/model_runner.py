@@ -1,8 +1,9 @@
 """ModelRunner: loads the model, owns the KV cache, and turns a scheduled batch into logits.
 
 The boundary with the engine: the scheduler hands over `list[ScheduledSeq]` (whose block
-tables the block manager filled); `execute` returns float32 logits, one row per sequence,
-for the last token it computed. With overlapped scheduling, a sequence's last token may
+tables the block manager filled); `execute` returns logits in the model's dtype (the
+sampler widens them where a stage needs float32), one row per sequence, for the last token
+it computed. With overlapped scheduling, a sequence's last token may
 still be on the device (sampled by the step before, `seq.num_pending_tokens == 1`):
 execute then also takes that step's sampled ids, and the token's input id is
 `sampled_token_ids[seq.pending_row]`, gathered on the device (step_inputs.py). That
@@ -186,7 +187,7 @@ class ModelRunner:
     def _forward(self, inputs: StepInputs, kv_caches, mm_embeds=None) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions, kv_caches, inputs.metadata,
                             mm_embeds)                                                     # [num_tokens, hidden]
-        return self.model.compute_logits(hidden[inputs.metadata.logits_indices]).float()  # [num_seqs, vocab]
+        return self.model.compute_logits(hidden[inputs.metadata.logits_indices])  # [num_seqs, vocab], model dtype
 
     def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         return self._host_inputs(scheduled).to_device(self.device)
@@ -197,7 +198,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], sampled_token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Compute the scheduled tokens; float32 logits [len(scheduled), vocab] of each one's last token.
+        """Compute the scheduled tokens; logits [len(scheduled), vocab] (model dtype) of each one's last token.
 
         sampled_token_ids: the previous step's sampled ids ([rows] int64, on this device), needed
         when a scheduled sequence's last token is pending. Nothing here waits for the device.
@@ -223,7 +224,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, host: HostStepInputs, sampled_token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One step's forward pass: float32 logits [num_seqs, vocab]. sampled_token_ids: as for
+        """One step's forward pass: logits [num_seqs, vocab] in the model dtype. sampled_token_ids: as for
         execute (rank 0's; under tensor parallelism the other ranks pass None)."""
         pending_ids = self._pending_ids(host, sampled_token_ids)
         # Placeholder tokens take the encoder's outputs: such a step (even of single-token

@@ -7,6 +7,11 @@ Returned logprobs come from the raw logits (the log-softmax of what the model pr
 with only the grammar's mask applied, before anything else above), as vLLM does by
 default, and are computed only for the rows whose request asked for them.
 
+The logits arrive in the model's dtype (bfloat16 on a GPU) and are widened to float32
+for every stage above; a batch that is all greedy, with nothing that changes logits and
+no logprobs (the common case, and offline batches), takes the argmax of the model's own
+logits: the same tokens, without a float32 copy of the whole batch's logits per step.
+
 Token controls (logit_bias, allowed_token_ids, bad words) are turned into host tensors
 once per request (TokenControls, built when the request is added); each step gathers
 those of the rows that have them into one index tensor per kind, and the device applies
@@ -165,15 +170,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  stop_ids: list[set[int]], grammar: GrammarMasks | None = None) -> SamplerOutput:
-        """logits: [batch, vocab] float32, row i for seqs[i]. stop_ids[i]: ids that end seqs[i]
-        (masked while it has fewer than min_tokens output tokens). grammar: the structured-output
-        masks of the rows that have a grammar."""
-        logits = logits.float()
+        """logits: [batch, vocab] in the model's dtype, row i for seqs[i]. stop_ids[i]: ids that end
+        seqs[i] (masked while it has fewer than min_tokens output tokens). grammar: the
+        structured-output masks of the rows that have a grammar."""
         device = logits.device
         params = [s.sampling_params for s in seqs]
-        if grammar is not None:
-            logits = apply_grammar(logits, grammar)
-        raw = logits
         # min_tokens: forbid stopping too early.
         rows, ids = [], []
         for i, (seq, p) in enumerate(zip(seqs, params)):
@@ -181,10 +182,20 @@ class Sampler:
                 stop = [t for t in stop_ids[i] if t < logits.shape[1]]
                 rows += [i] * len(stop)
                 ids += stop
-        if rows or any(s.token_controls is not None for s in seqs):
-            # Changed in place below; `raw` (the caller's) stays as it was, for logprobs and the
-            # grammar. Greedy rows with no controls copy nothing (a copy of 128 x 128,256 float32
-            # logits is 0.04 ms of an H100's memory bandwidth every step).
+        controlled = any(s.token_controls is not None for s in seqs)
+        if (grammar is None and not rows and not controlled and not uses_penalties(params)
+                and all(p.is_greedy and p.logprobs is None for p in params)):
+            # Nothing changes the logits: the argmax of the model's own (bfloat16) logits is the
+            # argmax of their float32 widening (exact, ties to the first index either way),
+            # without widening 128 x 128,256 of them every step.
+            return SamplerOutput(logits.argmax(dim=-1))
+        logits = logits.float()
+        if grammar is not None:
+            logits = apply_grammar(logits, grammar)
+        raw = logits
+        if rows or controlled:
+            # Changed in place below; `raw` stays as it was, for logprobs and the grammar (with
+            # float32 models it is the caller's tensor: the decode graph's static output).
             logits = logits.clone()
         apply_token_controls(logits, seqs)
         if rows:
@@ -329,14 +340,18 @@ def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
+def uses_penalties(params: list) -> bool:
+    return any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params)
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition (prompt + output tokens), then frequency and presence (output tokens) penalties."""
     params = [s.sampling_params for s in seqs]
+    if not uses_penalties(params):
+        return logits
     batch, vocab = logits.shape
     device = logits.device
     use_rep = any(p.repetition_penalty != 1.0 for p in params)
-    if not use_rep and not any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params):
-        return logits
     rep = device_tensor([p.repetition_penalty for p in params], torch.float32, device)[:, None]
     freq = device_tensor([p.frequency_penalty for p in params], torch.float32, device)[:, None]
     pres = device_tensor([p.presence_penalty for p in params], torch.float32, device)[:, None]

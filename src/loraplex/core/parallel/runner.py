@@ -168,7 +168,7 @@ class TensorParallelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], sampled_token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Compute the scheduled tokens on every rank; float32 logits [len(scheduled), vocab].
+        """Compute the scheduled tokens on every rank; logits [len(scheduled), vocab] (model dtype).
         sampled_token_ids: the previous step's, on rank 0's device, for pending input ids
         (overlapped scheduling): rank 0 broadcasts their values to the others in `run`."""
         self._check_alive()
