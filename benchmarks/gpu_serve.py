@@ -15,7 +15,11 @@ Sections (`--only`):
            its own process, with the mix above and with the base model only: tokens/s, and
            the engine's steady decode step (the median time between step starts while C
            sequences decode), against the runner alone: the same steps' CUDA graph replayed
-           back to back (target: within 0.3 ms).
+           back to back (target: within 0.3 ms). The fair pair is the engine's steps around
+           its 300th full-batch step against 30 replays on that step's own inputs (the last
+           step's inputs, also replayed, are cheaper than a mid-run step's); also the graph's
+           own time inside the engine (CUDA events), by hundred steps. --torch-profile: the
+           GPU's timeline over 20 steady steps (gpu_timeline.py) and its chrome trace.
   serve    `loraplex serve --max-num-seqs C` and `loraplex bench serve --max-concurrency C` (another
            process), the same 4 x C requests, --runs times: output tokens/s (target: >= 90% of
            offline), TTFT p50 (target < 100 ms at C = 64), ITL p99 (target < 2x the median step).
@@ -68,6 +72,7 @@ import gpu_decode  # noqa: E402  (LLAMA3_8B, SMOKE_CONFIG, write_adapters)
 SECTIONS = ["offline", "serve", "burst", "cold", "prefix"]
 DEFAULT_SECTIONS = ["offline", "serve", "burst", "cold"]
 BASE = "base"
+MID_RUN_REPLAY_AT = 300      # the offline worker's full-batch step whose graph it also replays back to back
 PROFILE_WINDOW = (200, 20)    # --torch-profile: steps 205-225 (after 5 of warm-up), the second wave's decodes
 
 
@@ -175,6 +180,7 @@ def offline_worker(spec_path: str) -> None:
     graphs = core.runner.decode_graphs
     replayed = collections.Counter()                                # (batch bucket, LoRA variant) of each replay
     in_engine = []                                                  # CUDA events around full-batch replays
+    mid_run = []                                                    # events of replays on a mid-run step's inputs
     replay = graphs._replay if graphs is not None else None
     if graphs is not None:
         def counted_replay(size, lora_bound, num_seqs):
@@ -188,6 +194,15 @@ def offline_worker(spec_path: str) -> None:
             logits = replay(size, lora_bound, num_seqs)
             after.record()
             in_engine.append((before, after))
+            if len(in_engine) == MID_RUN_REPLAY_AT:
+                # The same graph on this step's own inputs, replayed back to back mid-run (each
+                # replay recomputes the step: the same K/V into the same slots, the same logits).
+                ends = [torch.cuda.Event(enable_timing=True) for _ in range(31)]
+                ends[0].record()
+                for end in ends[1:]:
+                    graphs.graphs[size, lora_bound][0].replay()
+                    end.record()
+                mid_run.extend(ends)
             return logits
         graphs._replay = counted_replay
     spy = None
@@ -216,17 +231,37 @@ def offline_worker(spec_path: str) -> None:
         # The runner alone on the same batch: the steady steps' graph replayed back to back on
         # the last step's inputs (the same bucket, adapters and about the same context).
         (size, bound), _ = replayed.most_common(1)[0]
-        graph = graphs.graphs[size, bound][0]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(31)]
-        ends[0].record()
-        for end in ends[1:]:
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        times = [a.elapsed_time(b) for a, b in zip(ends, ends[1:])]
+        graph, logits = graphs.graphs[size, bound]
+
+        def replays(count: int, between=None) -> list[float]:
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+            ends[0].record()
+            for end in ends[1:]:
+                graph.replay()
+                if between is not None:
+                    between()
+                end.record()
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(ends, ends[1:])]
+        times = replays(30)
+        in_engine_ms = [a.elapsed_time(b) for a, b in in_engine]
+        sustained = replays(500)           # as long as the engine's steady steps: clocks under sustained load
         result.update(replay_batch=size, replay_lora_bound=bound, replay_ms_median=statistics.median(times),
-                      graph_in_engine_ms_median=statistics.median(a.elapsed_time(b) for a, b in in_engine)
-                      if in_engine else None)
+                      graph_in_engine_ms_median=statistics.median(in_engine_ms) if in_engine_ms else None,
+                      graph_in_engine_ms_by_hundred=[round(statistics.median(in_engine_ms[i:i + 100]), 3)
+                                                     for i in range(0, len(in_engine_ms), 100)],
+                      replay_sustained_ms_by_hundred=[round(statistics.median(sustained[i:i + 100]), 3)
+                                                      for i in range(0, len(sustained), 100)],
+                      replay_with_argmax_ms_median=statistics.median(replays(30, lambda: logits.argmax(dim=-1))),
+                      replay_mid_run_ms_median=statistics.median(a.elapsed_time(b) for a, b in zip(mid_run, mid_run[1:]))
+                      if mid_run else None,
+                      graph_in_engine_ms_around_mid_run=statistics.median(in_engine_ms[MID_RUN_REPLAY_AT - 20:
+                                                                                        MID_RUN_REPLAY_AT + 20])
+                      if len(in_engine_ms) > MID_RUN_REPLAY_AT + 20 else None,
+                      # The engine's step (start to start) over the same steps: against the replay on
+                      # their inputs, the target's comparison (the last step's inputs are cheaper).
+                      step_ms_around_mid_run=statistics.median(steady[MID_RUN_REPLAY_AT - 20:MID_RUN_REPLAY_AT + 20])
+                      * 1e3 if len(steady) > MID_RUN_REPLAY_AT + 20 else None)
     print(json.dumps(result))
 
 
@@ -621,7 +656,12 @@ def main() -> None:
                 results[f"offline_{concurrency}{suffix}"] = r
                 log(f"offline C={concurrency}{' base model only' if suffix else ''}: {r['tok_s']:.0f} tok/s, "
                     f"steady decode step {r['step_ms_median']} ms ({r['steady_steps']} steps); the runner's "
-                    f"replay of its graph {r.get('replay_ms_median')} ms (in the engine: {r.get('graph_in_engine_ms_median')})")
+                    f"replay of its graph {r.get('replay_ms_median')} ms (in the engine: {r.get('graph_in_engine_ms_median')}, "
+                    f"by hundred steps {r.get('graph_in_engine_ms_by_hundred')}; 500 replays by hundred "
+                    f"{r.get('replay_sustained_ms_by_hundred')}; replays with an argmax after each "
+                    f"{r.get('replay_with_argmax_ms_median')}; replays on step {MID_RUN_REPLAY_AT}'s inputs "
+                    f"{r.get('replay_mid_run_ms_median')} against the engine's steps around it "
+                    f"{r.get('graph_in_engine_ms_around_mid_run')}, their step {r.get('step_ms_around_mid_run')})")
                 save()
         wanted = {"serve"} | ({"burst", "cold"} if concurrency == args.concurrency[0] else set())
         if not wanted & set(args.only):
