@@ -1,13 +1,14 @@
-"""An eager mixed step at 8B shapes: 32 sequences decoding beside one new 128-token prompt.
+"""An eager mixed step at 8B shapes: 32 sequences decoding beside one (or two) new 128-token prompts.
 
     PYTHONPATH=src:tests python3 benchmarks/gpu_mixed_step.py [--profile] [--smoke]
 
 Every new request's first token waits for such a step, so its time is the floor of
 time-to-first-token under load. Builds the Llama-3-8B-shaped runner of gpu_decode.py with
 8 adapters, prefills 32 sequences (with adapters, round robin) and times six mixed steps
-whose newcomer uses an adapter, then six whose newcomer does not (ms each; the first of
-each is a cold start for that shape): replayed in pieces from CUDA graphs
-(mixed_step_graphs.py), as the engine runs them, then eagerly, as it did before.
+whose newcomer uses an adapter, six whose newcomer does not, and six with two newcomers (ms
+each; the first of each is a cold start for that shape): replayed in pieces from CUDA graphs
+(mixed_step_graphs.py), as the engine runs them, then eagerly, as it did before; each with the
+decodes' attention by the decode kernel (the default) and by the prefill kernel.
 --profile adds cProfile's top functions for one more step of each kind and the GPU time
 per kernel (torch.profiler), to tell host from device time.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 import gpu_decode as bench
+from loraplex.core import triton_attention_backend
 from loraplex.core.config import EngineConfig
 from loraplex.core.model_runner import MIXED_STEP_GRAPHS_ENV, ModelRunner
 from loraplex.lora_request import LoRARequest
@@ -54,25 +56,36 @@ def main() -> None:
     decoding = bench.new_seqs(runner, 32, 128, adapters, first_id=1, seed=1)
     bench.prefill_all(runner, blocks, decoding, runner.config.max_num_batched_tokens)
     graphs = runner.mixed_graphs
+    split_default = triton_attention_backend.MIN_SPLIT_DECODES
+    # The attention of the 32 decodes: by the decode kernel (the default), or as one-row tiles of
+    # the prefill kernel (as before it was split off): the two on the same machine.
+    attention_modes = [("decodes by the decode kernel", split_default), ("all rows by the prefill kernel", 1 << 30)]
     for mode in (["graphed pieces"] if graphs is not None else []) + ["eager"]:
         runner.mixed_graphs = graphs if mode == "graphed pieces" else None
-        for label, newcomer_lora in (("newcomer with an adapter", [adapters[0]]), ("newcomer without", [])):
-            times = []
-            for i in range(6 + args.profile):
-                newcomer = bench.new_seqs(runner, 1, 128, newcomer_lora, first_id=1000 + i, seed=i)[0]
-                profiler = cProfile.Profile() if i == 6 else None
-                bench.sync()
-                start = time.perf_counter()
-                if profiler:
-                    profiler.enable()
-                bench.run_step(runner, blocks, [(s, 1) for s in decoding] + [(newcomer, newcomer.num_tokens)])
-                if profiler:
-                    profiler.disable()
-                    pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-                else:
-                    times.append((time.perf_counter() - start) * 1e3)
-                blocks.release([newcomer])
-            print(f"mixed step ({mode}), {label}: {', '.join(f'{t:.1f}' for t in times)} ms", flush=True)
+        for attention, min_split in attention_modes:
+            triton_attention_backend.MIN_SPLIT_DECODES = min_split
+            for label, newcomer_lora, count in (("newcomer with an adapter", [adapters[0]], 1),
+                                                ("newcomer without", [], 1), ("two newcomers with adapters",
+                                                                              adapters[:2], 2)):
+                times = []
+                profiled = args.profile and count == 1 and min_split == split_default
+                for i in range(6 + profiled):
+                    newcomers = bench.new_seqs(runner, count, 128, newcomer_lora, first_id=1000 + 10 * i, seed=i)
+                    profiler = cProfile.Profile() if i == 6 else None
+                    bench.sync()
+                    start = time.perf_counter()
+                    if profiler:
+                        profiler.enable()
+                    bench.run_step(runner, blocks, [(s, 1) for s in decoding] + [(n, n.num_tokens) for n in newcomers])
+                    if profiler:
+                        profiler.disable()
+                        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+                    else:
+                        times.append((time.perf_counter() - start) * 1e3)
+                    blocks.release(newcomers)
+                print(f"mixed step ({mode}; {attention}), {label}: {', '.join(f'{t:.1f}' for t in times)} ms",
+                      flush=True)
+    triton_attention_backend.MIN_SPLIT_DECODES = split_default
     runner.mixed_graphs = graphs
     if args.profile and device == "cuda":
         newcomer = bench.new_seqs(runner, 1, 128, [adapters[0]], first_id=2000, seed=9)[0]

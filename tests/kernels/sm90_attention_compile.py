@@ -42,7 +42,7 @@ def reduce(dtype, num_splits):
 
 def prefill(dtype, block_m, window, large=False):
     block_n = 16 if dtype == "fp32" else 64
-    types = [f"*{dtype}"] * 3 + ["*i32"] * 3 + [f"*{dtype}", "fp32"] + ["i32"] * 11
+    types = [f"*{dtype}"] * 3 + ["*i32"] * 3 + [f"*{dtype}", "i32", "fp32"] + ["i32"] * 11   # out, first_seq, scale
     consts = {"GROUP": 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 128, "USE_WINDOW": window,
               "IEEE_DOT": dtype == "fp32", "LARGE_CACHE": large}
     return _compile(ta._prefill_kernel, types, consts, _Config(8 if block_m > 32 or dtype == "fp32" else 4, ta.PREFILL_STAGES))

@@ -71,6 +71,29 @@ def test_prefill_and_mixed_match_reference(dtype, num_q_heads, num_kv_heads, hea
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_mixed_batch_split_between_decode_and_prefill_kernels(dtype, window):
+    # A mixed step's leading decodes by the decode kernel into out[:d], the rest by the prefill
+    # kernel from first_seq=d into the same out: together the reference, and the prefill kernel
+    # leaves the decodes' rows alone.
+    query_lens, cached = [1, 1, 1, 1, 9, 1, 40], [30, 0, 75, 12, 6, 9, 0]
+    q, kc, vc, tables, qsl, seq_lens = _batch(query_lens, cached, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                                              block_size=4, dtype=dtype, seed=7)
+    ref = paged_attention(q, kc, vc, tables, qsl, seq_lens, 0.3, max_query_len=40, sliding_window=window)
+    out = torch.full_like(q, float("nan"))
+    triton_paged_prefill(q, kc, vc, tables, qsl, seq_lens, 0.3, max_query_len=40, sliding_window=window,
+                         first_seq=4, out=out)
+    assert torch.isnan(out[:4]).all() and not torch.isnan(out[4:]).any()
+    assert _rel_err(out[4:], ref[4:]) < TOL[dtype]
+    triton_paged_decode(q[:4], kc, vc, tables[:4], seq_lens[:4], 0.3, max_seq_len=100, sliding_window=window,
+                        out=out[:4])
+    assert _rel_err(out, ref) < TOL[dtype]
+    untouched = torch.full_like(q, float("nan"))              # first_seq = num_seqs: nothing to compute
+    triton_paged_prefill(q, kc, vc, tables, qsl, seq_lens, 0.3, max_query_len=40, first_seq=7, out=untouched)
+    assert torch.isnan(untouched).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_write_kv_cache_matches_reference_and_skips_padding(dtype):
     gen = torch.Generator().manual_seed(3)
     num_blocks, block_size, heads, dim = 6, 4, 3, 16

@@ -3,10 +3,12 @@ the backend and load_format settings are validated."""
 
 import pytest
 import torch
-from runner_helpers import BlockAllocator, decode, make_runner, new_sequences, prefill, random_prompts, relative_error
+from runner_helpers import (BlockAllocator, decode, make_runner, new_sequences, prefill, random_prompts, relative_error,
+                            step)
 
 from loraplex.core.attention import TorchAttentionBackend, get_attention_backend
 from loraplex.core.config import EngineConfig
+from loraplex.core.sequence import ScheduledSeq
 from loraplex.core.triton_attention_backend import TritonAttentionBackend
 from loraplex.errors import ConfigError
 
@@ -27,6 +29,32 @@ def test_runner_with_triton_backend_matches_torch(tiny_checkpoint, arch_kwargs):
     for ours, ref in zip(results["triton"][0], results["torch"][0]):
         assert relative_error(ours, ref) < 1e-4
     assert results["triton"][1] == results["torch"][1]
+
+
+@pytest.mark.parametrize("min_split", [1, 64])
+def test_mixed_step_with_leading_decodes_matches_torch(tiny_checkpoint, monkeypatch, min_split):
+    # Three sequences decode while a prompt and a second chunk of another arrive: with the split
+    # (min_split 1) the decodes go to the decode kernel, without it all to the prefill kernel.
+    from loraplex.core import triton_attention_backend
+    monkeypatch.setattr(triton_attention_backend, "MIN_SPLIT_DECODES", min_split)
+    path = tiny_checkpoint(arch="mistral", sliding_window=6)
+    results = {}
+    for name in ("torch", "triton"):
+        runner = make_runner(path, attention_backend=name)
+        allocator = BlockAllocator(runner.num_kv_blocks, runner.block_size, seed=2)
+        running = new_sequences(random_prompts([7, 12, 3], runner.vocab_size, seed=3))
+        prefill(runner, allocator, running)
+        for seq in running:
+            seq.token_ids.append(5)
+        chunked, fresh = new_sequences(random_prompts([10, 9], runner.vocab_size, seed=4), first_id=3)
+        step(runner, allocator, [chunked], [4])                    # its first chunk
+        seqs, num_new = running + [chunked, fresh], [1, 1, 1, 6, 9]
+        for seq, n in zip(seqs, num_new):
+            allocator.ensure(seq, seq.num_computed_tokens + n)
+        host = runner._host_inputs([ScheduledSeq(s, n) for s, n in zip(seqs, num_new)])
+        assert host.attention_metadata(runner.device).num_leading_decodes == 3
+        results[name] = step(runner, allocator, seqs, num_new)
+    assert relative_error(results["triton"], results["torch"]) < 1e-4
 
 
 def test_backend_selection():

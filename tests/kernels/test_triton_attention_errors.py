@@ -50,6 +50,13 @@ def test_prefill_argument_errors():
         triton_paged_prefill(q, k_cache, v_cache, tables, qsl[:2], seq_lens, 0.25, max_query_len=1)
     with pytest.raises(KernelArgumentError, match="max_query_len must be an int"):
         triton_paged_prefill(q, k_cache, v_cache, tables, qsl, seq_lens, 0.25, max_query_len=None)
+    with pytest.raises(KernelArgumentError, match=r"first_seq must be an int in \[0, num_seqs=2\], got 3"):
+        triton_paged_prefill(q, k_cache, v_cache, tables, qsl, seq_lens, 0.25, max_query_len=1, first_seq=3)
+    for out in (torch.empty(3, 4, 16), torch.empty(2, 4, 16).half(), torch.empty(2, 4, 32)[:, :, ::2]):
+        with pytest.raises(KernelArgumentError, match="out must be like q"):
+            triton_paged_prefill(q, k_cache, v_cache, tables, qsl, seq_lens, 0.25, max_query_len=1, out=out)
+        with pytest.raises(KernelArgumentError, match="out must be like q"):
+            triton_paged_decode(q, k_cache, v_cache, tables, seq_lens, 0.25, out=out)
 
 
 def test_write_kv_argument_errors():

@@ -29,6 +29,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     is_decode_only: bool           # every sequence computes exactly one token
+    # How many sequences at the start of the batch compute one token each (running decodes come
+    # first): a backend may give them to its decode kernel. 0 when not known.
+    num_leading_decodes: int = 0
 
     @property
     def num_seqs(self) -> int:

@@ -104,13 +104,15 @@ class HostStepInputs:
 
     def attention_metadata(self, device: torch.device) -> AttentionMetadata:
         """The step's AttentionMetadata on `device` (a graph replay copies its ids and positions itself)."""
+        single = np.diff(self.query_start_loc) == 1
         return AttentionMetadata(
             slot_mapping=_to_device(self.slot_mapping, torch.int64, device),
             query_start_loc=_to_device(self.query_start_loc, torch.int32, device),
             seq_lens=_to_device(self.seq_lens, torch.int32, device),
             block_tables=_to_device(self.block_tables, torch.int32, device),
             logits_indices=_to_device(self.logits_indices(), torch.int64, device),
-            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, is_decode_only=self.is_decode_only)
+            max_query_len=self.max_query_len, max_seq_len=self.max_seq_len, is_decode_only=self.is_decode_only,
+            num_leading_decodes=len(single) if single.all() else int(single.argmin()))
 
 
 def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -2,14 +2,23 @@
 
 Decode-only steps run the split-K decode kernel, every other step the prefill/mixed
 kernel; both read the paged cache in place and never sync with the host, so decode steps
-can be captured in CUDA graphs. The split count comes from `metadata.max_seq_len`, a host
+can be captured in CUDA graphs. A mixed step with at least MIN_SPLIT_DECODES leading
+decodes (running sequences come first) gives them to the decode kernel and only the rest
+to the prefill kernel, which would run each decode as a one-row query tile per query head
+(reading each KV head's cache once per query head of its group, 63 of 64 rows empty); with
+fewer, the extra launch (and the decode's split reduction) would cost about what it saves. The split count comes from `metadata.max_seq_len`, a host
 bound: a graph captured with max_seq_len = max_model_len replays for any context length.
 Results equal TorchAttentionBackend's up to float rounding (tests and benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
 
+import torch
+
 from loraplex.core.attention import AttentionBackend
+
+
+MIN_SPLIT_DECODES = 16
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -27,6 +36,15 @@ class TritonAttentionBackend(AttentionBackend):
             return kernels.triton_paged_decode(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
                                                scale, max_seq_len=metadata.max_seq_len,
                                                sliding_window=sliding_window)
+        decodes, out = metadata.num_leading_decodes, None
+        if decodes >= MIN_SPLIT_DECODES:
+            # The decodes' queries are the batch's first `decodes` tokens, one each.
+            out = torch.empty_like(q)
+            kernels.triton_paged_decode(q[:decodes], k_cache, v_cache, metadata.block_tables[:decodes],
+                                        metadata.seq_lens[:decodes], scale, max_seq_len=metadata.max_seq_len,
+                                        sliding_window=sliding_window, out=out[:decodes])
+        else:
+            decodes = 0
         return kernels.triton_paged_prefill(q, k_cache, v_cache, metadata.block_tables, metadata.query_start_loc,
                                             metadata.seq_lens, scale, max_query_len=metadata.max_query_len,
-                                            sliding_window=sliding_window)
+                                            sliding_window=sliding_window, first_seq=decodes, out=out)

@@ -18,7 +18,9 @@ sliding window (a token at position p sees positions > p - W).
   steps of new sizes compile nothing: the warm-up covers the few variants.
 - `_prefill_kernel`: one program per (query tile of a sequence, query head); loops over
   the KV tiles that the tile's causal/sliding-window bounds allow. Handles mixed batches
-  (decode sequences are one-row tiles). Its grid uses max_query_len, a host int.
+  (decode sequences are one-row tiles). Its grid uses max_query_len, a host int. With
+  `first_seq` it skips a batch's first sequences: a mixed step gives its leading decodes
+  to the decode kernel (GQA-grouped, no 63 empty rows per tile) and the rest to this one.
 
 Loops run over dynamic bounds read from the device (seq_lens, query_start_loc): nothing
 syncs with the host. Scores, softmax and accumulators are float32. This module imports
@@ -164,15 +166,17 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_q_heads, head
              mask=dims < head_dim)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])   # the step's longest block table: varies
+# stride_bt: the step's longest block table; first_seq: the mixed step's decode count. Both vary
+# per step: specialised, each new value class would compile a variant while serving.
+@triton.jit(do_not_specialize=["stride_bt", "first_seq"])
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-                    out_ptr, scale, sliding_window, head_dim, block_size,
+                    out_ptr, first_seq, scale, sliding_window, head_dim, block_size,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                     stride_cb, stride_cs, stride_ch,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     USE_WINDOW: tl.constexpr, IEEE_DOT: tl.constexpr, LARGE_CACHE: tl.constexpr):
     tile = tl.program_id(0)
-    seq = tl.program_id(1)
+    seq = tl.program_id(1) + first_seq
     head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -252,6 +256,17 @@ DECODE_STAGES = 2
 PREFILL_STAGES = 2
 
 
+def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The kernels' output: `out` checked against q (they write it with q's layout), or a new tensor."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise KernelArgumentError(f"out must be like q ({q.dtype} of shape {list(q.shape)} on {q.device}, "
+                                  f"last dimension contiguous), got {out.dtype} of shape {list(out.shape)} "
+                                  f"strides {out.stride()} on {out.device}")
+    return out
+
+
 def _large(cache: torch.Tensor) -> bool:
     """True when a cache offset can pass 2**31 elements: the kernels then index in 64 bits."""
     return cache.storage_offset() + sum((n - 1) * st for n, st in zip(cache.shape, cache.stride())) >= 2**31 - 1
@@ -288,11 +303,12 @@ def triton_write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
 def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
                         max_seq_len: int | None = None, sliding_window: int | None = None,
-                        num_splits: int | None = None) -> torch.Tensor:
+                        num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per sequence (q: [num_seqs, q_heads, head_dim]) over its cache.
 
     `max_seq_len` (a host bound; default: the block tables' capacity) only sets the split
-    count; the kernel reads each sequence's length from `seq_lens`.
+    count; the kernel reads each sequence's length from `seq_lens`. `out`: where to write
+    (q's shape and dtype; a new tensor by default).
     """
     num_seqs = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) else -1
     check_attention_args(q, k_cache, v_cache, block_tables, seq_lens, None, sliding_window)
@@ -301,7 +317,7 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                                   f"for {num_seqs} sequences; use triton_paged_prefill for longer queries")
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    out = torch.empty_like(q)
+    out = _output(q, out)
     if num_seqs == 0:
         return out
     if max_seq_len is None:
@@ -336,23 +352,29 @@ def triton_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def triton_paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                         scale: float, *, max_query_len: int, sliding_window: int | None = None) -> torch.Tensor:
+                         scale: float, *, max_query_len: int, sliding_window: int | None = None,
+                         first_seq: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """Any mix of prefill, chunked-prefill and decode sequences (the varlen layout of
-    paged_attention.py). `max_query_len` (host int) bounds each sequence's new tokens."""
+    paged_attention.py). `max_query_len` (host int) bounds each sequence's new tokens.
+    first_seq: compute only sequences first_seq.. (the rows of the others in `out` are left
+    as they are: a mixed step's leading decodes, done by triton_paged_decode). `out`: where
+    to write (q's shape and dtype; a new tensor by default)."""
     check_attention_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sliding_window)
     if isinstance(max_query_len, bool) or not isinstance(max_query_len, int) or max_query_len < 0:
         raise KernelArgumentError(f"max_query_len must be an int >= 0 (the longest sequence's new tokens), "
                                   f"got {max_query_len!r}")
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
-    out = torch.empty_like(q)
-    if num_tokens == 0 or num_seqs == 0 or max_query_len == 0:
+    if isinstance(first_seq, bool) or not isinstance(first_seq, int) or not 0 <= first_seq <= num_seqs:
+        raise KernelArgumentError(f"first_seq must be an int in [0, num_seqs={num_seqs}], got {first_seq!r}")
+    out = _output(q, out)
+    if num_tokens == 0 or num_seqs == first_seq or max_query_len == 0:
         return out
     block_d, block_n = _tiles(q.dtype, head_dim)
     block_m = 64 if block_n == 64 and max_query_len > 32 else 32 if max_query_len > 16 else 16
-    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_q_heads)
+    grid = (triton.cdiv(max_query_len, block_m), num_seqs - first_seq, num_q_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, first_seq,
         float(scale), int(sliding_window or 0), head_dim, k_cache.shape[1],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
