@@ -6,7 +6,7 @@ import torch
 from runner_helpers import (BlockAllocator, decode, make_runner, new_sequences, prefill, random_prompts, relative_error,
                             step)
 
-from loraplex.core.attention import TorchAttentionBackend, get_attention_backend
+from loraplex.core.attention import AttentionMetadata, TorchAttentionBackend, get_attention_backend
 from loraplex.core.config import EngineConfig
 from loraplex.core.sequence import ScheduledSeq
 from loraplex.core.triton_attention_backend import TritonAttentionBackend
@@ -55,6 +55,35 @@ def test_mixed_step_with_leading_decodes_matches_torch(tiny_checkpoint, monkeypa
         assert host.attention_metadata(runner.device).num_leading_decodes == 3
         results[name] = step(runner, allocator, seqs, num_new)
     assert relative_error(results["triton"], results["torch"]) < 1e-4
+
+
+@pytest.mark.parametrize("min_split", [1, 64])
+@pytest.mark.parametrize("query_lens", [[1, 1, 1, 5], [1, 1, 1]])
+def test_backends_write_into_out(monkeypatch, min_split, query_lens):
+    # Mixed-step graphs hand the backend their static output buffer: what it returns is that
+    # buffer, holding what a new tensor would (decode-only and mixed, split or not).
+    from loraplex.core import triton_attention_backend
+    monkeypatch.setattr(triton_attention_backend, "MIN_SPLIT_DECODES", min_split)
+    gen = torch.Generator().manual_seed(0)
+    cached = [3, 7, 0, 2][:len(query_lens)]
+    k_cache, v_cache = (torch.randn(12, 4, 2, 16, generator=gen) for _ in range(2))
+    tokens = sum(query_lens)
+    q = torch.randn(tokens, 4, 16, generator=gen)
+    k, v = (torch.randn(tokens, 2, 16, generator=gen) for _ in range(2))
+    starts = [0] + torch.tensor(query_lens).cumsum(0).tolist()
+    metadata = AttentionMetadata(
+        slot_mapping=torch.full((tokens,), -1, dtype=torch.int64),        # writes nothing
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor([c + n for c, n in zip(cached, query_lens)], dtype=torch.int32),
+        block_tables=torch.arange(12, dtype=torch.int32).view(4, 3)[:len(query_lens)].contiguous(),
+        logits_indices=torch.tensor(starts[1:], dtype=torch.int64) - 1, max_query_len=max(query_lens),
+        max_seq_len=12, is_decode_only=max(query_lens) == 1, num_leading_decodes=3)
+    expected = TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, metadata, scale=0.3, sliding_window=None)
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+        out = torch.full_like(q, float("nan"))
+        result = backend.forward(q, k, v, k_cache, v_cache, metadata, scale=0.3, sliding_window=None, out=out)
+        assert result.data_ptr() == out.data_ptr(), backend.name
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_backend_selection():

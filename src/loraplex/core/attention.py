@@ -45,9 +45,10 @@ class AttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
-                *, scale: float, sliding_window: int | None) -> torch.Tensor:
+                *, scale: float, sliding_window: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
         """q: [num_tokens, q_heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim];
-        k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim] -> [num_tokens, q_heads, head_dim]."""
+        k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim] -> [num_tokens, q_heads, head_dim],
+        written into `out` (q's shape and dtype) when given."""
         raise NotImplementedError
 
 
@@ -56,11 +57,12 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata, *, scale, sliding_window):
+    def forward(self, q, k, v, k_cache, v_cache, metadata, *, scale, sliding_window, out=None):
         write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, metadata.block_tables, metadata.query_start_loc,
-                               metadata.seq_lens, scale, max_query_len=metadata.max_query_len,
-                               max_seq_len=metadata.max_seq_len, sliding_window=sliding_window)
+        result = paged_attention(q, k_cache, v_cache, metadata.block_tables, metadata.query_start_loc,
+                                 metadata.seq_lens, scale, max_query_len=metadata.max_query_len,
+                                 max_seq_len=metadata.max_seq_len, sliding_window=sliding_window)
+        return result if out is None else out.copy_(result)
 
 
 def get_attention_backend(device: torch.device, name: str = "auto") -> AttentionBackend:

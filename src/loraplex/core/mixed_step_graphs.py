@@ -155,8 +155,8 @@ class MixedStepGraphs:
         (k_cache, v_cache, scale, sliding_window), as recorded at capture."""
         n = self.num_tokens
         k_cache, v_cache, scale, sliding_window = call
-        self.out[:n].copy_(self.backend.forward(q[:n], k[:n], v[:n], k_cache, v_cache, self.metadata,
-                                                scale=scale, sliding_window=sliding_window))
+        self.backend.forward(q[:n], k[:n], v[:n], k_cache, v_cache, self.metadata, scale=scale,
+                             sliding_window=sliding_window, out=self.out[:n])
 
     def _forward(self, size: int, lora_bound: int) -> None:
         """The bucket's forward over the static buffers, attention through _PiecewiseAttention."""

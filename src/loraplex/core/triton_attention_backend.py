@@ -29,17 +29,17 @@ class TritonAttentionBackend(AttentionBackend):
         from loraplex.kernels import triton_attention
         self._kernels = triton_attention
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata, *, scale, sliding_window):
+    def forward(self, q, k, v, k_cache, v_cache, metadata, *, scale, sliding_window, out=None):
         kernels = self._kernels
         kernels.triton_write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         if metadata.is_decode_only:
             return kernels.triton_paged_decode(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
                                                scale, max_seq_len=metadata.max_seq_len,
-                                               sliding_window=sliding_window)
-        decodes, out = metadata.num_leading_decodes, None
+                                               sliding_window=sliding_window, out=out)
+        decodes = metadata.num_leading_decodes
         if decodes >= MIN_SPLIT_DECODES:
             # The decodes' queries are the batch's first `decodes` tokens, one each.
-            out = torch.empty_like(q)
+            out = torch.empty_like(q) if out is None else out
             kernels.triton_paged_decode(q[:decodes], k_cache, v_cache, metadata.block_tables[:decodes],
                                         metadata.seq_lens[:decodes], scale, max_seq_len=metadata.max_seq_len,
                                         sliding_window=sliding_window, out=out[:decodes])
