@@ -75,11 +75,12 @@ def offline_worker(spec_path: str) -> None:
     from loraplex.demo import demo_adapters_dir, demo_model_path
     from loraplex.lora_request import lora_id_for_name
     from loraplex.server.bench_serve import build_requests
+    from loraplex.server.bench_serve_args import resolve
     from loraplex.server.cli import build_parser
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
-    requests = build_requests(build_parser().parse_args(["bench", "serve", *spec["bench_args"]]))
+    requests = build_requests(resolve(build_parser().parse_args(["bench", "serve", *spec["bench_args"]])))
     loras = {}
     for r in requests:
         if r.model in ("loraplex-demo-base",) or r.model in loras:

@@ -43,10 +43,11 @@ def offline_worker(spec_path: str) -> None:
     from loraplex import LLM, LoRARequest, SamplingParams
     from loraplex.lora_request import lora_id_for_name
     from loraplex.server.bench_serve import build_requests
+    from loraplex.server.bench_serve_args import resolve
     from loraplex.server.cli import build_parser
 
     spec = json.loads(Path(spec_path).read_text())
-    requests = build_requests(build_parser().parse_args(["bench", "serve", *spec["bench_argv"]]))
+    requests = build_requests(resolve(build_parser().parse_args(["bench", "serve", *spec["bench_argv"]])))
     llm = LLM(spec["model"], device=spec["device"], load_format="dummy", enable_lora=True, max_loras=32,
               max_lora_rank=16, max_cpu_loras=64, max_num_seqs=spec["concurrency"])
     loras = {name: LoRARequest(name, lora_id_for_name(name), path) for name, path in spec["adapters"].items()}

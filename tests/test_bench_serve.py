@@ -4,12 +4,15 @@ tests/server/test_demo_server.py, against the demo server)."""
 import collections
 import random
 
-from loraplex.server.bench_serve import build_requests, model_sequence
+import pytest
+
+from loraplex.server.bench_serve import build_requests, model_sequence, request_body
+from loraplex.server.bench_serve_args import BenchArgsError, resolve, saved_result_path
 from loraplex.server.cli import build_parser
 
 
 def parse(*argv):
-    return build_parser().parse_args(["bench", "serve", *argv])
+    return resolve(build_parser().parse_args(["bench", "serve", *argv]))
 
 
 def test_requests_are_reproducible_and_within_the_token_range():
@@ -64,3 +67,64 @@ def test_random_prefix_len_starts_every_prompt_alike():
     text = build_requests(parse("--model", "base", "--num-prompts", "3", "--prompt-format", "text",
                                 "--random-prefix-len", "4", "--random-input-len", "2"))
     assert all(len(r.prompt.split()) == 6 and r.prompt.split()[:4] == text[0].prompt.split()[:4] for r in text)
+
+
+def test_vllm_spellings_settle_into_ours(tmp_path):
+    # A command written for `vllm bench serve` means the same here.
+    args = parse("--host", "10.0.0.2", "--port", "9000", "--backend", "openai-chat", "--dataset-name", "random",
+                 "--input-len", "7", "--output-len", "5", "--lora-modules", "a", "b", "--lora-assignment",
+                 "round-robin", "--num-prompts", "4", "--metric-percentiles", "25,75", "--percentile-metrics",
+                 "ttft,itl", "--goodput", "ttft:100", "tpot:20.5", "--served-model-name", "served",
+                 "--top-p", "0.5", "--logprobs", "2", "--extra-body", '{"min_tokens": 3}', "--header", "x-a=1",
+                 "--prompt-format", "text")
+    assert (args.base_url, args.endpoint, args.model) == ("http://10.0.0.2:9000", "/v1/chat/completions", "served")
+    assert [r.model for r in build_requests(args)] == ["a", "b", "a", "b"]
+    assert {(len(r.prompt.split()), r.max_tokens) for r in build_requests(args)} == {(7, 5)}
+    assert (args.percentile_values, args.percentile_names) == ([25.0, 75.0], ["ttft", "itl"])
+    assert args.goodput_ms == {"ttft": 100.0, "tpot": 20.5} and args.headers == {"x-a": "1"}
+    body = request_body(args, build_requests(args)[0])
+    assert (body["top_p"], body["logprobs"], body["min_tokens"], body["messages"][0]["role"]) == (0.5, 2, 3, "user")
+    defaults = parse("--model", "m")
+    assert (defaults.base_url, defaults.endpoint, defaults.random_input_len) == ("http://127.0.0.1:8000",
+                                                                                "/v1/completions", 128)
+    assert "top_p" not in request_body(defaults, build_requests(defaults)[0])
+    assert parse("--model", "m", "--port", "1234").base_url == "http://127.0.0.1:1234"
+    random_pick = parse("--lora-modules", "a", "b", "--num-prompts", "40")
+    assert {r.model for r in build_requests(random_pick)} == {"a", "b"} and random_pick.model_distribution == "uniform"
+
+
+def test_save_result_names_its_file_as_vllm_does(tmp_path):
+    args = parse("--model", "/models/llama-8b/", "--save-result", "--request-rate", "4", "--label", "run1")
+    path = saved_result_path(args, args.model)
+    assert path.startswith("./run1-4qps-llama-8b-") and path.endswith(".json")
+    args = parse("--model", "m", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json")
+    assert saved_result_path(args, "m") == str(tmp_path / "r.json")
+    assert saved_result_path(parse("--model", "m"), "m") is None
+    assert "/openai-infqps-m-" in saved_result_path(parse("--model", "m", "--save-result"), "m")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--base-url", "http://a:1", "--host", "b"], "--base-url or --host/--port, not both"),
+    (["--dataset-name", "sharegpt"], "--prompts-file"),
+    (["--dataset-path", "x.json"], "--prompts-file"),
+    (["--tokenizer", "meta-llama/Llama-3-8B"], "--token-id-max"),
+    (["--trust-remote-code"], "no tokenizer or model code"),
+    (["--models", "a", "--lora-modules", "b"], "give one"),
+    (["--random-input-len", "8", "--input-len", "7"], "same setting"),
+    (["--output-len", "0"], "must be positive"),
+    (["--burstiness", "0", "--request-rate", "3"], "must be positive"),
+    (["--num-warmups", "-1"], "must not be negative"),
+    (["--percentile-metrics", "ttft,latency"], "unknown latency"),
+    (["--metric-percentiles", "50,x"], "numbers separated by commas"),
+    (["--metric-percentiles", "101"], r"within \[0, 100\]"),
+    (["--goodput", "itl:5"], "unknown metric 'itl'"),
+    (["--goodput", "ttft5"], "KEY:VALUE"),
+    (["--goodput", "ttft:fast"], "a number of ms"),
+    (["--header", "novalue"], "KEY=VALUE"),
+    (["--extra-body", "[1, 2]"], "JSON object"),
+    (["--result-filename", "r.json"], "add --save-result"),
+    (["--random-range-ratio", "1"], r"in \[0, 1\)"),
+])
+def test_bad_flags_say_what_to_do(argv, message):
+    with pytest.raises(BenchArgsError, match=message):
+        parse("--model", "m", *argv)

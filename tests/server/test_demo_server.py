@@ -274,3 +274,41 @@ def test_bench_serve_poisson_text_chat_and_failures(demo, tmp_path):
     assert len(out["requests"]) == 6 and out["request_rate"] == 20
     sent = [r["sent_at"] for r in sorted(out["requests"], key=lambda r: r["index"])]   # wall clock, in order
     assert sent == sorted(sent) and time.time() - 120 < sent[0] < sent[-1] <= time.time()
+
+
+def test_bench_serve_takes_a_vllm_bench_command(demo, tmp_path):
+    # `vllm bench serve` spellings, as a vLLM user's script passes them: host and port, the random
+    # dataset's general lengths, LoRA modules round robin, bursty arrivals, warm-ups, goodput, and
+    # the result saved under --result-dir/--result-filename; no --model: the server's first model.
+    import json
+    import subprocess
+    import sys
+    server = demo["server"]
+    proc = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--host", "127.0.0.1",
+                           "--port", str(server.port), "--backend", "openai", "--dataset-name", "random",
+                           "--input-len", "12", "--output-len", "6", "--lora-modules", *DEMO_ADAPTER_NAMES[:2],
+                           "--lora-assignment", "round-robin", "--num-prompts", "8", "--max-concurrency", "4",
+                           "--request-rate", "50", "--burstiness", "0.5", "--num-warmups", "2", "--ignore-eos",
+                           "--goodput", "ttft:60000", "e2el:60000", "--metric-percentiles", "50,99",
+                           "--percentile-metrics", "ttft,itl", "--save-result", "--result-dir", str(tmp_path),
+                           "--result-filename", "vllm.json", "--metadata", "run=1", "--request-id-prefix", "vb-",
+                           "--disable-tqdm"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads((tmp_path / "vllm.json").read_text())
+    assert (out["completed"], out["failed"], out["total_output_tokens"]) == (8, 0, 48)
+    assert out["per_model"] == {name: {"requests": 4, "completed": 4, "failed": 0, "output_tokens": 24}
+                                for name in DEMO_ADAPTER_NAMES[:2]}
+    assert out["request_goodput"] == pytest.approx(out["request_throughput"])     # objectives every request meets
+    assert {"p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms"} <= set(out) and "p99_tpot_ms" not in out
+    assert out["run"] == "1" and out["total_input_tokens"] == 8 * 12
+    assert "Request goodput (req/s):" in proc.stdout and "P50 ITL (ms):" in proc.stdout
+    strict = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--port", str(server.port),
+                             "--num-prompts", "3", "--input-len", "4", "--output-len", "3", "--ignore-eos",
+                             "--goodput", "e2el:0.001", "--result-file", str(tmp_path / "base.json"),
+                             "--disable-tqdm"], capture_output=True, text=True, timeout=300)
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert strict.returncode == 0 and list(base["per_model"]) == [DEMO_SERVED_NAME], strict.stdout + strict.stderr
+    assert base["completed"] == 3 and base["request_goodput"] == 0
+    refused = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--port", str(server.port),
+                              "--dataset-name", "sharegpt", "--dataset-path", "x.json"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--prompts-file" in refused.stderr

@@ -115,9 +115,9 @@ class ConnectionPool:
         reader, writer = await asyncio.open_connection(self.hostname, self.port, ssl=context, limit=1 << 22)
         return Connection(reader, writer, self.host_header)
 
-    def stream(self, path: str, body: bytes, headers: dict[str, str]) -> _Exchange:
-        """An async context manager yielding the Response of POST prefix+path (the body not read yet)."""
-        return _Exchange(self, self.prefix + path, body, headers)
+    def stream(self, path: str, body: bytes, headers: dict[str, str], method: str = "POST") -> _Exchange:
+        """An async context manager yielding the Response of METHOD prefix+path (the body not read yet)."""
+        return _Exchange(self, self.prefix + path, body, headers, method)
 
     def _release(self, conn: Connection, response: Response | None) -> None:
         if response is not None and response.complete and response.keep_alive:
@@ -132,8 +132,8 @@ class ConnectionPool:
 
 
 class _Exchange:
-    def __init__(self, pool: ConnectionPool, path: str, body: bytes, headers: dict[str, str]) -> None:
-        self.pool, self.path, self.body, self.headers = pool, path, body, headers
+    def __init__(self, pool: ConnectionPool, path: str, body: bytes, headers: dict[str, str], method: str) -> None:
+        self.pool, self.path, self.body, self.headers, self.method = pool, path, body, headers, method
         self.conn: Connection | None = None
         self.response: Response | None = None
 
@@ -141,14 +141,14 @@ class _Exchange:
         reused = bool(self.pool._idle)
         self.conn = self.pool._idle.pop() if reused else await self.pool._connect()
         try:
-            self.response = await self.conn.request("POST", self.path, self.body, self.headers)
+            self.response = await self.conn.request(self.method, self.path, self.body, self.headers)
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             self.conn.close()
             if not reused:
                 raise
             # A kept-alive connection the server had closed meanwhile: one retry on a fresh one.
             self.conn = await self.pool._connect()
-            self.response = await self.conn.request("POST", self.path, self.body, self.headers)
+            self.response = await self.conn.request(self.method, self.path, self.body, self.headers)
         return self.response
 
     async def __aexit__(self, *exc) -> None:

@@ -2,13 +2,15 @@
 
 Like vLLM's `vllm bench serve`: a client in its own process sends `--num-prompts`
 requests to `--base-url` (ours or any other engine's) at a fixed concurrency
-(`--max-concurrency`) and/or a Poisson arrival rate (`--request-rate`), each for a model
-drawn from `--models` (the base model's name and adapter names; uniform, Zipf or round
-robin), with a random prompt of `--random-input-len` token ids or words (lengths varied
-by `--random-range-ratio`, as vLLM's), streaming by default. It prints and writes as JSON (`--result-file`) the request throughput, output
-tokens/s, time to first token (TTFT), time per output token (TPOT: a request's decode
-time over its tokens after the first), inter-token latency (ITL: the gaps between
-streamed chunks), end-to-end latency, failures, and counts per model.
+(`--max-concurrency`) and/or a Poisson (or, with `--burstiness`, gamma) arrival rate
+(`--request-rate`), each for a model drawn from `--models` (the base model's name and
+adapter names; uniform, Zipf or round robin), with a random prompt of `--random-input-len`
+token ids or words (lengths varied by `--random-range-ratio`, as vLLM's), streaming by
+default. It prints and writes as JSON (`--result-file`, or vLLM's `--save-result`) the
+request throughput, output tokens/s, time to first token (TTFT), time per output token
+(TPOT: a request's decode time over its tokens after the first), inter-token latency (ITL:
+the gaps between streamed chunks), end-to-end latency, goodput, failures, and counts per
+model. Its flags, vLLM's spellings included, are in bench_serve_args.py.
 
 It imports neither torch nor the server: it starts in well under a second.
 """
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from loraplex.server.bench_http import ConnectionPool, HTTPStatusError
+from loraplex.server.bench_serve_args import BenchArgsError, resolve, saved_result_path
 
 WORDS = ("the quick brown fox jumps over a lazy dog while many models serve one base with small "
          "adapters batched together on every step of the engine").split()
@@ -74,8 +77,7 @@ def random_length(length: int, ratio: float, rng: random.Random) -> int:
 
 
 def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
-    if not 0 <= args.random_range_ratio < 1:
-        raise SystemExit(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
+    """The run's requests, from resolved flags (bench_serve_args.resolve)."""
     rng = random.Random(args.seed)
     models = args.models or [args.model]
     names = model_sequence(models, args.model_distribution, args.num_prompts, rng, args.zipf_s)
@@ -106,7 +108,7 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
 
 def request_body(args: argparse.Namespace, request: BenchRequest) -> dict:
     body: dict = {"model": request.model, "max_tokens": request.max_tokens, "temperature": args.temperature,
-                  "stream": not args.no_stream}
+                  "stream": not args.no_stream, **args.sampling}
     if args.endpoint.endswith("/chat/completions"):
         if not isinstance(request.prompt, str):
             raise SystemExit("--endpoint /v1/chat/completions needs text prompts: --prompt-format text")
@@ -117,7 +119,7 @@ def request_body(args: argparse.Namespace, request: BenchRequest) -> dict:
         body["ignore_eos"] = True
     if not args.no_stream:
         body["stream_options"] = {"include_usage": True}
-    return body
+    return {**body, **(args.extra_body or {})}
 
 
 # ---- one request ------------------------------------------------------------------------
@@ -125,6 +127,8 @@ def request_body(args: argparse.Namespace, request: BenchRequest) -> dict:
 async def send(pool: ConnectionPool, args: argparse.Namespace, request: BenchRequest, headers: dict) -> RequestResult:
     result = RequestResult(request.index, request.model)
     body = json.dumps(request_body(args, request)).encode()
+    if args.request_id_prefix is not None:
+        headers = {**headers, "X-Request-Id": f"{args.request_id_prefix}{request.index}"}
     result.sent_at = time.time()
     start = time.perf_counter()
     last = start
@@ -170,12 +174,33 @@ async def send(pool: ConnectionPool, args: argparse.Namespace, request: BenchReq
 
 # ---- the run ------------------------------------------------------------------------------
 
-async def run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
-    pool = ConnectionPool(args.base_url)
+def request_headers(args: argparse.Namespace) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("VLLM_API_KEY")
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
+    return {**headers, **args.headers}
+
+
+async def first_served_model(args: argparse.Namespace) -> str:
+    """The first model of the server's /v1/models (vLLM's client does the same without --model)."""
+    pool = ConnectionPool(args.base_url)
+    try:
+        async with pool.stream("/v1/models", b"", request_headers(args), method="GET") as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise HTTPStatusError(response.status, payload)
+        models = json.loads(payload).get("data") or []
+    finally:
+        pool.close()
+    if not models:
+        raise BenchArgsError(f"{args.base_url}/v1/models lists no model; give --model")
+    return models[0]["id"]
+
+
+async def run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[list[RequestResult], float]:
+    pool = ConnectionPool(args.base_url)
+    headers = request_headers(args)
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     rng = np.random.default_rng(args.seed)
     progress = _progress(len(requests), args.disable_tqdm)
@@ -189,12 +214,15 @@ async def run(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[l
         progress.update(1)
         return result
 
+    # Warm-ups (vLLM's --num-warmups): the first requests' bodies, sent and left out of the figures.
+    await asyncio.gather(*(send(pool, args, requests[i % len(requests)], headers) for i in range(args.num_warmups)))
     start = time.perf_counter()
     tasks = []
     for request in requests:
         tasks.append(asyncio.create_task(one(request)))
         if args.request_rate != float("inf"):
-            await asyncio.sleep(rng.exponential(1.0 / args.request_rate))     # Poisson arrivals
+            # Gaps of mean 1/rate: gamma-distributed of shape `burstiness` (1: exponential, Poisson arrivals).
+            await asyncio.sleep(rng.gamma(args.burstiness, 1.0 / (args.request_rate * args.burstiness)))
     results = await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
     progress.close()
@@ -211,15 +239,21 @@ def _progress(total: int, disabled: bool):
 
 def summarize(args: argparse.Namespace, results: list[RequestResult], duration: float) -> dict:
     ok = [r for r in results if r.ok]
-    percentiles = [float(p) for p in args.percentiles.split(",")]
 
     def stats_ms(name: str, values: list[float]) -> dict:
         values_ms = np.array(values or [0.0]) * 1000
         out = {f"mean_{name}_ms": float(values_ms.mean()), f"median_{name}_ms": float(np.median(values_ms)),
                f"std_{name}_ms": float(values_ms.std())}
-        for p in percentiles:
+        for p in args.percentile_values if name in args.percentile_names else ():
             out[f"p{p:g}_{name}_ms"] = float(np.percentile(values_ms, p))
         return out
+
+    def tpot(r: RequestResult) -> float | None:
+        return (r.latency - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else None
+
+    def meets_objectives(r: RequestResult) -> bool:
+        values_ms = {"ttft": r.ttft * 1000, "e2el": r.latency * 1000, "tpot": (tpot(r) or 0.0) * 1000}
+        return all(values_ms[metric] <= bound for metric, bound in args.goodput_ms.items())
 
     output_tokens = sum(r.output_tokens for r in ok)
     input_tokens = sum(r.prompt_tokens for r in ok)
@@ -237,9 +271,10 @@ def summarize(args: argparse.Namespace, results: list[RequestResult], duration: 
         "duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
         "total_input_tokens": input_tokens, "total_output_tokens": output_tokens,
         "request_throughput": len(ok) / duration, "output_throughput": output_tokens / duration,
+        "request_goodput": sum(map(meets_objectives, ok)) / duration if args.goodput_ms else None,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
         **stats_ms("ttft", [r.ttft for r in ok]),
-        **stats_ms("tpot", [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]),
+        **stats_ms("tpot", [t for r in ok if (t := tpot(r)) is not None]),
         **stats_ms("itl", [gap for r in ok for gap in r.itl]),
         **stats_ms("e2el", [r.latency for r in ok]),
         "per_model": dict(sorted(per_model.items())),
@@ -250,7 +285,7 @@ def summarize(args: argparse.Namespace, results: list[RequestResult], duration: 
     return summary
 
 
-def print_summary(summary: dict, percentiles: str) -> None:
+def print_summary(summary: dict, args: argparse.Namespace) -> None:
     width = 52
     print("=" * width)
     print(" Serving benchmark result ".center(width, "="))
@@ -261,6 +296,8 @@ def print_summary(summary: dict, percentiles: str) -> None:
             ("Request throughput (req/s):", f"{summary['request_throughput']:.2f}"),
             ("Output token throughput (tok/s):", f"{summary['output_throughput']:.2f}"),
             ("Total token throughput (tok/s):", f"{summary['total_token_throughput']:.2f}")]
+    if summary["request_goodput"] is not None:
+        rows.insert(6, ("Request goodput (req/s):", f"{summary['request_goodput']:.2f}"))
     for label, value in rows:
         print(f"{label:<40}{value:>12}")
     for name, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
@@ -268,9 +305,8 @@ def print_summary(summary: dict, percentiles: str) -> None:
         print(f" {title} ".center(width, "-"))
         print(f"{'Mean ' + name.upper() + ' (ms):':<40}{summary[f'mean_{name}_ms']:>12.2f}")
         print(f"{'Median ' + name.upper() + ' (ms):':<40}{summary[f'median_{name}_ms']:>12.2f}")
-        for p in percentiles.split(","):
-            key = f"p{float(p):g}_{name}_ms"
-            print(f"{'P' + f'{float(p):g}' + ' ' + name.upper() + ' (ms):':<40}{summary[key]:>12.2f}")
+        for p in args.percentile_values if name in args.percentile_names else ():
+            print(f"{f'P{p:g} {name.upper()} (ms):':<40}{summary[f'p{p:g}_{name}_ms']:>12.2f}")
     print(" Requests per model ".center(width, "-"))
     for model, entry in summary["per_model"].items():
         print(f"{model[:30]:<31}{entry['completed']:>6} ok {entry['failed']:>4} failed {entry['output_tokens']:>8} tok")
@@ -281,68 +317,21 @@ def print_summary(summary: dict, percentiles: str) -> None:
 
 # ---- the command ------------------------------------------------------------------------
 
-def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    target = parser.add_argument_group("target")
-    target.add_argument("--base-url", default="http://127.0.0.1:8000",
-                        help="the server's URL, without /v1 (default: http://127.0.0.1:8000)")
-    target.add_argument("--endpoint", default="/v1/completions",
-                        help="/v1/completions (default) or /v1/chat/completions")
-    target.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY or $VLLM_API_KEY)")
-    target.add_argument("--model", default=None, help="the model name to request (when --models is not given)")
-    target.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                        help="mix of model names, base and adapters, one drawn per request")
-    target.add_argument("--model-distribution", default="uniform", choices=["uniform", "zipf", "round-robin"],
-                        help="how --models are drawn: uniform, Zipf over the order given, or round robin "
-                             "(default: uniform)")
-    target.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent: rank r has weight r^-s (default: 1)")
-    load = parser.add_argument_group("load")
-    load.add_argument("--num-prompts", type=int, default=256, help="requests to send (default: 256)")
-    load.add_argument("--max-concurrency", type=int, default=None,
-                      help="most requests in flight (default: no limit)")
-    load.add_argument("--request-rate", type=float, default=float("inf"),
-                      help="mean requests per second, Poisson arrivals (default: inf, all at once)")
-    load.add_argument("--seed", type=int, default=0, help="seed of prompts, models and arrivals (default: 0)")
-    prompts = parser.add_argument_group("prompts")
-    prompts.add_argument("--prompt-format", default="token-ids", choices=["token-ids", "text"],
-                         help="random token ids (completions only) or random words (default: token-ids)")
-    prompts.add_argument("--random-input-len", type=int, default=128, help="prompt length in tokens or words (default: 128)")
-    prompts.add_argument("--random-prefix-len", type=int, default=0,
-                         help="tokens (or words) every random prompt starts with, the same for all, before its "
-                              "--random-input-len own ones (default: 0)")
-    prompts.add_argument("--random-output-len", type=int, default=128, help="max_tokens of each request (default: 128)")
-    prompts.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
-                         help="draw each request's input and output lengths uniformly from [len * (1 - R), "
-                              "len * (1 + R)] (default: 0, every request alike)")
-    prompts.add_argument("--token-id-min", type=int, default=3, help="smallest random token id (default: 3)")
-    prompts.add_argument("--token-id-max", type=int, default=256,
-                         help="random token ids are below this; keep it within the vocabulary (default: 256)")
-    prompts.add_argument("--prompts-file", default=None, help="text prompts, one per line, used in turn")
-    prompts.add_argument("--ignore-eos", action="store_true", help="generate max_tokens every time (ignore_eos)")
-    prompts.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0)")
-    prompts.add_argument("--no-stream", action="store_true", help="non-streaming requests (TTFT = latency)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--result-file", default=None, help="write the summary as JSON here")
-    out.add_argument("--save-detailed", action="store_true", help="include every request's timings in the JSON")
-    out.add_argument("--percentiles", default="50,90,99", help="latency percentiles (default: 50,90,99)")
-    out.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-
-
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    if not args.models and not args.model:
-        print("loraplex bench serve: give --model NAME or --models NAME...", file=sys.stderr)
-        return 2
-    if args.num_prompts < 1 or (args.max_concurrency is not None and args.max_concurrency < 1) \
-            or args.request_rate <= 0 or args.random_input_len < 1 or args.random_output_len < 1 \
-            or args.random_prefix_len < 0:
-        print("loraplex bench serve: --num-prompts, --max-concurrency, --request-rate, --random-input-len and "
-              "--random-output-len must be positive, --random-prefix-len not negative", file=sys.stderr)
+    try:
+        resolve(args)
+        if not args.models and not args.model:
+            args.model = asyncio.run(first_served_model(args))
+    except (BenchArgsError, HTTPStatusError, OSError, ValueError) as e:
+        print(f"loraplex bench serve: {e}", file=sys.stderr)
         return 2
     requests = build_requests(args)
     results, duration = asyncio.run(run(args, requests))
     summary = summarize(args, results, duration)
-    print_summary(summary, args.percentiles)
-    if args.result_file:
-        with open(args.result_file, "w", encoding="utf-8") as f:
-            settings = {k: (None if v == float("inf") else v) for k, v in vars(args).items() if k != "func"}
-            json.dump({**summary, "args": settings}, f, indent=2)
+    print_summary(summary, args)
+    settings = {k: (None if v == float("inf") else v) for k, v in vars(args).items() if k != "func"}
+    for path in filter(None, (args.result_file, saved_result_path(args, args.model or args.models[0]))):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({**summary, **args.metadata_pairs, "args": settings}, f, indent=2)
+        print(f"result written to {path}")
     return 0 if summary["completed"] else 1

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = subcommands.add_parser("bench", help="benchmarks", description="Benchmarks.")
     benches = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    from loraplex.server.bench_serve import add_bench_serve_arguments, cmd_bench_serve
+    from loraplex.server.bench_serve import cmd_bench_serve
+    from loraplex.server.bench_serve_args import add_bench_serve_arguments
     bench_serve = benches.add_parser(
         "serve", help="drive an OpenAI-compatible server and measure throughput and latency",
         description="Send requests to an OpenAI-compatible server (loraplex or any other) from this "
