@@ -292,7 +292,8 @@ def test_bench_serve_takes_a_vllm_bench_command(demo, tmp_path):
                            "--goodput", "ttft:60000", "e2el:60000", "--metric-percentiles", "50,99",
                            "--percentile-metrics", "ttft,itl", "--save-result", "--result-dir", str(tmp_path),
                            "--result-filename", "vllm.json", "--metadata", "run=1", "--request-id-prefix", "vb-",
-                           "--disable-tqdm"], capture_output=True, text=True, timeout=300)
+                           "--header", "X-Secret=s3cret", "--api-key", "k3y", "--disable-tqdm"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads((tmp_path / "vllm.json").read_text())
     assert (out["completed"], out["failed"], out["total_output_tokens"]) == (8, 0, 48)
@@ -301,6 +302,8 @@ def test_bench_serve_takes_a_vllm_bench_command(demo, tmp_path):
     assert out["request_goodput"] == pytest.approx(out["request_throughput"])     # objectives every request meets
     assert {"p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms"} <= set(out) and "p99_tpot_ms" not in out
     assert out["run"] == "1" and out["total_input_tokens"] == 8 * 12
+    saved = (tmp_path / "vllm.json").read_text()
+    assert "s3cret" not in saved and "k3y" not in saved and out["args"]["num_warmups"] == 2
     assert "Request goodput (req/s):" in proc.stdout and "P50 ITL (ms):" in proc.stdout
     strict = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--port", str(server.port),
                              "--num-prompts", "3", "--input-len", "4", "--output-len", "3", "--ignore-eos",

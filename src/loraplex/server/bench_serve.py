@@ -329,7 +329,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     results, duration = asyncio.run(run(args, requests))
     summary = summarize(args, results, duration)
     print_summary(summary, args)
-    settings = {k: (None if v == float("inf") else v) for k, v in vars(args).items() if k != "func"}
+    settings = {k: (None if v == float("inf") else v) for k, v in vars(args).items()
+                if k not in ("func", "api_key", "header", "headers")}   # credentials stay out of the file
     for path in filter(None, (args.result_file, saved_result_path(args, args.model or args.models[0]))):
         with open(path, "w", encoding="utf-8") as f:
             json.dump({**summary, **args.metadata_pairs, "args": settings}, f, indent=2)
