@@ -292,7 +292,8 @@ def test_bench_serve_takes_a_vllm_bench_command(demo, tmp_path):
                            "--goodput", "ttft:60000", "e2el:60000", "--metric-percentiles", "50,99",
                            "--percentile-metrics", "ttft,itl", "--save-result", "--result-dir", str(tmp_path),
                            "--result-filename", "vllm.json", "--metadata", "run=1", "--request-id-prefix", "vb-",
-                           "--header", "X-Secret=s3cret", "--api-key", "k3y", "--disable-tqdm"],
+                           "--header", "X-Secret=s3cret", "--api-key", "k3y", "--ready-check-timeout-sec", "30",
+                           "--disable-tqdm"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = json.loads((tmp_path / "vllm.json").read_text())
@@ -315,3 +316,13 @@ def test_bench_serve_takes_a_vllm_bench_command(demo, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--port", str(server.port),
                               "--dataset-name", "sharegpt", "--dataset-path", "x.json"], capture_output=True, text=True)
     assert refused.returncode == 2 and "--prompts-file" in refused.stderr
+    import socket
+    with socket.socket() as s:                        # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    started = time.monotonic()
+    down = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--port", str(closed_port),
+                           "--model", "m", "--ready-check-timeout-sec", "2"], capture_output=True, text=True,
+                          timeout=60)
+    assert down.returncode == 2 and "did not answer 200 within 2 s" in down.stderr, down.stderr
+    assert 2 <= time.monotonic() - started < 30

@@ -182,6 +182,28 @@ def request_headers(args: argparse.Namespace) -> dict[str, str]:
     return {**headers, **args.headers}
 
 
+async def wait_until_ready(args: argparse.Namespace) -> None:
+    """vLLM's --ready-check-timeout-sec: poll /health until it answers 200, or fail after the timeout."""
+    deadline = time.monotonic() + args.ready_check_timeout_sec
+    last = "no answer"
+    while True:
+        pool = ConnectionPool(args.base_url)
+        try:
+            async with pool.stream("/health", b"", request_headers(args), method="GET") as response:
+                await response.read()
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except OSError as e:
+            last = f"{type(e).__name__}: {e}"
+        finally:
+            pool.close()
+        if time.monotonic() >= deadline:
+            raise BenchArgsError(f"{args.base_url}/health did not answer 200 within {args.ready_check_timeout_sec} s "
+                                 f"({last}); is the server up?")
+        await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
 async def first_served_model(args: argparse.Namespace) -> str:
     """The first model of the server's /v1/models (vLLM's client does the same without --model)."""
     pool = ConnectionPool(args.base_url)
@@ -320,6 +342,8 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     try:
         resolve(args)
+        if args.ready_check_timeout_sec:
+            asyncio.run(wait_until_ready(args))
         if not args.models and not args.model:
             args.model = asyncio.run(first_served_model(args))
     except (BenchArgsError, HTTPStatusError, OSError, ValueError) as e:

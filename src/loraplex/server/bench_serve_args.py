@@ -2,7 +2,8 @@
 
 A command written for vLLM's client runs as it is: `--host`/`--port`, `--backend`,
 `--dataset-name random`, `--input-len`/`--output-len`, `--burstiness`, `--lora-modules` with
-`--lora-assignment`, `--served-model-name`, `--num-warmups`, `--goodput`, `--save-result`
+`--lora-assignment`, `--served-model-name`, `--ready-check-timeout-sec`, `--num-warmups`,
+`--goodput`, `--save-result`
 with `--result-dir`/`--result-filename`, `--label`, `--metadata`, `--metric-percentiles`,
 `--percentile-metrics`, `--header`, `--extra-body`, `--request-id-prefix`, `--logprobs` and
 the sampling flags mean what they mean there. vLLM flags that need what this client does
@@ -66,6 +67,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--lora-assignment", default="random", choices=["random", "round-robin"],
                         help="vLLM's: how --lora-modules are drawn (default: random)")
     target.add_argument("--header", nargs="+", default=None, metavar="KEY=VALUE", help="more request headers")
+    target.add_argument("--ready-check-timeout-sec", type=int, default=0, metavar="S",
+                        help="wait up to S seconds for the server's /health to answer 200 before starting "
+                             "(default: 0, no wait)")
     load = parser.add_argument_group("load")
     load.add_argument("--num-prompts", type=int, default=256, help="requests to send (default: 256)")
     load.add_argument("--max-concurrency", type=int, default=None,
@@ -176,8 +180,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.num_prompts < 1 or (args.max_concurrency is not None and args.max_concurrency < 1) \
             or args.request_rate <= 0 or args.burstiness <= 0:
         raise BenchArgsError("--num-prompts, --max-concurrency, --request-rate and --burstiness must be positive")
-    if args.random_prefix_len < 0 or args.num_warmups < 0:
-        raise BenchArgsError("--random-prefix-len and --num-warmups must not be negative")
+    if args.random_prefix_len < 0 or args.num_warmups < 0 or args.ready_check_timeout_sec < 0:
+        raise BenchArgsError("--random-prefix-len, --num-warmups and --ready-check-timeout-sec must not be negative")
     if not 0 <= args.random_range_ratio < 1:
         raise BenchArgsError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
     try:
