@@ -17,7 +17,8 @@ when freed while its copies are queued; after start-up (graph capture and warm-u
 batches of many sizes and adapter counts compiles no Triton kernel; greedy outputs of LLM with Triton attention + CUDA graphs equal the
 torch backend's eager outputs on tiny checkpoints (fp32; Llama and sliding-window
 Mistral), with and without LoRA adapters in a mixed batch, both kinds of graphs replayed
-(decode, and prefill/mixed in pieces); a replayed decode step under
+(decode, and prefill/mixed in pieces), and with mixed steps whose 16 or more leading decodes
+go to the decode kernel; a replayed decode step under
 torch.cuda.set_sync_debug_mode("error"); graphs are used (replay counts). Exit code 1 on
 any FAIL.
 """
@@ -305,6 +306,7 @@ def check_engine() -> None:
                        f"graph replays: decode {replays[0]}, prefill/mixed {replays[1]}")
             check_prefix_caching(path, mixed, arch_kwargs["arch"])
             if DEVICE == "cuda":
+                check_split_attention(path, arch_kwargs["arch"])
                 check_replay_has_no_sync(path)
                 if arch_kwargs["arch"] == "llama":
                     check_no_compile_after_warm_up(path, tmp, report)
@@ -330,6 +332,41 @@ def check_prefix_caching(path, mixed, arch: str) -> None:
     release_memory()
     report(f"engine {arch} prefix caching (triton+graphs, adapters) == torch eager without it",
            runs[0] == ref and runs[1] == ref and hits > 0, f"tokens reused={hits}")
+
+
+def check_split_attention(path, arch: str) -> None:
+    """Prompts admitted a few per step (a 64-token budget) while 16 or more sequences decode: mixed
+    steps whose leading decodes go to the decode kernel (triton_attention_backend.MIN_SPLIT_DECODES)
+    give the tokens of torch eager, and such steps happened."""
+    from runner_helpers import random_prompts
+
+    from loraplex import LLM, SamplingParams
+    from loraplex.core import triton_attention_backend
+    lengths = [8 + (7 * i) % 23 for i in range(28)]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(lengths, 300, seed=3)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    split_steps = []
+    forward = triton_attention_backend.TritonAttentionBackend.forward
+
+    def counting(self, q, k, v, k_cache, v_cache, metadata, **kwargs):
+        if not metadata.is_decode_only and metadata.num_leading_decodes >= triton_attention_backend.MIN_SPLIT_DECODES:
+            split_steps.append(metadata.num_leading_decodes)
+        return forward(self, q, k, v, k_cache, v_cache, metadata, **kwargs)
+    outputs, llm = {}, None
+    for backend in ("torch", "triton"):
+        triton_attention_backend.TritonAttentionBackend.forward = counting
+        try:
+            llm = LLM(model=str(path), device=DEVICE, dtype="float32", max_model_len=256, max_num_seqs=32,
+                      max_num_batched_tokens=64, kv_cache_bytes=64 << 20, attention_backend=backend,
+                      enforce_eager=backend == "torch")
+            outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            triton_attention_backend.TritonAttentionBackend.forward = forward
+            llm = None
+            release_memory()
+    report(f"engine {arch} mixed steps with leading decodes split off: triton+graphs == torch eager",
+           outputs["triton"] == outputs["torch"] and bool(split_steps),
+           f"split attention calls {len(split_steps)}, most decodes {max(split_steps, default=0)}")
 
 
 def check_replay_has_no_sync(path) -> None:
