@@ -19,7 +19,8 @@ def release_memory() -> None:
 
 def check_no_compile_after_warm_up(path, tmp: Path, report) -> None:
     """After start-up (graph capture + warm-up) serving compiles no Triton kernel: eager mixed
-    and decode steps of many sizes, 1 to 12 adapters at max_loras 64 (two tile classes)."""
+    and decode steps of many sizes, 1 to 12 adapters at max_loras 64 (two tile classes), mixed
+    steps with leading decodes split off."""
     from adapters import write_peft_adapter
     from gpu_decode import compiled_kernels
     from runner_helpers import random_prompts
@@ -38,9 +39,11 @@ def check_no_compile_after_warm_up(path, tmp: Path, report) -> None:
         prompts = [{"prompt_token_ids": p} for p in random_prompts(lengths, 300, seed=3)]
         loras = [adapters[i % (1 + i % 12)] if i % 5 else None for i in range(len(prompts))]
         params = [SamplingParams(temperature=0, max_tokens=2 + i % 9, ignore_eos=True) for i in range(len(prompts))]
-        for start in (0, 3, 11):   # batches of different sizes and adapter counts
-            llm.generate(prompts[start:start + 9 + 3 * start], params[start:start + 9 + 3 * start],
-                         lora_request=loras[start:start + 9 + 3 * start], use_tqdm=False)
+        # Batches of different sizes and adapter counts; the last, 40 prompts of ~1,200 tokens over
+        # a 512-token budget, admits them over steps while 16 or more decode (split attention).
+        for start, count in ((0, 9), (3, 18), (11, 29), (0, 40)):
+            llm.generate(prompts[start:start + count], params[start:start + count],
+                         lora_request=loras[start:start + count], use_tqdm=False)
         after = compiled_kernels()
         new = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
         report(f"no Triton compile while serving after start-up (enforce_eager={enforce_eager})", not new,
