@@ -338,7 +338,7 @@ def run_bench(replays):
     print(f"\n{'module':<8}{'tokens':>6}{'LoRAs':>5}{'loraplex':>10}{'shrink':>9}{'expand':>9}{'torch bmm':>11}"
           f"{'floor':>9}{'%floor':>8}  {'target':<26} tiles")
     for module in ("qkv", "gate_up", "down"):
-        for num_tokens in (64, 4096):
+        for num_tokens in (64, 192, 4096):   # 192: the mixed-step bucket of 32 decodes and a 128-token prompt
             for num_adapters in (1, 8, 32):
                 try:
                     print(bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays), flush=True)
