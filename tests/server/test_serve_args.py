@@ -85,6 +85,36 @@ def test_a_broken_static_adapter_stops_the_start_up(tmp_path):
         asyncio.run(backend.startup())
 
 
+def test_static_adapters_load_together(tmp_path):
+    # --lora-modules load at once, as a burst of first requests does: a slow load (here 0.2 s in
+    # the engine) does not hold the others back, and every one is served by its name.
+    import threading
+    import time
+
+    from adapters import write_peft_adapter
+
+    class SlowEngine(FakeEngine):
+        def __init__(self):
+            super().__init__()
+            self.lock, self.in_flight, self.most = threading.Lock(), 0, 0
+
+        def add_lora(self, request):
+            with self.lock:
+                self.in_flight += 1
+                self.most = max(self.most, self.in_flight)
+            time.sleep(0.2)
+            with self.lock:
+                self.in_flight -= 1
+            return super().add_lora(request)
+    engine = SlowEngine()
+    backend = ServingBackend(engine, served_model_names=["base"], model_path="/m")
+    for i in range(4):
+        backend.static_adapters.append((f"s{i}", str(write_peft_adapter(tmp_path / f"s{i}", rank=4, seed=i)), None))
+    asyncio.run(backend.startup())
+    assert engine.most > 1
+    assert sorted(r.lora_name for r in engine.loras.values()) == ["s0", "s1", "s2", "s3"]
+
+
 VLLM_COMMAND = ["--trust-remote-code", "--disable-log-requests", "--enable-prefix-caching", "--swap-space", "4",
                 "--enable-chunked-prefill", "--max-log-len", "100", "--kv-cache-dtype", "auto", "-pp", "1",
                 "--quantization", "None", "--api-server-count", "1", "-dp", "1"]

@@ -119,12 +119,14 @@ class ServingBackend:
         self.static_adapters: list[tuple[str, str, str | None]] = []
 
     async def startup(self) -> None:
-        """Load the static adapters; any failure stops the server from starting."""
-        for name, path, base in self.static_adapters:
+        """Load the static adapters, all at once (the engine reads and packs them on its loader
+        threads, as a burst of first requests); any failure stops the server from starting."""
+        async def load(name: str, path: str, base: str | None) -> None:
             try:
                 await self.load_adapter(name, path, base_model_name=base)
             except LoraplexError as e:   # uvicorn prints the traceback: its last line says it all
                 raise ConfigError(f"--lora-modules {name}={path} could not be loaded: {e}") from None
+        await asyncio.gather(*(load(*adapter) for adapter in self.static_adapters))
 
     async def shutdown(self) -> None:
         stop = getattr(self.engine, "shutdown", None)
