@@ -36,15 +36,13 @@ class TritonAttentionBackend(AttentionBackend):
             return kernels.triton_paged_decode(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
                                                scale, max_seq_len=metadata.max_seq_len,
                                                sliding_window=sliding_window, out=out)
-        decodes = metadata.num_leading_decodes
-        if decodes >= MIN_SPLIT_DECODES:
+        decodes = metadata.num_leading_decodes if metadata.num_leading_decodes >= MIN_SPLIT_DECODES else 0
+        if decodes:
             # The decodes' queries are the batch's first `decodes` tokens, one each.
             out = torch.empty_like(q) if out is None else out
             kernels.triton_paged_decode(q[:decodes], k_cache, v_cache, metadata.block_tables[:decodes],
                                         metadata.seq_lens[:decodes], scale, max_seq_len=metadata.max_seq_len,
                                         sliding_window=sliding_window, out=out[:decodes])
-        else:
-            decodes = 0
         return kernels.triton_paged_prefill(q, k_cache, v_cache, metadata.block_tables, metadata.query_start_loc,
                                             metadata.seq_lens, scale, max_query_len=metadata.max_query_len,
                                             sliding_window=sliding_window, first_seq=decodes, out=out)

@@ -182,22 +182,27 @@ def request_headers(args: argparse.Namespace) -> dict[str, str]:
     return {**headers, **args.headers}
 
 
+async def get(args: argparse.Namespace, path: str) -> tuple[int, bytes]:
+    """(status, body) of GET base_url + path, on a connection of its own."""
+    pool = ConnectionPool(args.base_url)
+    try:
+        async with pool.stream(path, b"", request_headers(args), method="GET") as response:
+            return response.status, await response.read()
+    finally:
+        pool.close()
+
+
 async def wait_until_ready(args: argparse.Namespace) -> None:
     """vLLM's --ready-check-timeout-sec: poll /health until it answers 200, or fail after the timeout."""
     deadline = time.monotonic() + args.ready_check_timeout_sec
-    last = "no answer"
     while True:
-        pool = ConnectionPool(args.base_url)
         try:
-            async with pool.stream("/health", b"", request_headers(args), method="GET") as response:
-                await response.read()
-                if response.status == 200:
-                    return
-                last = f"HTTP {response.status}"
+            status, _ = await get(args, "/health")
+            if status == 200:
+                return
+            last = f"HTTP {status}"
         except OSError as e:
             last = f"{type(e).__name__}: {e}"
-        finally:
-            pool.close()
         if time.monotonic() >= deadline:
             raise BenchArgsError(f"{args.base_url}/health did not answer 200 within {args.ready_check_timeout_sec} s "
                                  f"({last}); is the server up?")
@@ -206,15 +211,10 @@ async def wait_until_ready(args: argparse.Namespace) -> None:
 
 async def first_served_model(args: argparse.Namespace) -> str:
     """The first model of the server's /v1/models (vLLM's client does the same without --model)."""
-    pool = ConnectionPool(args.base_url)
-    try:
-        async with pool.stream("/v1/models", b"", request_headers(args), method="GET") as response:
-            payload = await response.read()
-            if response.status != 200:
-                raise HTTPStatusError(response.status, payload)
-        models = json.loads(payload).get("data") or []
-    finally:
-        pool.close()
+    status, payload = await get(args, "/v1/models")
+    if status != 200:
+        raise HTTPStatusError(status, payload)
+    models = json.loads(payload).get("data") or []
     if not models:
         raise BenchArgsError(f"{args.base_url}/v1/models lists no model; give --model")
     return models[0]["id"]
