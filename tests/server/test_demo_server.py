@@ -39,6 +39,27 @@ def demo(tmp_path_factory):
         server.stop()
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on `port` (IPv4 and IPv6), from /proc/net."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:   # 0A: LISTEN
+                    addresses.add(address)
+    return addresses
+
+
+def test_demo_listens_on_this_machine_only(demo):
+    """Runtime adapter loading is on, so without --host the demo takes 127.0.0.1 alone: no
+    IPv4 or IPv6 wildcard (the log once said 127.0.0.1 while uvicorn took every interface)."""
+    server = demo["server"]
+    assert listening_addresses(server.port) == {"0100007F"}   # 127.0.0.1, little-endian hex
+    assert "listening on http://127.0.0.1:" in server.log_path.read_text()
+
+
 def client(server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
 

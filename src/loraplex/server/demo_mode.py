@@ -42,13 +42,19 @@ def hides_demo_adapters(key: str, kept: str, demo_value: str) -> bool:
     return False
 
 
+def listen_host(args: argparse.Namespace) -> str:
+    """The address to listen on: --host, else this machine only with --demo (it turns runtime
+    adapter loading on: any client may load a server-side path), else all interfaces."""
+    if args.host is not None:
+        return args.host
+    return DEMO_HOST if getattr(args, "demo", False) else DEFAULT_HOST
+
+
 def apply_demo_args(args: argparse.Namespace, environ: MutableMapping[str, str] = os.environ) -> None:
     """Fill in `args` (and `environ`) for --demo; without --demo, insist on MODEL."""
     is_demo = getattr(args, "demo", False)
-    if getattr(args, "host", "") is None:
-        # The demo turns runtime adapter loading on (any client may load a server-side path),
-        # so unless asked otherwise it listens on this machine only.
-        args.host = DEMO_HOST if is_demo else DEFAULT_HOST
+    if hasattr(args, "host"):
+        args.host = listen_host(args)
     if not is_demo:
         if args.model is None:
             raise ConfigError("loraplex serve needs MODEL, the base model's checkpoint directory "

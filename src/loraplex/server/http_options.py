@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from loraplex.errors import ConfigError
+from loraplex.server.demo_mode import listen_host
 from loraplex.server.flag_types import json_flag
 
 # The flags that configure `loraplex serve`'s uvicorn server, not the app.
@@ -70,7 +71,9 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
     if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
         raise ConfigError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
-    return dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level or args.log_level,
+    # listen_host, not args.host: --demo's defaults are filled in later (build_state), after this
+    # check of the TLS files, and a host left None would make uvicorn listen on every interface.
+    return dict(host=listen_host(args), port=args.port, log_level=args.uvicorn_log_level or args.log_level,
                 access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
                 ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=args.graceful_shutdown_timeout)
