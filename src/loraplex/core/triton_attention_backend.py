@@ -2,12 +2,17 @@
 
 Decode-only steps run the split-K decode kernel, every other step the prefill/mixed
 kernel; both read the paged cache in place and never sync with the host, so decode steps
-can be captured in CUDA graphs. A mixed step with at least MIN_SPLIT_DECODES leading
-decodes (running sequences come first) gives them to the decode kernel and only the rest
-to the prefill kernel, which would run each decode as a one-row query tile per query head
-(reading each KV head's cache once per query head of its group, 63 of 64 rows empty); with
-fewer, the extra launch (and the decode's split reduction) would cost about what it saves. The split count comes from `metadata.max_seq_len`, a host
-bound: a graph captured with max_seq_len = max_model_len replays for any context length.
+can be captured in CUDA graphs. The decode kernel's context split count comes from
+`metadata.max_seq_len`, a host bound: a graph captured with max_seq_len = max_model_len
+replays for any context length.
+
+A mixed step with at least MIN_SPLIT_DECODES leading decodes (running sequences come
+first) gives them to the decode kernel and only the rest to the prefill kernel, which would
+run each decode as a one-row query tile per query head (reading each KV head's cache once
+per query head of its group, 63 of 64 rows empty); with fewer, the extra launch (and the
+decode's split reduction) would cost about what it saves. Mixed steps run their attention
+outside any graph (mixed_step_graphs.py captures the pieces between), so the split is
+decided per step on the host.
 Results equal TorchAttentionBackend's up to float rounding (tests and benchmarks/gpu_check.py).
 """
 
