@@ -94,10 +94,10 @@ class FakeEngine:
     async def generate(self, prompt, params, request_id, lora_request=None):
         if not self.is_running:
             raise EngineDeadError("the engine stopped: RuntimeError('boom'); restart it")
-        if prompt == "all slots pinned":
-            raise AdapterCapacityError("all 2 device slots hold pinned adapters; unpin one")
         if isinstance(prompt, dict):                  # {"prompt" | "prompt_token_ids": ..., "cache_salt": ...}
             prompt = prompt.get("prompt_token_ids") or prompt["prompt"]
+        if prompt in ("all slots pinned", self.tokenizer.encode("all slots pinned")):
+            raise AdapterCapacityError("all 2 device slots hold pinned adapters; unpin one")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(prompt_ids) + (params.max_tokens or 0) > self.max_model_len:
             raise InvalidRequestError(f"prompt of {len(prompt_ids)} tokens plus max_tokens "

@@ -92,6 +92,29 @@ def test_truncate_prompt_tokens_and_add_special_tokens(server, tokenizer):
     assert raw(out, "prompt_token_ids") == ids[-5:]
 
 
+def test_max_tokens_must_fit_the_context_after_truncation(server, tokenizer):
+    """A max_tokens the context cannot hold is a 400 on both endpoints, as in vLLM's server
+    (completions used to stop at max_model_len with a 200), counted after
+    truncate_prompt_tokens, and for every prompt of a batch."""
+    max_model_len, ids = 256, tokenizer.encode(PROMPT)
+    room = max_model_len - len(ids)
+    assert complete(server, max_tokens=room, ignore_eos=True).usage.completion_tokens == room
+    with pytest.raises(openai.BadRequestError) as err:
+        complete(server, max_tokens=room + 1)
+    assert err.value.body["param"] == "max_tokens" and f"lower max_tokens to at most {room}." in err.value.message
+    with pytest.raises(openai.BadRequestError, match=f"at most {room}"):   # the short prompt fits, the other not
+        complete(server, prompt=["hi", PROMPT], max_tokens=room + 1)
+    long = "x" * 300                                        # one token a byte: over max_model_len alone
+    with pytest.raises(openai.BadRequestError, match="Shorten the prompt"):
+        complete(server, prompt=long, max_tokens=1)
+    assert complete(server, prompt=long, max_tokens=250, truncate_prompt_tokens=6,
+                    ignore_eos=True).usage.completion_tokens == 250
+    assert chat(server, content=long, max_tokens=250, truncate_prompt_tokens=6,
+                ignore_eos=True).usage.completion_tokens == 250
+    with pytest.raises(openai.BadRequestError, match="at most 250"):
+        chat(server, content=long, max_tokens=251, truncate_prompt_tokens=6)
+
+
 def test_token_controls(server, tokenizer):
     z = tokenizer.encode("Z", add_special_tokens=False)[0]
     assert complete(server, max_tokens=5, logit_bias={str(z): 100}).choices[0].text == "ZZZZZ"

@@ -38,6 +38,11 @@ class EngineLimits:
     max_logprobs: int = 20      # the most top tokens per position a request may ask for
 
 
+def truncation_keep(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
+    """How many prompt tokens truncate_prompt_tokens keeps (-1: max_model_len), None for all."""
+    return max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+
+
 def multimodal_processor(config, model_config, max_model_len: int, tokenizer=None):
     """The MultimodalProcessor of a multimodal checkpoint (model_config: its ModelConfig), else None."""
     if model_config is None or model_config.multimodal is None:
@@ -125,11 +130,9 @@ class InputProcessor:
         return text, list(token_ids)
 
     def _truncate(self, token_ids: list[int], params: SamplingParams) -> list[int]:
-        keep = params.truncate_prompt_tokens
+        keep = truncation_keep(params.truncate_prompt_tokens, self.limits.max_model_len)
         if keep is None:
             return token_ids
-        if keep == -1:
-            keep = self.limits.max_model_len
         return token_ids[-keep:] if params.truncation_side == "left" else token_ids[:keep]
 
     def _prepare_params(self, params: SamplingParams) -> None:

@@ -16,7 +16,7 @@ from loraplex.server.generation import PromptRun, run_prompt, start_stream, with
 from loraplex.server.protocol import ChatCompletionRequest, check_unsupported, unknown_fields
 from loraplex.server.responses import (
     DONE_EVENT, TokenText, chat_logprobs, new_id, now, prompt_logprobs_body, request_id_for, sse, usage)
-from loraplex.server.sampling import chat_sampling_params
+from loraplex.server.sampling import chat_sampling_params, kept_prompt_tokens
 from loraplex.server.state import ServerState
 
 
@@ -81,7 +81,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
     prompt_ids = render_chat_prompt(backend.tokenizer, request, conversation)
     prompt_text = render_chat_prompt(backend.tokenizer, request, conversation, as_text=True) \
         if request.return_prompt_text else None
-    num_prompt_tokens = len(prompt_ids)
+    num_prompt_tokens = kept_prompt_tokens(len(prompt_ids), request, backend.max_model_len)
     prompt = prompt_ids
     if mm_data:
         num_prompt_tokens = state.multimodal.num_prompt_tokens(prompt_ids, mm_data)

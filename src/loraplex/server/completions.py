@@ -13,7 +13,7 @@ from loraplex.server.generation import PromptRun, merge, run_prompt, start_strea
 from loraplex.server.protocol import CompletionRequest, check_unsupported, unknown_fields
 from loraplex.server.responses import (
     DONE_EVENT, CompletionLogprobs, TokenText, new_id, now, prompt_logprobs_body, request_id_for, sse, usage)
-from loraplex.server.sampling import completion_sampling_params
+from loraplex.server.sampling import completion_sampling_params, kept_prompt_tokens, output_room
 from loraplex.server.state import ServerState
 
 
@@ -36,11 +36,26 @@ def normalize_prompts(prompt) -> list[str | list[int]]:
 
 
 def engine_prompt(prompt: str | list[int], tokenizer, add_special_tokens: bool):
-    """What the engine gets for one prompt: text is tokenized by the engine (with BOS), unless
-    add_special_tokens is false, which tokenizes it here without."""
-    if add_special_tokens or not isinstance(prompt, str) or tokenizer is None:
+    """What the engine gets for one prompt: text is tokenized here (with BOS unless
+    add_special_tokens is false), in the process the engine's input processor would have
+    done it in, so that the prompt's length is known before the request is sent."""
+    if not isinstance(prompt, str) or tokenizer is None:
         return prompt
-    return {"prompt": prompt, "prompt_token_ids": tokenizer.encode(prompt, add_special_tokens=False)}
+    # With special tokens, the call the input processor makes.
+    ids = tokenizer.encode(prompt) if add_special_tokens else tokenizer.encode(prompt, add_special_tokens=False)
+    return {"prompt": prompt, "prompt_token_ids": ids}
+
+
+def check_fits(request: CompletionRequest, prompts: list, max_model_len: int | None) -> None:
+    """A 400 for a max_tokens that some prompt leaves no room for, as vLLM's server answers
+    (the engine would stop each such choice at max_model_len instead)."""
+    if max_model_len is None:
+        return
+    for prompt in prompts:
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
+        if isinstance(ids, list):      # text without a tokenizer: the engine refuses it anyway
+            output_room(request.max_tokens, kept_prompt_tokens(len(ids), request, max_model_len),
+                        max_model_len, prompt_param="prompt")
 
 
 async def create_completion(request: CompletionRequest, raw: Request, state: ServerState):
@@ -55,10 +70,10 @@ async def create_completion(request: CompletionRequest, raw: Request, state: Ser
     n = request.n or 1
     # Engine ids of their own: a request_id a client reuses must not clash in the engine.
     runs = [PromptRun(i, new_id(f"{request_id}-{i}")) for i in range(len(prompts))]
-    streams = [run_prompt(backend, run, with_cache_salt(engine_prompt(prompt, backend.tokenizer,
-                                                                      request.add_special_tokens), request.cache_salt),
-                          params, lora_request, n)
-               for run, prompt in zip(runs, prompts)]
+    engine_prompts = [engine_prompt(prompt, backend.tokenizer, request.add_special_tokens) for prompt in prompts]
+    check_fits(request, engine_prompts, backend.max_model_len)
+    streams = [run_prompt(backend, run, with_cache_salt(prompt, request.cache_salt), params, lora_request, n)
+               for run, prompt in zip(runs, engine_prompts)]
     ctx = _Context(request, state, model_name, request_id, runs, prompts)
     if request.stream:
         try:

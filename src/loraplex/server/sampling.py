@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.core.input_processor import truncation_keep
 from loraplex.core.sampling_params import RequestOutputKind, SamplingParams
 from loraplex.core.structured_output import StructuredOutputsParams
 from loraplex.errors import InvalidRequestError
@@ -102,19 +103,33 @@ def _max_tokens(requested: int | None, default: int | None, num_prompt_tokens: i
 def _max_tokens_uncapped(requested: int | None, default: int | None, num_prompt_tokens: int | None,
                          max_model_len: int | None) -> int | None:
     if num_prompt_tokens is not None and max_model_len is not None:
-        room = max_model_len - num_prompt_tokens
-        if room < 1:
-            raise HTTPError(400, f"This model's maximum context length is {max_model_len} tokens, "
-                                 f"but the prompt has {num_prompt_tokens} tokens. Shorten the prompt.",
-                            param="messages")
-        if requested is not None and requested > room:
-            raise HTTPError(400, f"This model's maximum context length is {max_model_len} tokens. "
-                                 f"The prompt has {num_prompt_tokens} tokens and max_tokens is "
-                                 f"{requested}; lower max_tokens to at most {room}.",
-                            param="max_tokens")
+        room = output_room(requested, num_prompt_tokens, max_model_len, prompt_param="messages")
         if requested is None:
             return room if default is None else min(default, room)
     return requested if requested is not None else default
+
+
+def output_room(requested: int | None, num_prompt_tokens: int, max_model_len: int, prompt_param: str) -> int:
+    """The tokens a prompt of num_prompt_tokens leaves for output; a 400 when it leaves none or
+    when `requested` (max_tokens) asks for more. vLLM's server refuses such a max_tokens
+    (offline, generation just stops at max_model_len, in vLLM and here)."""
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise HTTPError(400, f"This model's maximum context length is {max_model_len} tokens, "
+                             f"but the prompt has {num_prompt_tokens} tokens. Shorten the prompt.",
+                        param=prompt_param)
+    if requested is not None and requested > room:
+        raise HTTPError(400, f"This model's maximum context length is {max_model_len} tokens. "
+                             f"The prompt has {num_prompt_tokens} tokens and max_tokens is "
+                             f"{requested}; lower max_tokens to at most {room}.",
+                        param="max_tokens")
+    return room
+
+
+def kept_prompt_tokens(num_prompt_tokens: int, request, max_model_len: int) -> int:
+    """The prompt's length once the request's truncate_prompt_tokens has cut it (as the engine will)."""
+    keep = truncation_keep(request.truncate_prompt_tokens, max_model_len)
+    return num_prompt_tokens if keep is None else min(num_prompt_tokens, keep)
 
 
 def completion_sampling_params(request: CompletionRequest, num_prompt_tokens: int | None = None,
