@@ -44,8 +44,16 @@ DECODE_TARGETS_US = {("qkv", 64, 32): 8.0, ("gate_up", 64, 32): 18.0, ("down", 6
 PREFILL_MIN_FRACTION_OF_FLOOR = 0.5
 
 
+MIXED_STEP_TOKENS = 192   # the mixed-step bucket of MIXED_DECODES decodes and one MIXED_PROMPT-token prompt
+MIXED_DECODES, MIXED_PROMPT = 32, 128
+
+
 def make_inputs(module, num_tokens, num_adapters, *, max_rank=16, mixed_ranks=False, base_fraction=0.25,
-                dtype=torch.bfloat16, seed=0, device="cuda"):
+                dtype=torch.bfloat16, seed=0, device="cuda", layout="scattered"):
+    """layout "scattered": adapters take turns over the tokens in a random order (a decode
+    step); "mixed": a graphed mixed step as the engine lays it out: MIXED_DECODES decodes
+    (running sequences first, adapters in turn), then one MIXED_PROMPT-token prompt of one
+    adapter, then the bucket's padding (no LoRA)."""
     in_features, widths = MODULES[module]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     num_slices, out_total = len(widths), sum(widths)
@@ -57,9 +65,16 @@ def make_inputs(module, num_tokens, num_adapters, *, max_rank=16, mixed_ranks=Fa
     else:
         slot_ranks[used] = max_rank
     # Adapters take turns over the tokens, scattered through the batch; some tokens use no LoRA.
-    slots = used[torch.arange(num_tokens) % num_adapters][torch.randperm(num_tokens, generator=gen)]
-    is_base = torch.rand(num_tokens, generator=gen) < base_fraction
-    token_slots = torch.where(is_base, -1, slots).to(torch.int32)
+    if layout == "mixed":
+        decodes = min(MIXED_DECODES, num_tokens)
+        prompt = min(MIXED_PROMPT, num_tokens - decodes)
+        token_slots = torch.full((num_tokens,), -1, dtype=torch.int32)
+        token_slots[:decodes] = used[torch.arange(decodes) % num_adapters].to(torch.int32)
+        token_slots[decodes:decodes + prompt] = int(used[0])
+    else:
+        slots = used[torch.arange(num_tokens) % num_adapters][torch.randperm(num_tokens, generator=gen)]
+        is_base = torch.rand(num_tokens, generator=gen) < base_fraction
+        token_slots = torch.where(is_base, -1, slots).to(torch.int32)
     # Scaled so the LoRA delta and the base output have similar magnitudes.
     x = torch.randn(num_tokens, in_features, device=device).to(dtype)
     lora_a = (torch.randn(MAX_LORAS, num_slices * max_rank, in_features, device=device) / in_features ** 0.5).to(dtype)
@@ -264,13 +279,17 @@ def bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays):
     in_features, widths = MODULES[module]
     num_slices, out_total, rank = len(widths), sum(widths), 16
     elt = 2
+    layout = "mixed" if num_tokens == MIXED_STEP_TOKENS else "scattered"
+    # Rows LoRA reads and writes (a mixed step's padding has none).
+    lora_rows = min(num_tokens, MIXED_DECODES + MIXED_PROMPT) if layout == "mixed" else num_tokens
     active_weights = num_adapters * (num_slices * rank * in_features + out_total * rank) * elt
-    floor_bytes = num_tokens * in_features * elt + active_weights + 2 * num_tokens * out_total * elt
+    floor_bytes = lora_rows * in_features * elt + active_weights + 2 * lora_rows * out_total * elt
     # Enough rotated copies that one graph replay streams >= 3x L2, within a memory budget.
     full_set = (MAX_LORAS * (num_slices * rank * in_features + out_total * rank)
                 + num_tokens * (in_features + out_total)) * elt
     rotations = max(2, min(64, math.ceil(3 * l2_bytes / floor_bytes), int(16e9 // full_set)))
-    sets = [make_inputs(module, num_tokens, num_adapters, base_fraction=0.0, seed=s) for s in range(rotations)]
+    sets = [make_inputs(module, num_tokens, num_adapters, base_fraction=0.0, seed=s, layout=layout)
+            for s in range(rotations)]
     meta = engine_meta(sets[0]["token_slots"], sets[0]["slot_ranks"], num_adapters)
     offsets = sets[0]["offsets"]
 
@@ -338,7 +357,7 @@ def run_bench(replays):
     print(f"\n{'module':<8}{'tokens':>6}{'LoRAs':>5}{'loraplex':>10}{'shrink':>9}{'expand':>9}{'torch bmm':>11}"
           f"{'floor':>9}{'%floor':>8}  {'target':<26} tiles")
     for module in ("qkv", "gate_up", "down"):
-        for num_tokens in (64, 192, 4096):   # 192: the mixed-step bucket of 32 decodes and a 128-token prompt
+        for num_tokens in (64, MIXED_STEP_TOKENS, 4096):   # the mixed step's tokens laid out as the engine does
             for num_adapters in (1, 8, 32):
                 try:
                     print(bench_row(module, num_tokens, num_adapters, bandwidth, l2_bytes, replays), flush=True)

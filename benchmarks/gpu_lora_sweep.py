@@ -1,6 +1,8 @@
 """Tile sweep for the decode-size LoRA kernels: `gpu_lora_kernels.py --sweep`.
 
-For each module at 64 tokens / 32 adapters (rank 16, bf16), then with fewer candidates at
+For each module at 64 tokens / 32 adapters (rank 16, bf16), then at the mixed step's 192
+tokens (32 decodes and a 128-token prompt, laid out as the engine does; today it takes the
+prefill tiles: BLOCK_M 32, 64-deep K blocks, split 7), then with fewer candidates at
 4096 tokens, times the shrink alone over
 candidate ShrinkConfigs, the expand alone over candidate ExpandConfigs, then shrink+expand
 for the two best of each, with and without programmatic dependent launch (PDL). Every
@@ -14,7 +16,7 @@ import math
 import time
 
 import torch
-from gpu_lora_kernels import MAX_LORAS, MODULES, make_inputs, rel_err, time_graph
+from gpu_lora_kernels import MAX_LORAS, MIXED_STEP_TOKENS, MODULES, make_inputs, rel_err, time_graph
 
 from loraplex.kernels.lora import apply_lora
 from loraplex.kernels.lora_meta import build_lora_meta
@@ -38,19 +40,34 @@ PREFILL_EXPAND_CANDIDATES = [(128, 1, 8, 1), (128, 2, 8, 2), (128, 4, 8, 2), (25
                              (128, 1, 4, 1)]
 
 
-def _shrink_config(module, block_m, block_k, split_k, warps, stages):
+# The mixed step (192 tokens): (block_m, block_k, split_k, num_warps, num_stages). Its shrink
+# took 14 us a launch in the profile, against 4-11 us at 64 decode tokens: 36 busy row tiles,
+# each program a chain of ten 64-deep K blocks. Decode-like tiles (one-row decodes in 16-row
+# tiles, deeper K, more splits) against today's and a few between.
+MIXED_SHRINK_CANDIDATES = [(32, 64, 7, 4, 3), (32, 64, 16, 4, 3), (32, 128, 8, 4, 3), (32, 128, 16, 4, 2),
+                           (16, 128, 8, 4, 3), (16, 128, 15, 4, 3), (16, 256, 8, 4, 3), (16, 128, 32, 4, 2),
+                           (16, 64, 16, 4, 3)]
+MIXED_EXPAND_CANDIDATES = [(128, 1, 4, 1), (256, 2, 4, 2), (256, 4, 4, 3), (128, 4, 4, 3)]
+
+
+def _shrink_config(module, block_m, *cand):
+    """cand: (block_k, split_k, num_warps, num_stages), or with its own block_m first."""
+    if len(cand) == 5:
+        block_m, *cand = cand
+    block_k, split_k, warps, stages = cand
     n = len(MODULES[module][1]) * 16
     return ShrinkConfig(block_m, min(max(16, 1 << (n - 1).bit_length()), 128), block_k, split_k, warps, stages)
 
 
 def sweep_module(module, num_tokens, num_adapters, replays, deadline, block_m=16,
-                 shrink_candidates=SHRINK_CANDIDATES, expand_candidates=EXPAND_CANDIDATES):
+                 shrink_candidates=SHRINK_CANDIDATES, expand_candidates=EXPAND_CANDIDATES, layout="scattered"):
     in_features, widths = MODULES[module]
     num_slices = len(widths)
     offsets = tuple(sum(widths[:i]) for i in range(num_slices + 1))
     floor_set = num_adapters * (num_slices * 16 * in_features + sum(widths) * 16) * 2
     rotations = max(2, min(32, math.ceil(3 * 60e6 / floor_set)))
-    sets = [make_inputs(module, num_tokens, num_adapters, base_fraction=0.0, seed=s) for s in range(rotations)]
+    sets = [make_inputs(module, num_tokens, num_adapters, base_fraction=0.0, seed=s, layout=layout)
+            for s in range(rotations)]
     meta = build_lora_meta(sets[0]["token_slots"], sets[0]["slot_ranks"], MAX_LORAS)
     t0 = sets[0]
     ref = t0["out"].clone()
@@ -92,7 +109,8 @@ def sweep_module(module, num_tokens, num_adapters, replays, deadline, block_m=16
         def shrink_all(sc=sc):
             for t in sets:
                 t["partials"] = triton_shrink(t["x"], t["lora_a"], meta, num_slices, zero_init=False, config=sc)
-        shrink_times[sc] = timed(f"shrink k{cand[0]} split{cand[1]} w{cand[2]} s{cand[3]}", shrink_all,
+        shrink_times[sc] = timed(f"shrink m{sc.block_m} k{sc.block_k} split{sc.split_k} w{sc.num_warps} "
+                                 f"s{sc.num_stages}", shrink_all,
                                  lambda sc=sc: check_apply(sc, default_ec, False))
     best_sc = sorted(shrink_times, key=shrink_times.get)[:2]
     for t in sets:
@@ -114,7 +132,7 @@ def sweep_module(module, num_tokens, num_adapters, replays, deadline, block_m=16
                 def apply_all(sc=sc, ec=ec, pdl=pdl):
                     for t in sets:
                         apply_once(sc, ec, pdl, t)
-                label = (f"apply k{sc.block_k} split{sc.split_k} w{sc.num_warps} s{sc.num_stages} + n{ec.block_n}"
+                label = (f"apply m{sc.block_m} k{sc.block_k} split{sc.split_k} w{sc.num_warps} s{sc.num_stages} + n{ec.block_n}"
                          f"x{ec.tiles_per_program} w{ec.num_warps} s{ec.num_stages} pdl={int(pdl)}")
                 results.append((timed(label, apply_all, lambda sc=sc, ec=ec, pdl=pdl: check_apply(sc, ec, pdl)),
                                 label))
@@ -129,14 +147,20 @@ def run_sweep(replays, seconds):
     print(f"\n== Sweep: decode tiles (CUDA-graph replays, rank 16, max_loras 32, bf16), limit {seconds:.0f} s ==",
           flush=True)
     modules = ("qkv", "gate_up", "down")
-    # Shares of the time (decode 2/9 each, prefill 1/9 each), so a slow case cannot starve the rest.
+    # Shares of the time (decode 1/5 each, the mixed step 1/6 each, prefill 1/30 each), so a slow
+    # case cannot starve the rest; time one leaves passes to the next.
     deadline = time.time()
     best = []
     for m in modules:
-        deadline += seconds * 2 / 9
+        deadline += seconds / 5
         best.append((f"{m} T=64", sweep_module(m, 64, 32, replays, deadline)))
     for m in modules:
-        deadline += seconds / 9
+        deadline += seconds / 6
+        best.append((f"{m} T={MIXED_STEP_TOKENS}", sweep_module(m, MIXED_STEP_TOKENS, 32, replays, deadline, 32,
+                                                             MIXED_SHRINK_CANDIDATES, MIXED_EXPAND_CANDIDATES,
+                                                             layout="mixed")))
+    for m in modules:
+        deadline += seconds / 30
         best.append((f"{m} T=4096", sweep_module(m, 4096, 32, replays, deadline, 64, PREFILL_SHRINK_CANDIDATES,
                                                  PREFILL_EXPAND_CANDIDATES)))
     print("\nsweep summary (32 adapters, rank 16, bf16; apply = shrink + expand):")
