@@ -85,3 +85,39 @@ def test_serve_ray_refuses_the_flags_of_serves_own_http_server():
     with pytest.raises(ConfigError, match="--root-path configure `loraplex serve`'s own HTTP server"):
         check_flags(args)
     check_flags(build_parser().parse_args(["serve-ray", "/models/tiny", "--allowed-origins", '["https://a"]']))
+
+
+def test_a_port_in_use_stops_serve_before_the_model_loads(tmp_path):
+    """`loraplex serve` takes its port first (as vLLM does): with the port held by another
+    process's socket it exits 2 at once, saying so, and no engine process ever starts."""
+    import socket
+    import subprocess
+    import sys
+
+    from loraplex.demo import demo_model_path
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "serve", str(demo_model_path()),
+                               "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "engine process" not in done.stderr and "loaded 56 tensors" not in done.stderr
+
+
+def test_serve_binds_what_the_host_resolves_to():
+    from loraplex.server.http_options import bind_listen_sockets
+
+    sockets = bind_listen_sockets("127.0.0.1", 0)
+    try:
+        assert [s.getsockname()[0] for s in sockets] == ["127.0.0.1"] and not sockets[0].get_inheritable()
+        sockets[0].listen()          # as uvicorn does once the app has started
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{sockets[0].getsockname()[1]}"):
+            bind_listen_sockets("127.0.0.1", sockets[0].getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    with pytest.raises(ConfigError, match="--host no-such-host.invalid"):
+        bind_listen_sockets("no-such-host.invalid", 0)

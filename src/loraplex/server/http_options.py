@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass, field
 
 from loraplex.errors import ConfigError
@@ -77,3 +78,28 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
                 access_log=not args.disable_uvicorn_access_log, root_path=args.root_path,
                 ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
                 ssl_cert_reqs=args.ssl_cert_reqs, timeout_graceful_shutdown=args.graceful_shutdown_timeout)
+
+
+def bind_listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to host:port (every address the host resolves to, as uvicorn would bind),
+    not yet listening: taken before the model loads, so a port in use fails the start-up at
+    once, not after minutes of loading (vLLM binds first too)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror}; give an address or a name this machine resolves") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:   # beside an IPv4 socket of the same name, as asyncio binds
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror} (another server there?); stop it "
+                          f"or pass another --port") from None
+    return sockets

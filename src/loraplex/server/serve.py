@@ -14,7 +14,8 @@ import os
 
 from loraplex.errors import ConfigError
 from loraplex.server.flag_types import json_flag, positive_int
-from loraplex.server.http_options import add_http_arguments, http_options_from_args, uvicorn_options
+from loraplex.server.http_options import (add_http_arguments, bind_listen_sockets, http_options_from_args,
+                                          uvicorn_options)
 from loraplex.server.lora_modules import local_adapter_dirs, parse_lora_module
 from loraplex.server.vllm_flags import add_vllm_flags, check_vllm_flags
 
@@ -234,12 +235,13 @@ def read_chat_template(value: str | None) -> str | None:
     return template
 
 
-def build_state(args: argparse.Namespace, engine=None):
+def build_state(args: argparse.Namespace, engine=None, before_engine=None):
     """Everything `serve` runs, without the network: engine, plugins, chain, backend.
 
     `engine` (an AsyncEngine) may be passed in; otherwise one is built from the args: its
     step loop in an engine process of its own, or, with --disable-frontend-multiprocessing,
-    in a thread of this process.
+    in a thread of this process, after `before_engine()` (run_server takes its port there:
+    once the flags are checked, before the model loads).
     """
     from loraplex.plugins.loader import load_plugins
     from loraplex.resolvers.chain import ResolverChain
@@ -272,6 +274,8 @@ def build_state(args: argparse.Namespace, engine=None):
     names = args.served_model_name or [args.model]
     if engine is None:
         from loraplex.core.async_engine import AsyncEngine
+        if before_engine is not None:
+            before_engine()
         # Adapters may name the base model by a served name.
         engine = AsyncEngine.from_config(config, engine_process=not args.disable_frontend_multiprocessing,
                                          served_model_names=names, log_level=args.log_level)
@@ -326,7 +330,14 @@ def run_server(args: argparse.Namespace) -> int:
     from loraplex.server.app import build_app
 
     options = uvicorn_options(args)              # a bad TLS file stops the start-up before the model loads
-    state = build_state(args)
+    sockets: list = []                           # and so does a port in use (taken once the flags are checked)
+    try:
+        state = build_state(args, before_engine=lambda: sockets.extend(bind_listen_sockets(options["host"],
+                                                                                           options["port"])))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     app = build_app(state)
 
     class DrainingServer(uvicorn.Server):
@@ -347,8 +358,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(app, **options)
     logger.info("listening on %s://%s:%d%s (OpenAI API under /v1)", "https" if args.ssl_certfile else "http",
-                args.host, args.port, args.root_path)
-    DrainingServer(config).run()
+                args.host, sockets[0].getsockname()[1], args.root_path)   # the port --port 0 got
+    DrainingServer(config).run(sockets=sockets)
     return 0
 
 
