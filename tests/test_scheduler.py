@@ -10,7 +10,7 @@ import pytest
 from fake_runner import FakeRunner, fake_engine, run_all
 from loraplex import LoRARequest, SamplingParams
 from loraplex.core.sequence import SequenceStatus
-from loraplex.errors import InvalidRequestError
+from loraplex.errors import ConfigError, InvalidRequestError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
@@ -47,6 +47,26 @@ def test_long_prompts_are_chunked_to_the_token_budget(reference):
     runner = FakeRunner()
     run_all(fake_engine(runner, max_num_batched_tokens=8), [_requests(6)[5]])
     assert runner.num_tokens_per_step[:5] == [8, 8, 8, 4, 1]
+
+
+def test_long_prefill_token_threshold_caps_each_prompt_per_step(reference):
+    """vLLM's long_prefill_token_threshold: no sequence computes more than the threshold in a
+    step, whether it is admitted or already running, though the budget would take it whole;
+    decodes and short prompts are untouched, and the tokens are the same."""
+    runner = FakeRunner()
+    assert _tokens(run_all(fake_engine(runner, long_prefill_token_threshold=6), _requests(6))) == reference
+    runner = FakeRunner()
+    run_all(fake_engine(runner, long_prefill_token_threshold=6), [_requests(6)[5]])
+    assert runner.num_tokens_per_step[:6] == [6, 6, 6, 6, 4, 1]     # r5's 28-token prompt
+    engine = fake_engine(long_prefill_token_threshold=10)
+    engine.add_request("a", [1, 2, 3], GREEDY)
+    engine.step()                                        # a: prefill
+    engine.add_request("b", list(range(1, 30)), GREEDY)
+    engine.add_request("c", list(range(1, 5)), GREEDY)
+    plan = engine.scheduler.schedule()
+    assert {s.seq.request_id: s.num_new_tokens for s in plan.scheduled} == {"a": 1, "b": 10, "c": 4}
+    with pytest.raises(ConfigError, match="long_prefill_token_threshold must be an integer >= 0"):
+        fake_engine(long_prefill_token_threshold=-1)
 
 
 def test_a_step_mixes_decodes_and_a_prefill():

@@ -39,8 +39,10 @@ def test_flags_reach_the_engine_config():
         ["serve", "/m", "--enable-lora", "--max-loras", "8", "--max-lora-rank", "64", "--max-cpu-loras", "32",
          "--dtype", "bfloat16", "--max-model-len", "512", "--gpu-memory-utilization", "0.5",
          "--max-num-seqs", "7", "--seed", "3", "--allow-pickle-lora-weights", "--port", "9000",
-         "--max-logprobs", "-1", "--generation-config", "vllm", "--override-generation-config", '{"top_k": 5}'])
+         "--max-logprobs", "-1", "--generation-config", "vllm", "--override-generation-config", '{"top_k": 5}',
+         "--max-num-batched-tokens", "512", "--long-prefill-token-threshold", "64"])
     config = engine_config_from_args(args)
+    assert (config.max_num_batched_tokens, config.long_prefill_token_threshold) == (512, 64)
     assert (config.max_loras, config.max_lora_rank, config.max_cpu_loras) == (8, 64, 32)
     assert (config.dtype, config.max_model_len, config.gpu_memory_utilization) == ("bfloat16", 512, 0.5)
     assert (config.max_num_seqs, config.seed, config.allow_pickle_lora_weights) == (7, 3, True)

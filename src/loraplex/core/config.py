@@ -21,6 +21,9 @@ class EngineConfig:
     max_model_len: int | None = None    # None: the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    # vLLM's: the most tokens one prompt computes in a step (0: up to the step's budget), so
+    # that a long prompt shares steps with the others' instead of filling them (scheduler.py).
+    long_prefill_token_threshold: int = 0
     enforce_eager: bool = False         # True: never use CUDA graphs
     attention_backend: str = "auto"     # "auto": Triton on CUDA, torch elsewhere; or "torch" / "triton"
     load_format: str = "auto"           # "dummy": random weights from config.json alone (benchmarks)
@@ -86,6 +89,10 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.long_prefill_token_threshold, bool) or not isinstance(self.long_prefill_token_threshold, int) \
+                or self.long_prefill_token_threshold < 0:
+            raise ConfigError(f"long_prefill_token_threshold must be an integer >= 0 (0: no cap), "
+                              f"got {self.long_prefill_token_threshold!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.lora_dtype not in _DTYPES:

@@ -138,6 +138,7 @@ class EngineCore:
                                       if lora_manager is not None else None) if config.enable_lora else None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
+                                   long_prefill_token_threshold=config.long_prefill_token_threshold,
                                    admission=admission)
         eos = runner_eos_ids(runner)
         if not eos and fallback_eos_token_id is not None:

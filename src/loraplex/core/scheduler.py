@@ -16,7 +16,9 @@ Phase 2 (only when nothing was preempted, so that admission does not take the
 blocks preemption just freed) admits waiting sequences in FCFS order while the
 budget, max_num_seqs and the KV cache allow. With prefix caching a sequence first
 takes the cached blocks of its prefix, and only the rest counts against the budget.
-A prompt larger than the remaining budget is chunked. Admission stops at the first
+A prompt larger than the remaining budget is chunked; with long_prefill_token_threshold
+(vLLM's) no sequence computes more than that many tokens in a step, in either phase, so a
+long prompt is chunked even when the budget would take it whole. Admission stops at the first
 sequence whose blocks do not fit (no overtaking on memory: the oldest request gets
 memory first). An
 AdmissionPolicy may refuse a sequence for other reasons (the LoRA slot cap);
@@ -118,10 +120,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, admission: AdmissionPolicy | None = None) -> None:
+                 max_num_batched_tokens: int, admission: AdmissionPolicy | None = None,
+                 long_prefill_token_threshold: int = 0) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.admission = admission or AdmitAll()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []     # oldest first
@@ -146,7 +150,7 @@ class Scheduler:
             if seq.num_pending_tokens and seq.num_tokens >= seq.max_num_tokens:
                 kept.append(seq)            # its pending token ends it (length): nothing to compute
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._num_new_tokens(seq, budget)
             if num_new <= 0:
                 kept.append(seq)            # budget spent: it waits this step, keeps its blocks
                 continue
@@ -177,7 +181,7 @@ class Scheduler:
                     still_waiting.append(self.waiting.popleft())
                     continue
                 self.block_manager.reuse_prefix(seq)      # its cached prefix blocks, with prefix caching
-                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                num_new = self._num_new_tokens(seq, budget)
                 target = seq.num_computed_tokens + num_new
                 if not self.block_manager.can_allocate(seq, target):
                     self.block_manager.free(seq)          # the shared blocks it took, if any
@@ -195,6 +199,13 @@ class Scheduler:
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         return out
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """The tokens `seq` computes this step: what it has left, at most the threshold, within the budget."""
+        num_new = seq.num_tokens - seq.num_computed_tokens
+        if 0 < self.long_prefill_token_threshold < num_new:
+            num_new = self.long_prefill_token_threshold
+        return min(num_new, budget)
 
     def unschedule(self, plan: SchedulerOutput) -> None:
         """Undo a plan whose step did not run: the sequences it admitted go back to the front of

@@ -74,6 +74,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
     eng.add_argument("--max-num-batched-tokens", type=int, default=8192,
                      help="most tokens computed in one step, prompt chunks and decodes (default: 8192)")
+    eng.add_argument("--long-prefill-token-threshold", type=int, default=0, metavar="N",
+                     help="most tokens one prompt computes in a step (vLLM's; default 0: up to the step's "
+                          "budget): a long prompt then shares steps with the decodes in smaller chunks")
     eng.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     eng.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                      help="dummy: random weights from MODEL's config.json, no checkpoint read "
@@ -189,6 +192,7 @@ def engine_config_from_args(args: argparse.Namespace):
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         load_format=args.load_format, async_scheduling=args.async_scheduling,
         enable_prefix_caching=args.enable_prefix_caching,
         generation_config=args.generation_config, override_generation_config=args.override_generation_config,
