@@ -162,3 +162,44 @@ def test_the_flag_tables_in_the_docs_follow_the_inventory():
         for flag in flags:
             row = rows["| " + ", ".join(f"`{n}`" for n in flag.names)]
             assert f" | {kind}" in row, row
+
+
+def test_a_config_file_gives_flags_and_the_command_line_wins(tmp_path):
+    """vLLM's --config: a YAML file of long flag names (dashes or underscores) and `model`;
+    the command line's flags and MODEL take precedence, then the file, then the defaults."""
+    from loraplex.server.cli import command_parser
+    from loraplex.server.config_file import expand_config_file
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: /from/file\nmax-model-len: 4096\nmax_num_seqs: 7\nenable-lora: true\n"
+                    "enable-prefix-caching: false\nasync_scheduling: false\nport: 9001\n"
+                    "lora-modules: [a=/adapters/a, {name: b, path: /adapters/b}]\n"
+                    "override-generation-config: {temperature: 0.5}\nserved-model-name: [base, alias]\n")
+
+    def parsed(*argv):
+        return build_parser().parse_args(["serve", *expand_config_file(list(argv), command_parser("serve"))])
+    args = parsed("--config", str(path))
+    config = engine_config_from_args(args)
+    assert (args.model, config.max_model_len, config.max_num_seqs, args.port) == ("/from/file", 4096, 7, 9001)
+    assert config.enable_lora and not config.enable_prefix_caching and not config.async_scheduling
+    assert args.lora_modules == ["a=/adapters/a", '{"name": "b", "path": "/adapters/b"}']
+    assert config.override_generation_config == {"temperature": 0.5} and args.served_model_name == ["base", "alias"]
+    args = parsed("/from/cli", f"--config={path}", "--max-model-len", "256", "--enable-prefix-caching")
+    config = engine_config_from_args(args)
+    assert (args.model, config.max_model_len, config.enable_prefix_caching) == ("/from/cli", 256, True)
+    assert parsed("/m").config is None and parsed("/m").max_num_seqs == 256     # no file: nothing changes
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max-model-lenn: 5", "'max-model-lenn' is not a flag of this command"),
+    ("enable-lora: 3", "enable-lora is a switch: give it true or false"),
+    ("- max-model-len", "must map flag names to values"),
+    ("a: [", "is not valid YAML"),
+])
+def test_a_bad_config_file_stops_the_start_up_saying_what(tmp_path, capsys, text, message):
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    assert main(["serve", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["serve", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "No such file or directory" in capsys.readouterr().err

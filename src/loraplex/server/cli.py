@@ -65,9 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The flags of `serve` or `serve-ray` alone (what --config files may set)."""
+    from loraplex.ray.cli import add_ray_arguments
+    from loraplex.server.serve import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog=f"loraplex {command}", add_help=False)
+    add_serve_arguments(parser)
+    if command == "serve-ray":
+        add_ray_arguments(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from loraplex.server.config_file import COMMANDS, expand_config_file
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
+    if argv and argv[0] in COMMANDS:
+        from loraplex.errors import ConfigError
+        try:
+            argv = argv[:1] + expand_config_file(argv[1:], command_parser(argv[0]))
+        except ConfigError as e:
+            print(f"loraplex {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -33,6 +33,9 @@ VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="path of the base model checkpoint directory (omit with --demo)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read flags from a YAML file of long flag names and values, and `model` "
+                             "(vLLM's); flags on the command line win")
     parser.add_argument("--demo", action="store_true",
                         help="serve the small demo model and adapters shipped with loraplex "
                              "(adapters resolved on first request from the package's directory)")
