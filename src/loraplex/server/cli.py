@@ -82,14 +82,20 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
+    vllm_only: list = []
     if argv and argv[0] in COMMANDS:
         from loraplex.errors import ConfigError
+        from loraplex.server.vllm_flags import take_vllm_only_flags
+        parser = command_parser(argv[0])
         try:
-            argv = argv[:1] + expand_config_file(argv[1:], command_parser(argv[0]))
+            argv = argv[:1] + expand_config_file(argv[1:], parser)
         except ConfigError as e:
             print(f"loraplex {argv[0]}: error: {e}", file=sys.stderr)
             return 2
+        rest, vllm_only = take_vllm_only_flags(argv[1:], set(parser._option_string_actions))
+        argv = argv[:1] + rest
     args = build_parser().parse_args(argv)
+    args.vllm_only_flags = vllm_only          # judged with the other vLLM flags (check_vllm_flags)
     return args.func(args)
 
 

@@ -32,3 +32,24 @@ def json_flag(flag: str, example: str, kind: type = dict):
                                              f"like '{example}'")
         return value
     return parse
+
+
+_DECIMAL, _BINARY = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}, {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_int(text: str) -> int:
+    """An integer, or one with vLLM's suffixes: k, m, g, t decimal (25.6k = 25,600) and K, M, G, T
+    binary (32K = 32,768, whole numbers only)."""
+    text = text.strip()
+    try:
+        if text[-1:] in _BINARY:
+            return int(text[:-1]) * _BINARY[text[-1]]
+        if text[-1:] in _DECIMAL:
+            value = float(text[:-1]) * _DECIMAL[text[-1]]
+            if value != int(value):
+                raise ValueError
+            return int(value)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, optionally with a suffix (1k = 1,000, 1K = 1,024; "
+                                         f"k/m/g/t decimal, K/M/G/T binary), got {text!r}") from None

@@ -13,7 +13,7 @@ import logging
 import os
 
 from loraplex.errors import ConfigError
-from loraplex.server.flag_types import json_flag, positive_int
+from loraplex.server.flag_types import human_int, json_flag, positive_int
 from loraplex.server.http_options import (add_http_arguments, bind_listen_sockets, http_options_from_args,
                                           uvicorn_options)
 from loraplex.server.lora_modules import local_adapter_dirs, parse_lora_module
@@ -48,6 +48,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           "(default: the model path as given)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every "
                      f"/v1 route (default: ${API_KEY_ENV}; no key: no check)")
+    srv.add_argument("--hf-token", nargs="?", const=True, default=None, metavar="TOKEN",
+                     help="the Hugging Face token the Hub resolver downloads adapters with (vLLM's; default: "
+                          "$HF_TOKEN, else the one `hf auth login` stored)")
     srv.add_argument("--graceful-shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="on SIGTERM, how long in-flight requests may take to finish (default: 30)")
     srv.add_argument("--max-adapter-metric-labels", type=int, default=32, metavar="N",
@@ -66,16 +69,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng = parser.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     eng.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    eng.add_argument("--max-model-len", type=int, default=None,
+    eng.add_argument("--max-model-len", type=human_int, default=None,
                      help="context length (default: the model's max_position_embeddings)")
-    eng.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    eng.add_argument("--gpu-memory-utilization", "--device-memory-utilization", type=float, default=0.9,
                      help="fraction of GPU memory the engine may use (default: 0.9)")
-    eng.add_argument("--kv-cache-bytes", type=int, default=None,
-                     help="explicit KV-cache budget in bytes (the CPU path's budget)")
+    eng.add_argument("--kv-cache-bytes", "--kv-cache-memory-bytes", type=human_int, default=None,
+                     help="explicit KV-cache budget in bytes, instead of --gpu-memory-utilization's share "
+                          "(the CPU path's budget; vLLM's --kv-cache-memory-bytes)")
     eng.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per batch (default: 256)")
     eng.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     eng.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
-    eng.add_argument("--max-num-batched-tokens", type=int, default=8192,
+    eng.add_argument("--max-num-batched-tokens", type=human_int, default=8192,
                      help="most tokens computed in one step, prompt chunks and decodes (default: 8192)")
     eng.add_argument("--long-prefill-token-threshold", type=int, default=0, metavar="N",
                      help="most tokens one prompt computes in a step (vLLM's; default 0: up to the step's "
@@ -87,6 +91,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                      help="share the computed keys and values of prompt prefixes between requests "
                           "(default: off; the outputs are the same)")
+    eng.add_argument("--disable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                     help="vLLM's spelling of --no-enable-prefix-caching")
     eng.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
                      help="default sampling parameters of requests that leave them unset: 'auto' those the "
                           "model's generation_config.json recommends (temperature, top_p, top_k, min_p, "
@@ -273,6 +279,8 @@ def build_state(args: argparse.Namespace, engine=None, before_engine=None):
         raise ConfigError("--max-adapter-metric-labels must be >= 0")
     allow_runtime = env_flag(RUNTIME_LORA_ENV, default=False)
     skip_name_validation = env_flag(SKIP_MODEL_NAME_VALIDATION_ENV, default=False)
+    if isinstance(args.hf_token, str):
+        os.environ["HF_TOKEN"] = args.hf_token     # what huggingface_hub, so the Hub resolver, reads
     if args.allow_pickle_lora_weights:
         # Resolvers read the opt-in from the environment; the flag opts them in too.
         os.environ[ALLOW_PICKLE_ENV] = "1"
