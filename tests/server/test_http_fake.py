@@ -346,3 +346,24 @@ def test_the_app_imports_what_its_first_streamed_response_would():
     code = "import sys, loraplex.server.app; print('anyio._backends._asyncio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_return_tokens_as_token_ids_flag_is_the_default_a_request_overrides(fake_server):
+    """--return-tokens-as-token-ids (vLLM's): logprobs name tokens by id unless the request
+    sets return_tokens_as_token_ids itself, as vLLM decides it."""
+    state = fake_server.app.state.loraplex
+    body = {"prompt": "xyz", "max_tokens": 2, "logprobs": 1}
+    assert not _post(fake_server, "/v1/completions", body).json()["choices"][0]["logprobs"]["tokens"][0].startswith(
+        "token_id:")
+    state.return_tokens_as_token_ids = True
+    try:
+        tokens = _post(fake_server, "/v1/completions", body).json()["choices"][0]["logprobs"]["tokens"]
+        assert all(t.startswith("token_id:") for t in tokens) and len(tokens) == 2
+        tokens = _post(fake_server, "/v1/completions", {**body, "return_tokens_as_token_ids": False}).json()[
+            "choices"][0]["logprobs"]["tokens"]
+        assert not any(t.startswith("token_id:") for t in tokens)
+        chat = _post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                           "max_tokens": 2, "logprobs": True}).json()
+        assert all(c["token"].startswith("token_id:") for c in chat["choices"][0]["logprobs"]["content"])
+    finally:
+        state.return_tokens_as_token_ids = False

@@ -316,7 +316,7 @@ OFF = {"use_beam_search": True, "length_penalty": 0.5, "watermarking": True, "lo
        "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
        "functions": [{"name": "f"}], "function_call": "auto", "chat_template": "{{ messages }}",
        "mm_processor_kwargs": {"a": 1}, "media_io_kwargs": {"image": {}}, "priority": 1,
-       "guided_decoding_backend": "xgrammar"}
+       "guided_decoding_backend": "xgrammar", "return_weight_versions": True}
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))

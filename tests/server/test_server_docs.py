@@ -147,3 +147,18 @@ def test_every_request_field_is_in_the_request_fields_tables():
     assert table_names(refused_part) == set(UNSUPPORTED)
     assert table_names(accepted_part) == set(ACCEPTED_WITHOUT_EFFECT)
     assert table_names(implemented_part) == fields - set(UNSUPPORTED) - set(ACCEPTED_WITHOUT_EFFECT)
+
+
+def test_every_vllm_request_field_is_implemented_or_answered():
+    """Each field of vLLM 0.34's CompletionRequest / ChatCompletionRequest (names in
+    vllm_request_fields.json) is loraplex's own, accepted without effect, or refused unless off:
+    none is silently ignored."""
+    import json
+    from pathlib import Path
+
+    from loraplex.server.protocol import (
+        ACCEPTED_WITHOUT_EFFECT, UNSUPPORTED, ChatCompletionRequest, CompletionRequest)
+    vllm = json.loads((Path(__file__).parent / "vllm_request_fields.json").read_text())
+    for kind, ours in (("completion", CompletionRequest), ("chat", ChatCompletionRequest)):
+        assert len(vllm[kind]) > 50
+        assert set(vllm[kind]) - set(ours.model_fields) - set(UNSUPPORTED) - set(ACCEPTED_WITHOUT_EFFECT) == set()

@@ -49,7 +49,8 @@ def ingress_state(serve_args, replicas, directory, *, route_by_adapter: bool = T
                        allow_runtime_lora_updating=allow_runtime and serve_args.enable_lora, multimodal=multimodal,
                        request_defaults=request_defaults_from_args(serve_args, config),
                        http=http_options_from_args(serve_args),
-                       response_role=getattr(serve_args, "response_role", "assistant"))
+                       response_role=getattr(serve_args, "response_role", "assistant"),
+                       return_tokens_as_token_ids=getattr(serve_args, "return_tokens_as_token_ids", False))
 
 
 @serve.ingress()

@@ -129,7 +129,8 @@ class _ChatContext:
         self.response_id = response_id
         self.prompt_text = prompt_text
         self.created = now()
-        self.token_text = TokenText(state.backend.tokenizer, bool(request.return_tokens_as_token_ids))
+        self.token_text = TokenText(state.backend.tokenizer, state.return_tokens_as_token_ids
+                                    if request.return_tokens_as_token_ids is None else request.return_tokens_as_token_ids)
         # vLLM's echo: a final assistant message is repeated at the start of each answer.
         last = request.messages[-1]
         self.echo_text = last.text() if request.echo and last.role == "assistant" else ""

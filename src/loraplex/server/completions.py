@@ -95,7 +95,8 @@ class _Context:
         self.request, self.state, self.model_name = request, state, model_name
         self.request_id, self.runs, self.prompts = request_id, runs, prompts
         self.created = now()
-        self.token_text = TokenText(state.backend.tokenizer, bool(request.return_tokens_as_token_ids))
+        self.token_text = TokenText(state.backend.tokenizer, state.return_tokens_as_token_ids
+                                    if request.return_tokens_as_token_ids is None else request.return_tokens_as_token_ids)
         self.logprobs: dict[int, CompletionLogprobs] = {}
         self.started: set[int] = set()
 

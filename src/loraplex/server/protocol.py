@@ -89,6 +89,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                                "without --trust-request-mm-kwargs)"),
     "priority": Unsupported((0, None), "the scheduler is first come, first served (vLLM refuses it too "
                                        "without --scheduling-policy priority)"),
+    "return_weight_versions": Unsupported((False, None), "loraplex keeps no weight-version labels"),
     "guided_decoding_backend": Unsupported((None, "", "auto", "guidance", "llguidance"),
                                            "the grammar engine is llguidance ('guidance')"),
 }
@@ -99,6 +100,7 @@ ACCEPTED_WITHOUT_EFFECT: dict[str, str] = {
     "session_id": "there is no session-aware routing or KV transfer to key on it",
     "return_token_offsets": "vLLM honours it only on its /render endpoints",
     "return_mm_kwargs": "vLLM honours it only on its /render endpoints",
+    "mm_payload": "vLLM honours it only on its /render endpoints",
     "include_reasoning": "there is no reasoning parser: everything is content, as in vLLM without one",
     "parallel_tool_calls": "tool calls are not parsed (tools render into the template only)",
 }
@@ -183,6 +185,7 @@ class SamplingFields(BaseModel):
     session_id: str | None = None
     return_token_offsets: bool | None = False
     return_mm_kwargs: bool = True
+    mm_payload: Any = "tensors"
     # Refused unless off (UNSUPPORTED); declared so they parse as in vLLM.
     use_beam_search: Any = False
     length_penalty: Any = 1.0
@@ -197,6 +200,7 @@ class SamplingFields(BaseModel):
     routed_experts_prompt_start: Any = 0
     priority: Any = 0
     guided_decoding_backend: Any = None
+    return_weight_versions: Any = False
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "SamplingFields":

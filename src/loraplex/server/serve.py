@@ -61,6 +61,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stream a request's tokens N at a time (the first and the last at once): "
                           "fewer, larger chunks cost the server less per token; a request's own "
                           "stream_interval may only raise it (default: 1)")
+    srv.add_argument("--return-tokens-as-token-ids", action=argparse.BooleanOptionalAction, default=False,
+                     help="logprobs name tokens 'token_id:{id}' (any token can be named so, even one that is not valid UTF-8 alone); a request's return_tokens_as_token_ids overrides it (vLLM's; default: off)")
     srv.add_argument("--response-role", default="assistant", metavar="ROLE",
                      help="the role of chat completions' answers after a generation prompt (default: assistant)")
     srv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
@@ -308,7 +310,7 @@ def build_state(args: argparse.Namespace, engine=None, before_engine=None):
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
                         multimodal=ServerMultimodal.from_engine(engine, config),
                         request_defaults=request_defaults, http=http_options_from_args(args),
-                        response_role=args.response_role)
+                        response_role=args.response_role, return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
 

@@ -29,3 +29,5 @@ class ServerState:
     request_defaults: RequestDefaults = field(default_factory=RequestDefaults)
     http: HTTPOptions = field(default_factory=HTTPOptions)
     response_role: str = "assistant"    # --response-role: the role of chat answers
+    # --return-tokens-as-token-ids: logprobs name every token "token_id:{id}" unless the request says otherwise
+    return_tokens_as_token_ids: bool = False

@@ -161,7 +161,6 @@ _WHY_BY_FLAG = {
     "--enable-sleep-mode": "loraplex has no sleep mode (/sleep, /wake_up)",
     "--uds": "loraplex listens on TCP (--host, --port)",
     "--middleware": "loraplex loads no middleware classes; put a proxy in front of it",
-    "--return-tokens-as-token-ids": "logprobs name tokens by their text",
     "--enable-request-id-headers": "responses carry no X-Request-Id header",
     "--enable-force-include-usage": "a stream carries usage when its request asks (stream_options.include_usage)",
     "--logits-processors": "loraplex loads no logits-processor classes",
