@@ -20,8 +20,8 @@ def serve_args(*flags: str) -> argparse.Namespace:
     return build_parser().parse_args(["serve", "/models/tiny", *flags])
 
 
-def server_with(*flags: str) -> ServerThread:
-    engine = FakeEngine()
+def server_with(*flags: str, step_delay_s: float = 0.0) -> ServerThread:
+    engine = FakeEngine(step_delay_s=step_delay_s)
 
     def make_app():
         backend = ServingBackend(engine, served_model_names=["tiny-base"], model_path="/models/tiny",
@@ -121,3 +121,50 @@ def test_serve_binds_what_the_host_resolves_to():
             s.close()
     with pytest.raises(ConfigError, match="--host no-such-host.invalid"):
         bind_listen_sockets("no-such-host.invalid", 0)
+
+
+def test_request_id_headers_usage_load_and_user_middleware():
+    """vLLM's --enable-request-id-headers, --enable-force-include-usage, --enable-server-load-tracking
+    and --middleware, on a server with all of them and one with none."""
+    import json
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "xyz", "max_tokens": 3, "stream": True}
+    with server_with("--enable-request-id-headers", "--enable-force-include-usage", "--enable-server-load-tracking",
+                     "--middleware", "server.middleware_example.TagMiddleware",
+                     "--middleware", "server.middleware_example.tag_function", step_delay_s=0.2) as server:
+        r = httpx.get(server.base_url + "/health", headers={"X-Request-Id": "abc-1"})
+        assert r.headers["x-request-id"] == "abc-1" and r.headers["x-tag"] == "class"
+        assert r.headers["x-tag-function"] == "yes"
+        assert len(httpx.get(server.base_url + "/version").headers["x-request-id"]) == 32     # a new id
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body, headers=headers) as r:
+            lines = r.iter_lines()
+            chunks = [json.loads(next(line for line in lines if line.startswith("data: {"))[6:])]
+            assert httpx.get(server.base_url + "/load").json() == {"server_load": 1}     # this stream
+            chunks += [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert all(c.get("usage") for c in chunks) and chunks[-1]["choices"] == []     # usage though not asked
+        assert httpx.get(server.base_url + "/load").json() == {"server_load": 0}
+    with server_with() as server:
+        r = httpx.get(server.base_url + "/health")
+        assert "x-request-id" not in r.headers and "x-tag" not in r.headers
+        assert httpx.get(server.base_url + "/load").status_code == 404
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body, headers=headers) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert not any(c.get("usage") for c in chunks)
+    for name, message in (("server.middleware_example.NOT_MIDDLEWARE", "it must name an ASGI middleware class"),
+                          ("server.no_such_module.X", "cannot import it")):
+        with pytest.raises(ConfigError, match=f"--middleware {name}: {message}"):
+            http_options_from_args(serve_args("--middleware", name))
+
+
+def test_access_log_lines_can_be_left_out_for_some_paths():
+    import logging
+
+    from loraplex.server.http_options import AccessLogFilter
+
+    def record(path):
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5", "GET", path, "1.1", 200), None)
+    keep = AccessLogFilter(" /health,/metrics ".split(","))
+    assert not keep.filter(record("/health")) and not keep.filter(record("/metrics?x=1"))
+    assert keep.filter(record("/v1/models")) and keep.filter(record("/healthz"))

@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from loraplex.server.chat import create_chat_completion
 from loraplex.server.completions import create_completion
 from loraplex.server.errors import INVALID_USER_INPUT, HTTPError, install_error_handlers
-from loraplex.server.middleware import APIKeyMiddleware, MetricsMiddleware
+from loraplex.server.middleware import (
+    APIKeyMiddleware, MetricsMiddleware, RequestIdHeaderMiddleware, ServerLoadMiddleware, add_user_middleware)
 from loraplex.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeChatRequest,
     TokenizeCompletionRequest, UnloadLoRAAdapterRequest)
@@ -138,12 +139,24 @@ def build_app(state: ServerState) -> FastAPI:
             await _state(request).backend.unload_adapter(body.lora_name)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    http = state.http
+    if http.server_load_tracking:
+        @app.get("/load")
+        async def server_load(request: Request) -> dict:
+            return {"server_load": _state(request).server_load}
+
     # The middleware added last runs first: metrics also count the key check's 401s, and CORS
-    # answers a browser's preflight before the key is asked for (it carries none).
+    # answers a browser's preflight before the key is asked for (it carries none). The user's
+    # --middleware run inside ours, as in vLLM (added before them).
+    for middleware in http.middleware:
+        add_user_middleware(app, middleware)
+    if http.server_load_tracking:
+        app.add_middleware(ServerLoadMiddleware, state=state)
+    if http.request_id_headers:
+        app.add_middleware(RequestIdHeaderMiddleware)
     if state.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    http = state.http
     app.add_middleware(CORSMiddleware, allow_origins=http.allowed_origins, allow_methods=http.allowed_methods,
                        allow_headers=http.allowed_headers, allow_credentials=http.allow_credentials)
     state.metrics.attach_backend(state.backend)

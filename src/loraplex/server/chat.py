@@ -15,7 +15,8 @@ from loraplex.server.errors import HTTPError, exception_to_body
 from loraplex.server.generation import PromptRun, run_prompt, start_stream, with_cache_salt
 from loraplex.server.protocol import ChatCompletionRequest, check_unsupported, unknown_fields
 from loraplex.server.responses import (
-    DONE_EVENT, TokenText, chat_logprobs, new_id, now, prompt_logprobs_body, request_id_for, sse, usage)
+    DONE_EVENT, TokenText, chat_logprobs, new_id, now, prompt_logprobs_body, request_id_for, sse, stream_usage,
+    usage)
 from loraplex.server.sampling import chat_sampling_params, kept_prompt_tokens
 from loraplex.server.state import ServerState
 
@@ -181,9 +182,7 @@ class _ChatContext:
         return extras
 
     async def stream(self, deltas: AsyncIterator) -> AsyncIterator[bytes]:
-        options = self.request.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous = bool(include_usage and options.continuous_usage_stats)
+        include_usage, continuous = stream_usage(self.request.stream_options, self.state.http.force_include_usage)
         started: set[int] = set()
         try:
             async for delta in deltas:

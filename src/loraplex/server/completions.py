@@ -12,7 +12,8 @@ from loraplex.server.errors import HTTPError, exception_to_body
 from loraplex.server.generation import PromptRun, merge, run_prompt, start_stream, with_cache_salt
 from loraplex.server.protocol import CompletionRequest, check_unsupported, unknown_fields
 from loraplex.server.responses import (
-    DONE_EVENT, CompletionLogprobs, TokenText, new_id, now, prompt_logprobs_body, request_id_for, sse, usage)
+    DONE_EVENT, CompletionLogprobs, TokenText, new_id, now, prompt_logprobs_body, request_id_for, sse, stream_usage,
+    usage)
 from loraplex.server.sampling import completion_sampling_params, kept_prompt_tokens, output_room
 from loraplex.server.state import ServerState
 
@@ -157,9 +158,7 @@ class _Context:
                 "usage": usage(self.runs), "system_fingerprint": None}
 
     async def stream(self, deltas: AsyncIterator) -> AsyncIterator[bytes]:
-        options = self.request.stream_options
-        include_usage = bool(options and options.include_usage)
-        continuous = bool(include_usage and options.continuous_usage_stats)
+        include_usage, continuous = stream_usage(self.request.stream_options, self.state.http.force_include_usage)
         try:
             async for delta in deltas:
                 text, block, first = self._choice_piece(delta)

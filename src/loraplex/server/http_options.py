@@ -5,6 +5,7 @@ HTTP, so it refuses the second (UVICORN_FLAGS)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ class HTTPOptions:
     allowed_headers: list = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
     docs: bool = True
+    request_id_headers: bool = False    # X-Request-Id on every response
+    force_include_usage: bool = False   # streams carry usage whatever stream_options says
+    server_load_tracking: bool = False  # GET /load: generation requests in progress
+    middleware: list = field(default_factory=list)   # --middleware's ASGI classes and http functions
 
 
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +43,18 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
                                f"(default: [\"*\"], as vLLM)")
     http.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies)")
     http.add_argument("--disable-fastapi-docs", action="store_true", help="serve neither /docs nor /openapi.json")
+    http.add_argument("--enable-request-id-headers", action="store_true",
+                      help="every response carries X-Request-Id (the request's own, else a new one)")
+    http.add_argument("--enable-force-include-usage", action="store_true",
+                      help="every stream carries usage, in every chunk and at the end, whatever the request's "
+                           "stream_options")
+    http.add_argument("--enable-server-load-tracking", action="store_true",
+                      help="GET /load answers {\"server_load\": N}, the generation requests in progress")
+    http.add_argument("--middleware", action="append", default=[], metavar="MODULE.NAME",
+                      help="an ASGI middleware class or an async `http` middleware function to add to the app "
+                           "(repeatable; imported at start-up, as vLLM does)")
+    http.add_argument("--disable-access-log-for-endpoints", default=None, metavar="PATHS",
+                      help="comma-separated paths whose requests get no access-log line, e.g. '/health,/metrics'")
     http.add_argument("--root-path", default="", help="the path prefix a proxy in front of the server "
                       "strips (ASGI root_path)")
     http.add_argument("--uvicorn-log-level", default=None,
@@ -53,9 +70,14 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def http_options_from_args(args: argparse.Namespace) -> HTTPOptions:
+    from loraplex.server.middleware import import_middleware
+
     return HTTPOptions(allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
                        allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
-                       docs=not args.disable_fastapi_docs)
+                       docs=not args.disable_fastapi_docs, request_id_headers=args.enable_request_id_headers,
+                       force_include_usage=args.enable_force_include_usage,
+                       server_load_tracking=args.enable_server_load_tracking,
+                       middleware=[import_middleware(name) for name in args.middleware])
 
 
 def uvicorn_flags_given(args: argparse.Namespace) -> list[str]:
@@ -103,3 +125,16 @@ def bind_listen_sockets(host: str, port: int) -> list[socket.socket]:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror} (another server there?); stop it "
                           f"or pass another --port") from None
     return sockets
+
+
+class AccessLogFilter(logging.Filter):
+    """--disable-access-log-for-endpoints (vLLM's): no access-log line for these paths (any query)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__()
+        self.paths = {p.strip() for p in paths if p.strip()}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        # uvicorn's access line: (client, method, path with query, HTTP version, status)
+        return not (len(args) >= 3 and str(args[2]).split("?", 1)[0] in self.paths)

@@ -34,6 +34,15 @@ def sse(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+def stream_usage(stream_options, force: bool) -> tuple[bool, bool]:
+    """(a usage chunk at the end, usage in every chunk) of a stream: what stream_options asks,
+    or both with --enable-force-include-usage (vLLM's rule)."""
+    if force:
+        return True, True
+    include = bool(stream_options and stream_options.include_usage)
+    return include, bool(include and stream_options.continuous_usage_stats)
+
+
 def usage(runs: list[PromptRun]) -> dict:
     prompt = sum(len(r.prompt_token_ids) for r in runs)
     completion = sum(r.num_output_tokens for r in runs)

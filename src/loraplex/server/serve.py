@@ -14,8 +14,8 @@ import os
 
 from loraplex.errors import ConfigError
 from loraplex.server.flag_types import human_int, json_flag, positive_int
-from loraplex.server.http_options import (add_http_arguments, bind_listen_sockets, http_options_from_args,
-                                          uvicorn_options)
+from loraplex.server.http_options import (AccessLogFilter, add_http_arguments, bind_listen_sockets,
+                                          http_options_from_args, uvicorn_options)
 from loraplex.server.lora_modules import local_adapter_dirs, parse_lora_module
 from loraplex.server.vllm_flags import add_vllm_flags, check_vllm_flags
 
@@ -288,6 +288,7 @@ def build_state(args: argparse.Namespace, engine=None, before_engine=None):
         os.environ[ALLOW_PICKLE_ENV] = "1"
     config = engine_config_from_args(args)
     request_defaults = request_defaults_from_args(args, config)   # a bad --generation-config stops us here
+    http = http_options_from_args(args)                           # and so does a bad --middleware
     names = args.served_model_name or [args.model]
     if engine is None:
         from loraplex.core.async_engine import AsyncEngine
@@ -309,7 +310,7 @@ def build_state(args: argparse.Namespace, engine=None, before_engine=None):
     state = ServerState(backend, metrics=ServerMetrics(max_adapter_labels=args.max_adapter_metric_labels),
                         api_key=api_key, allow_runtime_lora_updating=allow_runtime and args.enable_lora,
                         multimodal=ServerMultimodal.from_engine(engine, config),
-                        request_defaults=request_defaults, http=http_options_from_args(args),
+                        request_defaults=request_defaults, http=http,
                         response_role=args.response_role, return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     log_startup(args, config, engine, records, chain, allow_runtime, [m.name for m in modules])
     return state
@@ -373,7 +374,10 @@ def run_server(args: argparse.Namespace) -> int:
             if isinstance(captured, list):
                 captured.clear()
 
-    config = uvicorn.Config(app, **options)
+    config = uvicorn.Config(app, **options)      # (configures uvicorn's loggers: filters go on after)
+    if args.disable_access_log_for_endpoints:
+        logging.getLogger("uvicorn.access").addFilter(
+            AccessLogFilter(args.disable_access_log_for_endpoints.split(",")))
     logger.info("listening on %s://%s:%d%s (OpenAI API under /v1)", "https" if args.ssl_certfile else "http",
                 args.host, sockets[0].getsockname()[1], args.root_path)   # the port --port 0 got
     DrainingServer(config).run(sockets=sockets)

@@ -21,6 +21,8 @@ class ServerState:
     allow_runtime_lora_updating: bool = False
     # Set when SIGTERM/SIGINT starts the drain: new generation requests get 503.
     is_draining: bool = False
+    # Generation requests in progress (with --enable-server-load-tracking: GET /load).
+    server_load: int = 0
     # Image/audio content parts and default LoRAs per modality (server/multimodal.py); None in
     # tests that build a state by hand.
     multimodal: Any = None

@@ -160,9 +160,6 @@ _WHY_BY_FLAG = {
     "--disable-sliding-window": "a sliding-window model attends as its config.json says",
     "--enable-sleep-mode": "loraplex has no sleep mode (/sleep, /wake_up)",
     "--uds": "loraplex listens on TCP (--host, --port)",
-    "--middleware": "loraplex loads no middleware classes; put a proxy in front of it",
-    "--enable-request-id-headers": "responses carry no X-Request-Id header",
-    "--enable-force-include-usage": "a stream carries usage when its request asks (stream_options.include_usage)",
     "--logits-processors": "loraplex loads no logits-processor classes",
 }
 
