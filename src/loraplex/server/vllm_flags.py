@@ -92,14 +92,15 @@ def _dest(flag: VLLMFlag) -> str:
 
 
 def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
+    from loraplex.server.vllm_flag_list import VLLM_SERVE_FLAGS
+
+    kinds = {row[0][0]: row[1] for row in VLLM_SERVE_FLAGS}   # a flag's kind, by its first spelling
     group = parser.add_argument_group("vLLM flags without an implementation (docs/server.md, \"vLLM flags\")")
     for flag in WITHOUT_EFFECT + REFUSED:
         meaning = f"accepted without effect: {flag.why}" if flag in WITHOUT_EFFECT else f"refused: {flag.why}"
         if flag.takes_value:
-            from loraplex.server.vllm_flag_list import VLLM_SERVE_FLAGS
-            kind = next((row[1] for row in VLLM_SERVE_FLAGS if flag.names[0] in row[0]), "value")
             group.add_argument(*flag.names, dest=_dest(flag), default=None, metavar="VALUE", help=meaning,
-                               nargs="+" if kind == "values" else None)
+                               nargs="+" if kinds.get(flag.names[0]) == "values" else None)
         else:
             group.add_argument(*flag.names, dest=_dest(flag), action="store_true", help=meaning)
 
