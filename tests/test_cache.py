@@ -152,14 +152,14 @@ def test_from_env_defaults(tmp_path, monkeypatch):
     assert AdapterCache.from_env({}).allow_pickle is True
 
 
-def test_empty_base_model_accepted_with_one_warning(tmp_path, caplog):
+def test_empty_base_model_accepted(tmp_path, caplog):
+    # Served unchecked; the warning is the load's, once (test_lora_adapter.py), not the download's.
     write_peft_adapter(tmp_path / "store" / "anon", base_model_name_or_path="")
     cache = AdapterCache(tmp_path / "cache")
     with caplog.at_level(logging.WARNING, logger="loraplex.resolvers.cache"):
         for _ in range(3):
             assert cache.get("anon", CountingSource(tmp_path / "store"), "any-base") is not None
-    assert [r.getMessage() for r in caplog.records if "base_model_name_or_path is empty" in r.getMessage()] \
-        and len(caplog.records) == 1
+    assert not caplog.records
 
 
 def test_pickle_weights_accepted_only_when_allowed(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 
 import pytest
@@ -211,6 +212,17 @@ def test_missing_directory_and_files(tmp_path):
 def test_base_model_matches_by_final_component(tmp_path):
     path = write_peft_adapter(tmp_path / "a", rank=4, base_model_name_or_path="meta-llama/tiny-base")
     assert load(path, served="/models/tiny-base").rank == 4
+
+
+def test_an_adapter_without_base_model_is_loaded_with_one_warning(tmp_path, caplog):
+    unnamed = [write_peft_adapter(tmp_path / name, base_model_name_or_path="") for name in ("a", "b")]
+    named = write_peft_adapter(tmp_path / "named", base_model_name_or_path="tiny-base")
+    with caplog.at_level(logging.WARNING, logger="loraplex.core.lora.adapter"):
+        for path in (*unnamed, named, *unnamed):           # read again, as after an eviction
+            assert load(path).rank == 8
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and all("base_model_name_or_path is empty" in m and "'tiny-base'" in m for m in warned)
+    assert str(unnamed[0]) in warned[0] and str(unnamed[1]) in warned[1]
 
 
 def test_weights_beyond_the_model_dtype_are_refused(tmp_path):

@@ -212,11 +212,6 @@ class AdapterCache:
             _check_sizes(tmp, remote)
             files = validate_adapter_dir(tmp, allow_pickle=self.allow_pickle,
                                          where=f"adapter {lora_name!r} from {remote.location}")
-            if not files.config.get("base_model_name_or_path"):
-                # Once per download, not per resolve: the cached copy is reused silently.
-                logger.warning("adapter %r (%s) does not say which base model it was trained on "
-                               "(base_model_name_or_path is empty); serving it unchecked",
-                               lora_name, remote.location)
             now = time.time()
             manifest = Manifest(
                 lora_name=lora_name, location=remote.location, fingerprint=remote.fingerprint(),

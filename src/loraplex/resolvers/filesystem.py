@@ -118,11 +118,8 @@ class FilesystemResolver(LoRAResolver):
         except AdapterMismatchError as e:
             report_skipped(str(e))
             return None
+        # An empty base_model_name_or_path is served unchecked; the load warns (once).
         validate_adapter_dir(adapter_dir, allow_pickle=self.allow_pickle)
-        if not adapter_base:
-            logger.warning("Adapter %r (%s) does not say which base model it was trained on "
-                           "(base_model_name_or_path is empty); serving it on %r unchecked",
-                           lora_name, adapter_dir, base_model_name)
         return LoRARequest(lora_name=lora_name, lora_int_id=lora_id_for_name(lora_name),
                            lora_path=str(adapter_dir), base_model_name=base_model_name)
 

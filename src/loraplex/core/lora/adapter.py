@@ -128,8 +128,16 @@ def _check_base_model(config: LoRAAdapterConfig, request: LoRARequest, where: st
             raise AdapterInvalidError(
                 f"adapter {where} was trained for base model {claimed!r}, but this engine serves "
                 f"{served!r}; use an adapter trained on the served model")
-    if not config.base_model_name_or_path:
-        logger.warning("adapter %s does not name its base model; assuming it fits %r", where, served)
+    if not config.base_model_name_or_path and (request.lora_name, request.lora_path) not in _WARNED_NO_BASE:
+        _WARNED_NO_BASE.add((request.lora_name, request.lora_path))
+        logger.warning("adapter %s does not say which base model it was trained on (base_model_name_or_path "
+                       "is empty); serving it on %r unchecked", where, served)
+
+
+# Adapters (name, path) already warned about above: once per process, however the adapter came
+# (a resolver, --lora-modules, the load endpoint) and however often it is read again (an
+# adapter evicted from the CPU cache is, at its next request).
+_WARNED_NO_BASE: set[tuple[str, str]] = set()
 
 
 # A tensor of the adapter: located in its safetensors file (read later, into place) or, from
