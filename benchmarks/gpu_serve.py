@@ -467,7 +467,8 @@ def main() -> None:
                         help="serve runs send requests at R per second (Poisson) instead of all at once: "
                              "clients then do not start and finish in waves (steady-state TTFT and ITL)")
     parser.add_argument("--server-flags", default="", metavar="FLAGS",
-                        help="more `loraplex serve` flags for the serve/burst/cold server, e.g. '--stream-interval 4'")
+                        help="more `loraplex serve` flags for the serve/burst/cold server, given with '=' "
+                             "(--server-flags='--stream-interval 4'): argparse takes a lone '--flag' for an option")
     args = parser.parse_args()
     cfg = dict(gpu_decode.LLAMA3_8B)
     # The cold probes' background: 56 streams on a server of 64 sequences, so a probe's request
