@@ -49,31 +49,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_decode  # noqa: E402  (LLAMA3_8B, SMOKE_CONFIG, write_adapters)
-from gpu_serve_offline import MID_RUN_REPLAY_AT, PROFILE_WINDOW, stop_profile  # noqa: E402
+from gpu_serve_offline import MID_RUN_REPLAY_AT, PROFILE_WINDOW  # noqa: E402
+from gpu_serve_adapters import burst_section, cold_section  # noqa: E402
+from gpu_serve_server import (BASE, HERE, Server, bench, bench_argv, env, histogram, log, model_mix,  # noqa: E402
+                              profile, quantile_bound, share_above, summary_of)
 
 SECTIONS = ["offline", "serve", "burst", "cold", "prefix"]
 DEFAULT_SECTIONS = ["offline", "serve", "burst", "cold"]
-BASE = "base"
-
-
-def log(*args) -> None:
-    print(*args, flush=True)
 
 
 # ---- files ------------------------------------------------------------------------------
@@ -113,22 +106,8 @@ def write_adapter_set(root: Path, cfg: dict, prefix: str, count: int) -> dict[st
     return paths
 
 
-def model_mix(num_adapters: int) -> list[str]:
-    """One in eight entries is the base model, the rest go round the adapters."""
-    names, adapter = [], 0
-    while adapter < num_adapters:
-        names.append(BASE if len(names) % 8 == 0 else f"a{adapter}")
-        adapter += names[-1] != BASE
-    return names
-
 
 # ---- offline ----------------------------------------------------------------------------
-
-def bench_argv(models: list[str], num_prompts: int, input_len: int, output_len: int, vocab: int) -> list[str]:
-    return ["--models", *models, "--model-distribution", "round-robin", "--num-prompts", str(num_prompts),
-            "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--ignore-eos",
-            "--token-id-min", "10", "--token-id-max", str(min(vocab, 128000))]
-
 
 def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, num_prompts: int,
                 models: list[str], name: str) -> dict:
@@ -152,92 +131,6 @@ def run_offline(args, tmp: Path, model: Path, adapters: dict, concurrency: int, 
 
 
 # ---- serving ----------------------------------------------------------------------------
-
-def env(resolver_dir: Path | None = None) -> dict:
-    # The caller's VLLM_* and LORAPLEX_* settings are dropped, but for the engine's switch for
-    # prefill/mixed-step graphs (LORAPLEX_MIXED_STEP_GRAPHS=0 python3 benchmarks/gpu_serve.py ...).
-    out = {k: v for k, v in os.environ.items()
-           if not k.startswith(("VLLM_", "LORAPLEX_")) or k == "LORAPLEX_MIXED_STEP_GRAPHS"}
-    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
-    if resolver_dir is not None:
-        out.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
-                    "VLLM_LORA_RESOLVER_CACHE_DIR": str(resolver_dir)})
-    return out
-
-
-class Server:
-    def __init__(self, args, model: Path, adapters: dict, resolver_dir: Path, concurrency: int, log_path: Path,
-                 extra: tuple[str, ...] = ()):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path, self.log = log_path, open(log_path, "w")
-        modules = [f"{name}={path}" for name, path in adapters.items()]
-        argv = [sys.executable, "-m", "loraplex.server.cli", "serve", str(model), "--served-model-name", BASE,
-                "--load-format", "dummy", "--device", args.device, "--port", str(self.port),
-                "--max-num-seqs", str(concurrency), "--enable-lora", "--max-loras", "32", "--max-lora-rank", "16",
-                "--max-cpu-loras", "96", "--lora-modules", *modules, "--log-level", "warning", *extra]
-        started = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env(resolver_dir))
-        deadline = time.monotonic() + 900
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{log_path.read_text()[-5000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        log(f"  server (max_num_seqs {concurrency}) ready in {time.perf_counter() - started:.0f} s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
-def bench(url: str, argv: list[str], result: Path) -> dict:
-    subprocess.run([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--base-url", url,
-                    "--result-file", str(result), "--disable-tqdm", "--percentiles", "50,90,99,100", *argv],
-                   check=True, capture_output=True, env=env(), timeout=1800)
-    return json.loads(result.read_text())
-
-
-def engine_steps(url: str) -> tuple[float, float]:
-    """(now, the engine's forward passes so far) from /metrics: two readings give the mean step."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    line = next(line for line in text.splitlines() if line.startswith("loraplex_engine_steps_total "))
-    return time.perf_counter(), float(line.split()[-1])
-
-
-def mean_step_ms(before: tuple[float, float], after: tuple[float, float]) -> float | None:
-    steps = after[1] - before[1]
-    return (after[0] - before[0]) / steps * 1e3 if steps > 0 else None
-
-
-def summary_of(out: dict) -> dict:
-    keys = ("output_throughput", "request_throughput", "completed", "failed", "median_ttft_ms", "p99_ttft_ms",
-            "p100_ttft_ms", "median_itl_ms", "p99_itl_ms", "median_tpot_ms", "p99_e2el_ms")
-    return {k: out[k] for k in keys}
-
-
-def profile(args, server: Server, name: str, only: str | None = None,
-            seconds: int | None = None) -> subprocess.Popen | None:
-    """With --py-spy: samples the server and its engine process for `seconds` (--py-spy's by
-    default; stop_profile ends it sooner), raw stacks to --out; `only`: "--idle" samples
-    threads waiting (on a lock, in a system call) too, "--gil" only the thread holding the GIL."""
-    if not args.py_spy or not args.out:
-        return None
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(["py-spy", "record", "--pid", str(server.proc.pid), "--subprocesses", "--nonblocking",
-                             "--rate", "200", "--duration", str(seconds or args.py_spy), "--format", "raw", "--threads",
-                             "--output", str(Path(args.out) / f"pyspy-{name}.txt"), *([only] if only else [])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
 
 def serve_section(args, server: Server, tmp: Path, adapters: dict, concurrency: int, num_prompts: int) -> list[dict]:
     warm = bench_argv(model_mix(len(adapters)), concurrency, args.input_len, args.output_len, args.vocab)
@@ -285,164 +178,6 @@ def prefix_section(args, tmp: Path, model: Path, adapters: dict, resolver_dir: P
         log(f"  prefix {flag}: {out['output_throughput']:.0f} tok/s, TTFT p50 {out['median_ttft_ms']:.0f} ms, "
             f"hit rate {out['hit_rate']:.2f}")
     return result
-
-
-def histogram(url: str, name: str) -> dict[float, float]:
-    """A /metrics histogram's cumulative counts by upper bound (le), summed over labels."""
-    counts: dict[float, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        match = re.match(re.escape(name) + r'_bucket\{(?:.*,)?le="([^"]+)"(?:,.*)?\} (\S+)', line)
-        if match:
-            le = float(match[1])
-            counts[le] = counts.get(le, 0.0) + float(match[2])
-    return counts
-
-
-def quantile_bound(cumulative: dict[float, float], q: float) -> float | None:
-    """The smallest bucket bound (ms) under which a share q of the observations lie."""
-    total = cumulative.get(float("inf"), 0.0)
-    if total <= 0:
-        return None
-    return next((le * 1e3 for le, n in sorted(cumulative.items()) if n >= q * total), None)
-
-
-def share_above(cumulative: dict[float, float], bound: float) -> float | None:
-    """The share of observations above a bucket bound (seconds)."""
-    total = cumulative.get(float("inf"), 0.0)
-    return round(1 - cumulative.get(bound, 0.0) / total, 4) if total > 0 else None
-
-
-def metric_total(url: str, name: str) -> float:
-    """The sum over labels of one /metrics series (e.g. a histogram's _sum or _count)."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
-def logged_times(log_path: Path, pattern: str, names: list[str]) -> list[float]:
-    """Unix times of the server's log lines (logs.py's format) that contain `pattern` and
-    one of `names` (quoted)."""
-    year = time.localtime().tm_year
-    quoted = {f"'{name}'" for name in names}
-    times = []
-    for line in log_path.read_text().splitlines():
-        stamp = re.match(r"(\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) ", line)
-        if stamp and pattern in line and any(q in line for q in quoted):
-            seconds = time.mktime(time.strptime(f"{year}-{stamp[1]}", "%Y-%m-%d %H:%M:%S"))
-            times.append(seconds + int(stamp[2]) / 1e3)
-    return times
-
-
-def burst_section(args, server: Server, tmp: Path, burst: dict, profiled: bool = True) -> dict:
-    names = list(burst)
-    resolution = "loraplex_lora_resolution_seconds"
-    before = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
-    steps_before = engine_steps(server.url)
-    log_lines_before = len(server.log_path.read_text().splitlines())
-    # Every thread, waiting or not (the loaders wait in native code), and which one holds the GIL,
-    # from before the client starts (it takes seconds to import) until its last request ends.
-    spies = [profile(args, server, "burst", "--idle", seconds=120),
-             profile(args, server, "burst-gil", "--gil", seconds=120)] if profiled else []
-    out = bench(server.url, ["--models", *names, "--model-distribution", "round-robin", "--num-prompts",
-                             str(len(names)), "--max-concurrency", str(len(names)), "--random-input-len",
-                             str(args.input_len), "--random-output-len", "16", "--ignore-eos", "--token-id-min",
-                             "10", "--token-id-max", str(min(args.vocab, 128000)), "--save-detailed"],
-                tmp / "burst.json")
-    for spy in spies:
-        stop_profile(spy)
-    after = [metric_total(server.url, resolution + part) for part in ("_sum", "_count")]
-    steps_after = engine_steps(server.url)
-    result = summary_of(out)
-    # Few steps for the burst's length: some steps were long (the first tokens come in clumps).
-    result["engine_steps"] = steps_after[1] - steps_before[1]
-    # Every first token in order: spread out (loads finish one by one) or together (something waits for all).
-    result["ttfts_ms"] = sorted(round(r["ttft"] * 1e3) for r in out["requests"] if r.get("ttft"))
-    # With --server-flags "--log-level info", when (after the first request was sent) each
-    # adapter was found by the resolver (API process) and loaded (engine process).
-    sent = min(r["sent_at"] for r in out["requests"])
-    for event, pattern in (("resolved", "resolved by"), ("loaded", "loaded LoRA adapter")):
-        times = logged_times(server.log_path, pattern, names)
-        if times:
-            result[f"{event}_ms"] = sorted(round((t - sent) * 1e3) for t in times)
-    # Steps of 100 ms or more during this burst, as the engine logged them (with --log-level
-    # info): their count and the longest, with where its time went.
-    slow = [line for line in server.log_path.read_text().splitlines()[log_lines_before:] if "slow engine step" in line]
-    result["slow_steps"] = len(slow)
-    if slow:
-        result["slowest_step"] = max(slow, key=lambda line: int(re.search(r"step: (\d+) ms", line).group(1)))
-    loads = after[1] - before[1]
-    # Resolution: the resolver chain and the engine's load, as the server timed each adapter.
-    result["resolution_mean_ms"] = round((after[0] - before[0]) / loads * 1e3, 1) if loads else None
-    log(f"  burst of {len(names)} new adapters: first token p50 {result['median_ttft_ms']:.0f} ms, "
-        f"last {result['p100_ttft_ms']:.0f} ms, failed {result['failed']}; resolution mean "
-        f"{result['resolution_mean_ms']} ms over {loads:.0f}; first tokens at {result['ttfts_ms']}; "
-        f"resolved at {result.get('resolved_ms')}; loaded at {result.get('loaded_ms')}; "
-        f"{result['engine_steps']:.0f} engine steps, {len(slow)} of them 100 ms or more")
-    return result
-
-
-def cold_section(args, server: Server, tmp: Path, adapters: dict, cold: dict) -> dict:
-    """Pairs (never-seen adapter, loaded adapter) sent together while 56 streams decode.
-    The streams use 24 of the 32 loaded adapters, so the cold adapter finds a free device slot:
-    with all 32 in use, each new adapter evicts one the streams need back at once, and the
-    swaps that follow (an 80 MiB copy each) would be counted as the load's cost."""
-    # Enough prompts for the probes' minute (a stream's request lasts about a second), not
-    # 100,000: the client made all of them before sending any, and the first probes of earlier
-    # runs met a server still waiting for its streams.
-    background_argv = [*bench_argv(model_mix(min(24, len(adapters))), 100 * args.cold_concurrency, args.input_len,
-                                   args.output_len, args.vocab), "--max-concurrency", str(args.cold_concurrency)]
-    stop = threading.Event()
-
-    def load(result_name: str) -> threading.Thread:
-        def run():
-            # A long run stopped from outside: bench serve is killed; what matters is the load.
-            proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.cli", "bench", "serve", "--base-url",
-                                     server.url, "--disable-tqdm", *background_argv], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, env=env())
-            stop.wait()
-            proc.terminate()
-            proc.wait(60)
-        thread = threading.Thread(target=run, name=result_name)
-        thread.start()
-        return thread
-
-    pair_argv = ["--model-distribution", "round-robin", "--num-prompts", "2", "--max-concurrency", "2",
-                 "--random-input-len", str(args.input_len), "--random-output-len", "4", "--ignore-eos",
-                 "--token-id-min", "10", "--token-id-max", str(min(args.vocab, 128000)), "--save-detailed"]
-    background = load("background")
-    # The streams reach steady decode: all of them running (at most a minute), then a settle.
-    deadline = time.monotonic() + 60
-    while (metric_total(server.url, "vllm:num_requests_running") < args.cold_concurrency
-           and time.monotonic() < deadline):
-        time.sleep(0.5)
-    time.sleep(args.cold_settle_s)
-    deltas, probes = [], []
-    try:
-        for i, name in enumerate(cold):
-            # The background streams' mean step over each pair's lifetime: with a cold load in
-            # flight against without (the load runs on the engine's loader threads).
-            start = engine_steps(server.url)
-            warm = bench(server.url, ["--models", "a1", "a2", *pair_argv], tmp / f"warm-pair-{i}.json")
-            middle = engine_steps(server.url)
-            out = bench(server.url, ["--models", name, "a1", *pair_argv], tmp / f"cold-pair-{i}.json")
-            end = engine_steps(server.url)
-            ttft = {r["model"]: r["ttft"] * 1e3 for r in out["requests"]}
-            deltas.append(ttft[name] - ttft["a1"])
-            probes.append({"cold_ms": ttft[name], "loaded_ms": ttft["a1"], "loaded_pair_ttft_ms": warm["median_ttft_ms"],
-                           "loaded_pair_itl_ms": warm["median_itl_ms"], "cold_pair_itl_ms": out["median_itl_ms"],
-                           "step_ms_loaded_pair": mean_step_ms(start, middle),
-                           "step_ms_cold_pair": mean_step_ms(middle, end)})
-            log(f"  cold {name}: first token {ttft[name]:.0f} ms, loaded adapter's {ttft['a1']:.0f} ms "
-                f"(+{deltas[-1]:.0f} ms); mean step {probes[-1]['step_ms_loaded_pair']} ms without a load, "
-                f"{probes[-1]['step_ms_cold_pair']} ms with one")
-    finally:
-        stop.set()
-        background.join()
-    ratios = [p["step_ms_cold_pair"] / p["step_ms_loaded_pair"] for p in probes
-              if p["step_ms_cold_pair"] and p["step_ms_loaded_pair"]]
-    return {"delta_ms_median": statistics.median(deltas), "deltas_ms": deltas, "probes": probes,
-            # target: the others' step time up at most 10% while a cold adapter loads
-            "step_ratio_median": statistics.median(ratios) if ratios else None}
 
 
 # ---- main -------------------------------------------------------------------------------
