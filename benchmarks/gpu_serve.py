@@ -25,7 +25,8 @@ Sections (`--only`):
            All at once by default: requests of equal lengths then start and finish in waves, and
            each wave's prefill is one long step; --request-rate R spreads them (Poisson). Each
            run also reads the server's own inter-token histogram (the gaps as the API server
-           received the engine's outputs): its p99 bucket and the share above 17.5 ms.
+           received the engine's outputs): its p99 bucket and the share above 17.5 ms, and the
+           cores the API server process and its engine process used while the client ran.
   burst    32 never-seen adapters requested at once, each for the first time, resolved from local
            disk by the filesystem resolver: first-token p50 (target < 400 ms) and last (< 800 ms).
            With --server-flags "--log-level info", also when each adapter was resolved and
@@ -62,8 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_decode  # noqa: E402  (LLAMA3_8B, SMOKE_CONFIG, write_adapters)
 from gpu_serve_offline import MID_RUN_REPLAY_AT, PROFILE_WINDOW  # noqa: E402
 from gpu_serve_adapters import burst_section, cold_section  # noqa: E402
-from gpu_serve_server import (BASE, HERE, Server, bench, bench_argv, env, histogram, log, model_mix,  # noqa: E402
-                              profile, quantile_bound, share_above, summary_of)
+from gpu_serve_server import (BASE, HERE, Server, bench, bench_argv, core_shares, cpu_seconds, env,  # noqa: E402
+                              histogram, log, model_mix, profile, quantile_bound, share_above, summary_of)
 
 SECTIONS = ["offline", "serve", "burst", "cold", "prefix"]
 DEFAULT_SECTIONS = ["offline", "serve", "burst", "cold"]
@@ -145,8 +146,12 @@ def serve_section(args, server: Server, tmp: Path, adapters: dict, concurrency: 
     runs = []
     for run in range(args.runs):
         before = histogram(server.url, "loraplex_inter_token_latency_seconds")
+        cpu_before = cpu_seconds(server.proc.pid)
         out = bench(server.url, [*argv, "--max-concurrency", str(concurrency)], tmp / f"serve-{concurrency}-{run}.json")
         runs.append(summary_of(out))
+        # How much of a core the API server used while the client ran: its headroom says
+        # whether one API server process is enough (vLLM's --api-server-count).
+        runs[-1].update(core_shares(cpu_before, cpu_seconds(server.proc.pid), out["duration"]))
         # The same gaps as the API server received them (before the SSE write, the network and
         # the client): a tail the client's ITL has and this has not is the delivery's.
         gaps = {le: n - before.get(le, 0) for le, n in histogram(server.url, "loraplex_inter_token_latency_seconds").items()}

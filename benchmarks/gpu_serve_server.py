@@ -158,6 +158,34 @@ def metric_total(url: str, name: str) -> float:
                if line.startswith(name + "{") or line.startswith(name + " "))
 
 
+def cpu_seconds(pid: int) -> tuple[float, float, float]:
+    """(now, CPU seconds so far of process `pid`, of its children together), user and system,
+    from /proc: two readings give the API server's share of a core, and its engine process's
+    (its child; the other child, multiprocessing's resource tracker, is idle)."""
+    def used(p: int) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:                                # gone, or not Linux
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return time.perf_counter(), used(pid), sum(used(c) for c in children)
+
+
+def core_shares(before: tuple[float, float, float], after: tuple[float, float, float],
+                seconds: float) -> dict[str, float]:
+    """Cores used over `seconds` (the client's measured run: its start-up, when the server
+    idles, would dilute the shares), by the CPU seconds between two cpu_seconds readings."""
+    wall = seconds
+    return {"api_server_cores": round((after[1] - before[1]) / wall, 3),
+            "engine_cores": round((after[2] - before[2]) / wall, 3)}
+
+
 def logged_times(log_path: Path, pattern: str, names: list[str]) -> list[float]:
     """Unix times of the server's log lines (logs.py's format) that contain `pattern` and
     one of `names` (quoted)."""
