@@ -49,6 +49,20 @@ def test_loaders_torch_threads_leave_the_step_loop_a_core(cores):
     assert engine_loop.loader_torch_threads(16) == 3
 
 
+def test_loader_thread_count_from_the_environment(monkeypatch):
+    assert engine_loop.adapter_loader_threads() == engine_loop.ADAPTER_LOADER_THREADS
+    monkeypatch.setenv(engine_loop.LOADER_THREADS_ENV, "7")
+    assert engine_loop.adapter_loader_threads() == 7
+    assert engine_loop.loader_torch_threads(16) == 2                   # 16 // (7 + 1)
+    loop = engine_loop.EngineLoop(core=None, send=lambda message: None)
+    assert loop._loader_pool()._max_workers == 7
+    loop._loader_pool().shutdown()
+    for bad in ("0", "-2", "four", "2.5"):
+        monkeypatch.setenv(engine_loop.LOADER_THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=f"LORAPLEX_ADAPTER_LOADER_THREADS='{bad}': give a whole number"):
+            engine_loop.adapter_loader_threads()
+
+
 @pytest.mark.parametrize("how", ["generate", "add_lora"])
 def test_a_burst_of_new_adapters_loads_in_parallel_and_each_starts_when_ready(tiny_checkpoint, tmp_path,
                                                                               monkeypatch, how, host_buffer_pool):

@@ -107,6 +107,21 @@ def test_a_port_in_use_stops_serve_before_the_model_loads(tmp_path):
     assert "engine process" not in done.stderr and "loaded 56 tensors" not in done.stderr
 
 
+def test_a_bad_loader_thread_count_stops_serve_before_the_engine_starts():
+    import os
+    import subprocess
+    import sys
+
+    from loraplex.demo import demo_model_path
+    done = subprocess.run([sys.executable, "-m", "loraplex.server.cli", "serve", str(demo_model_path()),
+                           "--device", "cpu", "--host", "127.0.0.1", "--port", "0"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LORAPLEX_ADAPTER_LOADER_THREADS": "0"})
+    assert done.returncode == 2, done.stderr
+    assert "LORAPLEX_ADAPTER_LOADER_THREADS='0': give a whole number of threads, at least 1" in done.stderr
+    assert "Traceback" not in done.stderr and "loaded 56 tensors" not in done.stderr
+
+
 def test_serve_binds_what_the_host_resolves_to():
     from loraplex.server.http_options import bind_listen_sockets
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,7 +41,7 @@ from loraplex.core.llm_engine import LLMEngine
 from loraplex.core.output_processor import SeqOutput
 from loraplex.core.request import Request
 from loraplex.core.step_times import log_if_slow
-from loraplex.errors import InvalidRequestError
+from loraplex.errors import ConfigError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,20 @@ STATS_INTERVAL_S = 0.1           # the loop sends stats at most this often while
 # while finishing no sooner: 4 loaders took 708 ms against 806, finished one by one (the first
 # at 109 ms, the median at 406) rather than together, and the step waited at most 61 ms
 # (benchmarks/bench_cpu_lora_load.py --device cuda --burst 32). Loads also wait on the disk,
-# so a 2-core host still gets four.
+# so a 2-core host still gets four. LORAPLEX_ADAPTER_LOADER_THREADS sets another count.
 ADAPTER_LOADER_THREADS = 4
+LOADER_THREADS_ENV = "LORAPLEX_ADAPTER_LOADER_THREADS"
+
+
+def adapter_loader_threads() -> int:
+    """The engine's adapter loader threads: ADAPTER_LOADER_THREADS, or LORAPLEX_ADAPTER_LOADER_THREADS."""
+    text = os.environ.get(LOADER_THREADS_ENV, "").strip()
+    if not text:
+        return ADAPTER_LOADER_THREADS
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{LOADER_THREADS_ENV}={text!r}: give a whole number of threads, at least 1 "
+                         f"(or unset it for {ADAPTER_LOADER_THREADS})")
+    return int(text)
 
 
 def loader_torch_threads(num_cores: int) -> int:
@@ -65,7 +78,7 @@ def loader_torch_threads(num_cores: int) -> int:
     instead of 10: 32 new adapters' first tokens came at p50 641 ms, last 717, against 453
     and 529 with 3 threads (OMP_NUM_THREADS=3; benchmarks/gpu_serve.py --only burst,
     docs/performance.md). engine_process.py sets it for the engine process."""
-    return max(1, num_cores // (ADAPTER_LOADER_THREADS + 1))
+    return max(1, num_cores // (adapter_loader_threads() + 1))
 
 
 # ---- client -> loop -----------------------------------------------------------------------
@@ -178,6 +191,7 @@ class EngineLoop:
         self.send = send
         self.inbox = Inbox()
         self._loader: ThreadPoolExecutor | None = None
+        self._loader_threads = adapter_loader_threads()
         self._waiting_for_adapter: dict[int, list[Request]] = {}   # lora_int_id -> requests
         self._stopping = False
         self._last_stats = 0.0
@@ -315,7 +329,7 @@ class EngineLoop:
 
     def _loader_pool(self) -> ThreadPoolExecutor:
         if self._loader is None:
-            self._loader = ThreadPoolExecutor(ADAPTER_LOADER_THREADS, thread_name_prefix="loraplex-lora-load")
+            self._loader = ThreadPoolExecutor(self._loader_threads, thread_name_prefix="loraplex-lora-load")
         return self._loader
 
 

@@ -32,7 +32,8 @@ import threading
 from typing import Any, NamedTuple
 
 from loraplex.core.config import EngineConfig
-from loraplex.core.engine_loop import EngineLoop, EngineStopped, Shutdown, loader_torch_threads
+from loraplex.core.engine_loop import (EngineLoop, EngineStopped, Shutdown, adapter_loader_threads,
+                                       loader_torch_threads)
 from loraplex.core.gc_heap import freeze_startup_heap
 from loraplex.core.input_processor import EngineLimits
 from loraplex.errors import EngineDeadError
@@ -163,6 +164,7 @@ class ProcessHandle:
     """The parent's end: start the engine process, send it messages, receive its replies."""
 
     def __init__(self, config: EngineConfig, served_model_names=(), log_level: str = "INFO") -> None:
+        adapter_loader_threads()             # a bad LORAPLEX_ADAPTER_LOADER_THREADS stops us here, not the engine
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         # Not daemonic, so the engine may start processes of its own; atexit stops it instead.
