@@ -42,9 +42,10 @@ def bench_argv(models: list[str], num_prompts: int, input_len: int, output_len: 
 
 def env(resolver_dir: Path | None = None) -> dict:
     # The caller's VLLM_* and LORAPLEX_* settings are dropped, but for the engine's switch for
-    # prefill/mixed-step graphs (LORAPLEX_MIXED_STEP_GRAPHS=0 python3 benchmarks/gpu_serve.py ...).
-    out = {k: v for k, v in os.environ.items()
-           if not k.startswith(("VLLM_", "LORAPLEX_")) or k == "LORAPLEX_MIXED_STEP_GRAPHS"}
+    # prefill/mixed-step graphs (LORAPLEX_MIXED_STEP_GRAPHS=0 python3 benchmarks/gpu_serve.py ...)
+    # and its adapter loader threads.
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "LORAPLEX_"))
+           or k in ("LORAPLEX_MIXED_STEP_GRAPHS", "LORAPLEX_ADAPTER_LOADER_THREADS")}
     out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
     if resolver_dir is not None:
         out.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": "lora_filesystem_resolver",
