@@ -240,7 +240,7 @@ def test_auth_required_on_v1_only(fake_server):
         _client(fake_server, key="wrong").models.list()
     v1_routes = [(method, route.path) for route in fake_server.app.routes if route.path.startswith("/v1/")
                  for method in getattr(route, "methods", ()) if method != "HEAD"]
-    assert len(v1_routes) == 5   # models, completions, chat, load, unload
+    assert len(v1_routes) == 9   # models, completions, chat, responses (create, get, delete, cancel), load, unload
     for method, path in v1_routes:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
             r = httpx.request(method, fake_server.base_url + path, json={}, headers=headers)

@@ -211,6 +211,22 @@ def test_the_servers_stream_interval_is_a_floor_a_request_may_raise():
     assert [interval(None, 1), interval(4, 1), interval(None, 8), interval(4, 8), interval(16, 8)] == [1, 4, 8, 8, 16]
 
 
+@pytest.mark.parametrize("model", [BASE, "upper"])
+def test_responses_api_answers_as_chat_does_on_the_real_engine(server, model):
+    """/v1/responses is the chat request it means: the same greedy text, base and adapter; its
+    text.format json_schema constrains the output as chat's response_format does."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
+    answer = server.client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    out = server.client.responses.create(model=model, instructions="Be brief.", input="hello world",
+                                         max_output_tokens=12, temperature=0)
+    assert out.output_text == answer.choices[0].message.content and out.output_text
+    assert out.usage.input_tokens == answer.usage.prompt_tokens
+    assert out.usage.output_tokens == answer.usage.completion_tokens
+    shaped = server.client.responses.create(model=model, input="hello world", max_output_tokens=60, temperature=0,
+                                            text={"format": {"type": "json_schema", "name": "thing", "schema": SCHEMA}})
+    jsonschema.validate(json.loads(shaped.output_text), SCHEMA)
+
+
 def test_structured_outputs_every_spelling(server):
     def check_json(text):
         jsonschema.validate(json.loads(text), SCHEMA)

@@ -23,6 +23,7 @@ from loraplex.server.middleware import (
 from loraplex.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeChatRequest,
     TokenizeCompletionRequest, UnloadLoRAAdapterRequest)
+from loraplex.server.responses_api import ResponsesRequest, create_response, not_stored
 from loraplex.server.state import ServerState
 from loraplex.server.tokenize import detokenize, tokenize
 
@@ -107,6 +108,18 @@ def build_app(state: ServerState) -> FastAPI:
         state = _state(request)
         _check_not_draining(state)
         return await create_chat_completion(body, request, state)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        state = _state(request)
+        _check_not_draining(state)
+        return await create_response(body, request, state)
+
+    @app.get("/v1/responses/{response_id}")
+    @app.delete("/v1/responses/{response_id}")
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def stored_response(response_id: str):
+        raise not_stored(response_id)
 
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> dict:
