@@ -137,8 +137,13 @@ def chat_request_for(request: ResponsesRequest) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:
         error = e.errors()[0]
-        where = _PARAMS.get(str(error["loc"][0]), str(error["loc"][0])) if error["loc"] else "input"
-        raise HTTPError(400, f"{where}: {error['msg']}", param=where) from None
+        loc = error["loc"]
+        param = _PARAMS.get(str(loc[0]), str(loc[0])) if loc else "input"
+        where = param
+        if loc[:1] == ("messages",) and len(loc) >= 3 and isinstance(loc[1], int):
+            item = loc[1] - (1 if request.instructions else 0)      # as the client numbered its input
+            where = "instructions" if item < 0 else f"input[{item}].{loc[2]}"
+        raise HTTPError(400, f"{where}: {error['msg']}", param=param) from None
 
 
 def _messages(given: str | list[dict]) -> list[dict]:
@@ -155,10 +160,12 @@ def _messages(given: str | list[dict]) -> list[dict]:
             texts = []
             for part in content:
                 part_type = part.get("type") if isinstance(part, dict) else None
-                if part_type not in _TEXT_PART_TYPES or not isinstance(part.get("text"), str):
+                if part_type not in _TEXT_PART_TYPES:
                     raise HTTPError(400, f"input[{i}] has a content part of type {part_type!r}: only text parts "
                                          f"({', '.join(_TEXT_PART_TYPES)}) are taken here; images go to "
                                          f"/v1/chat/completions", param="input")
+                if not isinstance(part.get("text"), str):
+                    raise HTTPError(400, f"input[{i}]: its {part_type} part needs a string `text`", param="input")
                 texts.append(part["text"])
             content = "".join(texts)
         if not isinstance(content, str):
