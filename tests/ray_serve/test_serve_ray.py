@@ -209,9 +209,15 @@ def test_openai_client_through_the_ingress(cluster):
                                                           temperature=0, stream=True,
                                                           stream_options={"include_usage": True})
             chunks = [chunk async for chunk in chat_stream]
-            return plain, streamed, chat, chunks
+            answer = await c.responses.create(model="upper", input="hello world", max_output_tokens=20, temperature=0)
+            events = [e async for e in await c.responses.create(model="upper", input="hello world",
+                                                                 max_output_tokens=20, temperature=0, stream=True)]
+            return plain, streamed, chat, chunks, answer, events
 
-    plain, streamed, chat, chunks = asyncio.run(run())
+    plain, streamed, chat, chunks, answer, events = asyncio.run(run())
+    assert answer.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta") \
+        == "HELLO WORLD"                         # /v1/responses through the ingress too
+    assert events[-1].type == "response.completed"
     assert plain.choices[0].text == "".join(streamed) == "skcor arol"
     assert chat.choices[0].message.content == "HELLO WORLD"
     assert chunks[0].choices[0].delta.role == "assistant"
