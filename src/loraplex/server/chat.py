@@ -96,17 +96,24 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
     run = PromptRun(0, new_id(response_id))   # an engine id of its own: a reused request_id must not clash
     deltas = run_prompt(backend, run, prompt, params, lora_request, request.n or 1)
     ctx = _ChatContext(request, state, model_name, run, response_id, prompt_text)
-    if request.stream:
+    return await respond(ctx, deltas, bool(request.stream), raw, state)
+
+
+async def respond(ctx, deltas: AsyncIterator, stream: bool, raw: Request, state: ServerState):
+    """The HTTP answer of one engine request (ctx.run) under ctx.model_name: ctx.stream's events
+    once the first output is there, or ctx.collect's body; its metrics recorded once either way
+    (ctx.stream records them when the stream ends)."""
+    if stream:
         try:
             first = await start_stream(deltas, lambda coro: unless_disconnected(coro, raw))
         except BaseException:
-            state.metrics.observe_prompt_run(model_name, run)
+            state.metrics.observe_prompt_run(ctx.model_name, ctx.run)
             raise
         return StreamingResponse(ctx.stream(first), media_type="text/event-stream")
     try:
         body = await unless_disconnected(ctx.collect(deltas), raw)
     finally:
-        state.metrics.observe_prompt_run(model_name, run)
+        state.metrics.observe_prompt_run(ctx.model_name, ctx.run)
     return JSONResponse(body)
 
 

@@ -18,14 +18,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.requests import Request
 
-from loraplex.server.chat import render_chat_prompt
-from loraplex.server.disconnect import unless_disconnected
+from loraplex.server.chat import render_chat_prompt, respond
 from loraplex.server.errors import HTTPError, exception_to_body
-from loraplex.server.generation import PromptRun, run_prompt, start_stream, with_cache_salt
+from loraplex.server.generation import PromptRun, run_prompt, with_cache_salt
 from loraplex.server.protocol import ChatCompletionRequest, unknown_fields
 from loraplex.server.responses import now
 from loraplex.server.sampling import chat_sampling_params, kept_prompt_tokens
@@ -229,31 +227,16 @@ async def create_response(request: ResponsesRequest, raw: Request, state: Server
     response_id = f"resp_{chosen or uuid.uuid4().hex}"
     run = PromptRun(0, f"{response_id}-{uuid.uuid4().hex}")   # an engine id of its own, as chat's
     deltas = run_prompt(backend, run, with_cache_salt(prompt_ids, chat.cache_salt), params, lora_request, 1)
-    answer = _Answer(request, model_name, run, response_id)
-    if request.stream:
-        try:
-            first = await start_stream(deltas, lambda coro: unless_disconnected(coro, raw))
-        except BaseException:
-            state.metrics.observe_prompt_run(model_name, run)
-            raise
-        return StreamingResponse(answer.stream(first, state), media_type="text/event-stream")
-    try:
-        for delta in await unless_disconnected(_collected(deltas), raw):
-            answer.add(delta)
-    finally:
-        state.metrics.observe_prompt_run(model_name, run)
-    return JSONResponse(answer.response("done"))
-
-
-async def _collected(deltas: AsyncIterator) -> list:
-    return [delta async for delta in deltas]
+    return await respond(_Answer(request, state, model_name, run, response_id), deltas, bool(request.stream),
+                         raw, state)
 
 
 class _Answer:
     """The Response object as its text grows, and the events that tell a stream so."""
 
-    def __init__(self, request: ResponsesRequest, model_name: str, run: PromptRun, response_id: str) -> None:
-        self.request, self.model_name, self.run, self.id = request, model_name, run, response_id
+    def __init__(self, request: ResponsesRequest, state: ServerState, model_name: str, run: PromptRun,
+                 response_id: str) -> None:
+        self.request, self.state, self.model_name, self.run, self.id = request, state, model_name, run, response_id
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = now()
         self.text = ""
@@ -264,6 +247,11 @@ class _Answer:
         self.text += delta.text
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+
+    async def collect(self, deltas: AsyncIterator) -> dict:
+        async for delta in deltas:
+            self.add(delta)
+        return self.response("done")
 
     def _part(self) -> dict:
         return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
@@ -301,7 +289,7 @@ class _Answer:
         self.sequence += 1
         return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
-    async def stream(self, deltas: AsyncIterator, state: ServerState) -> AsyncIterator[bytes]:
+    async def stream(self, deltas: AsyncIterator) -> AsyncIterator[bytes]:
         where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
         try:
             yield self._event("response.created", response=self.response("started"))
@@ -324,7 +312,7 @@ class _Answer:
                               param=error.get("param"))
         finally:
             await deltas.aclose()
-            state.metrics.observe_prompt_run(self.model_name, self.run)
+            self.state.metrics.observe_prompt_run(self.model_name, self.run)
 
 
 def not_stored(response_id: str) -> HTTPError:
