@@ -194,6 +194,11 @@ def test_readme_requests_print_what_the_readme_says(demo, solo_answers):
         "max_tokens": 20, "temperature": 0}).json()["choices"]
     assert "".join(c["text"] + "\n" for c in choices) == readme_output_after("/v1/completions")
 
+    assert '"input": "lora rocks"' in readme_block("/v1/responses")
+    answer = httpx.post(url + "/v1/responses", timeout=60, json={
+        "model": "upper", "input": "lora rocks", "max_output_tokens": 20, "temperature": 0}).json()
+    assert answer["output"][0]["content"][0]["text"] + "\n" == readme_output_after("/v1/responses")
+
 
 def test_readme_openai_example_prints_what_the_readme_says(demo, solo_answers):
     example = readme_block("AsyncOpenAI").replace("http://localhost:8000", demo["server"].base_url)
