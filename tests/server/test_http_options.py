@@ -159,6 +159,13 @@ def test_request_id_headers_usage_load_and_user_middleware():
             chunks += [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
         assert all(c.get("usage") for c in chunks) and chunks[-1]["choices"] == []     # usage though not asked
         assert httpx.get(server.base_url + "/load").json() == {"server_load": 0}
+        with httpx.stream("POST", server.base_url + "/v1/responses", headers=headers,
+                          json={"input": "xyz", "max_output_tokens": 3, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            assert httpx.get(server.base_url + "/load").json() == {"server_load": 1}     # a Responses stream too
+            assert r.headers["x-request-id"] and "response.incomplete" in "".join(lines)
+        assert httpx.get(server.base_url + "/load").json() == {"server_load": 0}
     with server_with() as server:
         r = httpx.get(server.base_url + "/health")
         assert "x-request-id" not in r.headers and "x-tag" not in r.headers

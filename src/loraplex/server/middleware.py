@@ -91,7 +91,7 @@ class RequestIdHeaderMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 
 
 class ServerLoadMiddleware:
