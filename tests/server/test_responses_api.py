@@ -122,3 +122,24 @@ def test_stored_responses_are_not_kept(fake_server):
                          ("POST", "/v1/responses/resp_1/cancel")):
         r = httpx.request(method, fake_server.base_url + path, headers={"Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 404 and "keeps no responses" in r.json()["error"]["message"]
+
+
+def test_an_error_after_the_stream_started_is_an_error_event(fake_server, monkeypatch):
+    import json
+
+    from loraplex.errors import EngineDeadError
+    engine = fake_server.engine
+    real = engine.generate
+
+    async def dies_after_one_output(prompt, params, request_id, lora_request=None):
+        async for out in real(prompt, params, request_id, lora_request):
+            yield out
+            raise EngineDeadError("the engine stopped: RuntimeError('boom'); restart it")
+    monkeypatch.setattr(engine, "generate", dies_after_one_output)
+    with httpx.stream("POST", fake_server.base_url + "/v1/responses", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"input": "hi", "max_output_tokens": 5, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200
+    assert [e["type"] for e in events][-2:] == ["response.output_text.delta", "error"]
+    assert events[-1]["code"] == 503 and "the engine stopped" in events[-1]["message"]
+    assert events[-1]["sequence_number"] == len(events) - 1
