@@ -222,6 +222,13 @@ def test_responses_api_answers_as_chat_does_on_the_real_engine(server, model):
     assert out.output_text == answer.choices[0].message.content and out.output_text
     assert out.usage.input_tokens == answer.usage.prompt_tokens
     assert out.usage.output_tokens == answer.usage.completion_tokens
+    chat_lp = server.client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                                    logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    resp_lp = server.client.responses.create(model=model, instructions="Be brief.", input="hello world",
+                                             max_output_tokens=12, temperature=0, top_logprobs=2,
+                                             include=["message.output_text.logprobs"]).output[0].content[0].logprobs
+    assert [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in resp_lp] == \
+        [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in chat_lp]
     shaped = server.client.responses.create(model=model, input="hello world", max_output_tokens=60, temperature=0,
                                             text={"format": {"type": "json_schema", "name": "thing", "schema": SCHEMA}})
     jsonschema.validate(json.loads(shaped.output_text), SCHEMA)

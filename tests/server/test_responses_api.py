@@ -96,7 +96,9 @@ def test_truncation_auto_drops_the_oldest_turns(fake_server):
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tools are not supported"),
     ({"previous_response_id": "resp_1"}, "previous_response_id", "keeps no responses"),
     ({"background": True}, "background", "foreground only"),
-    ({"include": ["message.output_text.logprobs"]}, "include", "drop include"),
+    ({"include": ["message.output_text.logprobs", "reasoning.encrypted_content"]}, "include",
+     "include may only list 'message.output_text.logprobs'"),
+    ({"top_logprobs": -1}, "top_logprobs", "greater than or equal to 0"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input",
      "'function_call_output': loraplex's /v1/responses takes messages"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input",
@@ -143,3 +145,22 @@ def test_an_error_after_the_stream_started_is_an_error_event(fake_server, monkey
     assert [e["type"] for e in events][-2:] == ["response.output_text.delta", "error"]
     assert events[-1]["code"] == 503 and "the engine stopped" in events[-1]["message"]
     assert events[-1]["sequence_number"] == len(events) - 1
+
+
+def test_output_logprobs_when_include_asks(fake_server):
+    client = _client(fake_server)
+    expected = _answer("tiny-base", [{"role": "user", "content": "hi"}], 3)
+    out = client.responses.create(model="tiny-base", input="hi", max_output_tokens=3, top_logprobs=1,
+                                  include=["message.output_text.logprobs"])
+    logprobs = out.output[0].content[0].logprobs
+    assert [lp.token for lp in logprobs] == list(expected) and [lp.logprob for lp in logprobs] == [-0.5] * 3
+    assert [[(t.token, t.logprob) for t in lp.top_logprobs] for lp in logprobs] == [[(c, -0.5)] for c in expected]
+    assert out.top_logprobs == 1
+    plain = client.responses.create(model="tiny-base", input="hi", max_output_tokens=3, top_logprobs=1)
+    assert plain.output[0].content[0].logprobs == []            # top_logprobs alone changes nothing (vLLM's rule)
+    events = list(client.responses.create(model="tiny-base", input="hi", max_output_tokens=3, stream=True,
+                                          include=["message.output_text.logprobs"]))
+    streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert streamed == list(expected)
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [lp.token for lp in done.logprobs] == list(expected)

@@ -6,9 +6,11 @@ the conversation, `max_output_tokens` the output bound, `text.format` the respon
 sampling defaults, adapter resolution and metrics. The answer is a Response object, or its
 stream of events (response.created ... response.output_text.delta ... response.completed).
 
-What it does not do is refused by name (400): tools and function calls, images, a stored
-conversation (previous_response_id: the server keeps no responses, as vLLM without its
-response store), background runs, `include`. `store` is accepted and answered `false`.
+Output logprobs come with `include: ["message.output_text.logprobs"]` (and `top_logprobs`
+alternatives), as in vLLM. What it does not do is refused by name (400): tools and function
+calls, images, a stored conversation (previous_response_id: the server keeps no responses,
+as vLLM without its response store), background runs, other `include` items. `store` is
+accepted and answered `false`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from loraplex.server.chat import render_chat_prompt, respond
 from loraplex.server.errors import HTTPError, exception_to_body
 from loraplex.server.generation import PromptRun, run_prompt, with_cache_salt
 from loraplex.server.protocol import ChatCompletionRequest, unknown_fields
-from loraplex.server.responses import now
+from loraplex.server.responses import TokenText, chat_logprobs, now
 from loraplex.server.sampling import chat_sampling_params, kept_prompt_tokens
 from loraplex.server.state import ServerState
 
@@ -74,12 +76,12 @@ class ResponsesRequest(BaseModel):
     cache_salt: Any = None
     structured_outputs: Any = None
     user: Any = None
-    # Refused unless off (check_unsupported below).
-    top_logprobs: Any = 0
+    # With include ["message.output_text.logprobs"]: how many alternatives each token lists.
+    top_logprobs: Annotated[int, Field(ge=0)] | None = 0
+    include: list[Any] | None = None
     previous_response_id: Any = None
     conversation: Any = None
     background: Any = False
-    include: Any = None
     prompt: Any = None
     previous_input_messages: Any = None
     previous_response: Any = None
@@ -88,9 +90,9 @@ class ResponsesRequest(BaseModel):
 
 _REFUSED = {
     "previous_response_id": (None,), "conversation": (None,), "previous_input_messages": (None,),
-    "previous_response": (None,), "background": (False, None), "include": (None, []), "prompt": (None,),
-    "priority": (0, None), "top_logprobs": (0, None),
+    "previous_response": (None,), "background": (False, None), "prompt": (None,), "priority": (0, None),
 }
+OUTPUT_LOGPROBS = "message.output_text.logprobs"     # the one `include` item answered here
 _WHY = {
     "previous_response_id": "this server keeps no responses (no response store); send the whole conversation in "
                             "`input`",
@@ -98,10 +100,8 @@ _WHY = {
     "previous_input_messages": "send the whole conversation in `input`",
     "previous_response": "send the whole conversation in `input`",
     "background": "responses run in the foreground only; drop background or set it to false",
-    "include": "no extra output (logprobs, reasoning content, tool results) is produced here; drop include",
     "prompt": "stored prompt templates are not supported; send the text in `input`",
     "priority": "requests are scheduled first come, first served",
-    "top_logprobs": "output logprobs are not returned by /v1/responses; use /v1/chat/completions with logprobs",
 }
 
 
@@ -110,6 +110,10 @@ def check_unsupported(request: ResponsesRequest) -> None:
         value = getattr(request, name)
         if name in request.model_fields_set and not any(value == o and type(value) is type(o) for o in off):
             raise HTTPError(400, f"{name} is not supported by loraplex's /v1/responses: {_WHY[name]}", param=name)
+    if request.include is not None and (not isinstance(request.include, list)
+                                        or any(item != OUTPUT_LOGPROBS for item in request.include)):
+        raise HTTPError(400, f"include may only list {OUTPUT_LOGPROBS!r} here: no reasoning content, tool results "
+                             f"or images are produced", param="include")
     if request.tools and request.tool_choice != "none":
         raise HTTPError(400, "tools are not supported by loraplex's /v1/responses (no tool calls are parsed out of "
                              "the output); drop tools or set tool_choice to \"none\"", param="tools")
@@ -128,6 +132,8 @@ def chat_request_for(request: ResponsesRequest) -> ChatCompletionRequest:
     text_format = (request.text or {}).get("format")
     if text_format is not None:
         fields["response_format"] = _response_format(text_format)
+    if wants_logprobs(request):
+        fields.update(logprobs=True, top_logprobs=request.top_logprobs or 0)
     effort = (request.reasoning or {}).get("effort")
     if effort is not None:
         fields["reasoning_effort"] = effort
@@ -142,6 +148,11 @@ def chat_request_for(request: ResponsesRequest) -> ChatCompletionRequest:
             item = loc[1] - (1 if request.instructions else 0)      # as the client numbered its input
             where = "instructions" if item < 0 else f"input[{item}].{loc[2]}"
         raise HTTPError(400, f"{where}: {error['msg']}", param=param) from None
+
+
+def wants_logprobs(request: ResponsesRequest) -> bool:
+    """vLLM's rule: output logprobs only when `include` asks (top_logprobs alone changes nothing)."""
+    return OUTPUT_LOGPROBS in (request.include or ())
 
 
 def _messages(given: str | list[dict]) -> list[dict]:
@@ -240,13 +251,21 @@ class _Answer:
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = now()
         self.text = ""
+        self.logprobs: list[dict] = []
+        self.token_text = TokenText(state.backend.tokenizer)
         self.finish_reason: str | None = None
         self.sequence = 0
 
-    def add(self, delta) -> None:
+    def add(self, delta) -> list[dict]:
+        """Take one delta; its tokens' logprobs (when asked for) in the Responses format."""
         self.text += delta.text
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+        if not wants_logprobs(self.request):
+            return []
+        block = chat_logprobs(self.token_text, delta.token_ids, delta.logprobs, self.request.top_logprobs or 0)
+        self.logprobs += block["content"]
+        return block["content"]
 
     async def collect(self, deltas: AsyncIterator) -> dict:
         async for delta in deltas:
@@ -254,7 +273,7 @@ class _Answer:
         return self.response("done")
 
     def _part(self) -> dict:
-        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": self.logprobs}
 
     def _message(self, status: str) -> dict:
         return {"id": self.message_id, "type": "message", "role": "assistant", "status": status,
@@ -274,6 +293,7 @@ class _Answer:
             "tool_choice": request.tool_choice or "auto", "tools": request.tools or [],
             "text": request.text or {"format": {"type": "text"}}, "reasoning": request.reasoning,
             "truncation": request.truncation, "previous_response_id": None, "background": False,
+            "top_logprobs": request.top_logprobs,
             "store": False, "service_tier": request.service_tier, "user": request.user,
             "usage": None,
         }
@@ -298,10 +318,10 @@ class _Answer:
             yield self._event("response.content_part.added", **where,
                               part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
             async for delta in deltas:
-                self.add(delta)
+                logprobs = self.add(delta)
                 if delta.text:
-                    yield self._event("response.output_text.delta", **where, delta=delta.text, logprobs=[])
-            yield self._event("response.output_text.done", **where, text=self.text, logprobs=[])
+                    yield self._event("response.output_text.delta", **where, delta=delta.text, logprobs=logprobs)
+            yield self._event("response.output_text.done", **where, text=self.text, logprobs=self.logprobs)
             yield self._event("response.content_part.done", **where, part=self._part())
             yield self._event("response.output_item.done", output_index=0, item=self._message("completed"))
             done = self.response("done")
