@@ -110,6 +110,8 @@ def test_truncation_auto_drops_the_oldest_turns(fake_server):
     ({"text": {"format": {"type": "grammar"}}}, "text", "text.format type 'grammar' is not supported"),
     ({"max_output_tokens": 100000}, "max_output_tokens", "lower max_output_tokens to at most"),
     ({"temperature": 5}, "temperature", "temperature"),
+    ({"reasoning": {"effort": "extreme"}}, "reasoning", "reasoning.effort: Input should be 'none'"),
+    ({"tool_choice": "required"}, "tool_choice", "there are no tools to call"),
     ({"model": "no-such-adapter"}, "model", "no-such-adapter"),
 ])
 def test_what_it_cannot_do_is_a_400_naming_the_field(fake_server, body, param, words):
@@ -164,3 +166,11 @@ def test_output_logprobs_when_include_asks(fake_server):
     assert streamed == list(expected)
     done = next(e for e in events if e.type == "response.output_text.done")
     assert [lp.token for lp in done.logprobs] == list(expected)
+
+
+def test_tools_with_tool_choice_none_only_reach_the_template(fake_server):
+    tools = [{"type": "function", "name": "lookup", "description": "d", "parameters": {"type": "object"}}]
+    out = _client(fake_server).responses.create(model="tiny-base", input="hi", max_output_tokens=3, tools=tools,
+                                                tool_choice="none")
+    assert out.output_text == _answer("tiny-base", [{"role": "user", "content": "hi"}], 3)
+    assert out.tools[0].name == "lookup" and out.tool_choice == "none"

@@ -37,7 +37,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "repetition
                     "structured_outputs", "user")
 # The chat machinery's names for what a 400 is about, in this API's words.
 _PARAMS = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens", "messages": "input",
-           "response_format": "text"}
+           "response_format": "text", "reasoning_effort": "reasoning", "tools": "tools"}
+OUTPUT_LOGPROBS = "message.output_text.logprobs"     # the one `include` item answered here
 _TEXT_PART_TYPES = ("input_text", "output_text", "text")
 
 
@@ -78,7 +79,7 @@ class ResponsesRequest(BaseModel):
     user: Any = None
     # With include ["message.output_text.logprobs"]: how many alternatives each token lists.
     top_logprobs: Annotated[int, Field(ge=0)] | None = 0
-    include: list[Any] | None = None
+    include: list[StrictStr] | None = None
     previous_response_id: Any = None
     conversation: Any = None
     background: Any = False
@@ -92,7 +93,6 @@ _REFUSED = {
     "previous_response_id": (None,), "conversation": (None,), "previous_input_messages": (None,),
     "previous_response": (None,), "background": (False, None), "prompt": (None,), "priority": (0, None),
 }
-OUTPUT_LOGPROBS = "message.output_text.logprobs"     # the one `include` item answered here
 _WHY = {
     "previous_response_id": "this server keeps no responses (no response store); send the whole conversation in "
                             "`input`",
@@ -110,8 +110,7 @@ def check_unsupported(request: ResponsesRequest) -> None:
         value = getattr(request, name)
         if name in request.model_fields_set and not any(value == o and type(value) is type(o) for o in off):
             raise HTTPError(400, f"{name} is not supported by loraplex's /v1/responses: {_WHY[name]}", param=name)
-    if request.include is not None and (not isinstance(request.include, list)
-                                        or any(item != OUTPUT_LOGPROBS for item in request.include)):
+    if any(item != OUTPUT_LOGPROBS for item in request.include or ()):
         raise HTTPError(400, f"include may only list {OUTPUT_LOGPROBS!r} here: no reasoning content, tool results "
                              f"or images are produced", param="include")
     if request.tools and request.tool_choice != "none":
@@ -134,6 +133,10 @@ def chat_request_for(request: ResponsesRequest) -> ChatCompletionRequest:
         fields["response_format"] = _response_format(text_format)
     if wants_logprobs(request):
         fields.update(logprobs=True, top_logprobs=request.top_logprobs or 0)
+    if request.tools:   # with tool_choice "none" (check_unsupported): they only render into the template
+        fields.update(tool_choice="none", tools=[{"type": "function", "function": {
+            key: tool[key] for key in ("name", "description", "parameters") if key in tool}}
+            for tool in request.tools])
     effort = (request.reasoning or {}).get("effort")
     if effort is not None:
         fields["reasoning_effort"] = effort
@@ -143,7 +146,7 @@ def chat_request_for(request: ResponsesRequest) -> ChatCompletionRequest:
         error = e.errors()[0]
         loc = error["loc"]
         param = _PARAMS.get(str(loc[0]), str(loc[0])) if loc else "input"
-        where = param
+        where = {"reasoning_effort": "reasoning.effort", "response_format": "text.format"}.get(str(loc[0]), param)
         if loc[:1] == ("messages",) and len(loc) >= 3 and isinstance(loc[1], int):
             item = loc[1] - (1 if request.instructions else 0)      # as the client numbered its input
             where = "instructions" if item < 0 else f"input[{item}].{loc[2]}"
