@@ -127,6 +127,20 @@ def test_image_chat_matches_offline_with_the_default_adapter(llava_server):
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == _offline(offline, two)
 
 
+def test_responses_api_takes_images_as_chat_does(llava_server):
+    """/v1/responses' input_image parts reach the model as chat's image_url parts: the same answer,
+    the modality's default adapter included."""
+    client = _client(llava_server["server"])
+    image = _image_part(random_image(4))
+    chat = client.chat.completions.create(model="base", max_tokens=MAX_TOKENS, temperature=0, messages=[
+        {"role": "user", "content": [image, {"type": "text", "text": "what is in the picture?"}]}])
+    out = client.responses.create(model="base", max_output_tokens=MAX_TOKENS, temperature=0, input=[{
+        "role": "user", "content": [{"type": "input_image", "image_url": image["image_url"]["url"]},
+                                    {"type": "input_text", "text": "what is in the picture?"}]}])
+    assert out.output_text == chat.choices[0].message.content
+    assert out.usage.input_tokens == chat.usage.prompt_tokens          # the image's tokens counted alike
+
+
 def test_explicit_adapter_wins_and_text_only_is_unaffected(llava_server):
     client, offline = _client(llava_server["server"]), llava_server["offline"]
     content = [_image_part(random_image(1)), {"type": "text", "text": "what is in the picture?"}]

@@ -6,6 +6,7 @@ Image and audio content parts, and default LoRAs per modality, go through server
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
@@ -78,6 +79,27 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
     backend = state.backend
     lora_request = await backend.lora_request_for(request.model)
     model_name = backend.response_model_name(request.model, lora_request)
+    chat = await engine_prompt(request, state, lora_request)
+    params = chat_sampling_params(request, chat.num_prompt_tokens, backend.max_model_len,
+                                  defaults=state.request_defaults)
+    response_id = request_id_for("chatcmpl", request, raw)
+    run = PromptRun(0, new_id(response_id))   # an engine id of its own: a reused request_id must not clash
+    deltas = run_prompt(backend, run, chat.prompt, params, chat.lora_request, request.n or 1)
+    ctx = _ChatContext(request, state, model_name, run, response_id, chat.prompt_text)
+    return await respond(ctx, deltas, bool(request.stream), raw, state)
+
+
+class EnginePrompt(NamedTuple):
+    prompt: Any                          # token ids, or a dict with multi_modal_data and/or cache_salt
+    num_prompt_tokens: int               # as the engine will count them (truncation, media expanded)
+    lora_request: Any                    # the named adapter, else a modality's default one, else None
+    prompt_text: str | None              # the rendered text, with return_prompt_text
+
+
+async def engine_prompt(request: ChatCompletionRequest, state: ServerState, lora_request) -> EnginePrompt:
+    """The engine prompt of a chat request: its messages through the chat template, with their
+    images and audio (server/multimodal.py) and the default adapter of their modality."""
+    backend = state.backend
     conversation, mm_data = await conversation_and_media(request, state)
     prompt_ids = render_chat_prompt(backend.tokenizer, request, conversation)
     prompt_text = render_chat_prompt(backend.tokenizer, request, conversation, as_text=True) \
@@ -89,14 +111,7 @@ async def create_chat_completion(request: ChatCompletionRequest, raw: Request, s
         prompt = {"prompt_token_ids": prompt_ids, "multi_modal_data": mm_data}
         if lora_request is None:   # no adapter named: the default one of the prompt's modality, if any
             lora_request = await state.multimodal.default_lora(backend, mm_data.keys())
-    prompt = with_cache_salt(prompt, request.cache_salt)
-    params = chat_sampling_params(request, num_prompt_tokens, backend.max_model_len,
-                                  defaults=state.request_defaults)
-    response_id = request_id_for("chatcmpl", request, raw)
-    run = PromptRun(0, new_id(response_id))   # an engine id of its own: a reused request_id must not clash
-    deltas = run_prompt(backend, run, prompt, params, lora_request, request.n or 1)
-    ctx = _ChatContext(request, state, model_name, run, response_id, prompt_text)
-    return await respond(ctx, deltas, bool(request.stream), raw, state)
+    return EnginePrompt(with_cache_salt(prompt, request.cache_salt), num_prompt_tokens, lora_request, prompt_text)
 
 
 async def respond(ctx, deltas: AsyncIterator, stream: bool, raw: Request, state: ServerState):

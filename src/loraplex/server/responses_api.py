@@ -1,4 +1,4 @@
-"""POST /v1/responses: OpenAI's Responses API for text, over the chat endpoint's machinery.
+"""POST /v1/responses: OpenAI's Responses API over the chat endpoint's machinery.
 
 A request becomes the chat request it means (`instructions` a system message first, `input`
 the conversation, `max_output_tokens` the output bound, `text.format` the response format,
@@ -7,10 +7,11 @@ sampling defaults, adapter resolution and metrics. The answer is a Response obje
 stream of events (response.created ... response.output_text.delta ... response.completed).
 
 Output logprobs come with `include: ["message.output_text.logprobs"]` (and `top_logprobs`
-alternatives), as in vLLM. What it does not do is refused by name (400): tools and function
-calls, images, a stored conversation (previous_response_id: the server keeps no responses,
-as vLLM without its response store), background runs, other `include` items. `store` is
-accepted and answered `false`.
+alternatives), as in vLLM; a multimodal model takes input_image and input_audio parts as chat
+takes image_url and input_audio. What it does not do is refused by name (400): tools and
+function calls, files, a stored conversation (previous_response_id: the server keeps no
+responses, as vLLM without its response store), background runs, other `include` items.
+`store` is accepted and answered `false`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.requests import Request
 
-from loraplex.server.chat import render_chat_prompt, respond
+from loraplex.server.chat import engine_prompt, render_chat_prompt, respond
 from loraplex.server.errors import HTTPError, exception_to_body
-from loraplex.server.generation import PromptRun, run_prompt, with_cache_salt
+from loraplex.server.generation import PromptRun, run_prompt
 from loraplex.server.protocol import ChatCompletionRequest, unknown_fields
 from loraplex.server.responses import TokenText, chat_logprobs, now
-from loraplex.server.sampling import chat_sampling_params, kept_prompt_tokens
+from loraplex.server.sampling import chat_sampling_params
 from loraplex.server.state import ServerState
 
 # Chat request fields a Responses request passes on as they are (vLLM's Responses extras included).
@@ -169,27 +170,39 @@ def _messages(given: str | list[dict]) -> list[dict]:
                                  f"(role and content) only", param="input")
         content = item.get("content")
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                part_type = part.get("type") if isinstance(part, dict) else None
-                if part_type not in _TEXT_PART_TYPES:
-                    raise HTTPError(400, f"input[{i}] has a content part of type {part_type!r}: only text parts "
-                                         f"({', '.join(_TEXT_PART_TYPES)}) are taken here; images go to "
-                                         f"/v1/chat/completions", param="input")
-                if not isinstance(part.get("text"), str):
-                    raise HTTPError(400, f"input[{i}]: its {part_type} part needs a string `text`", param="input")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise HTTPError(400, f"input[{i}].content must be a string or a list of text parts", param="input")
+            parts = [_chat_part(part, i) for part in content]
+            # Text alone stays one string: the template renders it as chat renders a text message.
+            content = "".join(p["text"] for p in parts) if all(p["type"] == "text" for p in parts) else parts
+        elif not isinstance(content, str):
+            raise HTTPError(400, f"input[{i}].content must be a string or a list of content parts", param="input")
         messages.append({"role": item["role"], "content": content})
     return messages
 
 
-def _drop_oldest_turns(chat: ChatCompletionRequest, prompt_ids: list[int], backend,
-                       room_wanted: int) -> tuple[ChatCompletionRequest, list[int]]:
+def _chat_part(part: Any, i: int) -> dict:
+    """A Responses content part as chat's: text, an image (input_image's image_url, a data: URL
+    or one the server may fetch), or audio (input_audio); for a multimodal model (docs/multimodal.md)."""
+    part_type = part.get("type") if isinstance(part, dict) else None
+    if part_type in _TEXT_PART_TYPES:
+        if not isinstance(part.get("text"), str):
+            raise HTTPError(400, f"input[{i}]: its {part_type} part needs a string `text`", param="input")
+        return {"type": "text", "text": part["text"]}
+    if part_type == "input_image":
+        if not isinstance(part.get("image_url"), str):
+            raise HTTPError(400, f"input[{i}]: an input_image part needs `image_url` (a data: URL, or http(s) where "
+                                 f"the server allows it); file_id is not supported", param="input")
+        return {"type": "image_url", "image_url": {"url": part["image_url"], "detail": part.get("detail")}}
+    if part_type == "input_audio":
+        return {"type": "input_audio", "input_audio": part.get("input_audio")}
+    raise HTTPError(400, f"input[{i}] has a content part of type {part_type!r}: the parts taken here are "
+                         f"{', '.join(_TEXT_PART_TYPES)}, input_image and input_audio", param="input")
+
+
+def _drop_oldest_turns(chat: ChatCompletionRequest, backend, room_wanted: int) -> ChatCompletionRequest:
     """truncation "auto" (OpenAI's): while the conversation leaves less than room_wanted tokens of
-    the context, drop its oldest turn (system messages stay), and render it again."""
+    the context, drop its oldest turn (system messages stay), and render it again. Measured on
+    its text (a turn's images add their tokens later: an answer that still does not fit is a 400)."""
+    prompt_ids = render_chat_prompt(backend.tokenizer, chat)
     messages = list(chat.messages)
     while len(prompt_ids) + room_wanted > backend.max_model_len:
         oldest = next((i for i, m in enumerate(messages[:-1]) if m.role not in ("system", "developer")), None)
@@ -198,7 +211,7 @@ def _drop_oldest_turns(chat: ChatCompletionRequest, prompt_ids: list[int], backe
         del messages[oldest]
         chat = chat.model_copy(update={"messages": messages})
         prompt_ids = render_chat_prompt(backend.tokenizer, chat)
-    return chat, prompt_ids
+    return chat
 
 
 def _response_format(text_format: dict) -> dict:
@@ -229,18 +242,17 @@ async def create_response(request: ResponsesRequest, raw: Request, state: Server
     lora_request = await backend.lora_request_for(request.model)
     model_name = backend.response_model_name(request.model, lora_request)
     try:
-        prompt_ids = render_chat_prompt(backend.tokenizer, chat)
         if request.truncation == "auto":
-            chat, prompt_ids = _drop_oldest_turns(chat, prompt_ids, backend, request.max_output_tokens or 1)
-        num_prompt_tokens = kept_prompt_tokens(len(prompt_ids), chat, backend.max_model_len)
-        params = chat_sampling_params(chat, num_prompt_tokens, backend.max_model_len,
+            chat = _drop_oldest_turns(chat, backend, request.max_output_tokens or 1)
+        prompt = await engine_prompt(chat, state, lora_request)
+        params = chat_sampling_params(chat, prompt.num_prompt_tokens, backend.max_model_len,
                                       defaults=state.request_defaults)
     except HTTPError as e:
         raise _in_this_api(e) from None
     chosen = raw.headers.get("x-request-id") or request.request_id   # as the other endpoints choose
     response_id = f"resp_{chosen or uuid.uuid4().hex}"
     run = PromptRun(0, f"{response_id}-{uuid.uuid4().hex}")   # an engine id of its own, as chat's
-    deltas = run_prompt(backend, run, with_cache_salt(prompt_ids, chat.cache_salt), params, lora_request, 1)
+    deltas = run_prompt(backend, run, prompt.prompt, params, prompt.lora_request, 1)
     return await respond(_Answer(request, state, model_name, run, response_id), deltas, bool(request.stream),
                          raw, state)
 
