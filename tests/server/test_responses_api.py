@@ -178,3 +178,28 @@ def test_tools_with_tool_choice_none_only_reach_the_template(fake_server):
                                                 tool_choice="none")
     assert out.output_text == _answer("tiny-base", [{"role": "user", "content": "hi"}], 3)
     assert out.tools[0].name == "lookup" and out.tool_choice == "none"
+
+
+def test_a_client_that_leaves_aborts_its_response(fake_server, monkeypatch):
+    import socket
+    import time
+
+    def wait_until(condition, failure):
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, failure
+            time.sleep(0.01)
+
+    engine = fake_server.engine
+    monkeypatch.setattr(engine, "step_delay_s", 0.05)
+    for stream in (True, False):
+        body = ('{"input": "slow", "max_output_tokens": 200, "stream": %s}' % str(stream).lower()).encode()
+        before = len(engine.started)
+        with socket.create_connection(("127.0.0.1", fake_server.port)) as s:
+            s.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            wait_until(lambda: len(engine.started) > before, "the engine never started the request")
+            request_id = engine.started[-1]
+        wait_until(lambda: request_id in engine.aborted, f"the response (stream={stream}) was not aborted")
+        assert request_id not in engine.finished
