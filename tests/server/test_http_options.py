@@ -170,6 +170,7 @@ def test_request_id_headers_usage_load_and_user_middleware():
         r = httpx.get(server.base_url + "/health")
         assert "x-request-id" not in r.headers and "x-tag" not in r.headers
         assert httpx.get(server.base_url + "/load").status_code == 404
+        assert httpx.get(server.base_url + "/tokenizer_info").status_code == 404     # off by default, as in vLLM
         with httpx.stream("POST", server.base_url + "/v1/completions", json=body, headers=headers) as r:
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         assert not any(c.get("usage") for c in chunks)

@@ -19,7 +19,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def served():
     ckpt = str(demo_model_path())
     argv = ["serve", ckpt, "--served-model-name", "tiny-base", "--enable-lora", "--max-lora-rank", "32",
-            "--lora-modules", f"tok-lora={demo_adapters_dir() / 'upper'}", "--api-key", API_KEY]
+            "--lora-modules", f"tok-lora={demo_adapters_dir() / 'upper'}", "--api-key", API_KEY,
+            "--enable-tokenizer-info-endpoint"]
     with real_server(argv, {}) as server:
         yield {"url": server.base_url, "tokenizer": Tokenizer(ckpt), "server": server}
 
@@ -92,3 +93,18 @@ def test_chat_template_flag_replaces_the_tokenizers_template(tmp_path):
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
         out = client.chat.completions.create(model="tiny-base", messages=MESSAGES, max_tokens=1, temperature=0)
         assert out.usage.prompt_tokens == len(expected)
+
+
+def test_tokenizer_info_is_the_tokenizers_configuration(served):
+    """vLLM's GET /tokenizer_info (--enable-tokenizer-info-endpoint): tokenizer_config.json's settings
+    with special tokens as text, the class and the chat template; open like /tokenize."""
+    import json
+
+    from loraplex.demo import demo_model_path
+    saved = json.loads((demo_model_path() / "tokenizer_config.json").read_text())
+    info = httpx.get(served["url"] + "/tokenizer_info", timeout=30).json()
+    tok = served["tokenizer"]
+    assert info["chat_template"] == tok.chat_template and info["tokenizer_class"] == saved["tokenizer_class"]
+    assert (info["bos_token"], info["eos_token"]) == (tok.bos_token, tok.eos_token)
+    assert info["model_max_length"] == saved["model_max_length"]
+    assert not {"vocab_file", "tokenizer_file", "name_or_path"} & set(info)

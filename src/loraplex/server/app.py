@@ -25,7 +25,7 @@ from loraplex.server.protocol import (
     TokenizeCompletionRequest, UnloadLoRAAdapterRequest)
 from loraplex.server.responses_api import ResponsesRequest, create_response, not_stored
 from loraplex.server.state import ServerState
-from loraplex.server.tokenize import detokenize, tokenize
+from loraplex.server.tokenize import detokenize, tokenize, tokenizer_info
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,10 @@ def build_app(state: ServerState) -> FastAPI:
         @app.get("/load")
         async def server_load(request: Request) -> dict:
             return {"server_load": _state(request).server_load}
+    if http.tokenizer_info:
+        @app.get("/tokenizer_info")
+        async def tokenizer_info_route(request: Request) -> dict:
+            return tokenizer_info(_state(request))
 
     # The middleware added last runs first: metrics also count the key check's 401s, and CORS
     # answers a browser's preflight before the key is asked for (it carries none). The user's

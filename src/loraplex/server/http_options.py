@@ -31,6 +31,7 @@ class HTTPOptions:
     request_id_headers: bool = False    # X-Request-Id on every response
     force_include_usage: bool = False   # streams carry usage whatever stream_options says
     server_load_tracking: bool = False  # GET /load: generation requests in progress
+    tokenizer_info: bool = False        # GET /tokenizer_info: the tokenizer's configuration
     middleware: list = field(default_factory=list)   # --middleware's ASGI classes and http functions
 
 
@@ -50,6 +51,9 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
                            "stream_options")
     http.add_argument("--enable-server-load-tracking", action="store_true",
                       help="GET /load answers {\"server_load\": N}, the generation requests in progress")
+    http.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                      help="GET /tokenizer_info answers the tokenizer's configuration, special tokens and chat "
+                           "template (off by default, as in vLLM: they may be private)")
     http.add_argument("--middleware", action="append", default=[], metavar="MODULE.NAME",
                       help="an ASGI middleware class or an async `http` middleware function to add to the app "
                            "(repeatable; imported at start-up, as vLLM does)")
@@ -77,6 +81,7 @@ def http_options_from_args(args: argparse.Namespace) -> HTTPOptions:
                        docs=not args.disable_fastapi_docs, request_id_headers=args.enable_request_id_headers,
                        force_include_usage=args.enable_force_include_usage,
                        server_load_tracking=args.enable_server_load_tracking,
+                       tokenizer_info=args.enable_tokenizer_info_endpoint,
                        middleware=[import_middleware(name) for name in args.middleware])
 
 

@@ -1,4 +1,5 @@
-"""POST /tokenize and /detokenize, as vLLM serves them: the server's own tokenizer and chat template.
+"""POST /tokenize and /detokenize, and GET /tokenizer_info (--enable-tokenizer-info-endpoint), as
+vLLM serves them: the server's own tokenizer and chat template.
 
 A client counts a prompt's tokens (or a conversation's, rendered exactly as
 /v1/chat/completions renders it) before sending it, and turns token ids back into
@@ -53,3 +54,35 @@ def _tokenizer(state: ServerState):
         raise HTTPError(400, "this server has no tokenizer (its model directory holds none), so it cannot "
                              "tokenize; send token ids to /v1/completions instead")
     return tokenizer
+
+
+def tokenizer_info(state: ServerState) -> dict:
+    """The tokenizer's configuration as vLLM's /tokenizer_info gives it: tokenizer_config.json's
+    settings (file paths left out, special tokens as their text), the tokenizer's class and the
+    chat template."""
+    tokenizer = _tokenizer(state)
+    settings = getattr(tokenizer, "config", None) or getattr(tokenizer, "init_kwargs", None) or {}
+    info = {key: _plain(value) for key, value in settings.items()
+            if key not in ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")}
+    info["tokenizer_class"] = settings.get("tokenizer_class") or type(tokenizer).__name__
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        info["chat_template"] = template
+    return info
+
+
+def _plain(value):
+    """A setting as JSON: a special token (an AddedToken, or its saved form) as its text."""
+    content = getattr(value, "content", None)
+    if content is None and isinstance(value, dict) and isinstance(value.get("content"), str) \
+            and (value.get("__type") == "AddedToken" or "special" in value or "lstrip" in value):
+        content = value["content"]
+    if content is not None:
+        return content
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
