@@ -14,16 +14,16 @@ from loraplex.server.generation import PromptRun
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
-def request_id_for(prefix: str, request: Any, raw: Any) -> str:
+def request_id_for(prefix: str, request: Any, raw: Any, sep: str = "-") -> str:
     """The response id, as vLLM makes it: the X-Request-Id header, else the body's request_id,
-    else a random one, after `prefix-`."""
+    else a random one, after `prefix` and `sep` (OpenAI's Responses ids use "_": resp_...)."""
     header = raw.headers.get("x-request-id") if raw is not None else None
     chosen = header or getattr(request, "request_id", None)
-    return f"{prefix}-{chosen}" if chosen else new_id(prefix)
+    return f"{prefix}{sep}{chosen}" if chosen else new_id(prefix, sep)
 
 
 def now() -> int:

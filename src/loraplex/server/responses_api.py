@@ -17,7 +17,6 @@ responses, as vLLM without its response store), background runs, other `include`
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -28,7 +27,7 @@ from loraplex.server.chat import engine_prompt, render_chat_prompt, respond
 from loraplex.server.errors import HTTPError, exception_to_body
 from loraplex.server.generation import PromptRun, run_prompt
 from loraplex.server.protocol import ChatCompletionRequest, unknown_fields
-from loraplex.server.responses import TokenText, chat_logprobs, now
+from loraplex.server.responses import TokenText, chat_logprobs, new_id, now, request_id_for
 from loraplex.server.sampling import chat_sampling_params
 from loraplex.server.state import ServerState
 
@@ -249,9 +248,8 @@ async def create_response(request: ResponsesRequest, raw: Request, state: Server
                                       defaults=state.request_defaults)
     except HTTPError as e:
         raise _in_this_api(e) from None
-    chosen = raw.headers.get("x-request-id") or request.request_id   # as the other endpoints choose
-    response_id = f"resp_{chosen or uuid.uuid4().hex}"
-    run = PromptRun(0, f"{response_id}-{uuid.uuid4().hex}")   # an engine id of its own, as chat's
+    response_id = request_id_for("resp", request, raw, sep="_")
+    run = PromptRun(0, new_id(response_id))   # an engine id of its own, as chat's
     deltas = run_prompt(backend, run, prompt.prompt, params, prompt.lora_request, 1)
     return await respond(_Answer(request, state, model_name, run, response_id), deltas, bool(request.stream),
                          raw, state)
@@ -263,7 +261,7 @@ class _Answer:
     def __init__(self, request: ResponsesRequest, state: ServerState, model_name: str, run: PromptRun,
                  response_id: str) -> None:
         self.request, self.state, self.model_name, self.run, self.id = request, state, model_name, run, response_id
-        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.message_id = new_id("msg", sep="_")
         self.created = now()
         self.text = ""
         self.logprobs: list[dict] = []
